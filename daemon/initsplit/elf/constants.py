@@ -1,0 +1,65 @@
+"""ELF constants used by initsplit (values from include/uapi/linux/elf.h and the x86-64 psABI)."""
+
+ELFCLASS64 = 2
+ELFDATA2LSB = 1
+ET_REL = 1
+EM_X86_64 = 62
+
+SHN_UNDEF = 0
+SHN_LORESERVE = 0xFF00
+SHN_ABS = 0xFFF1
+SHN_COMMON = 0xFFF2
+SHN_XINDEX = 0xFFFF
+
+SHT_NULL = 0
+SHT_PROGBITS = 1
+SHT_SYMTAB = 2
+SHT_STRTAB = 3
+SHT_RELA = 4
+SHT_NOBITS = 8
+SHT_REL = 9
+SHT_NOTE = 7
+
+SHF_WRITE = 0x1
+SHF_ALLOC = 0x2
+SHF_EXECINSTR = 0x4
+SHF_MERGE = 0x10
+SHF_STRINGS = 0x20
+SHF_INFO_LINK = 0x40
+
+STB_LOCAL = 0
+STB_GLOBAL = 1
+STB_WEAK = 2
+
+STT_NOTYPE = 0
+STT_OBJECT = 1
+STT_FUNC = 2
+STT_SECTION = 3
+STT_FILE = 4
+
+STV_DEFAULT = 0
+
+R_X86_64_NONE = 0
+R_X86_64_64 = 1
+R_X86_64_PC32 = 2
+R_X86_64_PLT32 = 4
+R_X86_64_32 = 10
+R_X86_64_32S = 11
+R_X86_64_PC64 = 24
+
+# Relocation types the x86-64 module loader applies (arch/x86/kernel/module.c,
+# apply_relocate_add) and the number of bytes each one writes.
+X86_64_RELOC_WIDTH = {
+    R_X86_64_NONE: 0,
+    R_X86_64_64: 8,
+    R_X86_64_32: 4,
+    R_X86_64_32S: 4,
+    R_X86_64_PC32: 4,
+    R_X86_64_PLT32: 4,
+    R_X86_64_PC64: 8,
+}
+
+ELF64_EHDR_SIZE = 64
+ELF64_SHDR_SIZE = 64
+ELF64_SYM_SIZE = 24
+ELF64_RELA_SIZE = 24

@@ -1,0 +1,74 @@
+"""Per-record tables of the Debian 6.1 x86-64 kernel that describe module code.
+
+Each declaration gives the record size and the offset, inside one record, of the
+field whose relocation names the code (or data) the record describes: the
+"key". The splitter moves a record into the init module exactly when its key
+points into an init section, and keeps it in the core module otherwise. Layouts
+were read from the linux-source-6.1 tree (6.1.192); the file is named per table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RecordTable:
+    section: str
+    record_size: int
+    key_offset: int
+    source: str
+    # A section with one record per record of this one, no relocations, same order.
+    parallel: str | None = None
+    parallel_record_size: int = 0
+
+
+# Ordered for readability; lookups go through TABLES_BY_SECTION.
+RECORD_TABLES: tuple[RecordTable, ...] = (
+    # int ip offsets, PC32 to the instruction; parallel struct orc_entry (6 bytes, __packed).
+    RecordTable(".orc_unwind_ip", 4, 0, "arch/x86/include/asm/orc_types.h, arch/x86/kernel/unwind_orc.c",
+                parallel=".orc_unwind", parallel_record_size=6),
+    # unsigned long addresses of the __fentry__ call sites, R_X86_64_64.
+    RecordTable("__mcount_loc", 8, 0, "kernel/trace/ftrace.c (ftrace_process_locs)"),
+    # s32 PC32 offsets to return thunk jumps, retpoline calls, LOCK prefixes, ENDBR.
+    RecordTable(".return_sites", 4, 0, "arch/x86/kernel/alternative.c (apply_returns)"),
+    RecordTable(".retpoline_sites", 4, 0, "arch/x86/kernel/alternative.c (apply_retpolines)"),
+    RecordTable(".smp_locks", 4, 0, "arch/x86/kernel/alternative.c (alternatives_smp_lock)"),
+    RecordTable(".ibt_endbr_seal", 4, 0, "arch/x86/kernel/alternative.c (apply_ibt_endbr)"),
+    # struct jump_entry { s32 code; s32 target; long key; }
+    RecordTable("__jump_table", 16, 0, "include/linux/jump_label.h"),
+    # struct bug_entry { s32 bug_addr_disp; s32 file_disp; u16 line; u16 flags; }
+    # (CONFIG_GENERIC_BUG_RELATIVE_POINTERS, CONFIG_DEBUG_BUGVERBOSE)
+    RecordTable("__bug_table", 12, 0, "include/asm-generic/bug.h"),
+    # struct static_call_site { s32 addr; s32 key; }
+    RecordTable(".static_call_sites", 8, 0, "include/linux/static_call_types.h"),
+    # struct exception_table_entry { int insn, fixup, data; }
+    RecordTable("__ex_table", 12, 0, "arch/x86/include/asm/extable.h"),
+    # struct alt_instr { s32 instr_offset; s32 repl_offset; u16 cpuid; u8 instrlen; u8 replacementlen; } __packed
+    RecordTable(".altinstructions", 12, 0, "arch/x86/include/asm/alternative.h"),
+    # struct paravirt_patch_site { u8 *instr; u8 type; u8 len; } (padded to 16)
+    RecordTable(".parainstructions", 16, 0, "arch/x86/include/asm/paravirt_types.h"),
+)
+
+TABLES_BY_SECTION: dict[str, RecordTable] = {t.section: t for t in RECORD_TABLES}
+PARALLEL_SECTIONS: dict[str, RecordTable] = {t.parallel: t for t in RECORD_TABLES if t.parallel}
+
+# struct kernel_symbol { int value_offset; int name_offset; int namespace_offset; }
+# (CONFIG_HAVE_ARCH_PREL32_RELOCATIONS), include/linux/export.h; the CRC table
+# beside it holds one s32 per symbol (kernel/module/version.c, check_version).
+KSYMTAB_RECORD_SIZE = 12
+KCRCTAB_RECORD_SIZE = 4
+
+# struct modversion_info { unsigned long crc; char name[MODULE_NAME_LEN]; },
+# include/linux/module.h; MODULE_NAME_LEN is 64 - sizeof(unsigned long).
+MODULE_NAME_LEN = 56
+MODVERSION_RECORD_SIZE = 8 + MODULE_NAME_LEN
+
+# struct trace_eval_map { const char *system; const char *eval_string; unsigned long eval_value; },
+# include/linux/tracepoint.h; _ftrace_eval_map holds pointers to them.
+TRACE_EVAL_MAP_SIZE = 24
+
+# struct orc_entry values for synthesized code (arch/x86/include/asm/orc_types.h).
+ORC_REG_UNDEFINED = 0
+ORC_REG_SP = 5
+ORC_TYPE_CALL = 0
