@@ -57,6 +57,7 @@ from .tables import (
     MODVERSION_RECORD_SIZE,
     PARALLEL_SECTIONS,
     TABLES_BY_SECTION,
+    KNOWN_STRUCT_MODULE_LAYOUTS,
     TRACE_EVAL_MAP_SIZE,
     RecordTable,
 )
@@ -175,6 +176,7 @@ class _Splitter:
         self._check_symbols()
         self.tables = self._split_tables()
         self.versions = self._parse_versions()
+        self._complete_module_fields()
 
         init_bytes = self._build_init()
         core_bytes = self._build_core()
@@ -209,10 +211,6 @@ class _Splitter:
             raise SplitRefused("cleanup routine is not defined in the module")
         if self.exit_symbol is not None and self.exit_symbol.shndx in self.init_secs:
             raise SplitRefused("cleanup routine lives in an init section")
-        if self.exit_field < 0:
-            # Without a cleanup relocation we still need ->exit's offset to leave it alone;
-            # the wrapper arms ->init instead, so only ->init's offset is required.
-            pass
         size = self.this_module.size
         for off in (self.init_field, self.exit_field):
             if off >= 0 and off + 8 > size:
@@ -220,6 +218,16 @@ class _Splitter:
         self.name_offset = self.this_module.data.find(self.name.encode() + b"\0")
         if self.name_offset < 0 or self.name_offset + MODULE_NAME_LEN > size:
             raise SplitRefused("module name not found in struct module")
+
+    def _complete_module_fields(self) -> None:
+        """Find ->exit for modules without a cleanup routine (I's stub goes there)."""
+        if self.exit_field >= 0:
+            return
+        crc = next((c for c, n in self.versions if n == "module_layout"), None)
+        layout = KNOWN_STRUCT_MODULE_LAYOUTS.get(crc) if crc is not None else None
+        if layout is None or layout.size != self.this_module.size or layout.init != self.init_field:
+            raise SplitRefused("struct module layout unknown (no cleanup routine to locate ->exit)")
+        self.exit_field = layout.exit
 
     def _check_symbols(self) -> None:
         self.percpu = self.obj.section(PERCPU)
@@ -376,11 +384,7 @@ class _Splitter:
         mod_sec = builder.add_section(THIS_MODULE, type=SHT_PROGBITS, flags=self.this_module.flags,
                                       data=bytes(mod), addralign=self.this_module.addralign)
         builder.add_relocation(mod_sec, self.init_field, R_X86_64_64, wrapper_sym, 0)
-        if self.exit_field >= 0:
-            exit_field = self.exit_field
-        else:
-            raise SplitRefused("cannot locate struct module ->exit without a cleanup routine")
-        builder.add_relocation(mod_sec, exit_field, R_X86_64_64, stub_sym, 0)
+        builder.add_relocation(mod_sec, self.exit_field, R_X86_64_64, stub_sym, 0)
         builder.add_symbol("__this_module", bind=STB_GLOBAL, type=1, shndx=mod_sec,
                            size=self.this_module.size)
 

@@ -72,3 +72,22 @@ TRACE_EVAL_MAP_SIZE = 24
 ORC_REG_UNDEFINED = 0
 ORC_REG_SP = 5
 ORC_TYPE_CALL = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StructModuleLayout:
+    """Offsets in struct module (include/linux/module.h) for one kernel build."""
+
+    kernel: str
+    size: int
+    init: int
+    exit: int
+
+
+# Keyed by the CRC of "module_layout" in __versions, which genksyms derives from
+# struct module among others, so it changes whenever these offsets could. Used
+# only for modules without a cleanup routine: every other module tells us both
+# offsets through its own relocations of ->init and ->exit.
+KNOWN_STRUCT_MODULE_LAYOUTS: dict[int, StructModuleLayout] = {
+    0x9060323F: StructModuleLayout("Debian 6.1.0-56-amd64 (6.1.192)", size=896, init=312, exit=848),
+}
