@@ -250,13 +250,20 @@ class _Splitter:
             count = section.size // table.record_size
             split = _TableSplit(table, section)
             key_side: dict[int, bool] = {}
-            for rel in self.obj.relocations_for(section):
-                record, inner = divmod(rel.offset, table.record_size)
-                if record >= count or inner + X86_64_RELOC_WIDTH.get(rel.type, 8) > table.record_size:
+            size, key = table.record_size, table.key_offset
+            init_secs, symbols, relocs = self.init_secs, self.symbols, split.relocs
+            rt = self.obj.relocations_for(section)
+            for offset, type_, symbol, addend in zip(rt.offsets, rt.types, rt.symbols, rt.addends):
+                record, inner = divmod(offset, size)
+                if record >= count or inner + X86_64_RELOC_WIDTH.get(type_, 8) > size:
                     raise SplitRefused("relocation straddles table records", section.name)
-                split.relocs.setdefault(record, []).append(rel._replace(offset=inner))
-                if inner == table.key_offset:
-                    key_side[record] = self.is_init_symbol(rel.symbol)
+                rel = Relocation(inner, type_, symbol, addend)
+                if record in relocs:
+                    relocs[record].append(rel)
+                else:
+                    relocs[record] = [rel]
+                if inner == key:
+                    key_side[record] = symbols[symbol].shndx in init_secs
             for record in range(count):
                 (split.init if key_side.get(record, False) else split.core).append(record)
             for record in split.core:

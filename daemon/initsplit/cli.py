@@ -1,0 +1,204 @@
+"""Command line interface: `initsplit split` for trees, `initsplit check` for one module.
+
+Exit codes:
+  0  success: every module was split and validated, or left alone because there
+     was nothing to split or splitting was refused (both normal outcomes; the
+     original module is loaded instead)
+  1  some module failed validation or hit an unexpected error
+  2  usage error, input not found, or (for `check`) not an ELF kernel module
+
+The logic lives in initsplit.tree; this module only parses arguments and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, TextIO
+
+from . import __version__
+from .elf import MalformedElf
+from .split import NothingToSplit, SplitRefused, split_module
+from .tree import (
+    MODULE_SUFFIX,
+    TreeError,
+    find_modules,
+    refusal_reasons,
+    split_jobs,
+    summary_line,
+)
+from .validate import ValidationError, validate_split
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_EPILOG = """\
+exit codes:
+  0  success (modules split, or nothing to split / refused: the original is used)
+  1  some module failed validation or hit an unexpected error
+  2  usage error, input not found, or not an ELF kernel module
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="initsplit",
+        description="Split Linux kernel modules into a core module and an init module.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    split = commands.add_parser(
+        "split",
+        help="split every .ko under the given paths into an output tree",
+        description="Split every .ko under PATH... into DIR, keeping relative paths. "
+        "Modules that are not split get no output file.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    split.add_argument("paths", metavar="PATH", nargs="+", type=Path,
+                       help="a .ko file or a directory searched for .ko files")
+    split.add_argument("-o", "--output", metavar="DIR", type=Path, required=True,
+                       help="output directory")
+    split.add_argument("-j", "--jobs", metavar="N", type=_positive_int, default=None,
+                       help="worker processes (default: number of CPUs)")
+    split.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress and no summary; problems are still reported")
+    split.add_argument("--list-refused", action="store_true",
+                       help="print the refusal reasons with how many modules each")
+
+    check = commands.add_parser(
+        "check",
+        help="say whether one module would be split, and validate the result",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("module", metavar="FILE.ko", type=Path)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        # argparse exits 2 on usage errors and 0 for --help/--version; return
+        # instead so main() is callable from tests and other code.
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command == "split":
+        return _split(args)
+    return _check(args.module)
+
+
+# -------------------------------------------------------------------- split
+
+def _split(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    try:
+        jobs = find_modules(args.paths, exclude=args.output)
+        if not jobs:
+            raise TreeError(f"no {MODULE_SUFFIX} files in {' '.join(map(str, args.paths))}")
+        with _progress(len(jobs), sys.stderr, enabled=not args.quiet) as tick:
+            results = split_jobs(jobs, args.output, workers=args.jobs, progress=lambda _: tick())
+    except TreeError as exc:
+        print(f"initsplit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    problems = [result for result in results if not result.ok]
+    for result in problems:
+        print(f"initsplit: {result.outcome}: {result.path}: {result.reason}", file=sys.stderr)
+    if not args.quiet:
+        print(summary_line(results, time.monotonic() - start))
+    if args.list_refused:
+        for reason, count in refusal_reasons(results):
+            print(f"{count:6d}  {reason}")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+@contextlib.contextmanager
+def _progress(total: int, stream: TextIO, *, enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """Yield a tick() that counts one module done, redrawing one status line.
+
+    Only on a terminal: in logs and pipes a carriage-return line is noise. Redraws
+    are limited to ten a second so thousands of small modules do not flood it.
+    """
+    if not enabled or not stream.isatty():
+        yield lambda: None
+        return
+    start = last = time.monotonic()
+    done = 0
+
+    def draw(now: float) -> None:
+        rate = done / (now - start) if now > start else 0.0
+        stream.write(f"\r\033[K{done}/{total} modules, {rate:.0f}/s")
+        stream.flush()
+
+    def tick() -> None:
+        nonlocal done, last
+        done += 1
+        now = time.monotonic()
+        if now - last >= 0.1 or done == total:
+            last = now
+            draw(now)
+
+    try:
+        yield tick
+    finally:
+        # Erase the line so the summary (or an error) starts on a clean one.
+        stream.write("\r\033[K")
+        stream.flush()
+
+
+# -------------------------------------------------------------------- check
+
+def _check(path: Path) -> int:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        print(f"initsplit: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        split = split_module(data)
+    except MalformedElf as exc:
+        print(f"initsplit: {path}: not an ELF kernel module: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NothingToSplit:
+        print("nothing to split")
+        return EXIT_OK
+    except SplitRefused as exc:
+        print(f"refused: {exc.reason}" + (f" ({exc.detail})" if exc.detail else ""))
+        return EXIT_OK
+    except Exception as exc:
+        print(f"error: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+
+    print(f"split: {split.name} -> {split.name} + {split.init_name} "
+          f"(anchors {len(split.anchors)}, init bytes {len(split.init)})")
+    try:
+        report = validate_split(data, split.core, split.init)
+    except ValidationError as exc:
+        print(f"validation: FAILED: {exc}")
+        return EXIT_FAILED
+    except Exception as exc:
+        print(f"validation: FAILED: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    print(f"validation: ok ({report.allocated_bytes} allocated bytes, "
+          f"{report.relocations} relocations, {report.records_moved} records moved, "
+          f"{report.anchors} anchors, {report.synthesized_relocations} synthesized relocations)")
+    return EXIT_OK

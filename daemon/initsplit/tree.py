@@ -1,0 +1,270 @@
+"""Split a whole tree of kernel modules, in parallel, into an output tree.
+
+For every NAME.ko found under the inputs, the output tree gets, at the same
+relative path, the core module (under the original file name, so modules.dep and
+friends still point at it) and the init module <init_name>.ko beside it. A module
+that is not split (nothing to split, refused, invalid, error) gets no output at
+all: its absence is what tells the caller to load the original instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Sequence
+
+from .elf import MalformedElf
+from .split import NothingToSplit, SplitRefused, init_module_name, split_module
+from .validate import ValidationError, validate_split
+
+Outcome = Literal["split", "nothing", "refused", "invalid", "error"]
+OUTCOMES: tuple[Outcome, ...] = ("split", "nothing", "refused", "invalid", "error")
+
+MODULE_SUFFIX = ".ko"
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleJob:
+    source: Path  # the .ko to read
+    relative: Path  # where it lands under the output dir
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleResult:
+    path: Path  # relative to its input root, e.g. kernel/drivers/net/dummy.ko
+    source: Path
+    outcome: Outcome
+    reason: str = ""  # refusal reason, validation message or exception text
+    detail: str = ""  # where, for refusals (SplitRefused.detail)
+    core_size: int = 0
+    init_size: int = 0
+    seconds: float = 0.0
+    input_size: int = 0
+    init_path: Path | None = None  # relative, only for "split"
+
+    @property
+    def ok(self) -> bool:
+        """False for the outcomes that point at a bug rather than a decision."""
+        return self.outcome not in ("invalid", "error")
+
+
+class TreeError(Exception):
+    """The inputs cannot be processed at all (missing path, clashing outputs...)."""
+
+
+def find_modules(paths: Iterable[Path], *, exclude: Path | None = None) -> list[ModuleJob]:
+    """Every .ko under *paths*, with the relative path its outputs get.
+
+    A directory contributes its modules relative to itself; a file given by name
+    lands at the top of the output dir. Symlinked directories are not followed,
+    so a tree with loops (or a build dir with `source` links) is walked once.
+    The *exclude* directory is skipped: an output dir inside the input tree must
+    not feed the previous run's outputs back in.
+    """
+    excluded = exclude.resolve() if exclude is not None else None
+    jobs: list[ModuleJob] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path):
+                if excluded is not None:
+                    dirnames[:] = [d for d in dirnames if (Path(dirpath) / d).resolve() != excluded]
+                dirnames.sort()
+                for filename in sorted(filenames):
+                    source = Path(dirpath) / filename
+                    if filename.endswith(MODULE_SUFFIX) and source.is_file():
+                        jobs.append(ModuleJob(source, source.relative_to(path)))
+        elif path.is_file():
+            if not path.name.endswith(MODULE_SUFFIX):
+                raise TreeError(f"{path}: not a {MODULE_SUFFIX} file")
+            jobs.append(ModuleJob(path, Path(path.name)))
+        else:
+            raise TreeError(f"{path}: no such file or directory")
+
+    seen: dict[Path, Path] = {}
+    for job in jobs:
+        other = seen.setdefault(job.relative, job.source)
+        if other != job.source:
+            raise TreeError(f"{other} and {job.source} would both be written to {job.relative}")
+    return jobs
+
+
+def split_tree(
+    paths: Iterable[Path],
+    output: Path | None,
+    *,
+    workers: int | None = None,
+    validate: bool = True,
+    progress: Callable[[ModuleResult], None] | None = None,
+) -> list[ModuleResult]:
+    """Split every module under *paths* into *output* (None: split and validate only).
+
+    Returns one result per module, in the order find_modules() lists them. Never
+    raises for a module's sake: whatever goes wrong becomes that module's outcome.
+    """
+    return split_jobs(find_modules(paths, exclude=output), output, workers=workers,
+                      validate=validate, progress=progress)
+
+
+def split_jobs(
+    jobs: Sequence[ModuleJob],
+    output: Path | None,
+    *,
+    workers: int | None = None,
+    validate: bool = True,
+    progress: Callable[[ModuleResult], None] | None = None,
+) -> list[ModuleResult]:
+    workers = max(1, workers or os.cpu_count() or 1)
+    if output is not None:
+        _check_output(jobs, output)
+    results: dict[int, ModuleResult] = {}
+
+    def done(index: int, result: ModuleResult) -> None:
+        results[index] = result
+        if progress is not None:
+            progress(result)
+
+    if workers == 1 or len(jobs) <= 1:
+        # In-process: no fork, and exceptions and profilers see the real stack.
+        for index, job in enumerate(jobs):
+            done(index, split_one(job, output, validate=validate))
+    else:
+        # Largest first: a few modules (i915, amdgpu, ...) take seconds each, and
+        # starting them last would leave one worker finishing alone at the end.
+        order = sorted(range(len(jobs)), key=lambda i: _size(jobs[i].source), reverse=True)
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {
+                pool.submit(split_one, jobs[index], output, validate=validate): index
+                for index in order
+            }
+            for future in concurrent.futures.as_completed(futures):
+                index = futures[future]
+                try:
+                    result = future.result()
+                except Exception as exc:
+                    # split_one() catches everything, so this is the pool itself
+                    # failing (a worker killed by the OOM killer, say): the module
+                    # is reported, the run goes on for the others.
+                    result = _error(jobs[index], exc, 0.0)
+                done(index, result)
+    return [results[index] for index in range(len(jobs))]
+
+
+def _check_output(jobs: Sequence[ModuleJob], output: Path) -> None:
+    # With -o pointing at the input tree, the core would replace the original and
+    # the stale-output cleanup would delete originals of modules not split.
+    output = output.resolve()
+    for job in jobs:
+        if (output / job.relative).resolve() == job.source.resolve():
+            raise TreeError(f"{job.source}: output would overwrite the input")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def split_one(job: ModuleJob, output: Path | None, *, validate: bool = True) -> ModuleResult:
+    """Read, split, validate and write one module; runs in a worker process."""
+    start = time.perf_counter()
+    try:
+        return _split_one(job, output, validate, start)
+    except Exception as exc:
+        if output is not None:
+            _remove_outputs(output, job.relative, None)
+        return _error(job, exc, time.perf_counter() - start)
+
+
+def _split_one(job: ModuleJob, output: Path | None, validate: bool, start: float) -> ModuleResult:
+    data = job.source.read_bytes()
+
+    def result(outcome: Outcome, **kwargs: object) -> ModuleResult:
+        if outcome != "split" and output is not None:
+            # A previous run may have split this module; a stale core left behind
+            # would be loaded instead of the original.
+            _remove_outputs(output, job.relative, None)
+        return ModuleResult(path=job.relative, source=job.source, outcome=outcome,
+                            seconds=time.perf_counter() - start, input_size=len(data),
+                            **kwargs)  # type: ignore[arg-type]
+
+    try:
+        split = split_module(data)
+    except NothingToSplit:
+        return result("nothing")
+    except SplitRefused as exc:
+        return result("refused", reason=exc.reason, detail=exc.detail)
+    except MalformedElf as exc:
+        return result("error", reason=f"malformed ELF: {exc}")
+
+    if validate:
+        try:
+            validate_split(data, split.core, split.init)
+        except ValidationError as exc:
+            return result("invalid", reason=str(exc) or type(exc).__name__)
+
+    init_relative = job.relative.with_name(split.init_name + MODULE_SUFFIX)
+    if output is not None:
+        if init_relative == job.relative:
+            raise TreeError(f"init module name {split.init_name} clashes with the core's file name")
+        # Init first, core last: a core on disk always has its init module beside it.
+        _write_atomic(output / init_relative, split.init)
+        _write_atomic(output / job.relative, split.core)
+    return result("split", core_size=len(split.core), init_size=len(split.init),
+                  init_path=init_relative)
+
+
+def _error(job: ModuleJob, exc: BaseException, seconds: float) -> ModuleResult:
+    return ModuleResult(path=job.relative, source=job.source, outcome="error",
+                        reason=f"{type(exc).__name__}: {exc}", seconds=seconds)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory and rename it into place.
+
+    Readers (modprobe, the daemon) see either the old file or the whole new one.
+    No fsync: the output tree is derived data that a rerun regenerates.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; modules are world-readable
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _remove_outputs(output: Path, relative: Path, init_name: str | None) -> None:
+    # Core first: without it the init module is never looked at.
+    (output / relative).unlink(missing_ok=True)
+    if init_name is None:
+        # Kbuild names a module after its file, with '-' read as '_' (KBUILD_MODNAME).
+        init_name = init_module_name(relative.name.removesuffix(MODULE_SUFFIX).replace("-", "_"))
+    (output / relative.with_name(init_name + MODULE_SUFFIX)).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- summaries
+
+def count_outcomes(results: Iterable[ModuleResult]) -> dict[Outcome, int]:
+    counts = collections.Counter(r.outcome for r in results)
+    return {outcome: counts.get(outcome, 0) for outcome in OUTCOMES}
+
+
+def refusal_reasons(results: Iterable[ModuleResult]) -> list[tuple[str, int]]:
+    """Refusal reasons with how many modules each, most frequent first."""
+    counts = collections.Counter(r.reason for r in results if r.outcome == "refused")
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def summary_line(results: Sequence[ModuleResult], seconds: float) -> str:
+    c = count_outcomes(results)
+    return (f"split {c['split']}, nothing to split {c['nothing']}, refused {c['refused']}, "
+            f"invalid {c['invalid']}, errors {c['error']} in {seconds:.1f} s")

@@ -1,0 +1,599 @@
+"""Static validation of a split: does the pair (C, I) account for the original exactly?
+
+The validator re-reads all three objects from bytes and trusts nothing the
+splitter computed. It proves that:
+
+* every allocated byte of the original appears exactly once, in C or in I, in a
+  section of the same name and flags (per-record tables record by record);
+* every relocation of the original appears exactly once at the corresponding
+  place, with an equivalent target: the same undefined symbol, the same absolute
+  value, or the same byte of the same section after the move (for I, reached
+  through an anchor that C exports with value = section start);
+* everything else in the outputs is the synthesized glue and exactly that: the
+  anchors (sorted, namespaced, with CRCs I's __versions agrees on), I's struct
+  module, .modinfo and __versions, the init wrapper and exit stub (byte for byte
+  what codegen produces, calling the original init and arming C's struct module),
+  their ORC and return-thunk records, and C's copies of trace eval maps.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+from .elf import ElfObject, MalformedElf, read_elf
+from .elf.constants import R_X86_64_64, SHF_ALLOC, SHN_ABS, SHN_UNDEF, SHT_NOBITS
+from .split import codegen
+from .split.modinfo import first, parse_modinfo
+from .split.splitter import (
+    EVAL_MAP,
+    EVAL_MAP_COPIES,
+    KCRCTAB,
+    KSYMTAB,
+    KSYMTAB_STRINGS,
+    NAMESPACE,
+    RETURN_THUNK,
+    RO_AFTER_INIT,
+    RO_AFTER_INIT_RENAMED,
+    STUB_SECTION,
+    THIS_MODULE,
+    WRAPPER_SECTION,
+    anchor_crc,
+    init_module_name,
+)
+from .split.tables import (
+    KNOWN_STRUCT_MODULE_LAYOUTS,
+    KSYMTAB_RECORD_SIZE,
+    MODULE_NAME_LEN,
+    MODVERSION_RECORD_SIZE,
+    PARALLEL_SECTIONS,
+    TABLES_BY_SECTION,
+    TRACE_EVAL_MAP_SIZE,
+)
+
+C, I = "C", "I"
+_MODVERSION = struct.Struct(f"<Q{MODULE_NAME_LEN}s")
+_NOT_LOADED = (".modinfo", "__versions")
+
+# A canonical relocation target: ("sym", name, addend) | ("abs", value) | ("loc", side, section, offset)
+Target = tuple
+
+
+class ValidationError(Exception):
+    """The split pair does not account for the original module exactly."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationReport:
+    name: str
+    allocated_bytes: int
+    relocations: int
+    records_moved: int
+    anchors: int
+    synthesized_relocations: int
+
+
+def validate_split(original: bytes, core: bytes, init: bytes) -> ValidationReport:
+    try:
+        objects = read_elf(original), read_elf(core), read_elf(init)
+    except MalformedElf as exc:
+        raise ValidationError(f"unreadable object: {exc}") from exc
+    try:
+        return _Validator(*objects).run()
+    except ValidationError:
+        raise
+    except (IndexError, KeyError, ValueError, struct.error, UnicodeError, TypeError) as exc:
+        raise ValidationError(f"inconsistent objects: {type(exc).__name__}: {exc}") from exc
+
+
+def _fail(message: str) -> None:
+    raise ValidationError(message)
+
+
+class _Validator:
+    def __init__(self, orig: ElfObject, core: ElfObject, init: ElfObject) -> None:
+        self.orig, self.out = orig, {C: core, I: init}
+        self.init_secs = {s.index for s in orig.sections
+                          if s.flags & SHF_ALLOC and s.name.startswith(".init")}
+        self.bytes_checked = 0
+        self.relocs_checked = 0
+        self.synthesized = 0
+        # (side, section index) -> {offset: (type, target)}; entries are removed when accounted for.
+        self.pending: dict[tuple[str, int], dict[int, tuple[int, Target]]] = {}
+
+    # ----------------------------------------------------------------- driver
+    def run(self) -> ValidationReport:
+        if not self.init_secs:
+            _fail("original has no init sections")
+        modinfo = parse_modinfo(self._section(self.orig, ".modinfo").data)
+        self.name = first(modinfo, "name") or ""
+        self.init_name = init_module_name(self.name)
+        self._index_sections()
+        self.anchors = None
+        self._index_output_relocations(C)
+        self.anchors = self._check_exports()
+        self._index_output_relocations(I)
+        self._check_plain_sections()
+        moved = self._check_tables()
+        self._check_struct_modules()
+        self._check_eval_map_copies()
+        self._check_modinfo_and_versions(modinfo)
+        self._check_all_accounted()
+        return ValidationReport(self.name, self.bytes_checked, self.relocs_checked, moved,
+                                len(self.anchors), self.synthesized)
+
+    # ------------------------------------------------------------- structure
+    @staticmethod
+    def _section(obj: ElfObject, name: str):
+        section = obj.section(name)
+        if section is None:
+            _fail(f"missing section {name}")
+        return section
+
+    def _index_sections(self) -> None:
+        self.by_name: dict[str, dict[str, int]] = {}
+        for side, obj in self.out.items():
+            names = Counter(s.name for s in obj.sections if s.flags & SHF_ALLOC)
+            dup = [n for n, k in names.items() if k > 1]
+            if dup:
+                _fail(f"{side} has duplicate allocated sections {dup}")
+            self.by_name[side] = {s.name: s.index for s in obj.sections if s.flags & SHF_ALLOC}
+        names = Counter(s.name for s in self.orig.sections if s.flags & SHF_ALLOC)
+        if any(k > 1 for k in names.values()):
+            _fail("original has duplicate allocated section names")
+        # Where each original allocated section lives now, for sections moved whole.
+        self.home: dict[int, tuple[str, int]] = {}
+        for section in self.orig.sections:
+            if not section.flags & SHF_ALLOC or section.name in _NOT_LOADED:
+                continue
+            if section.name in TABLES_BY_SECTION or section.name in PARALLEL_SECTIONS:
+                continue
+            if section.name in (KSYMTAB, KCRCTAB):
+                continue
+            side = I if section.index in self.init_secs else C
+            name = RO_AFTER_INIT_RENAMED if section.name == RO_AFTER_INIT else section.name
+            index = self.by_name[side].get(name)
+            if index is None:
+                _fail(f"{section.name} is missing from {side}")
+            other = I if side == C else C
+            if name in self.by_name[other] and name not in (THIS_MODULE, STUB_SECTION):
+                _fail(f"{section.name} appears in both modules")
+            self.home[section.index] = (side, index)
+
+    def _index_output_relocations(self, side: str) -> None:
+        obj = self.out[side]
+        if True:
+            for target, table in obj.relocations.items():
+                if not obj.sections[target].flags & SHF_ALLOC:
+                    continue
+                out_target = self._out_target
+                places = {offset: (type_, out_target(side, symbol, addend))
+                          for offset, type_, symbol, addend
+                          in zip(table.offsets, table.types, table.symbols, table.addends)}
+                if len(places) != len(table):
+                    _fail(f"{side}: two relocations at one place in {obj.sections[target].name}")
+                self.pending[(side, target)] = places
+
+    # ---------------------------------------------------------------- targets
+    def _orig_target(self, symbol: int, addend: int) -> Target:
+        sym = self.orig.symbols[symbol]
+        if sym.shndx == SHN_UNDEF:
+            return ("sym", sym.name, addend)
+        if sym.shndx == SHN_ABS:
+            return ("abs", sym.value + addend)
+        home = self.home.get(sym.shndx)
+        if home is None:
+            _fail(f"original relocation targets {self.orig.sections[sym.shndx].name}, "
+                  "which has no single home after the split")
+        return ("loc", home[0], home[1], sym.value + addend)
+
+    def _out_target(self, side: str, symbol: int, addend: int) -> Target:
+        sym = self.out[side].symbols[symbol]
+        if sym.shndx == SHN_UNDEF:
+            if side == I and self.anchors is not None and sym.name in self.anchors:
+                c_index, offset = self.anchors[sym.name]
+                return ("loc", C, c_index, offset + addend)
+            return ("sym", sym.name, addend)
+        if sym.shndx == SHN_ABS:
+            return ("abs", sym.value + addend)
+        return ("loc", side, sym.shndx, sym.value + addend)
+
+    def _take(self, side: str, section: int, offset: int) -> tuple[int, Target]:
+        places = self.pending.get((side, section))
+        if places is None or offset not in places:
+            name = self.out[side].sections[section].name
+            _fail(f"{side}: no relocation at {name}+{offset:#x}")
+        return places.pop(offset)
+
+    def _expect(self, side: str, section: int, offset: int, type_: int, target: Target,
+                what: str) -> None:
+        got = self._take(side, section, offset)
+        if got != (type_, target):
+            _fail(f"{what}: relocation at {side}:{self.out[side].sections[section].name}"
+                  f"+{offset:#x} is {got}, expected {(type_, target)}")
+
+    # ---------------------------------------------------------------- exports
+    def _check_exports(self) -> dict[str, tuple[int, int]]:
+        """Check C's export table; return anchor name -> (C section index, offset)."""
+        core = self.out[C]
+        ksymtab = self._section(core, KSYMTAB)
+        kcrctab = self._section(core, KCRCTAB)
+        strings = self._section(core, KSYMTAB_STRINGS)
+        count = ksymtab.size // KSYMTAB_RECORD_SIZE
+        if ksymtab.size % KSYMTAB_RECORD_SIZE or kcrctab.size != 4 * count:
+            _fail("C's export tables do not match")
+        relocs: dict[int, dict[int, tuple[int, int]]] = {}
+        for rel in core.relocations_for(ksymtab):
+            relocs.setdefault(rel.offset // KSYMTAB_RECORD_SIZE, {})[rel.offset % 12] = \
+                (rel.symbol, rel.addend)
+
+        def string_at(symbol: int, addend: int) -> bytes:
+            sym = core.symbols[symbol]
+            if sym.shndx != strings.index:
+                _fail("export name outside __ksymtab_strings")
+            start = sym.value + addend
+            end = strings.data.find(b"\0", start)
+            if start < 0 or end < 0:
+                _fail("bad export string")
+            return strings.data[start:end]
+
+        exports: dict[bytes, tuple[Target, bytes, int]] = {}
+        names: list[bytes] = []
+        anchors: dict[str, tuple[int, int]] = {}
+        for record in range(count):
+            fields = relocs.get(record, {})
+            if set(fields) != {0, 4, 8}:
+                _fail("C export record without its three relocations")
+            name = string_at(*fields[4])
+            namespace = string_at(*fields[8])
+            crc = struct.unpack_from("<I", kcrctab.data, 4 * record)[0]
+            names.append(name)
+            value_sym, value_add = fields[0]
+            value = self._out_target(C, value_sym, value_add)
+            exports[name] = (value, namespace, crc)
+            if namespace == NAMESPACE.encode():
+                if value[0] != "loc" or value[3] != 0:
+                    _fail(f"anchor {name!r} is not a section start")
+                if crc != anchor_crc(name.decode()):
+                    _fail(f"anchor {name!r} has the wrong CRC")
+                anchors[name.decode()] = (value[2], 0)
+        if names != sorted(names):
+            _fail("C's __ksymtab is not sorted by name")
+        if len(set(names)) != len(names):
+            _fail("C exports a name twice")
+        for offset in range(0, ksymtab.size, 4):
+            self.pending.get((C, ksymtab.index), {}).pop(offset, None)
+        self.synthesized += 3 * len(anchors)
+
+        # The original's own exports must all be there, unchanged.
+        orig_ksymtab = self.orig.section(KSYMTAB)
+        if orig_ksymtab is not None:
+            orig_strings = self._section(self.orig, KSYMTAB_STRINGS)
+            orig_crcs = self._section(self.orig, KCRCTAB).data
+            orig_relocs: dict[int, dict[int, tuple[int, int]]] = {}
+            for rel in self.orig.relocations_for(orig_ksymtab):
+                orig_relocs.setdefault(rel.offset // 12, {})[rel.offset % 12] = (rel.symbol, rel.addend)
+            for record in range(orig_ksymtab.size // KSYMTAB_RECORD_SIZE):
+                fields = orig_relocs.get(record, {})
+                sym = self.orig.symbols[fields[4][0]]
+                start = sym.value + fields[4][1]
+                name = orig_strings.data[start:orig_strings.data.find(b"\0", start)]
+                ns_sym = self.orig.symbols[fields[8][0]]
+                ns_start = ns_sym.value + fields[8][1]
+                namespace = orig_strings.data[ns_start:orig_strings.data.find(b"\0", ns_start)]
+                if name not in exports:
+                    _fail(f"export {name!r} lost")
+                value, got_ns, crc = exports[name]
+                want_crc = struct.unpack_from("<I", orig_crcs, 4 * record)[0]
+                if value != self._orig_value_target(*fields[0]) or got_ns != namespace or crc != want_crc:
+                    _fail(f"export {name!r} changed")
+                self.relocs_checked += 3
+            if count != orig_ksymtab.size // KSYMTAB_RECORD_SIZE + len(anchors):
+                _fail("C's export table has entries that are neither exports nor anchors")
+        elif count != len(anchors):
+            _fail("C's export table has entries that are neither exports nor anchors")
+        return anchors
+
+    def _orig_value_target(self, symbol: int, addend: int) -> Target:
+        # Export values are resolved before self.home covers tables; they never point into tables.
+        return self._orig_target(symbol, addend)
+
+    # ------------------------------------------------------- whole sections
+    def _check_plain_sections(self) -> None:
+        for orig_index, (side, index) in self.home.items():
+            src = self.orig.sections[orig_index]
+            dst = self.out[side].sections[index]
+            if src.name == THIS_MODULE:
+                continue  # checked field by field in _check_struct_modules
+            if src.flags != dst.flags or src.type != dst.type or src.addralign != dst.addralign:
+                _fail(f"{src.name}: header changed")
+            if src.name == KSYMTAB_STRINGS:
+                if dst.data[:src.size] != src.data:
+                    _fail("__ksymtab_strings: original strings changed")
+            elif src.size != dst.size or (src.type != SHT_NOBITS and src.data != dst.data):
+                _fail(f"{src.name}: bytes changed")
+            self.bytes_checked += src.size
+            for rel in self.orig.relocations_for(src):
+                sym = self.orig.symbols[rel.symbol]
+                if src.name == EVAL_MAP and sym.shndx in self.init_secs:
+                    # Checked in _check_eval_map_copies: now points at C's copy.
+                    continue
+                self._expect(side, index, rel.offset, rel.type,
+                             self._orig_target(rel.symbol, rel.addend), src.name)
+                self.relocs_checked += 1
+
+    # ---------------------------------------------------------------- tables
+    def _check_tables(self) -> int:
+        moved = 0
+        for table in TABLES_BY_SECTION.values():
+            src = self.orig.section(table.section)
+            if src is None:
+                if self.by_name[C].get(table.section) is not None:
+                    _fail(f"C has a {table.section} the original lacks")
+                if table.section in self.by_name[I]:
+                    self._check_synthesized_records(table, self._records(I, table.section, table), 0)
+                continue
+            moved += self._check_table(table, src)
+        return moved
+
+    def _records(self, side: str, name: str, table) -> list[tuple[bytes, tuple, bytes]]:
+        index = self.by_name[side].get(name)
+        if index is None:
+            return []
+        section = self.out[side].sections[index]
+        size = table.record_size
+        if section.size % size:
+            _fail(f"{side}:{name} is not whole records")
+        places = self.pending.get((side, index), {})
+        parallel = b""
+        if table.parallel:
+            pindex = self.by_name[side].get(table.parallel)
+            if pindex is None:
+                _fail(f"{side}: {table.parallel} missing")
+            parallel = self.out[side].sections[pindex].data
+            if len(parallel) != section.size // size * table.parallel_record_size:
+                _fail(f"{side}: {table.parallel} does not match {name}")
+        by_record: dict[int, list] = {}
+        for off, (type_, target) in places.items():
+            record, inner = divmod(off, size)
+            by_record.setdefault(record, []).append((inner, type_, target))
+        psize = table.parallel_record_size
+        data = section.data
+        return [(data[n * size:(n + 1) * size], tuple(sorted(by_record.get(n, ()))),
+                 parallel[n * psize:(n + 1) * psize]) for n in range(section.size // size)]
+
+    def _check_table(self, table, src) -> int:
+        size = table.record_size
+        if src.size % size:
+            _fail(f"{src.name} is not whole records")
+        orig_rels: dict[int, list] = {}
+        for rel in self.orig.relocations_for(src):
+            orig_rels.setdefault(rel.offset // size, []).append(
+                (rel.offset % size, rel.type, self._orig_target(rel.symbol, rel.addend)))
+        parallel = b""
+        psize = table.parallel_record_size
+        if table.parallel:
+            parallel = self._section(self.orig, table.parallel).data
+        core = self._records(C, src.name, table)
+        init = self._records(I, src.name, table)
+        ci = ii = 0
+        for n in range(src.size // size):
+            want = (src.data[n * size:(n + 1) * size], tuple(sorted(orig_rels.get(n, []))),
+                    parallel[n * psize:(n + 1) * psize])
+            if ci < len(core) and core[ci] == want:
+                ci += 1
+            elif ii < len(init) and init[ii] == want:
+                ii += 1
+            else:
+                _fail(f"{src.name} record {n} has no exact copy in order in C or I")
+            self.bytes_checked += size + psize
+            self.relocs_checked += len(want[1])
+        if ci != len(core):
+            _fail(f"C's {src.name} has {len(core) - ci} records the original lacks")
+        for side, count in ((C, ci), (I, ii)):
+            index = self.by_name[side].get(src.name)
+            if index is not None:
+                places = self.pending[(side, index)] if (side, index) in self.pending else {}
+                for off in [o for o in places if o < count * size]:
+                    del places[off]
+        self._check_synthesized_records(table, init[ii:], ii)
+        return ii
+
+    def _synthesized_routines(self):
+        rethunk = any(n == RETURN_THUNK for _, n in self._versions(self.orig))
+        slot = self.exit_field if self.has_cleanup else self.init_field
+        return (codegen.init_wrapper(slot_addend=slot, rethunk=rethunk),
+                codegen.exit_stub(rethunk=rethunk))
+
+    def _check_synthesized_records(self, table, extra, first_index: int) -> None:
+        """The records I has beyond the original's: exactly the ones for our code."""
+        self._module_fields()
+        wrapper, stub = self._synthesized_routines()
+        w_index = self.by_name[I].get(WRAPPER_SECTION)
+        s_index = self.by_name[I].get(STUB_SECTION)
+        expected: list[tuple[bytes, tuple, bytes]] = []
+        zero = bytes(table.record_size)
+        if table.section == ".orc_unwind_ip":
+            for index, routine in ((w_index, wrapper), (s_index, stub)):
+                for entry in routine.orc:
+                    expected.append((zero, ((0, 2, ("loc", I, index, entry.offset)),), entry.pack()))
+        elif table.section == ".return_sites":
+            for index, routine in ((w_index, wrapper), (s_index, stub)):
+                for offset in routine.return_sites:
+                    expected.append((zero, ((0, 2, ("loc", I, index, offset)),), b""))
+        if list(extra) != expected:
+            _fail(f"I's {table.section} holds records that describe neither init code nor ours")
+        index = self.by_name[I].get(table.section)
+        if index is not None:
+            places = self.pending.get((I, index), {})
+            start = first_index * table.record_size
+            for off in [o for o in places if o >= start]:
+                del places[off]
+            self.synthesized += len(expected)
+
+    # --------------------------------------------------------- struct module
+    def _versions(self, obj: ElfObject) -> list[tuple[int, str]]:
+        section = self._section(obj, "__versions")
+        if section.size % MODVERSION_RECORD_SIZE:
+            _fail("__versions is not whole records")
+        return [(crc, raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
+                for crc, raw in _MODVERSION.iter_unpack(section.data)]
+
+    def _module_fields(self) -> None:
+        if hasattr(self, "init_field"):
+            return
+        mod = self._section(self.orig, THIS_MODULE)
+        fields = {}
+        for rel in self.orig.relocations_for(mod):
+            name = self.orig.symbols[rel.symbol].name
+            if rel.type == R_X86_64_64 and name in ("init_module", "cleanup_module"):
+                fields[name] = (rel.offset, rel.symbol, rel.addend)
+        if "init_module" not in fields:
+            _fail("original has no init routine")
+        self.init_field, self.init_sym, _ = fields["init_module"]
+        self.has_cleanup = "cleanup_module" in fields
+        if self.has_cleanup:
+            self.exit_field, self.exit_sym, _ = fields["cleanup_module"]
+        else:
+            crc = next((c for c, n in self._versions(self.orig) if n == "module_layout"), None)
+            layout = KNOWN_STRUCT_MODULE_LAYOUTS.get(crc)
+            if layout is None:
+                _fail("struct module layout unknown")
+            self.exit_field = layout.exit
+
+    def _check_struct_modules(self) -> None:
+        self._module_fields()
+        orig = self._section(self.orig, THIS_MODULE)
+        core = self._section(self.out[C], THIS_MODULE)
+        init = self._section(self.out[I], THIS_MODULE)
+        if core.data != orig.data or core.flags != orig.flags:
+            _fail("C's struct module changed")
+        name_at = orig.data.find(self.name.encode() + b"\0")
+        want = bytearray(orig.data)
+        want[name_at:name_at + MODULE_NAME_LEN] = self.init_name.encode().ljust(MODULE_NAME_LEN, b"\0")
+        if init.data != bytes(want):
+            _fail("I's struct module is not the original's with I's name")
+        self.bytes_checked += orig.size
+        # C: the original's relocations minus ->init and ->exit (so C loads inert).
+        for rel in self.orig.relocations_for(orig):
+            if rel.offset in (self.init_field, self.exit_field):
+                continue
+            self._expect(C, core.index, rel.offset, rel.type,
+                         self._orig_target(rel.symbol, rel.addend), THIS_MODULE)
+            self.relocs_checked += 1
+        # I: ->init is the wrapper, ->exit the stub, nothing else.
+        w_index, s_index = self.by_name[I].get(WRAPPER_SECTION), self.by_name[I].get(STUB_SECTION)
+        if w_index is None or s_index is None:
+            _fail("I lacks its wrapper or stub")
+        self._expect(I, init.index, self.init_field, R_X86_64_64, ("loc", I, w_index, 0), "I ->init")
+        self._expect(I, init.index, self.exit_field, R_X86_64_64, ("loc", I, s_index, 0), "I ->exit")
+        if self.pending.get((I, init.index)):
+            _fail("I's struct module has extra relocations")
+        self.relocs_checked += 1 if self.has_cleanup else 0
+        self.relocs_checked += 1
+        self._check_routines(core.index, w_index, s_index)
+
+    def _check_routines(self, c_module: int, w_index: int, s_index: int) -> None:
+        wrapper, stub = self._synthesized_routines()
+        roles: dict[str, Target] = {
+            "init": self._orig_target(self.init_sym, 0),
+            "arm_slot": ("loc", C, c_module, 0),
+            "return_thunk": ("sym", RETURN_THUNK, 0),
+            "arm_value": (self._orig_target(self.exit_sym, 0) if self.has_cleanup
+                          else ("loc", C, c_module, 0)),
+        }
+        for index, routine, what in ((w_index, wrapper, "init wrapper"), (s_index, stub, "exit stub")):
+            section = self.out[I].sections[index]
+            if section.data != routine.code:
+                _fail(f"I's {what} is not the expected code")
+            for r in routine.relocs:
+                kind, *rest = roles[r.target]
+                if kind == "sym":
+                    target: Target = ("sym", rest[0], r.addend)
+                elif kind == "loc":
+                    target = ("loc", rest[0], rest[1], rest[2] + r.addend)
+                else:
+                    target = ("abs", rest[0] + r.addend)
+                self._expect(I, index, r.offset, r.type, target, what)
+                self.synthesized += 1
+
+    # ------------------------------------------------------- eval map copies
+    def _check_eval_map_copies(self) -> None:
+        section = self.orig.section(EVAL_MAP)
+        copies_index = self.by_name[C].get(EVAL_MAP_COPIES)
+        if section is None:
+            if copies_index is not None:
+                _fail("C has trace eval map copies but the original has no eval maps")
+            return
+        c_map = self.home[section.index][1]
+        copies = self.out[C].sections[copies_index] if copies_index is not None else None
+        for rel in self.orig.relocations_for(section):
+            sym = self.orig.symbols[rel.symbol]
+            if sym.shndx not in self.init_secs:
+                continue
+            if copies is None:
+                _fail("eval map into init data without a copy in C")
+            got_type, got = self._take(C, c_map, rel.offset)
+            if got_type != rel.type or got[:3] != ("loc", C, copies_index):
+                _fail("eval map entry does not point at C's copy")
+            offset = got[3]
+            source = self.orig.sections[sym.shndx]
+            start = sym.value + rel.addend
+            if copies.data[offset:offset + TRACE_EVAL_MAP_SIZE] != source.data[start:start + TRACE_EVAL_MAP_SIZE]:
+                _fail("eval map copy differs from the original object")
+            for inner in self.orig.relocations_for(source):
+                if start <= inner.offset < start + TRACE_EVAL_MAP_SIZE:
+                    self._expect(C, copies_index, offset + inner.offset - start, inner.type,
+                                 self._orig_target(inner.symbol, inner.addend), "eval map copy")
+                    self.synthesized += 1
+            self.relocs_checked += 1
+
+    # --------------------------------------------------- modinfo, versions
+    def _check_modinfo_and_versions(self, modinfo: list[tuple[str, str]]) -> None:
+        core_info = self._section(self.out[C], ".modinfo").data
+        if core_info != self._section(self.orig, ".modinfo").data:
+            _fail("C's .modinfo changed")
+        if self._section(self.out[C], "__versions").data != self._section(self.orig, "__versions").data:
+            _fail("C's __versions changed")
+        init_info = parse_modinfo(self._section(self.out[I], ".modinfo").data)
+        if first(init_info, "name") != self.init_name:
+            _fail("I's .modinfo has the wrong name")
+        if (NAMESPACE not in [v for k, v in init_info if k == "import_ns"]):
+            _fail(f"I does not import {NAMESPACE}")
+        for key in ("vermagic", "license"):
+            if first(init_info, key) != first(modinfo, key):
+                _fail(f"I's .modinfo changed {key}")
+        versions = dict((n, c) for c, n in self._versions(self.out[I]))
+        for crc, name in self._versions(self.orig):
+            if versions.get(name) != crc:
+                _fail(f"I's __versions lost {name}")
+        for anchor in self.anchors:
+            if versions.get(anchor) != anchor_crc(anchor):
+                _fail(f"I's __versions lacks anchor {anchor}")
+        # Every symbol I imports must carry a version, or 6.1.192 refuses it.
+        init = self.out[I]
+        for sym in init.symbols[1:]:
+            if sym.shndx == SHN_UNDEF and sym.name and sym.name not in versions:
+                _fail(f"I imports {sym.name} without a symbol version")
+
+    # ------------------------------------------------------------- closing
+    def _check_all_accounted(self) -> None:
+        for (side, index), places in self.pending.items():
+            if places:
+                name = self.out[side].sections[index].name
+                offset = min(places)
+                _fail(f"{side}:{name}+{offset:#x} has a relocation the original does not account for")
+        known = {C: {EVAL_MAP_COPIES, KSYMTAB, KCRCTAB, KSYMTAB_STRINGS, THIS_MODULE, ".modinfo",
+                     "__versions"},
+                 I: {WRAPPER_SECTION, STUB_SECTION, THIS_MODULE, ".modinfo", "__versions"}}
+        homes = {(side, index) for side, index in self.home.values()}
+        for side, obj in self.out.items():
+            for section in obj.sections:
+                if not section.flags & SHF_ALLOC:
+                    continue
+                if (side, section.index) in homes or section.name in known[side]:
+                    continue
+                if section.name in TABLES_BY_SECTION or section.name in PARALLEL_SECTIONS:
+                    continue
+                _fail(f"{side} has an allocated section {section.name} of unknown origin")
