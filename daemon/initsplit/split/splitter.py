@@ -537,6 +537,11 @@ class _Splitter:
         for section in self.sections:
             if section.index == 0 or section.index in self.init_secs or section.type in skip_types:
                 continue
+            if not section.flags & SHF_ALLOC and section.index in obj.relocations:
+                # Debug info and the like: the kernel never applies these relocations
+                # (apply_relocations skips non-allocated targets) and some of them
+                # would point at the init sections C no longer has.
+                continue
             name, data = section.name, section.data
             if name == RO_AFTER_INIT:
                 name = RO_AFTER_INIT_RENAMED

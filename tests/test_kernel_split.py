@@ -1,0 +1,286 @@
+"""Split modules against the real Debian 6.1 kernel in QEMU (TCG).
+
+For each module: load the core module C, load the init module I (which runs the
+original init), exercise the module, delete I, remove C, and check dmesg. All
+Debian modules share one boot and the out-of-tree test modules another; each test
+function then reads its own section of the script output.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from initsplit.split import split_module
+from initsplit.validate import validate_split
+from tests.testbed import BootResult, DebianKernel, boot, decode_taint, dmesg_problems
+from tests.testbed.fixtures import kernel, kmods  # noqa: F401  (pytest fixtures)
+
+pytestmark = pytest.mark.vm
+
+# Modules of the Debian kernel exercised two-stage, in load order (dependencies first).
+DEBIAN_MODULES = (
+    "dummy", "loop", "fat", "vfat", "nls_cp437", "nls_ascii", "minix", "jbd2",
+    "watchdog", "softdog", "raid6_pq", "test_user_copy", "9pnet",
+)
+
+# Guest helpers: load2 loads C then I; unload2 deletes I then C. Every step prints
+# a line the host parses, so a failure names the step.
+GUEST_LIB = r"""
+load2() {
+    m=$1; shift
+    insmod /m/$m.ko "$@"; rc=$?
+    if [ $rc -ne 0 ]; then echo "FAIL core $m rc=$rc"; return 1; fi
+    insmod /m/${m}__init.ko; rc=$?
+    echo "init $m rc=$rc"
+    grep -q "^$m " /proc/modules || echo "FAIL $m not listed"
+    return $rc
+}
+unload_init() {
+    rmmod ${1}__init && echo "rm init $1 ok" || echo "FAIL rm init $1"
+}
+unload_core() {
+    rmmod $1 && echo "rm core $1 ok" || echo "FAIL rm core $1"
+}
+modlist() { echo "modules: $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"; }
+"""
+
+DEBIAN_SCRIPT = GUEST_LIB + r"""
+echo "== dummy"
+load2 dummy
+ip link show dummy0 >/dev/null && echo "ok dummy0"
+ip link add isp0 type dummy && ip link show isp0 >/dev/null && echo "ok isp0 added"
+ip link del isp0 && echo "ok isp0 deleted"
+unload_init dummy; unload_core dummy
+
+echo "== fs"
+load2 loop
+load2 fat; load2 vfat; load2 nls_cp437; load2 nls_ascii; load2 minix
+for m in loop fat vfat nls_cp437 nls_ascii minix; do unload_init $m; done
+modlist
+# busybox has no mkfs.vfat/mkfs.minix: the host made the filesystems (dosfstools, util-linux).
+cp /img/fat.img /img/minix.img /tmp/
+losetup /dev/loop0 /tmp/fat.img && echo "ok losetup loop0"
+losetup /dev/loop1 /tmp/minix.img && echo "ok losetup loop1"
+mkdir -p /mnt/f /mnt/m
+mount -t vfat /dev/loop0 /mnt/f && echo "hello fat" > /mnt/f/Hello.txt && umount /mnt/f
+mount -t vfat /dev/loop0 /mnt/f && echo "fat read: $(cat /mnt/f/Hello.txt)" && umount /mnt/f
+mount -t minix /dev/loop1 /mnt/m && echo "hello minix" > /mnt/m/hello && umount /mnt/m
+mount -t minix /dev/loop1 /mnt/m && echo "minix read: $(cat /mnt/m/hello)" && umount /mnt/m
+losetup -d /dev/loop0; losetup -d /dev/loop1
+for m in minix nls_ascii nls_cp437 vfat fat loop; do unload_core $m; done
+
+echo "== jbd2"
+load2 jbd2
+unload_init jbd2; unload_core jbd2
+
+echo "== softdog"
+load2 watchdog; load2 softdog
+[ -c /dev/watchdog0 ] && echo "ok watchdog0"
+printf V > /dev/watchdog0 && echo "ok watchdog magic close"
+unload_init softdog; unload_init watchdog; unload_core softdog; unload_core watchdog
+
+echo "== raid6_pq"
+load2 raid6_pq
+unload_init raid6_pq; unload_core raid6_pq
+
+echo "== test_user_copy"
+load2 test_user_copy
+unload_init test_user_copy; unload_core test_user_copy
+
+echo "== 9pnet"
+FMT=/sys/kernel/tracing/events/9p/9p_protocol_dump/format
+insmod /m/plain/9pnet.ko && echo "plain 9pnet loaded"
+# Event IDs are handed out afresh on every registration; everything else must match.
+cat /sys/kernel/tracing/events/9p/*/format | grep -v '^ID:' > /tmp/fmt.plain
+rmmod 9pnet && echo "plain 9pnet removed"
+load2 9pnet
+cat /sys/kernel/tracing/events/9p/*/format | grep -v '^ID:' > /tmp/fmt.split
+unload_init 9pnet; unload_core 9pnet
+cmp /tmp/fmt.plain /tmp/fmt.split && echo "ok 9p formats identical"
+echo "format lines: $(wc -l < /tmp/fmt.plain)"
+# With the eval maps applied the kernel prints the enum values as numbers.
+grep -c '{ 6, "P9_TLERROR" }' /tmp/fmt.split | sed 's/^/split numeric P9_TLERROR: /'
+echo "== end"
+modlist
+"""
+
+TESTMOD_SCRIPT = GUEST_LIB + r"""
+echo "== initfail"
+insmod /m/isplit_initfail.ko; echo "core rc=$?"
+insmod /m/isplit_initfail__init.ko 2>&1; echo "init rc=$?"
+modlist
+unload_core isplit_initfail
+modlist
+
+echo "== roinit"
+load2 isplit_roinit param=9
+echo "param: $(cat /sys/module/isplit_roinit/parameters/param)"
+echo "state: $(cat /sys/module/isplit_roinit/parameters/state)"
+unload_init isplit_roinit
+echo "state after: $(cat /sys/module/isplit_roinit/parameters/state)"
+unload_core isplit_roinit
+
+echo "== noexit"
+load2 isplit_noexit
+unload_init isplit_noexit
+rmmod isplit_noexit 2>&1; echo "rmmod core rc=$?"
+modlist
+echo "== end"
+"""
+
+
+def section(result: BootResult, name: str) -> str:
+    text = result.script_output
+    start = text.find(f"== {name}\n")
+    assert start >= 0, f"no section {name} in output\n{result.report()}"
+    end = text.find("\n== ", start + 1)
+    return text[start:end if end >= 0 else None]
+
+
+def make_filesystem(tmp: Path, name: str, mkfs: list[str]) -> Path:
+    image = tmp / f"{name}.img"
+    with image.open("wb") as f:
+        f.truncate(4 * 1024 * 1024)
+    subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
+    return image
+
+
+def split_into(files: dict[str, Path | bytes], ko: Path) -> None:
+    original = ko.read_bytes()
+    result = split_module(original)
+    validate_split(original, result.core, result.init)
+    files[f"/m/{result.name}.ko"] = result.core
+    files[f"/m/{result.init_name}.ko"] = result.init
+
+
+def assert_clean(result: BootResult, *, allow: tuple[str, ...] = (), taint: str = "E") -> None:
+    assert result.ok, result.report()
+    problems = dmesg_problems(result.dmesg, allow=allow, tainted=result.tainted, allowed_taint=taint)
+    assert not problems, "\n".join(problems) + "\n" + result.report()
+
+
+@pytest.fixture(scope="module")
+def debian_boot(kernel: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> BootResult:  # noqa: F811
+    tmp = tmp_path_factory.mktemp("fs")
+    files: dict[str, Path | bytes] = {
+        "/img/fat.img": make_filesystem(tmp, "fat", ["mkfs.vfat"]),
+        "/img/minix.img": make_filesystem(tmp, "minix", ["mkfs.minix"]),
+    }
+    for name in DEBIAN_MODULES:
+        split_into(files, kernel.module(name))
+    files["/m/plain/9pnet.ko"] = kernel.module("9pnet")
+    return boot(kernel, script=DEBIAN_SCRIPT, files=files, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def testmod_boot(kernel: DebianKernel, kmods: dict[str, Path]) -> BootResult:  # noqa: F811
+    files: dict[str, Path | bytes] = {}
+    for name in ("isplit_initfail", "isplit_roinit", "isplit_noexit"):
+        split_into(files, kmods[name])
+    return boot(kernel, script=TESTMOD_SCRIPT, files=files, timeout=300)
+
+
+def test_debian_boot_clean(debian_boot: BootResult) -> None:
+    # Unsigned modules taint E; nothing else may show up.
+    assert_clean(debian_boot)
+    assert "FAIL" not in debian_boot.script_output, debian_boot.report()
+    assert decode_taint(debian_boot.tainted or 0) == "E"
+    final = section(debian_boot, "end")
+    assert re.search(r"modules: *$", final, re.M), final
+
+
+def test_dummy(debian_boot: BootResult) -> None:
+    out = section(debian_boot, "dummy")
+    for line in ("init dummy rc=0", "ok dummy0", "ok isp0 added", "ok isp0 deleted",
+                 "rm init dummy ok", "rm core dummy ok"):
+        assert line in out, out
+
+
+def test_loop_fat_vfat_minix(debian_boot: BootResult) -> None:
+    out = section(debian_boot, "fs")
+    for m in ("loop", "fat", "vfat", "nls_cp437", "nls_ascii", "minix"):
+        assert f"init {m} rc=0" in out, out
+        assert f"rm init {m} ok" in out and f"rm core {m} ok" in out, out
+    # The init modules were gone before the filesystems were used.
+    modules_line = next(line for line in out.splitlines() if line.startswith("modules:"))
+    assert "__init" not in modules_line, out
+    for line in ("ok losetup loop0", "ok losetup loop1", "fat read: hello fat",
+                 "minix read: hello minix"):
+        assert line in out, out
+
+
+def test_jbd2(debian_boot: BootResult) -> None:
+    out = section(debian_boot, "jbd2")
+    assert "init jbd2 rc=0" in out and "rm core jbd2 ok" in out, out
+
+
+def test_softdog(debian_boot: BootResult) -> None:
+    out = section(debian_boot, "softdog")
+    for line in ("init watchdog rc=0", "init softdog rc=0", "ok watchdog0",
+                 "ok watchdog magic close", "rm core softdog ok", "rm core watchdog ok"):
+        assert line in out, out
+
+
+def test_raid6_pq(debian_boot: BootResult) -> None:
+    out = section(debian_boot, "raid6_pq")
+    assert "init raid6_pq rc=0" in out and "rm core raid6_pq ok" in out, out
+    assert re.search(r"raid6: using .*recovery algorithm", debian_boot.dmesg), debian_boot.dmesg[-3000:]
+
+
+def test_test_user_copy(debian_boot: BootResult) -> None:
+    out = section(debian_boot, "test_user_copy")
+    assert "init test_user_copy rc=0" in out and "rm core test_user_copy ok" in out, out
+    assert "test_user_copy: tests passed" in debian_boot.dmesg
+
+
+def test_9pnet_trace_format_matches_plain_load(debian_boot: BootResult) -> None:
+    out = section(debian_boot, "9pnet")
+    assert "plain 9pnet loaded" in out and "init 9pnet rc=0" in out, out
+    assert "ok 9p formats identical" in out, out
+    assert "rm core 9pnet ok" in out, out
+    lines = int(re.search(r"format lines: (\d+)", out).group(1))
+    assert lines > 20, out
+    assert re.search(r"split numeric P9_TLERROR: [1-9]", out), out
+
+
+def test_init_failure(testmod_boot: BootResult) -> None:
+    assert testmod_boot.ok, testmod_boot.report()
+    out = section(testmod_boot, "initfail")
+    assert "core rc=0" in out, out
+    assert "No such device" in out and "init rc=0" not in out, out
+    first_list = [line for line in out.splitlines() if line.startswith("modules:")]
+    assert "isplit_initfail__init" not in first_list[0] and "isplit_initfail" in first_list[0], out
+    assert "rm core isplit_initfail ok" in out, out
+    assert "isplit_initfail: init called" in testmod_boot.dmesg
+    assert "isplit_initfail: cleanup called" not in testmod_boot.dmesg
+
+
+def test_ro_after_init_static_key_warn_and_param(testmod_boot: BootResult) -> None:
+    out = section(testmod_boot, "roinit")
+    assert "init isplit_roinit rc=0" in out, out
+    assert "param: 9" in out, out
+    dmesg = testmod_boot.dmesg
+    assert "isplit_roinit: param=9" in dmesg
+    assert "isplit_roinit: value=42 key=1" in dmesg
+    assert "isplit_roinit: expected warning" in dmesg
+    assert "rm init isplit_roinit ok" in out and "rm core isplit_roinit ok" in out, out
+    assert "isplit_roinit: cleanup value=42 key=1" in dmesg
+
+
+def test_no_cleanup_refuses_removal(testmod_boot: BootResult) -> None:
+    out = section(testmod_boot, "noexit")
+    assert "init isplit_noexit rc=0" in out and "rm init isplit_noexit ok" in out, out
+    assert "Device or resource busy" in out or "Resource busy" in out, out
+    assert "rmmod core rc=0" not in out, out
+    final = [line for line in out.splitlines() if line.startswith("modules:")][-1]
+    assert "isplit_noexit" in final and "__init" not in final, out
+
+
+def test_testmod_boot_clean(testmod_boot: BootResult) -> None:
+    # The WARN in isplit_roinit's init is intended; out-of-tree modules taint O, the WARN W.
+    assert_clean(testmod_boot, allow=("isplit_roinit: expected warning",), taint="EOW")
+    assert "FAIL" not in testmod_boot.script_output, testmod_boot.report()
