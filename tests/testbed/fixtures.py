@@ -1,0 +1,27 @@
+"""pytest fixtures for tests that use the test bed.
+
+Use them by importing into a test module (`from tests.testbed.fixtures import kernel,
+kmods`) or from the root conftest.py (`pytest_plugins = ["tests.testbed.fixtures"]`).
+Both are session-scoped: the kernel is resolved and the modules are built once per run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .kernel import DebianKernel, debian_kernel
+from .kmodbuild import build_test_modules
+
+
+@pytest.fixture(scope="session")
+def kernel() -> DebianKernel:
+    """The current Debian kernel (downloaded/extracted on first use)."""
+    return debian_kernel()
+
+
+@pytest.fixture(scope="session")
+def kmods(kernel: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """All modules in tests/kmods built for `kernel`: {"isplit_roinit": Path(...ko), ...}."""
+    return build_test_modules(tmp_path_factory.mktemp("kmods"), kernel=kernel)
