@@ -9,7 +9,7 @@ from ._util import TestbedError
 from .dmesg import decode_taint, dmesg_problems
 from .kernel import DebianKernel, cache_dir, debian_kernel
 from .kmodbuild import KMODS_DIR, build_module, build_test_modules, ensure_headers
-from .qemu import BootResult, boot, build_initramfs, module_files
+from .qemu import HOST_ROOT_SETUP, BootResult, boot, build_initramfs, host_root_files, module_files
 
 __all__ = [
     "KMODS_DIR",

@@ -187,6 +187,8 @@ def boot(
     memory_mb: int = 512,
     smp: int = 2,
     pvh: bool = True,
+    qemu_args: Iterable[str] = (),
+    host_root: bool = False,
 ) -> BootResult:
     """Boot `kernel`, run `script` with /bin/sh as the only job, power off.
 
@@ -197,6 +199,11 @@ def boot(
     pvh=True boots the decompressed vmlinux through its PVH entry (~2 s per boot
     instead of ~5 s). The kernel then runs without KASLR, since randomisation is
     done by the bzImage decompressor; pvh=False boots the real bzImage path.
+
+    `qemu_args` adds devices ("-device", "e1000", ...). host_root=True exports the
+    host's root directory read-only over virtio-9p; a script that starts with
+    HOST_ROOT_SETUP (see host_root_files()) then runs host programs, such as Debian's
+    python3 with this checkout, through `hostrun CMD...` in a chroot of it.
     """
     if shutil.which(QEMU) is None:
         raise TestbedError(f"{QEMU} not found: install qemu-system-x86")
@@ -221,6 +228,10 @@ def boot(
             "-serial", f"file:{out_log}",
             "-nic", "none",
         ]
+        if host_root:
+            argv += ["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,"
+                     "readonly=on,multidevs=remap"]
+        argv += list(qemu_args)
         start = time.monotonic()
         with open(tmp / "qemu.log", "wb") as qlog:
             try:
@@ -277,3 +288,31 @@ def _parse(console: str, output: str, duration: float, timed_out: bool, qemu_log
         timed_out=timed_out,
         qemu_log=qemu_log,
     )
+
+
+# Modules that give the guest the host's root over virtio-9p, in insmod order.
+HOST_ROOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
+
+HOST_ROOT_SETUP = r"""
+for ko in $(cat /isplit/host-root-modules); do insmod $ko || echo "host root: insmod $ko failed"; done
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose hostroot /host || echo "host root: mount failed"
+for d in proc sys dev; do mount --bind /$d /host/$d; done
+mount -t tmpfs tmpfs /host/tmp
+mount -t tmpfs tmpfs /host/run
+hostrun() { chroot /host "$@"; }
+"""
+
+
+def host_root_files(kernel: DebianKernel) -> dict[str, Path | bytes]:
+    """Files boot(host_root=True) scripts need: the 9p modules and their insmod order."""
+    files: dict[str, Path | bytes] = {}
+    order: list[str] = []
+    for name in HOST_ROOT_MODULES:
+        for ko in kernel.module_deps(name):
+            guest = f"/isplit/hostmods/{ko.name}"
+            if guest not in files:
+                files[guest] = ko
+                order.append(guest)
+    files["/isplit/host-root-modules"] = ("\n".join(order) + "\n").encode()
+    return files

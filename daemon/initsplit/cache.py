@@ -1,0 +1,110 @@
+"""The split cache: split modules laid out like the module tree, with a manifest per module.
+
+For a module at RELPATH (relative to /lib/modules/KVER) the cache holds
+RELPATH (the core module, same file name), DIR/NAME__init.ko (the init module)
+and RELPATH.initsplit (JSON: the source's SHA-256 and size, the decision and its
+reason). The manifest is written last, so an entry without one is incomplete and
+ignored. The pre-split cache is built by `initsplit split` at image build time;
+the daemon keeps the splits it makes on the fly in the same layout under /run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+MANIFEST_SUFFIX = ".initsplit"
+FORMAT = 1
+
+Decision = Literal["split", "nothing", "refused"]
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    format: int
+    source_sha256: str
+    source_size: int
+    decision: Decision
+    reason: str = ""
+    name: str = ""
+    init_name: str = ""
+    init_file: str = ""
+    core_size: int = 0
+    init_size: int = 0
+    core_sha256: str = ""
+    init_sha256: str = ""
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision, reason: str = "",
+                name: str = "", init_name: str = "", core: bytes = b"", init: bytes = b"") -> Manifest:
+    """Write one cache entry (files first, manifest last)."""
+    core_path = root / relpath
+    init_file = ""
+    if decision == "split":
+        init_file = f"{init_name}.ko"
+        atomic_write(core_path, core)
+        atomic_write(core_path.with_name(init_file), init)
+    manifest = Manifest(FORMAT, digest(source), len(source), decision, reason, name, init_name,
+                        init_file, len(core), len(init), digest(core) if core else "",
+                        digest(init) if init else "")
+    atomic_write(core_path.with_name(core_path.name + MANIFEST_SUFFIX),
+                 json.dumps(asdict(manifest), sort_keys=True).encode())
+    return manifest
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHit:
+    manifest: Manifest
+    core: Path
+    init: Path | None
+
+
+def read_entry(root: Path, relpath: Path, *, source: bytes) -> CacheHit | None:
+    """The entry for *relpath* if it exists, is complete, and was made from *source*."""
+    core_path = root / relpath
+    try:
+        raw = json.loads(core_path.with_name(core_path.name + MANIFEST_SUFFIX).read_bytes())
+        manifest = Manifest(**raw)
+    except (OSError, ValueError, TypeError):
+        return None
+    if manifest.format != FORMAT or manifest.source_size != len(source):
+        return None
+    if manifest.source_sha256 != digest(source):
+        return None
+    if manifest.decision != "split":
+        return CacheHit(manifest, core_path, None)
+    init_path = core_path.with_name(manifest.init_file)
+    if "/" in manifest.init_file or not manifest.init_file.endswith("__init.ko"):
+        return None
+    # The loader hands these paths to the kernel: make sure they are what was written.
+    try:
+        if digest(core_path.read_bytes()) != manifest.core_sha256 or \
+                digest(init_path.read_bytes()) != manifest.init_sha256:
+            return None
+    except OSError:
+        return None
+    return CacheHit(manifest, core_path, init_path)

@@ -1,0 +1,126 @@
+"""Run module loads on a small worker pool: dependencies first, independent modules in parallel.
+
+All bookkeeping happens on the daemon's main thread (the one that also owns the
+libkmod context); workers only run the load function and post the result back
+through a queue and a wake-up pipe the main loop polls.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..loader.results import ModuleLoad
+
+
+class Step(Protocol):
+    name: str
+
+
+@dataclass(slots=True)
+class _Waiting:
+    step: Step
+    deps: set[str] = field(default_factory=set)
+
+
+class LoadScheduler:
+    def __init__(self, *, workers: int, load: Callable[[Step], ModuleLoad]) -> None:
+        self._load = load
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="load")
+        self._results: queue.SimpleQueue[tuple[str, ModuleLoad]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # name -> "waiting" | "running" | "done" | "failed"
+        self.state: dict[str, str] = {}
+        self._waiting: dict[str, _Waiting] = {}
+        self._running = 0
+
+    def fileno(self) -> int:
+        return self._wake_r
+
+    @property
+    def idle(self) -> bool:
+        return self._running == 0 and not self._waiting
+
+    def submit(self, steps: Sequence[Step]) -> list[ModuleLoad]:
+        """Queue the steps of one request (in modprobe order); each module runs at most once.
+
+        Returns loads that failed at once because a dependency had already failed.
+        """
+        immediate: list[ModuleLoad] = []
+        for index, step in enumerate(steps):
+            if step.name in self.state:
+                continue
+            deps = {s.name for s in steps[:index]} - {n for n, st in self.state.items() if st == "done"}
+            failed = [d for d in deps if self.state.get(d) == "failed"]
+            if failed:
+                self.state[step.name] = "failed"
+                immediate.append(ModuleLoad(step.name, "failed",
+                                            reason=f"dependency {failed[0]} failed to load"))
+                continue
+            if deps:
+                self.state[step.name] = "waiting"
+                self._waiting[step.name] = _Waiting(step, deps)
+            else:
+                self._start(step)
+        return immediate
+
+    def _start(self, step: Step) -> None:
+        self.state[step.name] = "running"
+        self._running += 1
+        self._pool.submit(self._run, step)
+
+    def _run(self, step: Step) -> None:
+        try:
+            result = self._load(step)
+        except Exception as exc:  # a loader bug must not wedge the scheduler
+            result = ModuleLoad(step.name, "failed", reason=f"internal error: {type(exc).__name__}: {exc}")
+        self._results.put((step.name, result))
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    def collect(self) -> list[ModuleLoad]:
+        """Take finished loads (main thread) and start what they unblocked."""
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        finished: list[ModuleLoad] = []
+        while True:
+            try:
+                name, result = self._results.get_nowait()
+            except queue.Empty:
+                break
+            self._running -= 1
+            ok = result.mode != "failed"
+            self.state[name] = "done" if ok else "failed"
+            finished.append(result)
+            settled = [(name, ok)]
+            while settled:  # a failure cascades to everything waiting on it
+                dep, dep_ok = settled.pop()
+                for waiting_name, waiting in list(self._waiting.items()):
+                    if dep not in waiting.deps:
+                        continue
+                    if not dep_ok:
+                        del self._waiting[waiting_name]
+                        self.state[waiting_name] = "failed"
+                        finished.append(ModuleLoad(waiting_name, "failed",
+                                                   reason=f"dependency {dep} failed to load"))
+                        settled.append((waiting_name, False))
+                        continue
+                    waiting.deps.discard(dep)
+                    if not waiting.deps:
+                        del self._waiting[waiting_name]
+                        self._start(waiting.step)
+        return finished
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,266 @@
+"""initsplitd's main loop: requests in, loads out, init modules given back when boot goes quiet."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..loader.kernel_state import proc_modules
+from ..loader.results import ModuleLoad, UnloadBatch
+from ..loader.syscalls import delete_module
+from ..loader.twostage import load_plain, load_two_stage
+from .scheduler import LoadScheduler
+from .splits import NotSplit, SplitProvider
+
+log = logging.getLogger(__name__)
+
+
+class LoadStep(Protocol):
+    name: str
+    path: Path | None
+    options: str
+    install_command: str | None
+    builtin: bool
+
+
+class Resolver(Protocol):
+    def resolve(self, alias: str) -> Sequence[LoadStep]: ...
+
+
+class Request(Protocol):
+    aliases: tuple[str, ...]
+    devpath: str
+
+
+class Source(Protocol):
+    def fileno(self) -> int: ...
+    def coldplug(self) -> Iterable[Request]: ...
+    def read_ready(self) -> list[Request]: ...
+
+
+class Reporter(Protocol):
+    def module_loaded(self, load: ModuleLoad) -> None: ...
+    def batch_unloaded(self, batch: UnloadBatch) -> None: ...
+    def summary(self, *, loads: Sequence[ModuleLoad], batches: Sequence[UnloadBatch],
+                elapsed: float) -> None: ...
+    def log(self, priority: int, message: str, **fields: Any) -> None: ...
+
+
+class Notifier(Protocol):
+    def ready(self, status: str = "") -> None: ...
+    def status(self, text: str) -> None: ...
+    def watchdog(self) -> None: ...
+    def stopping(self) -> None: ...
+    def watchdog_interval(self) -> float | None: ...
+
+
+@dataclass(slots=True)
+class Settings:
+    quiet_period: float = 2.0
+    batch_size: int = 32
+    workers: int = 2
+    exit_after_quiet: float = 30.0
+    exclude: frozenset[str] = frozenset()
+    # Why every load is plain ("initsplit=off", "kernel enforces module signatures"), or "".
+    plain_only: str = ""
+    modprobe: str = "/sbin/modprobe"
+
+
+@dataclass(slots=True)
+class _Stats:
+    loads: list[ModuleLoad] = field(default_factory=list)
+    batches: list[UnloadBatch] = field(default_factory=list)
+
+
+class Service:
+    def __init__(self, *, settings: Settings, resolver: Resolver, source: Source,
+                 provider: SplitProvider, reporter: Reporter, notifier: Notifier,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.source = source
+        self.provider = provider
+        self.reporter = reporter
+        self.notifier = notifier
+        self.clock = clock
+        self.scheduler = LoadScheduler(workers=settings.workers, load=self._load)
+        self.stats = _Stats()
+        self.pending_init: list[str] = []  # init modules whose init succeeded, to delete
+        self.last_activity = clock()
+        self.stop_requested = False
+        self._seen_aliases: set[str] = set()
+        self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # ------------------------------------------------------------ loading
+    def _load(self, step: LoadStep) -> ModuleLoad:
+        """Runs on a worker thread."""
+        if step.install_command:
+            return self._modprobe(step)
+        if step.path is None:
+            return ModuleLoad(step.name, "builtin")
+        if self.settings.plain_only:
+            return load_plain(step.name, step.path, params=step.options,
+                              reason=self.settings.plain_only)
+        if step.name in self.settings.exclude:
+            return load_plain(step.name, step.path, params=step.options, reason="excluded by configuration")
+        split = self.provider.get(step.path)
+        if isinstance(split, NotSplit):
+            return load_plain(step.name, step.path, params=step.options, reason=split.reason)
+        return load_two_stage(split, original=step.path, params=step.options)
+
+    def _modprobe(self, step: LoadStep) -> ModuleLoad:
+        # modprobe.d "install" commands are shell programs; only modprobe runs them right.
+        started = time.monotonic()
+        proc = subprocess.run([self.settings.modprobe, step.name], capture_output=True, text=True)
+        if proc.returncode != 0:
+            return ModuleLoad(step.name, "failed", reason=proc.stderr.strip() or "modprobe failed",
+                              seconds=time.monotonic() - started)
+        return ModuleLoad(step.name, "handed-to-modprobe", reason="install command",
+                          seconds=time.monotonic() - started)
+
+    def handle_request(self, request: Request) -> None:
+        self.last_activity = self.clock()
+        for alias in request.aliases:
+            if alias in self._seen_aliases:
+                continue
+            self._seen_aliases.add(alias)
+            try:
+                steps = self.resolver.resolve(alias)
+            except Exception as exc:  # a bad alias or index must not stop the daemon
+                self.reporter.log(4, f"cannot resolve {alias!r}: {exc}", INITSPLIT_ALIAS=alias)
+                continue
+            steps = [s for s in steps if not s.builtin]
+            for load in self.scheduler.submit(steps):
+                self._finished(load)
+
+    def _finished(self, load: ModuleLoad) -> None:
+        self.stats.loads.append(load)
+        self.reporter.module_loaded(load)
+        if load.mode == "two-stage" and load.init_module:
+            self.pending_init.append(load.init_module)
+        self.last_activity = self.clock()
+
+    # ------------------------------------------------------------ unloading
+    def unload_batch(self, trigger: str) -> UnloadBatch | None:
+        if not self.pending_init:
+            return None
+        started = time.monotonic()
+        try:
+            sizes = proc_modules()
+        except OSError:
+            sizes = {}
+        deleted: list[str] = []
+        failed: list[tuple[str, str]] = []
+        freed = 0
+        for name in self.pending_init:
+            try:
+                delete_module(name)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue  # someone else removed it: nothing of ours to report
+                failed.append((name, os.strerror(exc.errno or 0)))
+                continue
+            deleted.append(name)
+            freed += sizes.get(name, 0)
+        self.pending_init = []
+        batch = UnloadBatch(tuple(deleted), freed, tuple(failed), trigger,  # type: ignore[arg-type]
+                            time.monotonic() - started)
+        self.stats.batches.append(batch)
+        self.reporter.batch_unloaded(batch)
+        return batch
+
+    # ------------------------------------------------------------ main loop
+    def request_stop(self, *_: object) -> None:
+        self.stop_requested = True
+        try:
+            os.write(self._signal_w, b"\0")
+        except BlockingIOError:
+            pass
+
+    def status_text(self) -> str:
+        loads = self.stats.loads
+        two = sum(1 for l in loads if l.mode == "two-stage")
+        freed = sum(b.freed_bytes for b in self.stats.batches)
+        return (f"{len(loads)} modules, {two} two-stage, {len(self.pending_init)} init modules "
+                f"pending, {freed} bytes given back")
+
+    def run(self) -> int:
+        started = self.clock()
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        selector = selectors.DefaultSelector()
+        selector.register(self.source.fileno(), selectors.EVENT_READ, "source")
+        selector.register(self.scheduler.fileno(), selectors.EVENT_READ, "loads")
+        selector.register(self._signal_r, selectors.EVENT_READ, "signal")
+
+        for request in self.source.coldplug():
+            self.handle_request(request)
+        self.notifier.ready(self.status_text())
+        watchdog = self.notifier.watchdog_interval()
+        next_watchdog = self.clock()
+        exit_reason = "stop requested"
+        while not self.stop_requested:
+            now = self.clock()
+            timeout = self._next_deadline(now, watchdog, next_watchdog)
+            for key, _ in selector.select(timeout):
+                if key.data == "source":
+                    for request in self.source.read_ready():
+                        self.handle_request(request)
+                elif key.data == "loads":
+                    for load in self.scheduler.collect():
+                        self._finished(load)
+                elif key.data == "signal":
+                    try:
+                        os.read(self._signal_r, 64)
+                    except BlockingIOError:
+                        pass
+            now = self.clock()
+            if watchdog and now >= next_watchdog:
+                self.notifier.watchdog()
+                next_watchdog = now + watchdog
+            quiet = now - self.last_activity
+            if len(self.pending_init) >= self.settings.batch_size:
+                self.unload_batch("batch-size")
+            elif self.scheduler.idle and self.pending_init and quiet >= self.settings.quiet_period:
+                self.unload_batch("quiet")
+            self.notifier.status(self.status_text())
+            if (self.settings.exit_after_quiet > 0 and self.scheduler.idle
+                    and quiet >= self.settings.exit_after_quiet):
+                exit_reason = "boot quiet"
+                break
+        self.notifier.stopping()
+        self._drain()
+        self.unload_batch("stop")
+        self.reporter.summary(loads=self.stats.loads, batches=self.stats.batches,
+                              elapsed=self.clock() - started)
+        self.reporter.log(6, f"initsplitd exiting: {exit_reason}")
+        self.scheduler.shutdown()
+        return 0
+
+    def _next_deadline(self, now: float, watchdog: float | None, next_watchdog: float) -> float:
+        deadlines = [now + 3600.0]
+        if self.pending_init:
+            deadlines.append(self.last_activity + self.settings.quiet_period)
+        if self.settings.exit_after_quiet > 0:
+            deadlines.append(self.last_activity + self.settings.exit_after_quiet)
+        if watchdog:
+            deadlines.append(next_watchdog)
+        return max(0.0, min(deadlines) - now)
+
+    def _drain(self) -> None:
+        """Wait for loads in flight so the final batch sees their init modules."""
+        while not self.scheduler.idle:
+            import select
+
+            select.select([self.scheduler.fileno()], [], [], 1.0)
+            for load in self.scheduler.collect():
+                self._finished(load)

@@ -1,0 +1,1 @@
+"""Loading modules into the running kernel: syscalls, two-stage loads, batched unloads."""

@@ -1,0 +1,59 @@
+"""finit_module(2) and delete_module(2) through ctypes.
+
+Python has no binding for either, and the daemon must not depend on kmod's
+insmod/rmmod binaries. Shaped like pyudev's ctypes layer: the foreign functions
+are declared once, and an errcheck hook turns a -1 return into OSError(errno).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+from pathlib import Path
+
+# Syscall numbers from arch/x86/entry/syscalls/syscall_64.tbl.
+_SYSCALLS = {"x86_64": {"finit_module": 313, "delete_module": 176}}
+
+MODULE_INIT_IGNORE_MODVERSIONS = 1
+MODULE_INIT_IGNORE_VERMAGIC = 2
+# include/uapi/asm-generic/fcntl.h: delete_module() flags.
+O_NONBLOCK = os.O_NONBLOCK
+O_TRUNC = os.O_TRUNC
+
+
+def _errcheck(result: int, func: object, args: tuple) -> int:
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_syscall.errcheck = _errcheck  # type: ignore[assignment]
+
+
+def _number(name: str) -> int:
+    table = _SYSCALLS.get(platform.machine())
+    if table is None:
+        raise OSError(errno.ENOSYS, f"{name}: unsupported architecture {platform.machine()}")
+    return table[name]
+
+
+def finit_module(path: Path, params: str = "", *, flags: int = 0) -> None:
+    """Load the module in *path* with *params* (the kernel's "a=1 b=2" syntax)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _syscall(ctypes.c_long(_number("finit_module")), ctypes.c_int(fd),
+                 ctypes.c_char_p(params.encode()), ctypes.c_int(flags))
+    finally:
+        os.close(fd)
+
+
+def delete_module(name: str, *, flags: int = O_NONBLOCK) -> None:
+    """Unload module *name*; O_NONBLOCK makes a busy module fail with EWOULDBLOCK/EBUSY."""
+    _syscall(ctypes.c_long(_number("delete_module")), ctypes.c_char_p(name.encode()),
+             ctypes.c_uint(flags))

@@ -1,0 +1,92 @@
+"""Load one module two-stage (core, then init module), or plain, and never leave it half-loaded."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .kernel_state import proc_modules
+from .results import ModuleLoad
+from .syscalls import delete_module, finit_module
+
+
+@dataclass(frozen=True, slots=True)
+class SplitPair:
+    name: str
+    init_name: str
+    core: Path
+    init: Path
+    # Pages the init module's layouts take (section headers, kernel rounding), if known.
+    init_pages: int | None = None
+
+
+def load_plain(name: str, path: Path, *, params: str = "", reason: str = "") -> ModuleLoad:
+    started = time.monotonic()
+    try:
+        finit_module(path, params)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            return ModuleLoad(name, "already-loaded", reason="loaded by someone else",
+                              seconds=time.monotonic() - started)
+        return ModuleLoad(name, "failed", reason=f"{reason + '; ' if reason else ''}"
+                          f"could not insert '{name}': {os.strerror(exc.errno or 0)}",
+                          errno=exc.errno, seconds=time.monotonic() - started)
+    sizes = _sizes()
+    return ModuleLoad(name, "plain", reason=reason, core_bytes=sizes.get(name),
+                      seconds=time.monotonic() - started)
+
+
+def load_two_stage(pair: SplitPair, *, original: Path, params: str = "") -> ModuleLoad:
+    """Load C with the module's parameters, then I, which runs the original init.
+
+    Whatever goes wrong short of the init routine's own failure ends in a plain
+    load of the original: a machine whose disk driver did not load does not boot.
+    An init module that fails is freed by the kernel itself; C, whose ->exit is
+    still NULL, is then deleted cleanly. The kernel does not tell us whether I
+    failed in its init routine or before it, so the original is loaded plain in
+    both cases: a genuine init failure then fails again exactly as modprobe would
+    report it, and any other failure is repaired.
+    """
+    started = time.monotonic()
+    try:
+        finit_module(pair.core, params)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            return ModuleLoad(pair.name, "already-loaded", reason="loaded by someone else",
+                              seconds=time.monotonic() - started)
+        return _retry_plain(pair.name, original, params, started,
+                            f"core module refused: {os.strerror(exc.errno or 0)}")
+    try:
+        finit_module(pair.init, "")
+    except OSError as exc:
+        why = f"init module failed: {os.strerror(exc.errno or 0)}"
+        try:
+            delete_module(pair.name)
+        except OSError as del_exc:
+            # C is inert (init and exit NULL) but cannot be removed: never load the
+            # original on top of it; report loudly instead.
+            return ModuleLoad(pair.name, "failed", errno=exc.errno,
+                              reason=f"{why}; core module could not be removed: "
+                                     f"{os.strerror(del_exc.errno or 0)}",
+                              seconds=time.monotonic() - started)
+        return _retry_plain(pair.name, original, params, started, why)
+    sizes = _sizes()
+    return ModuleLoad(pair.name, "two-stage", init_module=pair.init_name,
+                      core_bytes=sizes.get(pair.name), init_bytes=sizes.get(pair.init_name),
+                      init_pages=pair.init_pages, seconds=time.monotonic() - started)
+
+
+def _retry_plain(name: str, original: Path, params: str, started: float, why: str) -> ModuleLoad:
+    result = load_plain(name, original, params=params, reason=why)
+    return ModuleLoad(result.module, result.mode, reason=result.reason, core_bytes=result.core_bytes,
+                      errno=result.errno, seconds=time.monotonic() - started)
+
+
+def _sizes() -> dict[str, int]:
+    try:
+        return proc_modules()
+    except OSError:
+        return {}

@@ -1,0 +1,202 @@
+"""The loader (finit_module/delete_module through ctypes, two-stage with fallback) on a real kernel.
+
+The guest runs Debian's python3 and this checkout from the host's root, shared
+read-only over virtio-9p, so the code under test is exactly the code in the tree.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from initsplit.cache import write_entry
+from initsplit.split import split_module
+from tests.testbed import (
+    HOST_ROOT_SETUP,
+    BootResult,
+    DebianKernel,
+    boot,
+    cache_dir,
+    dmesg_problems,
+    host_root_files,
+)
+from tests.testbed.fixtures import kernel, kmods  # noqa: F401  (pytest fixtures)
+
+pytestmark = pytest.mark.vm
+
+REPO = Path(__file__).resolve().parent.parent
+
+GUEST_PROGRAM = r"""
+import errno, json, os, sys
+from dataclasses import asdict
+from pathlib import Path
+sys.path.insert(0, os.environ["ISPLIT_REPO"] + "/daemon")
+from initsplit.daemon.splits import NotSplit, SplitProvider
+from initsplit.loader.kernel_state import probe_capabilities, proc_modules
+from initsplit.loader.syscalls import delete_module
+from initsplit.loader.twostage import SplitPair, load_two_stage
+
+moddir = Path(os.environ["ISPLIT_MODDIR"])
+kmoddir = Path(os.environ["ISPLIT_KMODDIR"])
+out = {"caps": asdict(probe_capabilities())}
+fresh = SplitProvider(modules_dir=moddir, cache_dir=Path("/nonexistent"), runtime_dir=Path("/tmp/rt"))
+cached = SplitProvider(modules_dir=moddir, cache_dir=Path(os.environ["ISPLIT_CACHE"]),
+                       runtime_dir=Path("/tmp/rt2"))
+tests = SplitProvider(modules_dir=kmoddir, cache_dir=Path("/nonexistent"), runtime_dir=Path("/tmp/rt3"))
+
+def record(key, load):
+    out[key] = asdict(load)
+    out[key + "_modules"] = sorted(proc_modules())
+
+def try_delete(name):
+    try:
+        delete_module(name)
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+
+# 1. dummy from a split made now, with a parameter passed to the core module.
+dummy = moddir / "kernel/drivers/net/dummy.ko"
+pair = fresh.get(dummy)
+out["dummy_split"] = not isinstance(pair, NotSplit)
+record("dummy", load_two_stage(pair, original=dummy, params="numdummies=2"))
+out["dummy_links"] = sorted(os.listdir("/sys/class/net"))
+out["dummy_del_init"] = try_delete("dummy__init")
+out["dummy_after_init_deleted"] = sorted(proc_modules())
+out["dummy_del_core"] = try_delete("dummy")
+
+# 2. loop from the pre-split cache (built on the host), and a tampered cache entry ignored.
+loop = moddir / "kernel/drivers/block/loop.ko"
+pair = cached.get(loop)
+out["loop_from_cache"] = str(getattr(pair, "core", "")).startswith(os.environ["ISPLIT_CACHE"])
+record("loop", load_two_stage(pair, original=loop))
+out["loop_del"] = [try_delete("loop__init"), try_delete("loop")]
+softdog = moddir / "kernel/drivers/watchdog/softdog.ko"
+pair = cached.get(softdog)
+out["softdog_tampered_ignored"] = not str(getattr(pair, "core", "")).startswith(os.environ["ISPLIT_CACHE"])
+
+# 3. An init module the kernel rejects before init: C removed, original loaded plain.
+bad = Path("/tmp/bad__init.ko")
+good = fresh.get(dummy)
+bad.write_bytes(good.init.read_bytes()[:200])
+record("bad_init", load_two_stage(SplitPair("dummy", "dummy__init", good.core, bad), original=dummy))
+out["bad_init_del"] = try_delete("dummy")
+
+# 4. A core module the kernel rejects: original loaded plain.
+badcore = Path("/tmp/badcore.ko")
+badcore.write_bytes(b"not an ELF file")
+record("bad_core", load_two_stage(SplitPair("dummy", "dummy__init", badcore, good.init), original=dummy))
+out["bad_core_del"] = try_delete("dummy")
+
+# 5. A genuine init failure: reported like modprobe (ENODEV), nothing left loaded.
+initfail = kmoddir / "isplit_initfail.ko"
+record("initfail", load_two_stage(tests.get(initfail), original=initfail))
+
+# 6. No cleanup routine: after the init module is gone the core refuses removal.
+noexit = kmoddir / "isplit_noexit.ko"
+record("noexit", load_two_stage(tests.get(noexit), original=noexit))
+out["noexit_del"] = [try_delete("isplit_noexit__init"), try_delete("isplit_noexit")]
+print("@@RESULT@@" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[Path]:
+    # The guest mounts its own tmpfs on /tmp, so inputs it reads from the host root
+    # live in the cache instead.
+    base = cache_dir() / "vmshare"
+    base.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=base))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def loader_boot(kernel: DebianKernel, kmods: dict[str, Path], shared: Path) -> BootResult:  # noqa: F811
+    # A pre-split cache for loop and softdog, made on the host like `initsplit split` does;
+    # softdog's core module is then tampered with, so its entry must not be used.
+    cache = shared / "presplit"
+    for rel in ("kernel/drivers/block/loop.ko", "kernel/drivers/watchdog/softdog.ko"):
+        source = (kernel.modules_dir / rel).read_bytes()
+        result = split_module(source)
+        write_entry(cache, Path(rel), source=source, decision="split", name=result.name,
+                    init_name=result.init_name, core=result.core, init=result.init)
+    tampered = cache / "kernel/drivers/watchdog/softdog.ko"
+    tampered.write_bytes(tampered.read_bytes()[:-1] + b"\x01")
+    kmoddir = shared / "kmods"
+    kmoddir.mkdir()
+    for name, path in kmods.items():
+        shutil.copy(path, kmoddir / f"{name}.ko")
+    program = shared / "loader_check.py"
+    program.write_text(GUEST_PROGRAM)
+    script = HOST_ROOT_SETUP + (
+        f"ISPLIT_REPO={REPO} ISPLIT_MODDIR={kernel.modules_dir} ISPLIT_KMODDIR={kmoddir} "
+        f"ISPLIT_CACHE={cache} PYTHONDONTWRITEBYTECODE=1 "
+        f"hostrun /usr/bin/python3 {program}\n")
+    return boot(kernel, script=script, files=host_root_files(kernel), host_root=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def result(loader_boot: BootResult) -> dict:
+    assert loader_boot.ok, loader_boot.report()
+    marker = "@@RESULT@@"
+    line = next((l for l in loader_boot.script_output.splitlines() if l.startswith(marker)), None)
+    assert line, loader_boot.report()
+    return json.loads(line[len(marker):])
+
+
+def test_kernel_capabilities(result: dict) -> None:
+    assert result["caps"] == {"can_unload": True, "accepts_unsigned": True, "reason": ""}
+
+
+def test_two_stage_load_with_parameter(result: dict) -> None:
+    assert result["dummy_split"]
+    load = result["dummy"]
+    assert load["mode"] == "two-stage" and load["init_module"] == "dummy__init", load
+    assert load["core_bytes"] and load["init_bytes"], load
+    assert {"dummy", "dummy__init"} <= set(result["dummy_modules"])
+    assert {"dummy0", "dummy1"} <= set(result["dummy_links"])  # numdummies=2 reached C
+    assert result["dummy_del_init"] == "ok" and result["dummy_del_core"] == "ok"
+    assert "dummy__init" not in result["dummy_after_init_deleted"]
+
+
+def test_presplit_cache_used_and_tampered_entry_ignored(result: dict) -> None:
+    assert result["loop_from_cache"]
+    assert result["loop"]["mode"] == "two-stage", result["loop"]
+    assert result["loop_del"] == ["ok", "ok"]
+    assert result["softdog_tampered_ignored"]
+
+
+def test_rejected_init_module_falls_back_to_plain(result: dict) -> None:
+    load = result["bad_init"]
+    assert load["mode"] == "plain" and "init module failed" in load["reason"], load
+    assert "dummy__init" not in result["bad_init_modules"] and "dummy" in result["bad_init_modules"]
+    assert result["bad_init_del"] == "ok"
+
+
+def test_rejected_core_module_falls_back_to_plain(result: dict) -> None:
+    load = result["bad_core"]
+    assert load["mode"] == "plain" and "core module refused" in load["reason"], load
+    assert result["bad_core_del"] == "ok"
+
+
+def test_genuine_init_failure_reported_like_modprobe(result: dict) -> None:
+    load = result["initfail"]
+    assert load["mode"] == "failed" and load["errno"] == 19, load  # ENODEV
+    assert "No such device" in load["reason"], load
+    assert not any(m.startswith("isplit_initfail") for m in result["initfail_modules"])
+
+
+def test_no_cleanup_core_stays(result: dict) -> None:
+    assert result["noexit"]["mode"] == "two-stage", result["noexit"]
+    assert result["noexit_del"] == ["ok", "EBUSY"]
+
+
+def test_loader_boot_clean(loader_boot: BootResult) -> None:
+    problems = dmesg_problems(loader_boot.dmesg, tainted=loader_boot.tainted, allowed_taint="OE")
+    assert not problems, "\n".join(problems)

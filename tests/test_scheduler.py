@@ -1,0 +1,101 @@
+"""The load scheduler: dependencies first, each module once, failures cascade, parallel where independent."""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from dataclasses import dataclass
+
+from initsplit.daemon.scheduler import LoadScheduler
+from initsplit.loader.results import ModuleLoad
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+
+
+def run_until_idle(scheduler: LoadScheduler, timeout: float = 10.0) -> list[ModuleLoad]:
+    done: list[ModuleLoad] = []
+    deadline = time.monotonic() + timeout
+    while not scheduler.idle:
+        assert time.monotonic() < deadline, "scheduler never became idle"
+        select.select([scheduler.fileno()], [], [], 0.5)
+        done += scheduler.collect()
+    return done
+
+
+def test_dependencies_load_first_and_each_module_once() -> None:
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def load(step: Step) -> ModuleLoad:
+        with lock:
+            order.append(step.name)
+        time.sleep(0.01)
+        return ModuleLoad(step.name, "plain")
+
+    scheduler = LoadScheduler(workers=2, load=load)
+    scheduler.submit([Step("crc16"), Step("mbcache"), Step("jbd2"), Step("ext4")])
+    scheduler.submit([Step("jbd2"), Step("ocfs2")])  # jbd2 already queued: not again
+    done = run_until_idle(scheduler)
+    scheduler.shutdown()
+    assert sorted(order) == sorted(["crc16", "mbcache", "jbd2", "ext4", "ocfs2"])
+    assert len(order) == len(set(order))
+    assert order.index("ext4") > max(order.index(d) for d in ("crc16", "mbcache", "jbd2"))
+    assert order.index("ocfs2") > order.index("jbd2")
+    assert {d.module for d in done} == set(order)
+
+
+def test_independent_modules_run_in_parallel() -> None:
+    active = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def load(step: Step) -> ModuleLoad:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.1)
+        with lock:
+            active -= 1
+        return ModuleLoad(step.name, "plain")
+
+    scheduler = LoadScheduler(workers=2, load=load)
+    for name in ("a", "b", "c", "d"):
+        scheduler.submit([Step(name)])
+    run_until_idle(scheduler)
+    scheduler.shutdown()
+    assert peak == 2
+
+
+def test_failure_cascades_to_dependents_and_later_requests() -> None:
+    def load(step: Step) -> ModuleLoad:
+        if step.name == "base":
+            return ModuleLoad(step.name, "failed", reason="could not insert 'base': No such device")
+        return ModuleLoad(step.name, "plain")
+
+    scheduler = LoadScheduler(workers=2, load=load)
+    scheduler.submit([Step("base"), Step("mid"), Step("top")])
+    done = {d.module: d for d in run_until_idle(scheduler)}
+    assert done["base"].mode == "failed"
+    assert done["mid"].mode == "failed" and "dependency base" in done["mid"].reason
+    assert done["top"].mode == "failed"
+    # A later request needing the failed module fails at once instead of hanging.
+    immediate = scheduler.submit([Step("base"), Step("other")])
+    assert [d.module for d in immediate] == ["other"]
+    assert scheduler.idle
+    scheduler.shutdown()
+
+
+def test_loader_exception_becomes_a_failed_load() -> None:
+    def load(step: Step) -> ModuleLoad:
+        raise RuntimeError("boom")
+
+    scheduler = LoadScheduler(workers=1, load=load)
+    scheduler.submit([Step("x")])
+    done = run_until_idle(scheduler)
+    scheduler.shutdown()
+    assert done[0].mode == "failed" and "boom" in done[0].reason
