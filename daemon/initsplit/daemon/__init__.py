@@ -1,0 +1,1 @@
+"""initsplitd, the boot-time daemon: configuration, journal reporting, sd_notify."""
