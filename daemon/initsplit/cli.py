@@ -21,16 +21,16 @@ from typing import Callable, Iterator, Sequence, TextIO
 
 from . import __version__
 from .elf import MalformedElf
-from .split import NothingToSplit, SplitRefused, split_module
+from .split import SplitModule
 from .tree import (
     MODULE_SUFFIX,
     TreeError,
+    decide,
     find_modules,
     refusal_reasons,
     split_jobs,
     summary_line,
 )
-from .validate import ValidationError, validate_split
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     split = commands.add_parser(
         "split",
         help="split every .ko under the given paths into an output tree",
-        description="Split every .ko under PATH... into DIR, keeping relative paths. "
-        "Modules that are not split get no output file.",
+        description="Split every .ko under PATH... into DIR, keeping relative paths.\n"
+        "Modules that are not split get no output file: load the original for them.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check",
         help="say whether one module would be split, and validate the result",
+        description="Print whether FILE.ko would be split (or why not) and validate the split.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -174,31 +175,33 @@ def _check(path: Path) -> int:
         print(f"initsplit: {path}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        split = split_module(data)
+        decision = decide(data)
     except MalformedElf as exc:
         print(f"initsplit: {path}: not an ELF kernel module: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except NothingToSplit:
-        print("nothing to split")
-        return EXIT_OK
-    except SplitRefused as exc:
-        print(f"refused: {exc.reason}" + (f" ({exc.detail})" if exc.detail else ""))
-        return EXIT_OK
     except Exception as exc:
         print(f"error: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
 
-    print(f"split: {split.name} -> {split.name} + {split.init_name} "
-          f"(anchors {len(split.anchors)}, init bytes {len(split.init)})")
-    try:
-        report = validate_split(data, split.core, split.init)
-    except ValidationError as exc:
-        print(f"validation: FAILED: {exc}")
+    if decision.outcome == "nothing":
+        print("nothing to split")
+    elif decision.outcome == "refused":
+        print(f"refused: {decision.reason}" + (f" ({decision.detail})" if decision.detail else ""))
+    elif decision.outcome == "invalid":
+        assert decision.split is not None
+        print(_split_line(decision.split))
+        print(f"validation: FAILED: {decision.reason}")
         return EXIT_FAILED
-    except Exception as exc:
-        print(f"validation: FAILED: {type(exc).__name__}: {exc}")
-        return EXIT_FAILED
-    print(f"validation: ok ({report.allocated_bytes} allocated bytes, "
-          f"{report.relocations} relocations, {report.records_moved} records moved, "
-          f"{report.anchors} anchors, {report.synthesized_relocations} synthesized relocations)")
+    else:
+        split, report = decision.split, decision.report
+        assert split is not None and report is not None
+        print(_split_line(split))
+        print(f"validation: ok ({report.allocated_bytes} allocated bytes, "
+              f"{report.relocations} relocations, {report.records_moved} records moved, "
+              f"{report.anchors} anchors, {report.synthesized_relocations} synthesized relocations)")
     return EXIT_OK
+
+
+def _split_line(split: SplitModule) -> str:
+    return (f"split: {split.name} -> {split.name} + {split.init_name} "
+            f"(anchors {len(split.anchors)}, init bytes {len(split.init)})")

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
 from .elf import MalformedElf
-from .split import NothingToSplit, SplitRefused, init_module_name, split_module
-from .validate import ValidationError, validate_split
+from .split import NothingToSplit, SplitModule, SplitRefused, init_module_name, split_module
+from .validate import ValidationError, ValidationReport, validate_split
 
 Outcome = Literal["split", "nothing", "refused", "invalid", "error"]
 OUTCOMES: tuple[Outcome, ...] = ("split", "nothing", "refused", "invalid", "error")
@@ -98,16 +98,15 @@ def split_tree(
     output: Path | None,
     *,
     workers: int | None = None,
-    validate: bool = True,
     progress: Callable[[ModuleResult], None] | None = None,
 ) -> list[ModuleResult]:
-    """Split every module under *paths* into *output* (None: split and validate only).
+    """Split and validate every module under *paths*, writing to *output* (None: do not write).
 
     Returns one result per module, in the order find_modules() lists them. Never
     raises for a module's sake: whatever goes wrong becomes that module's outcome.
     """
     return split_jobs(find_modules(paths, exclude=output), output, workers=workers,
-                      validate=validate, progress=progress)
+                      progress=progress)
 
 
 def split_jobs(
@@ -115,9 +114,12 @@ def split_jobs(
     output: Path | None,
     *,
     workers: int | None = None,
-    validate: bool = True,
     progress: Callable[[ModuleResult], None] | None = None,
 ) -> list[ModuleResult]:
+    """split_tree() for jobs already found, so a caller can count them first.
+
+    *progress* is called in this process once per module as it completes.
+    """
     workers = max(1, workers or os.cpu_count() or 1)
     if output is not None:
         _check_output(jobs, output)
@@ -131,14 +133,14 @@ def split_jobs(
     if workers == 1 or len(jobs) <= 1:
         # In-process: no fork, and exceptions and profilers see the real stack.
         for index, job in enumerate(jobs):
-            done(index, split_one(job, output, validate=validate))
+            done(index, split_one(job, output))
     else:
         # Largest first: a few modules (i915, amdgpu, ...) take seconds each, and
         # starting them last would leave one worker finishing alone at the end.
         order = sorted(range(len(jobs)), key=lambda i: _size(jobs[i].source), reverse=True)
         with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
             futures = {
-                pool.submit(split_one, jobs[index], output, validate=validate): index
+                pool.submit(split_one, jobs[index], output): index
                 for index in order
             }
             for future in concurrent.futures.as_completed(futures):
@@ -170,53 +172,84 @@ def _size(path: Path) -> int:
         return 0
 
 
-def split_one(job: ModuleJob, output: Path | None, *, validate: bool = True) -> ModuleResult:
+def split_one(job: ModuleJob, output: Path | None) -> ModuleResult:
     """Read, split, validate and write one module; runs in a worker process."""
     start = time.perf_counter()
     try:
-        return _split_one(job, output, validate, start)
+        return _split_one(job, output, start)
     except Exception as exc:
         if output is not None:
-            _remove_outputs(output, job.relative, None)
+            try:
+                _remove_outputs(output, job.relative, None)
+            except OSError:
+                pass  # the error being reported matters more than this one
         return _error(job, exc, time.perf_counter() - start)
 
 
-def _split_one(job: ModuleJob, output: Path | None, validate: bool, start: float) -> ModuleResult:
+def _split_one(job: ModuleJob, output: Path | None, start: float) -> ModuleResult:
     data = job.source.read_bytes()
+    try:
+        decision = decide(data)
+    except MalformedElf as exc:
+        decision = Decision("error", reason=f"malformed ELF: {exc}")
 
-    def result(outcome: Outcome, **kwargs: object) -> ModuleResult:
-        if outcome != "split" and output is not None:
+    # An invalid split is never written: the caller loads the original instead.
+    split = decision.split if decision.outcome == "split" else None
+    if output is not None:
+        if split is None:
             # A previous run may have split this module; a stale core left behind
             # would be loaded instead of the original.
             _remove_outputs(output, job.relative, None)
-        return ModuleResult(path=job.relative, source=job.source, outcome=outcome,
-                            seconds=time.perf_counter() - start, input_size=len(data),
-                            **kwargs)  # type: ignore[arg-type]
+        else:
+            init_relative = job.relative.with_name(split.init_name + MODULE_SUFFIX)
+            if init_relative == job.relative:
+                raise TreeError(f"init module {split.init_name} would replace the core")
+            # Init first, core last: a core on disk always has its init module beside it.
+            _write_atomic(output / init_relative, split.init)
+            _write_atomic(output / job.relative, split.core)
+    return ModuleResult(
+        path=job.relative,
+        source=job.source,
+        outcome=decision.outcome,
+        reason=decision.reason,
+        detail=decision.detail,
+        core_size=len(split.core) if split else 0,
+        init_size=len(split.init) if split else 0,
+        seconds=time.perf_counter() - start,
+        input_size=len(data),
+        init_path=job.relative.with_name(split.init_name + MODULE_SUFFIX) if split else None,
+    )
 
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one module; split is set for "split" and "invalid"."""
+
+    outcome: Outcome
+    reason: str = ""
+    detail: str = ""
+    split: SplitModule | None = None
+    report: ValidationReport | None = None
+
+
+def decide(data: bytes) -> Decision:
+    """Split the module in *data* and validate the result, all in memory.
+
+    MalformedElf propagates: for one module named on the command line it is a
+    usage error, in a tree it is that module's error.
+    """
     try:
         split = split_module(data)
     except NothingToSplit:
-        return result("nothing")
+        return Decision("nothing")
     except SplitRefused as exc:
-        return result("refused", reason=exc.reason, detail=exc.detail)
-    except MalformedElf as exc:
-        return result("error", reason=f"malformed ELF: {exc}")
-
-    if validate:
-        try:
-            validate_split(data, split.core, split.init)
-        except ValidationError as exc:
-            return result("invalid", reason=str(exc) or type(exc).__name__)
-
-    init_relative = job.relative.with_name(split.init_name + MODULE_SUFFIX)
-    if output is not None:
-        if init_relative == job.relative:
-            raise TreeError(f"init module name {split.init_name} clashes with the core's file name")
-        # Init first, core last: a core on disk always has its init module beside it.
-        _write_atomic(output / init_relative, split.init)
-        _write_atomic(output / job.relative, split.core)
-    return result("split", core_size=len(split.core), init_size=len(split.init),
-                  init_path=init_relative)
+        return Decision("refused", reason=exc.reason, detail=exc.detail)
+    # Nothing is written that the validator has not checked against the original.
+    try:
+        report = validate_split(data, split.core, split.init)
+    except ValidationError as exc:
+        return Decision("invalid", reason=str(exc) or type(exc).__name__, split=split)
+    return Decision("split", split=split, report=report)
 
 
 def _error(job: ModuleJob, exc: BaseException, seconds: float) -> ModuleResult:
@@ -235,7 +268,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; modules are world-readable
+            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600; modules are world-readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -23,7 +23,19 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .elf import ElfObject, MalformedElf, read_elf
-from .elf.constants import R_X86_64_64, SHF_ALLOC, SHN_ABS, SHN_UNDEF, SHT_NOBITS
+from .elf.constants import (
+    R_X86_64_64,
+    R_X86_64_PC32,
+    SHF_ALLOC,
+    SHF_EXECINSTR,
+    SHF_MERGE,
+    SHF_STRINGS,
+    SHF_WRITE,
+    SHN_ABS,
+    SHN_UNDEF,
+    SHT_NOBITS,
+    SHT_PROGBITS,
+)
 from .split import codegen
 from .split.modinfo import first, parse_modinfo
 from .split.splitter import (
@@ -119,6 +131,7 @@ class _Validator:
         self._check_struct_modules()
         self._check_eval_map_copies()
         self._check_modinfo_and_versions(modinfo)
+        self._check_headers()
         self._check_all_accounted()
         return ValidationReport(self.name, self.bytes_checked, self.relocs_checked, moved,
                                 len(self.anchors), self.synthesized)
@@ -223,8 +236,12 @@ class _Validator:
         count = ksymtab.size // KSYMTAB_RECORD_SIZE
         if ksymtab.size % KSYMTAB_RECORD_SIZE or kcrctab.size != 4 * count:
             _fail("C's export tables do not match")
+        if ksymtab.data != bytes(ksymtab.size):
+            _fail("C's __ksymtab has bytes where only relocations belong")
         relocs: dict[int, dict[int, tuple[int, int]]] = {}
         for rel in core.relocations_for(ksymtab):
+            if rel.type != R_X86_64_PC32:
+                _fail("C's __ksymtab has a relocation that is not PC32")
             relocs.setdefault(rel.offset // KSYMTAB_RECORD_SIZE, {})[rel.offset % 12] = \
                 (rel.symbol, rel.addend)
 
@@ -576,6 +593,43 @@ class _Validator:
         for sym in init.symbols[1:]:
             if sym.shndx == SHN_UNDEF and sym.name and sym.name not in versions:
                 _fail(f"I imports {sym.name} without a symbol version")
+
+    # -------------------------------------------------------------- headers
+    def _expect_header(self, side: str, name: str, flags: int, addralign: int | None = None,
+                       type_: int = SHT_PROGBITS) -> None:
+        section = self.out[side].section(name)
+        if section is None:
+            return
+        if section.flags != flags or section.type != type_ or \
+                (addralign is not None and section.addralign != addralign):
+            _fail(f"{side}: header of {name} is not what the loader needs "
+                  f"(flags {section.flags:#x}, type {section.type}, align {section.addralign})")
+
+    def _check_headers(self) -> None:
+        """Headers of every section that is not a byte-for-byte move of an original one."""
+        orig = self.orig
+        for name in (".modinfo", "__versions", THIS_MODULE):
+            src = self._section(orig, name)
+            for side in (C, I):
+                self._expect_header(side, name, src.flags, src.addralign, src.type)
+        for table in TABLES_BY_SECTION.values():
+            for name in filter(None, (table.section, table.parallel)):
+                src = orig.section(name)
+                for side in (C, I):
+                    if src is not None:
+                        self._expect_header(side, name, src.flags, src.addralign, src.type)
+                    else:
+                        # Only I may have a table the original lacks (for our own code).
+                        self._expect_header(side, name, SHF_ALLOC)
+        ksymtab = orig.section(KSYMTAB)
+        export_flags = ksymtab.flags if ksymtab is not None else SHF_ALLOC
+        self._expect_header(C, KSYMTAB, export_flags, 4)
+        self._expect_header(C, KCRCTAB, export_flags, 4)
+        if orig.section(KSYMTAB_STRINGS) is None:
+            self._expect_header(C, KSYMTAB_STRINGS, SHF_ALLOC | SHF_MERGE | SHF_STRINGS)
+        self._expect_header(C, EVAL_MAP_COPIES, SHF_ALLOC | SHF_WRITE, 8)
+        self._expect_header(I, WRAPPER_SECTION, SHF_ALLOC | SHF_EXECINSTR, 16)
+        self._expect_header(I, STUB_SECTION, SHF_ALLOC | SHF_EXECINSTR, 16)
 
     # ------------------------------------------------------------- closing
     def _check_all_accounted(self) -> None:

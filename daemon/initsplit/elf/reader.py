@@ -15,6 +15,7 @@ from .constants import (
     ELFCLASS64,
     ET_REL,
     SHN_LORESERVE,
+    SHN_UNDEF,
     SHT_NOBITS,
     SHT_NULL,
     SHT_REL,
@@ -25,6 +26,15 @@ from .constants import (
 from .model import ElfObject, MalformedElf, RelocationTable, Section, Symbol
 
 _SYM = struct.Struct("<IBBHQQ")
+# The writer pads to each section's alignment, so an absurd sh_addralign from a
+# damaged file would make it allocate gigabytes. The Debian 6.1 tree's largest is
+# 256; a huge page is far beyond anything a module asks for.
+MAX_ALIGN = 1 << 21
+# struct module_layout sizes are unsigned int (include/linux/module.h, 6.1): the
+# kernel cannot load a section this large, and bounding sizes, symbol values and
+# addends keeps every offset the splitter computes inside int64 (array "q").
+MAX_SECTION_SIZE = 1 << 32
+MAX_ADDEND = 1 << 62
 
 
 def _cstring(table: bytes, offset: int, what: str) -> str:
@@ -76,9 +86,14 @@ def _read(data: bytes) -> ElfObject:
         sh_type = hdr["sh_type"]
         type_num = _section_type_number(sh_type)
         offset, size = hdr["sh_offset"], hdr["sh_size"]
+        if size >= MAX_SECTION_SIZE:
+            raise MalformedElf(f"section {index}: size {size} is beyond what the kernel loads")
         if type_num not in (SHT_NOBITS, SHT_NULL) and offset + size > len(data):
             raise MalformedElf(f"section {index} runs past the end of the file")
         body = b"" if type_num in (SHT_NOBITS, SHT_NULL) else data[offset : offset + size]
+        align = hdr["sh_addralign"]
+        if align & (align - 1) or align > MAX_ALIGN:
+            raise MalformedElf(f"section {index}: alignment {align} is not a power of two up to {MAX_ALIGN}")
         if hdr["sh_link"] >= shnum and type_num in (SHT_SYMTAB, SHT_RELA, SHT_REL):
             raise MalformedElf(f"section {index} links to missing section {hdr['sh_link']}")
         sections.append(
@@ -166,6 +181,8 @@ def _read_symbols(sections: list[Section], symtab_index: int) -> list[Symbol]:
     for st_name, st_info, st_other, st_shndx, st_value, st_size in _SYM.iter_unpack(symtab.data):
         if shnum <= st_shndx < SHN_LORESERVE:
             raise MalformedElf(f"symbol {len(symbols)} in missing section {st_shndx}")
+        if SHN_UNDEF < st_shndx < SHN_LORESERVE and st_value > sections[st_shndx].size:
+            raise MalformedElf(f"symbol {len(symbols)} lies beyond the end of its section")
         symbols.append(
             Symbol(
                 name=_cstring(strtab, st_name, "symbol") if st_name else "",
@@ -193,10 +210,13 @@ def _read_relocations(section: Section, symbol_count: int) -> RelocationTable:
     symbols = [info >> 32 for info in infos]
     if symbols and max(symbols) >= symbol_count:
         raise MalformedElf(f"{section.name}: relocation names a missing symbol")
+    addends = signed[2::3]
+    if addends and not -MAX_ADDEND < min(addends) <= max(addends) < MAX_ADDEND:
+        raise MalformedElf(f"{section.name}: absurd relocation addend")
     return RelocationTable(
         target=section.info,
         offsets=words[0::3],
         types=[info & 0xFFFFFFFF for info in infos],
         symbols=symbols,
-        addends=signed[2::3],
+        addends=addends,
     )
