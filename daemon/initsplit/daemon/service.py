@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..loader.kernel_state import proc_modules
+from ..loader.recovery import LoadMarkers
 from ..loader.results import ModuleLoad, UnloadBatch
 from ..loader.syscalls import delete_module
 from ..loader.twostage import load_plain, load_two_stage
@@ -84,13 +85,14 @@ class _Stats:
 class Service:
     def __init__(self, *, settings: Settings, resolver: Resolver, source: Source,
                  provider: SplitProvider, reporter: Reporter, notifier: Notifier,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 markers: LoadMarkers, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.resolver = resolver
         self.source = source
         self.provider = provider
         self.reporter = reporter
         self.notifier = notifier
+        self.markers = markers
         self.clock = clock
         self.scheduler = LoadScheduler(workers=settings.workers, load=self._load)
         self.stats = _Stats()
@@ -115,7 +117,7 @@ class Service:
         split = self.provider.get(step.path)
         if isinstance(split, NotSplit):
             return load_plain(step.name, step.path, params=step.options, reason=split.reason)
-        return load_two_stage(split, original=step.path, params=step.options)
+        return load_two_stage(split, original=step.path, params=step.options, markers=self.markers)
 
     def _modprobe(self, step: LoadStep) -> ModuleLoad:
         # modprobe.d "install" commands are shell programs; only modprobe runs them right.
@@ -202,6 +204,7 @@ class Service:
         selector.register(self.scheduler.fileno(), selectors.EVENT_READ, "loads")
         selector.register(self._signal_r, selectors.EVENT_READ, "signal")
 
+        self.recover()
         for request in self.source.coldplug():
             self.handle_request(request)
         self.notifier.ready(self.status_text())
@@ -245,6 +248,19 @@ class Service:
         self.reporter.log(6, f"initsplitd exiting: {exit_reason}")
         self.scheduler.shutdown()
         return 0
+
+    def recover(self) -> None:
+        """Clean up after a daemon that was killed mid-load (see loader/recovery.py)."""
+        recovery = self.markers.recover()
+        self.pending_init.extend(recovery.pending_init)
+        for name in recovery.removed_cores:
+            self.reporter.log(4, f"{name}: removed the inert core module a killed initsplitd "
+                                 "left behind; it will be loaded again", INITSPLIT_MODULE=name)
+        for problem in recovery.problems:
+            self.reporter.log(3, f"recovery: {problem}")
+        if recovery.pending_init:
+            self.reporter.log(6, f"recovered {len(recovery.pending_init)} init modules pending "
+                                 "deletion")
 
     def _next_deadline(self, now: float, watchdog: float | None, next_watchdog: float) -> float:
         deadlines = [now + 3600.0]

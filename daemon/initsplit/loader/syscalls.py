@@ -14,7 +14,12 @@ import platform
 from pathlib import Path
 
 # Syscall numbers from arch/x86/entry/syscalls/syscall_64.tbl.
-_SYSCALLS = {"x86_64": {"finit_module": 313, "delete_module": 176}}
+_SYSCALLS = {
+    "x86_64": {"finit_module": 313, "delete_module": 176},
+    # include/uapi/asm-generic/unistd.h, used by arm64 and riscv64.
+    "aarch64": {"finit_module": 273, "delete_module": 106},
+    "riscv64": {"finit_module": 273, "delete_module": 106},
+}
 
 MODULE_INIT_IGNORE_MODVERSIONS = 1
 MODULE_INIT_IGNORE_VERMAGIC = 2

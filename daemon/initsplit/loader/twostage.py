@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .kernel_state import proc_modules
+from .recovery import LoadMarkers
 from .results import ModuleLoad
 from .syscalls import delete_module, finit_module
 
@@ -39,7 +40,8 @@ def load_plain(name: str, path: Path, *, params: str = "", reason: str = "") -> 
                       seconds=time.monotonic() - started)
 
 
-def load_two_stage(pair: SplitPair, *, original: Path, params: str = "") -> ModuleLoad:
+def load_two_stage(pair: SplitPair, *, original: Path, params: str = "",
+                   markers: LoadMarkers | None = None) -> ModuleLoad:
     """Load C with the module's parameters, then I, which runs the original init.
 
     Whatever goes wrong short of the init routine's own failure ends in a plain
@@ -50,6 +52,17 @@ def load_two_stage(pair: SplitPair, *, original: Path, params: str = "") -> Modu
     both cases: a genuine init failure then fails again exactly as modprobe would
     report it, and any other failure is repaired.
     """
+    if markers is None:
+        return _load_two_stage(pair, original, params, None)
+    markers.core(pair.name, pair.init_name)
+    try:
+        return _load_two_stage(pair, original, params, markers)
+    finally:
+        markers.finish(pair.name)
+
+
+def _load_two_stage(pair: SplitPair, original: Path, params: str,
+                    markers: LoadMarkers | None) -> ModuleLoad:
     started = time.monotonic()
     try:
         finit_module(pair.core, params)
@@ -57,6 +70,8 @@ def load_two_stage(pair: SplitPair, *, original: Path, params: str = "") -> Modu
         if exc.errno == errno.EEXIST:
             return ModuleLoad(pair.name, "already-loaded", reason="loaded by someone else",
                               seconds=time.monotonic() - started)
+        if markers:
+            markers.plain(pair.name)
         return _retry_plain(pair.name, original, params, started,
                             f"core module refused: {os.strerror(exc.errno or 0)}")
     try:
@@ -72,7 +87,11 @@ def load_two_stage(pair: SplitPair, *, original: Path, params: str = "") -> Modu
                               reason=f"{why}; core module could not be removed: "
                                      f"{os.strerror(del_exc.errno or 0)}",
                               seconds=time.monotonic() - started)
+        if markers:
+            markers.plain(pair.name)
         return _retry_plain(pair.name, original, params, started, why)
+    if markers:
+        markers.init_done(pair.name, pair.init_name)
     sizes = _sizes()
     return ModuleLoad(pair.name, "two-stage", init_module=pair.init_name,
                       core_bytes=sizes.get(pair.name), init_bytes=sizes.get(pair.init_name),

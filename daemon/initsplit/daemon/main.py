@@ -1,0 +1,99 @@
+"""initsplitd: the entry point that wires configuration, kernel, udev, libkmod and the journal."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..loader.kernel_state import probe_capabilities
+from ..loader.recovery import LoadMarkers
+from .config import kernel_command_line_overrides, load_config
+from .journal import Reporter
+from .notify import Notifier
+from .service import Service, Settings
+from .splits import SplitProvider
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="initsplitd",
+        description="Load kernel modules for udev's devices two-stage and give their init "
+                    "memory back when boot goes quiet.")
+    parser.add_argument("--source", choices=("auto", "udev", "kernel"), default="auto",
+                        help="udev: events after systemd-udevd's rules; kernel: raw kernel "
+                             "uevents (no udevd, e.g. a busybox initramfs); auto: udev if "
+                             "systemd-udevd runs")
+    parser.add_argument("--config-root", type=Path, default=Path("/"),
+                        help="read configuration below this directory (for tests)")
+    parser.add_argument("--kernel-cmdline", default=None,
+                        help="use this instead of /proc/cmdline (for tests)")
+    parser.add_argument("--modprobe", default="/sbin/modprobe",
+                        help="modprobe for modules with an install command")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    config, errors = load_config(root=args.config_root)
+    cmdline = args.kernel_cmdline
+    if cmdline is None:
+        try:
+            cmdline = Path("/proc/cmdline").read_text()
+        except OSError:
+            cmdline = ""
+    in_initrd = Path("/etc/initrd-release").exists()
+    overrides, cmdline_errors = kernel_command_line_overrides(cmdline, in_initrd=in_initrd)
+    config = overrides.apply(config)
+    reporter = Reporter(max_priority=config.log_level)
+    logging.basicConfig(level=logging.DEBUG if config.log_level >= 7 else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for error in errors + cmdline_errors:
+        reporter.config_error(error)
+
+    capabilities = probe_capabilities()
+    plain_only = ""
+    if not config.enabled:
+        plain_only = "initsplit=off on the kernel command line"
+    elif not capabilities.two_stage:
+        plain_only = capabilities.reason
+    if plain_only:
+        reporter.log(5, f"initsplitd: loading every module plain: {plain_only}")
+
+    kver = os.uname().release
+    modules_dir = Path("/lib/modules") / kver
+    settings = Settings(
+        quiet_period=config.quiet_period_sec,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        exit_after_quiet=config.exit_after_quiet_sec,
+        exclude=frozenset(config.exclude),
+        plain_only=plain_only,
+        modprobe=args.modprobe,
+    )
+    provider = SplitProvider(modules_dir=modules_dir, cache_dir=config.cache_dir / kver,
+                             runtime_dir=config.runtime_dir / kver)
+    # pyudev and libkmod are imported here, after the cheap checks above.
+    from ..kmod.resolver import Resolver
+    from .udev_source import UdevSource
+
+    try:
+        with Resolver(kernel_cmdline=cmdline) as resolver, UdevSource(source=args.source) as source:
+            source.start()
+            reporter.log(6, f"initsplitd starting: kernel {kver}, events from {source.source}, "
+                            f"{settings.workers} workers")
+            service = Service(settings=settings, resolver=resolver, source=source,
+                              provider=provider, reporter=reporter, notifier=Notifier(),
+                              markers=LoadMarkers(config.runtime_dir / "loading"))
+            return service.run()
+    except Exception as exc:
+        # Nothing can be loaded without the module index or an event source; say why and
+        # let systemd-udevd's own module loading (the fallback unit) take over.
+        reporter.log(2, f"initsplitd cannot run: {type(exc).__name__}: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
