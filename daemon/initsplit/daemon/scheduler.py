@@ -54,7 +54,11 @@ class LoadScheduler:
         for index, step in enumerate(steps):
             if step.name in self.state:
                 continue
-            deps = {s.name for s in steps[:index]} - {n for n, st in self.state.items() if st == "done"}
+            # A step that names its requirements waits for exactly those; otherwise for
+            # everything before it in the request (modprobe order is a valid order).
+            required = getattr(step, "requires", None)
+            wanted = set(required) if required is not None else {s.name for s in steps[:index]}
+            deps = wanted - {n for n, st in self.state.items() if st == "done"}
             failed = [d for d in deps if self.state.get(d) == "failed"]
             if failed:
                 self.state[step.name] = "failed"

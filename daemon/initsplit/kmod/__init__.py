@@ -1,0 +1,20 @@
+"""modprobe's module resolution through libkmod.so.2 (ctypes; stdlib only).
+
+:class:`Resolver` turns a MODALIAS into the :class:`LoadStep` list that
+``modprobe --show-depends`` would print.  libkmod is not thread-safe: use each
+Resolver from one thread only.
+"""
+
+from .cmdline import KernelCmdline, parse_kernel_cmdline
+from .errors import KmodError, ModuleFileError, ModuleIndexError
+from .resolver import LoadStep, Resolver
+
+__all__ = [
+    "KernelCmdline",
+    "KmodError",
+    "LoadStep",
+    "ModuleFileError",
+    "ModuleIndexError",
+    "Resolver",
+    "parse_kernel_cmdline",
+]
