@@ -79,7 +79,7 @@ class LoadStep:
     # Modules that must be in the kernel before this one: the ones modprobe loads
     # ahead of it for the same match (modules.dep dependencies and pre softdeps).
     # Other matches of the same alias are independent and may load in parallel.
-    requires: tuple[str, ...] = ()
+    requires: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def show_depends_line(self) -> str:
         """The line ``modprobe --show-depends`` prints for this step, byte for byte.
