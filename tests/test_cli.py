@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from initsplit.cache import MANIFEST_SUFFIX, read_entry
+
 from initsplit import cli, tree
 from initsplit.elf import read_elf
 from initsplit.split.modinfo import first, parse_modinfo
@@ -63,7 +65,22 @@ def _expected_files() -> set[str]:
 
 
 def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    """The module files written (manifests are checked on their own)."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")
+            if p.is_file() and not p.name.endswith(MANIFEST_SUFFIX)}
+
+
+def test_split_writes_a_manifest_per_decided_module(small_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert cli.main(["split", str(small_tree), "-o", str(out), "--quiet"]) == 0
+    for relative, (outcome, _init) in MODULES.items():
+        source = (small_tree / relative).read_bytes()
+        hit = read_entry(out, Path(relative), source=source)
+        assert hit is not None, relative
+        assert hit.manifest.decision == outcome, (relative, hit.manifest)
+        assert (hit.init is not None) == (outcome == "split")
+        # A manifest never vouches for another source.
+        assert read_entry(out, Path(relative), source=source + b"x") is None
 
 
 def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -45,11 +45,17 @@ def digest(data: bytes) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory and rename it into place.
+
+    Readers (modprobe, the daemon) see either the old file or the whole new one.
+    No fsync: the cache is derived data that a rerun regenerates.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600; modules are world-readable
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -63,6 +69,7 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision,
                 name: str = "", init_name: str = "", core: bytes = b"", init: bytes = b"") -> Manifest:
     """Write one cache entry (files first, manifest last)."""
     core_path = root / relpath
+    manifest_path(root, relpath).unlink(missing_ok=True)
     init_file = ""
     if decision == "split":
         init_file = f"{init_name}.ko"
@@ -71,9 +78,20 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision,
     manifest = Manifest(FORMAT, digest(source), len(source), decision, reason, name, init_name,
                         init_file, len(core), len(init), digest(core) if core else "",
                         digest(init) if init else "")
-    atomic_write(core_path.with_name(core_path.name + MANIFEST_SUFFIX),
-                 json.dumps(asdict(manifest), sort_keys=True).encode())
+    atomic_write(manifest_path(root, relpath), json.dumps(asdict(manifest), sort_keys=True).encode())
     return manifest
+
+
+def manifest_path(root: Path, relpath: Path) -> Path:
+    core_path = root / relpath
+    return core_path.with_name(core_path.name + MANIFEST_SUFFIX)
+
+
+def remove_entry(root: Path, relpath: Path, init_name: str) -> None:
+    """Remove an entry: manifest first, so a half-removed entry is never used."""
+    manifest_path(root, relpath).unlink(missing_ok=True)
+    (root / relpath).unlink(missing_ok=True)
+    (root / relpath).with_name(f"{init_name}.ko").unlink(missing_ok=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +105,7 @@ def read_entry(root: Path, relpath: Path, *, source: bytes) -> CacheHit | None:
     """The entry for *relpath* if it exists, is complete, and was made from *source*."""
     core_path = root / relpath
     try:
-        raw = json.loads(core_path.with_name(core_path.name + MANIFEST_SUFFIX).read_bytes())
+        raw = json.loads(manifest_path(root, relpath).read_bytes())
         manifest = Manifest(**raw)
     except (OSError, ValueError, TypeError):
         return None

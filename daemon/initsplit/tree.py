@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
+from .cache import remove_entry, write_entry
 from .elf import MalformedElf
 from .split import NothingToSplit, SplitModule, SplitRefused, init_module_name, split_module
 from .validate import ValidationError, ValidationReport, validate_split
@@ -196,17 +197,22 @@ def _split_one(job: ModuleJob, output: Path | None, start: float) -> ModuleResul
     # An invalid split is never written: the caller loads the original instead.
     split = decision.split if decision.outcome == "split" else None
     if output is not None:
-        if split is None:
-            # A previous run may have split this module; a stale core left behind
-            # would be loaded instead of the original.
-            _remove_outputs(output, job.relative, None)
-        else:
+        # Every entry gets a manifest (initsplit/cache.py), also for modules that are
+        # not split, so the daemon knows the decision without splitting again.
+        if split is not None:
             init_relative = job.relative.with_name(split.init_name + MODULE_SUFFIX)
             if init_relative == job.relative:
                 raise TreeError(f"init module {split.init_name} would replace the core")
-            # Init first, core last: a core on disk always has its init module beside it.
-            _write_atomic(output / init_relative, split.init)
-            _write_atomic(output / job.relative, split.core)
+            write_entry(output, job.relative, source=data, decision="split", name=split.name,
+                        init_name=split.init_name, core=split.core, init=split.init)
+        else:
+            # A previous run may have split this module; a stale core left behind
+            # would be loaded instead of the original.
+            _remove_outputs(output, job.relative, None)
+            if decision.outcome in ("nothing", "refused"):
+                write_entry(output, job.relative, source=data, decision=decision.outcome,
+                            reason=decision.reason if decision.outcome == "refused"
+                            else "nothing to split")
     return ModuleResult(
         path=job.relative,
         source=job.source,
@@ -257,31 +263,11 @@ def _error(job: ModuleJob, exc: BaseException, seconds: float) -> ModuleResult:
                         reason=f"{type(exc).__name__}: {exc}", seconds=seconds)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and rename it into place.
-
-    Readers (modprobe, the daemon) see either the old file or the whole new one.
-    No fsync: the output tree is derived data that a rerun regenerates.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600; modules are world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _remove_outputs(output: Path, relative: Path, init_name: str | None) -> None:
-    # Core first: without it the init module is never looked at.
-    (output / relative).unlink(missing_ok=True)
     if init_name is None:
         # Kbuild names a module after its file, with '-' read as '_' (KBUILD_MODNAME).
         init_name = init_module_name(relative.name.removesuffix(MODULE_SUFFIX).replace("-", "_"))
-    (output / relative.with_name(init_name + MODULE_SUFFIX)).unlink(missing_ok=True)
+    remove_entry(output, relative, init_name)
 
 
 # ---------------------------------------------------------------- summaries

@@ -51,26 +51,27 @@ class SplitProvider:
         # Imported here: pyelftools costs most of a second in a slow VM, and with a
         # pre-split cache the daemon never needs it.
         from ..elf import MalformedElf
-        from ..split import NothingToSplit, SplitRefused, split_module
-        from ..validate import ValidationError, validate_split
+        from ..tree import decide
 
         try:
-            result = split_module(source)
-            validate_split(source, result.core, result.init)
-        except NothingToSplit:
-            write_entry(self.runtime_dir, relpath, source=source, decision="nothing",
-                        reason="nothing to split")
-            return NotSplit("nothing to split")
-        except SplitRefused as exc:
-            write_entry(self.runtime_dir, relpath, source=source, decision="refused",
-                        reason=f"refused: {exc}")
-            return NotSplit(f"refused: {exc}")
-        except (MalformedElf, ValidationError) as exc:
+            decision = decide(source)
+        except MalformedElf as exc:
             return NotSplit(f"cannot split: {exc}")
         except Exception as exc:  # a splitter bug must cost a plain load, not the boot
             log.exception("splitting %s failed", relpath)
             return NotSplit(f"splitter error: {type(exc).__name__}: {exc}")
         try:
+            if decision.outcome == "nothing":
+                write_entry(self.runtime_dir, relpath, source=source, decision="nothing",
+                            reason="nothing to split")
+                return NotSplit("nothing to split")
+            if decision.outcome == "refused":
+                why = f"refused: {decision.reason}" + (f": {decision.detail}" if decision.detail else "")
+                write_entry(self.runtime_dir, relpath, source=source, decision="refused", reason=why)
+                return NotSplit(why)
+            if decision.outcome != "split" or decision.split is None:
+                return NotSplit(f"split failed validation: {decision.reason}")
+            result = decision.split
             write_entry(self.runtime_dir, relpath, source=source, decision="split",
                         name=result.name, init_name=result.init_name, core=result.core,
                         init=result.init)
@@ -79,4 +80,4 @@ class SplitProvider:
         hit = read_entry(self.runtime_dir, relpath, source=source)
         if hit is None or hit.init is None:
             return NotSplit("split written but not readable back")
-        return SplitPair(result.name, result.init_name, hit.core, hit.init)
+        return SplitPair(hit.manifest.name, hit.manifest.init_name, hit.core, hit.init)
