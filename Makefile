@@ -15,3 +15,28 @@ test: deps
 
 bench: deps
 	$(PYTHON) bench/split_tree.py
+
+# Install into DESTDIR (a Debian root, or / as root): the Python package under
+# /usr/lib/initsplit, the commands, units, configuration, journal catalog, udev
+# rules and the dracut module. Uses Debian's python3 and its python3-* packages.
+DESTDIR ?=
+LIBDIR = /usr/lib/initsplit
+install:
+	install -d $(DESTDIR)$(LIBDIR)/python $(DESTDIR)/usr/bin \
+		$(DESTDIR)/usr/lib/systemd/system $(DESTDIR)/usr/lib/systemd/catalog \
+		$(DESTDIR)/etc/initsplit/initsplitd.conf.d $(DESTDIR)/etc/udev/rules.d \
+		$(DESTDIR)/usr/lib/dracut/modules.d/90initsplit $(DESTDIR)/usr/lib/dracut/dracut.conf.d \
+		$(DESTDIR)/usr/share/doc/initsplit
+	cd daemon && find initsplit -name '*.py' -exec install -D -m 644 {} $(DESTDIR)$(LIBDIR)/python/{} \;
+	install -m 755 bin/initsplitd $(DESTDIR)$(LIBDIR)/initsplitd
+	install -m 755 bin/initsplit $(DESTDIR)/usr/bin/initsplit
+	install -m 644 units/initsplitd.service units/initsplitd-initrd.service $(DESTDIR)/usr/lib/systemd/system/
+	install -m 644 conf/initsplitd.conf $(DESTDIR)/etc/initsplit/initsplitd.conf
+	install -m 644 conf/initsplit.catalog $(DESTDIR)/usr/lib/systemd/catalog/initsplit.catalog
+	install -m 644 udev/80-drivers.rules $(DESTDIR)/etc/udev/rules.d/80-drivers.rules
+	install -m 755 dracut/90initsplit/module-setup.sh $(DESTDIR)/usr/lib/dracut/modules.d/90initsplit/
+	install -m 644 dracut/90initsplit/python-closure.py $(DESTDIR)/usr/lib/dracut/modules.d/90initsplit/
+	install -m 644 conf/dracut-initsplit.conf $(DESTDIR)/usr/lib/dracut/dracut.conf.d/90-initsplit.conf
+	install -m 644 README.md $(DESTDIR)/usr/share/doc/initsplit/README.md
+
+.PHONY: install

@@ -16,6 +16,9 @@ from .notify import Notifier
 from .service import Service, Settings
 from .splits import SplitProvider
 
+# Fixed, because initsplit's udev rules test for it (udev/80-drivers.rules).
+ACTIVE_FLAG = Path("/run/initsplit/active")
+
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -32,6 +35,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="use this instead of /proc/cmdline (for tests)")
     parser.add_argument("--modprobe", default="/sbin/modprobe",
                         help="modprobe for modules with an install command")
+    parser.add_argument("--no-udev-handover", action="store_true",
+                        help=f"do not create {ACTIVE_FLAG}, which switches udev's own module "
+                             "loading off through initsplit's 80-drivers.rules")
     return parser.parse_args(argv)
 
 
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         exclude=frozenset(config.exclude),
         plain_only=plain_only,
         modprobe=args.modprobe,
+        active_flag=None if args.no_udev_handover else ACTIVE_FLAG,
     )
     provider = SplitProvider(modules_dir=modules_dir, cache_dir=config.cache_dir / kver,
                              runtime_dir=config.runtime_dir / kver)

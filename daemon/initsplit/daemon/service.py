@@ -74,6 +74,9 @@ class Settings:
     # Why every load is plain ("initsplit=off", "kernel enforces module signatures"), or "".
     plain_only: str = ""
     modprobe: str = "/sbin/modprobe"
+    # While this file exists udev's module loading is switched off by initsplit's
+    # 80-drivers.rules; None leaves udev alone (tests, busybox initramfs).
+    active_flag: Path | None = None
 
 
 @dataclass(slots=True)
@@ -205,6 +208,7 @@ class Service:
         selector.register(self._signal_r, selectors.EVENT_READ, "signal")
 
         self.recover()
+        self._set_active(True)
         for request in self.source.coldplug():
             self.handle_request(request)
         self.notifier.ready(self.status_text())
@@ -241,6 +245,11 @@ class Service:
                 exit_reason = "boot quiet"
                 break
         self.notifier.stopping()
+        # Hand module loading back to udev first, then serve what udev already
+        # skipped for us: those events are in our queue.
+        self._set_active(False)
+        for request in self.source.read_ready():
+            self.handle_request(request)
         self._drain()
         self.unload_batch("stop")
         self.reporter.summary(loads=self.stats.loads, batches=self.stats.batches,
@@ -248,6 +257,19 @@ class Service:
         self.reporter.log(6, f"initsplitd exiting: {exit_reason}")
         self.scheduler.shutdown()
         return 0
+
+    def _set_active(self, active: bool) -> None:
+        flag = self.settings.active_flag
+        if flag is None:
+            return
+        try:
+            if active:
+                flag.parent.mkdir(parents=True, exist_ok=True)
+                flag.write_text(f"{os.getpid()}\n")
+            else:
+                flag.unlink(missing_ok=True)
+        except OSError as exc:
+            self.reporter.log(4, f"cannot {'create' if active else 'remove'} {flag}: {exc.strerror}")
 
     def recover(self) -> None:
         """Clean up after a daemon that was killed mid-load (see loader/recovery.py)."""
