@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from initsplit.cache import MANIFEST_SUFFIX
+
 from initsplit.elf import read_elf
 from initsplit.split.modinfo import parse_modinfo
 from initsplit.split.splitter import NAMESPACE
@@ -64,7 +66,10 @@ def test_whole_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     expected = {str(r.path) for r in results if r.outcome == "split"}
     expected |= {str(r.init_path) for r in results if r.outcome == "split"}
-    assert written == expected  # nothing for unsplit modules, no temp files left
+    # A manifest for every decided module (the daemon's cache reads them).
+    expected |= {f"{r.path}{MANIFEST_SUFFIX}" for r in results
+                 if r.outcome in ("split", "nothing", "refused")}
+    assert written == expected  # no module files for unsplit modules, no temp files left
 
     for relative, name in SPOT_CHECKS:
         result = by_path[relative]
