@@ -13,9 +13,6 @@ it again: every device must still end up with its driver, nothing half-loaded.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,11 +22,11 @@ from tests.testbed import (
     BootResult,
     DebianKernel,
     boot,
-    cache_dir,
     dmesg_problems,
     host_root_files,
 )
-from tests.testbed.fixtures import kernel  # noqa: F401  (pytest fixture)
+from tests.testbed import script_section as section
+from tests.testbed.fixtures import kernel, vmshare  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.vm
 
@@ -84,9 +81,10 @@ KILL_BOOT = GUEST_SETUP + r"""
 echo "== kill"
 daemon 2>/tmp/first.log &
 pid=$!
-# Let it get into coldplug (imports take ~2 s under TCG), then kill it hard.
+# Let it get into coldplug (imports take ~2 s under TCG, much more on a loaded
+# host), then kill it hard right after its first two-stage load.
 i=0
-while [ $i -lt 200 ] && ! grep -q "loaded two-stage" /tmp/first.log 2>/dev/null; do sleep 0.1; i=$((i+1)); done
+while [ $i -lt 1200 ] && ! grep -q "loaded two-stage" /tmp/first.log 2>/dev/null; do sleep 0.1; i=$((i+1)); done
 kill -9 $pid; wait $pid; echo "killed rc=$?"
 echo "loaded before kill: $(grep -c 'loaded two-stage' /tmp/first.log)"
 echo "modules at kill: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
@@ -99,28 +97,16 @@ echo "== end"
 """
 
 
-def section(result: BootResult, name: str) -> str:
-    text = result.script_output
-    start = text.find(f"== {name}\n")
-    assert start >= 0, f"no section {name}\n{result.report()}"
-    end = text.find("\n== ", start + 1)
-    return text[start:end if end >= 0 else None]
-
-
 @pytest.fixture(scope="module")
-def shared(kernel: DebianKernel) -> Iterator[Path]:  # noqa: F811
-    base = cache_dir() / "vmshare"
-    base.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=base))
-    conf = path / "conf/etc/initsplit"
+def shared(vmshare: Path) -> Path:
+    conf = vmshare / "conf/etc/initsplit"
     conf.mkdir(parents=True)
     (conf / "initsplitd.conf").write_text(CONFIG)
     for name, mark in (("ahci.img", AHCI_MARK), ("usb.img", USB_MARK)):
-        with (path / name).open("wb") as f:
+        with (vmshare / name).open("wb") as f:
             f.write(mark)
             f.truncate(8 * 1024 * 1024)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    return vmshare
 
 
 def run_boot(kernel: DebianKernel, shared: Path, script: str) -> BootResult:  # noqa: F811

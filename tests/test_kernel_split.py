@@ -17,6 +17,7 @@ import pytest
 from initsplit.split import NothingToSplit, split_module
 from initsplit.validate import validate_split
 from tests.testbed import BootResult, DebianKernel, boot, decode_taint, dmesg_problems
+from tests.testbed import script_section as section
 from tests.testbed.fixtures import kernel, kmods  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.vm
@@ -144,14 +145,6 @@ rmmod isplit_noexit 2>&1; echo "rmmod core rc=$?"
 modlist
 echo "== end"
 """
-
-
-def section(result: BootResult, name: str) -> str:
-    text = result.script_output
-    start = text.find(f"== {name}\n")
-    assert start >= 0, f"no section {name} in output\n{result.report()}"
-    end = text.find("\n== ", start + 1)
-    return text[start:end if end >= 0 else None]
 
 
 def make_filesystem(tmp: Path, name: str, mkfs: list[str]) -> Path:

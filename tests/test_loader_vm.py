@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +19,10 @@ from tests.testbed import (
     BootResult,
     DebianKernel,
     boot,
-    cache_dir,
     dmesg_problems,
     host_root_files,
 )
-from tests.testbed.fixtures import kernel, kmods  # noqa: F401  (pytest fixtures)
+from tests.testbed.fixtures import kernel, kmods, vmshare  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.vm
 
@@ -106,18 +103,8 @@ print("@@RESULT@@" + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def shared() -> Iterator[Path]:
-    # The guest mounts its own tmpfs on /tmp, so inputs it reads from the host root
-    # live in the cache instead.
-    base = cache_dir() / "vmshare"
-    base.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=base))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def loader_boot(kernel: DebianKernel, kmods: dict[str, Path], shared: Path) -> BootResult:  # noqa: F811
+def loader_boot(kernel: DebianKernel, kmods: dict[str, Path], vmshare: Path) -> BootResult:  # noqa: F811
+    shared = vmshare
     # A pre-split cache for loop and softdog, made on the host like `initsplit split` does;
     # softdog's core module is then tampered with, so its entry must not be used.
     cache = shared / "presplit"

@@ -9,7 +9,7 @@ from ._util import TestbedError
 from .dmesg import decode_taint, dmesg_problems
 from .kernel import DebianKernel, cache_dir, debian_kernel
 from .kmodbuild import KMODS_DIR, build_module, build_test_modules, ensure_headers
-from .qemu import HOST_ROOT_SETUP, BootResult, boot, build_initramfs, host_root_files, module_files
+from .qemu import HOST_ROOT_SETUP, BootResult, boot, build_initramfs, host_root_files, module_files, script_section
 from .rootfs import RootFS, debian_rootfs
 from .system import GuestFile, SystemBoot, SystemImage, boot_system, build_disk
 
@@ -35,4 +35,5 @@ __all__ = [
     "dmesg_problems",
     "ensure_headers",
     "module_files",
+    "script_section",
 ]

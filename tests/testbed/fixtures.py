@@ -7,11 +7,14 @@ Both are session-scoped: the kernel is resolved and the modules are built once p
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .kernel import DebianKernel, debian_kernel
+from .kernel import DebianKernel, cache_dir, debian_kernel
 from .kmodbuild import build_test_modules
 
 
@@ -25,3 +28,16 @@ def kernel() -> DebianKernel:
 def kmods(kernel: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """All modules in tests/kmods built for `kernel`: {"isplit_roinit": Path(...ko), ...}."""
     return build_test_modules(tmp_path_factory.mktemp("kmods"), kernel=kernel)
+
+
+@pytest.fixture(scope="module")
+def vmshare() -> Iterator[Path]:
+    """A fresh directory the guest can read through the host root (boot(host_root=True)).
+
+    Not under /tmp: the guest mounts its own tmpfs there.
+    """
+    base = cache_dir() / "vmshare"
+    base.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=base))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

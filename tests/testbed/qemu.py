@@ -316,3 +316,16 @@ def host_root_files(kernel: DebianKernel) -> dict[str, Path | bytes]:
                 order.append(guest)
     files["/isplit/host-root-modules"] = ("\n".join(order) + "\n").encode()
     return files
+
+
+def script_section(result: BootResult, name: str) -> str:
+    """The part of the script output from a line "== NAME" to the next "== " line.
+
+    Guest scripts print such headers so that each test can look at its own steps.
+    """
+    text = result.script_output
+    start = text.find(f"== {name}\n")
+    if start < 0:
+        raise AssertionError(f"no section {name!r} in the script output\n{result.report()}")
+    end = text.find("\n== ", start + 1)
+    return text[start:end if end >= 0 else None]

@@ -30,6 +30,7 @@ from .constants import (
     SHT_STRTAB,
     SHT_SYMTAB,
     STB_LOCAL,
+    STT_SECTION,
 )
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
@@ -88,6 +89,7 @@ class ObjectBuilder:
         self._sections: list[_OutSection] = [_OutSection("", SHT_NULL, 0, 0, 0, b"", 0)]
         self._symbols: list[_OutSymbol] = [_OutSymbol("", 0, 0, 0, 0, 0, SHN_UNDEF)]
         self._relocs: dict[int, tuple[array, list[int], list[int], array]] = {}
+        self._section_symbols: dict[int, int] = {}
 
     # -- sections ---------------------------------------------------------
     def add_section(
@@ -132,6 +134,14 @@ class ObjectBuilder:
         """Add a symbol and return a handle that relocations refer to."""
         self._symbols.append(_OutSymbol(name, value, size, bind, type, other, shndx))
         return len(self._symbols) - 1
+
+    def section_symbol(self, section: int) -> int:
+        """The STT_SECTION symbol of output section *section* (made on first use)."""
+        handle = self._section_symbols.get(section)
+        if handle is None:
+            handle = self._section_symbols[section] = self.add_symbol(
+                "", bind=STB_LOCAL, type=STT_SECTION, shndx=section)
+        return handle
 
     # -- relocations ------------------------------------------------------
     def add_relocations(

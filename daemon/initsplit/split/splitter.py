@@ -354,13 +354,7 @@ class _Splitter:
                 builder.add_relocation(sec, r.offset, r.type, handle, r.addend + extra)
 
         # 5. per-record tables: the records describing init code, plus ours.
-        section_sym: dict[int, int] = {}
-
-        def section_symbol(out_index: int) -> int:
-            if out_index not in section_sym:
-                section_sym[out_index] = builder.add_symbol(
-                    "", bind=STB_LOCAL, type=STT_SECTION, shndx=out_index)
-            return section_sym[out_index]
+        section_symbol = builder.section_symbol
 
         for split in self.tables.values():
             extra_orc: list[tuple[int, codegen.OrcEntry]] = []
@@ -581,13 +575,7 @@ class _Splitter:
             c_symbol[index] = builder.add_symbol(
                 sym.name, value=sym.value, size=sym.size, bind=sym.bind, type=sym.type,
                 other=sym.other, shndx=shndx)
-        section_sym: dict[int, int] = {}
-
-        def section_symbol(out_index: int) -> int:
-            if out_index not in section_sym:
-                section_sym[out_index] = builder.add_symbol(
-                    "", bind=STB_LOCAL, type=STT_SECTION, shndx=out_index)
-            return section_sym[out_index]
+        section_symbol = builder.section_symbol
 
         # Relocations of the kept sections.
         eval_sec = None
@@ -735,17 +723,13 @@ class _Splitter:
                 crc = kcrctab.data[record * 4:record * 4 + 4]
                 entries.append((strings.data[start:end], relocs, crc))
 
-        section_syms: dict[int, int] = {}
         for anchor, core_section, name_off in zip(self.anchor_names, self._anchor_sections,
                                                   self._anchor_name_offsets):
             target = c_index.get(core_section)
             if target is None:
                 raise SplitRefused("anchor section missing from core", self.sections[core_section].name)
-            if target not in section_syms:
-                section_syms[target] = builder.add_symbol("", bind=STB_LOCAL, type=STT_SECTION,
-                                                          shndx=target)
             relocs = [
-                (0, R_X86_64_PC32, section_syms[target], 0),
+                (0, R_X86_64_PC32, builder.section_symbol(target), 0),
                 (4, R_X86_64_PC32, strings_sym, name_off),
                 (8, R_X86_64_PC32, strings_sym, self._ns_offset),
             ]
