@@ -41,10 +41,10 @@ from initsplit.loader.twostage import SplitPair, load_two_stage
 moddir = Path(os.environ["ISPLIT_MODDIR"])
 kmoddir = Path(os.environ["ISPLIT_KMODDIR"])
 out = {"caps": asdict(probe_capabilities())}
-fresh = SplitProvider(modules_dir=moddir, cache_dir=Path("/nonexistent"), runtime_dir=Path("/tmp/rt"))
+fresh = SplitProvider(modules_dir=moddir, cache_dir=Path("/nonexistent"), runtime_dir=Path("/run/rt"))
 cached = SplitProvider(modules_dir=moddir, cache_dir=Path(os.environ["ISPLIT_CACHE"]),
-                       runtime_dir=Path("/tmp/rt2"))
-tests = SplitProvider(modules_dir=kmoddir, cache_dir=Path("/nonexistent"), runtime_dir=Path("/tmp/rt3"))
+                       runtime_dir=Path("/run/rt2"))
+tests = SplitProvider(modules_dir=kmoddir, cache_dir=Path("/nonexistent"), runtime_dir=Path("/run/rt3"))
 
 def record(key, load):
     out[key] = asdict(load)
@@ -78,14 +78,14 @@ pair = cached.get(softdog)
 out["softdog_tampered_ignored"] = not str(getattr(pair, "core", "")).startswith(os.environ["ISPLIT_CACHE"])
 
 # 3. An init module the kernel rejects before init: C removed, original loaded plain.
-bad = Path("/tmp/bad__init.ko")
+bad = Path("/run/bad__init.ko")
 good = fresh.get(dummy)
 bad.write_bytes(good.init.read_bytes()[:200])
 record("bad_init", load_two_stage(SplitPair("dummy", "dummy__init", good.core, bad), original=dummy))
 out["bad_init_del"] = try_delete("dummy")
 
 # 4. A core module the kernel rejects: original loaded plain.
-badcore = Path("/tmp/badcore.ko")
+badcore = Path("/run/badcore.ko")
 badcore.write_bytes(b"not an ELF file")
 record("bad_core", load_two_stage(SplitPair("dummy", "dummy__init", badcore, good.init), original=dummy))
 out["bad_core_del"] = try_delete("dummy")

@@ -32,10 +32,7 @@ def kmods(kernel: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 @pytest.fixture(scope="module")
 def vmshare() -> Iterator[Path]:
-    """A fresh directory the guest can read through the host root (boot(host_root=True)).
-
-    Not under /tmp: the guest mounts its own tmpfs there.
-    """
+    """A fresh directory the guest can read through the host root (boot(host_root=True))."""
     base = cache_dir() / "vmshare"
     base.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(dir=base))

@@ -298,9 +298,11 @@ for ko in $(cat /isplit/host-root-modules); do insmod $ko || echo "host root: in
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose hostroot /host || echo "host root: mount failed"
 for d in proc sys dev; do mount --bind /$d /host/$d; done
-mount -t tmpfs tmpfs /host/tmp
+# The host's /tmp stays visible (a checkout or test files may live there); the
+# guest's scratch space is a tmpfs on /run, and TMPDIR points programs at it.
 mount -t tmpfs tmpfs /host/run
-hostrun() { chroot /host "$@"; }
+mkdir -p /host/run/tmp
+hostrun() { TMPDIR=/run/tmp chroot /host "$@"; }
 """
 
 
