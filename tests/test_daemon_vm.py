@@ -1,8 +1,9 @@
 """initsplitd on a real kernel with real QEMU devices, fed by raw kernel uevents (no udevd).
 
-The guest is a busybox initramfs that runs Debian's python3 and this checkout from
-the host's root (read-only over virtio-9p), with the Debian 6.1 module tree mounted
-at /lib/modules/KVER inside that root. QEMU adds devices whose drivers are modules:
+The guest is a busybox initramfs that runs the daemon in a chroot of the cached
+debootstrap root (Debian's python3, python3-pyudev, python3-pyelftools,
+python3-systemd, kmod and the Debian 6.1 kernel's module tree), exported read-only
+over virtio-9p, with this checkout shared beside it at /mnt. QEMU adds devices whose drivers are modules:
 an e1000 NIC, a virtio RNG, a disk on the q35 AHCI controller, and a USB stick on an
 xHCI controller. The daemon must coldplug them, load every driver two-stage, let
 the devices work, delete every init module when boot goes quiet, and exit.
@@ -22,6 +23,7 @@ from tests.testbed import (
     BootResult,
     DebianKernel,
     boot,
+    debian_rootfs,
     dmesg_problems,
     host_root_files,
 )
@@ -44,18 +46,12 @@ RuntimeDir=/run/initsplit
 """
 
 GUEST_SETUP = HOST_ROOT_SETUP + r"""
-# The host's root has no Debian 6.1 modules: show the cached tree at the usual place.
-mount -t tmpfs tmpfs /host/lib/modules
-mkdir -p /host/lib/modules/$(uname -r)
-mount --bind /host$ISPLIT_MODDIR /host/lib/modules/$(uname -r)
-export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=$ISPLIT_REPO/daemon
+export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/mnt/daemon
 daemon() {
-    hostrun /usr/bin/python3 -m initsplit.daemon --source kernel --config-root $ISPLIT_CONF "$@"
+    hostrun /usr/bin/python3 -m initsplit.daemon --source kernel --config-root /srv/conf "$@"
 }
 check_devices() {
     echo "modules: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
-    for n in /sys/class/net/*; do
-        [ "$(cat $n/device/driver/module/../module 2>/dev/null)" ] ; done
     for n in /sys/class/net/*; do
         d=$(basename $(readlink $n/device/driver 2>/dev/null) 2>/dev/null); echo "net $(basename $n) driver=$d"
     done
@@ -110,8 +106,7 @@ def shared(vmshare: Path) -> Path:
 
 
 def run_boot(kernel: DebianKernel, shared: Path, script: str) -> BootResult:  # noqa: F811
-    env = (f"export ISPLIT_REPO={REPO} ISPLIT_MODDIR={kernel.modules_dir} "
-           f"ISPLIT_CONF={shared / 'conf'}\n")
+    rootfs = debian_rootfs(kernel)
     devices = [
         "-device", "e1000",
         "-device", "virtio-rng-pci",
@@ -121,8 +116,9 @@ def run_boot(kernel: DebianKernel, shared: Path, script: str) -> BootResult:  # 
         "-drive", f"file={shared / 'usb.img'},if=none,id=usbstick,format=raw,snapshot=on",
         "-device", "usb-storage,bus=xhci.0,drive=usbstick",
     ]
-    return boot(kernel, script=env + script, files=host_root_files(kernel), host_root=True,
-                qemu_args=devices, timeout=480, memory_mb=1024)
+    return boot(kernel, script=script, files=host_root_files(kernel), host_root=rootfs.path,
+                shares={"/mnt": REPO, "/srv": shared}, qemu_args=devices, timeout=480,
+                memory_mb=1024)
 
 
 @pytest.fixture(scope="module")

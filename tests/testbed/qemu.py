@@ -188,7 +188,8 @@ def boot(
     smp: int = 2,
     pvh: bool = True,
     qemu_args: Iterable[str] = (),
-    host_root: bool = False,
+    host_root: bool | Path = False,
+    shares: Mapping[str, Path] = {},
 ) -> BootResult:
     """Boot `kernel`, run `script` with /bin/sh as the only job, power off.
 
@@ -201,10 +202,16 @@ def boot(
     done by the bzImage decompressor; pvh=False boots the real bzImage path.
 
     `qemu_args` adds devices ("-device", "e1000", ...). host_root=True exports the
-    host's root directory read-only over virtio-9p; a script that starts with
-    HOST_ROOT_SETUP (see host_root_files()) then runs host programs, such as Debian's
-    python3 with this checkout, through `hostrun CMD...` in a chroot of it.
+    host's root directory read-only over virtio-9p, host_root=PATH exports that
+    directory instead (e.g. the cached debootstrap root); a script that starts with
+    HOST_ROOT_SETUP (see host_root_files()) then runs its programs, such as Debian's
+    python3, through `hostrun CMD...` in a chroot of it. `shares` maps directories
+    inside that root (e.g. "/mnt/initsplit", which must exist there) to host
+    directories exported read-only beside it, such as this checkout.
     """
+    if shares:
+        files = {**files, "/isplit/shares": "".join(
+            f"share{n} {guest}\n" for n, guest in enumerate(shares)).encode()}
     if shutil.which(QEMU) is None:
         raise TestbedError(f"{QEMU} not found: install qemu-system-x86")
     with tempfile.TemporaryDirectory(prefix="initsplit-vm-") as tmp_s:
@@ -229,7 +236,11 @@ def boot(
             "-nic", "none",
         ]
         if host_root:
-            argv += ["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,"
+            root_dir = "/" if host_root is True else str(host_root)
+            argv += ["-virtfs", f"local,path={root_dir},mount_tag=hostroot,security_model=none,"
+                     "readonly=on,multidevs=remap"]
+        for n, host_dir in enumerate(shares.values()):
+            argv += ["-virtfs", f"local,path={host_dir},mount_tag=share{n},security_model=none,"
                      "readonly=on,multidevs=remap"]
         argv += list(qemu_args)
         start = time.monotonic()
@@ -297,6 +308,9 @@ HOST_ROOT_SETUP = r"""
 for ko in $(cat /isplit/host-root-modules); do insmod $ko || echo "host root: insmod $ko failed"; done
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose hostroot /host || echo "host root: mount failed"
+[ -f /isplit/shares ] && while read tag guest; do
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose $tag /host$guest || echo "share $tag: mount failed"
+done < /isplit/shares
 for d in proc sys dev; do mount --bind /$d /host/$d; done
 # The host's /tmp stays visible (a checkout or test files may live there); the
 # guest's scratch space is a tmpfs on /run, and TMPDIR points programs at it.
