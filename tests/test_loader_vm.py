@@ -187,3 +187,42 @@ def test_no_cleanup_core_stays(result: dict) -> None:
 def test_loader_boot_clean(loader_boot: BootResult) -> None:
     problems = dmesg_problems(loader_boot.dmesg, tainted=loader_boot.tainted, allowed_taint="OE")
     assert not problems, "\n".join(problems)
+
+
+SIG_ENFORCE_PROGRAM = r"""
+import json, os, sys
+from dataclasses import asdict
+from pathlib import Path
+sys.path.insert(0, os.environ["ISPLIT_REPO"] + "/daemon")
+from initsplit.daemon.splits import SplitProvider
+from initsplit.loader.kernel_state import probe_capabilities
+from initsplit.loader.twostage import load_two_stage
+
+moddir = Path(os.environ["ISPLIT_MODDIR"])
+dummy = moddir / "kernel/drivers/net/dummy.ko"
+pair = SplitProvider(modules_dir=moddir, cache_dir=Path("/nonexistent"),
+                     runtime_dir=Path("/run/rt")).get(dummy)
+out = {"caps": asdict(probe_capabilities()),
+       # Even if a caller ignored the capability check, nothing is left half-loaded:
+       # the unsigned core is rejected and the signed original goes in plain.
+       "load": asdict(load_two_stage(pair, original=dummy))}
+print("@@RESULT@@" + json.dumps(out))
+"""
+
+
+def test_signature_enforcing_kernel_gets_plain_loads(kernel: DebianKernel, vmshare: Path) -> None:  # noqa: F811
+    program = vmshare / "sig_enforce_check.py"
+    program.write_text(SIG_ENFORCE_PROGRAM)
+    script = HOST_ROOT_SETUP + (
+        f"ISPLIT_REPO={REPO} ISPLIT_MODDIR={kernel.modules_dir} PYTHONDONTWRITEBYTECODE=1 "
+        f"hostrun /usr/bin/python3 {program}\n")
+    result = boot(kernel, script=script, files=host_root_files(kernel), host_root=True,
+                  append="module.sig_enforce=1", timeout=300)
+    assert result.ok, result.report()
+    line = next((l for l in result.script_output.splitlines() if l.startswith("@@RESULT@@")), None)
+    assert line, result.report()
+    out = json.loads(line[len("@@RESULT@@"):])
+    assert out["caps"]["accepts_unsigned"] is False, out
+    assert "enforces module signatures" in out["caps"]["reason"], out
+    load = out["load"]
+    assert load["mode"] == "plain" and "core module refused" in load["reason"], load
