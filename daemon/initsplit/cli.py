@@ -1,4 +1,5 @@
-"""Command line interface: `initsplit split` for trees, `initsplit check` for one module.
+"""Command line interface: `initsplit split` for trees, `initsplit check` for one module,
+`initsplit analyze` for what the kernel allocates and what splitting saves.
 
 Exit codes:
   0  success: every module was split and validated, or left alone because there
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,6 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("module", metavar="FILE.ko", type=Path)
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="predict per module the kernel's allocations and the pages a split saves",
+        description="Lay out every module under TREE as the kernel would (core and init\n"
+        "layouts, in pages), split it, and predict the saving against a kernel that\n"
+        "keeps init resident and against today's kernel.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    analyze.add_argument("tree", metavar="TREE", nargs="?", type=Path, default=None,
+                         help="a module tree or .ko file (default: /lib/modules/$(uname -r))")
+    analyze.add_argument("--json", action="store_true", help="print JSON, with every module")
+    analyze.add_argument("--plot", metavar="FILE.png", type=Path,
+                         help="also draw the size histogram and the savings into a PNG")
+    analyze.add_argument("--per-module", action="store_true",
+                         help="also list every module in the text output")
+    analyze.add_argument("-j", "--jobs", metavar="N", type=_positive_int, default=None,
+                         help="worker processes (default: number of CPUs)")
     return parser
 
 
@@ -104,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command == "split":
         return _split(args)
+    if args.command == "analyze":
+        return _analyze(args)
     return _check(args.module)
 
 
@@ -164,6 +187,39 @@ def _progress(total: int, stream: TextIO, *, enabled: bool = True) -> Iterator[C
         # Erase the line so the summary (or an error) starts on a clean one.
         stream.write("\r\033[K")
         stream.flush()
+
+
+# ------------------------------------------------------------------ analyze
+
+def _analyze(args: argparse.Namespace) -> int:
+    from . import analyze  # the layout model is only needed here
+
+    tree = args.tree if args.tree is not None else Path("/lib/modules") / os.uname().release
+    try:
+        jobs = find_modules([tree])
+        if not jobs:
+            raise TreeError(f"no {MODULE_SUFFIX} files in {tree}")
+    except TreeError as exc:
+        print(f"initsplit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    rules = analyze.rules_for_tree(tree)
+    with _progress(len(jobs), sys.stderr, enabled=not args.json) as tick:
+        results = analyze.analyze_jobs(jobs, rules, workers=args.jobs, progress=lambda _: tick())
+    summary = analyze.summarize(results, rules, str(tree))
+    for problem in summary["problems"]:
+        print(f"initsplit: {problem['outcome']}: {problem['path']}: {problem['reason']}",
+              file=sys.stderr)
+    if args.json:
+        print(analyze.render_json(summary, results))
+    else:
+        print(analyze.render_text(summary, results, per_module=args.per_module))
+    if args.plot is not None:
+        try:
+            analyze.write_plot(summary, args.plot)
+        except OSError as exc:
+            print(f"initsplit: {args.plot}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_FAILED if summary["problems"] else EXIT_OK
 
 
 # -------------------------------------------------------------------- check

@@ -1,0 +1,376 @@
+"""`initsplit analyze`: the kernel's module layout model, and the command's output.
+
+The expected sizes of real Debian modules below were read from the Debian 6.1
+kernel in QEMU (tests/test_savings_vm.py): /proc/modules and
+/sys/module/NAME/coresize for the core layouts, a kprobe on module_alloc() for
+the init layouts. A synthetic module checks each layout rule on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from initsplit import cli
+from initsplit.analyze import (
+    CORE_GROUPS,
+    INIT_GROUPS,
+    LayoutRules,
+    analyze_module,
+    histogram,
+    layout_of,
+    rules_for_tree,
+)
+from initsplit.elf import ObjectBuilder
+from initsplit.elf.constants import (
+    SHF_ALLOC,
+    SHF_EXECINSTR,
+    SHF_WRITE,
+    SHN_UNDEF,
+    SHT_NOBITS,
+    SHT_PROGBITS,
+    STB_GLOBAL,
+    STB_LOCAL,
+    STT_FUNC,
+    STT_NOTYPE,
+    STT_OBJECT,
+)
+from initsplit.split import split_module
+from tests.testbed.kernel import debian_kernel
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = "/usr/bin/python3"
+PAGE = 4096
+
+# Measured in QEMU on Debian 6.1.0-56-amd64 (6.1.192):
+# module -> (plain core, plain init), (C core, C init), (I core, I init), in bytes.
+MEASURED = {
+    "kernel/drivers/net/dummy.ko": ((16384, 12288), (16384, 4096), (16384, 12288)),
+    "kernel/fs/jbd2/jbd2.ko": ((167936, 57344), (159744, 45056), (16384, 12288)),
+    "kernel/drivers/gpu/drm/drm.ko": ((618496, 188416), (565248, 131072), (16384, 16384)),
+    "kernel/fs/nls/nls_cp857.ko": ((16384, 12288), (20480, 4096), (16384, 12288)),
+    "kernel/drivers/net/phy/libphy.ko": ((180224, 90112), (167936, 69632), (16384, 12288)),
+    "kernel/fs/configfs/configfs.ko": ((57344, 24576), (53248, 16384), (16384, 12288)),
+    "kernel/drivers/md/raid1.ko": ((53248, 20480), (57344, 12288), (16384, 12288)),
+    "kernel/drivers/scsi/scsi_common.ko": ((16384, 4096), None, None),  # nothing to split
+}
+
+
+@pytest.fixture(scope="module")
+def modules_dir() -> Path:
+    return debian_kernel().modules_dir
+
+
+@pytest.fixture(scope="module")
+def rules(modules_dir: Path) -> LayoutRules:
+    return rules_for_tree(modules_dir)
+
+
+# ------------------------------------------------------------- the rules
+
+def test_rules_read_from_the_debian_config(modules_dir: Path, rules: LayoutRules) -> None:
+    config = modules_dir.parent.parent.parent / "boot" / f"config-{modules_dir.name}"
+    assert Path(rules.config).resolve() == config.resolve()
+    assert (rules.strict_module_rwx, rules.kallsyms, rules.kallsyms_all, rules.module_unload) == (
+        True, True, True, True)
+    assert rules.kernel == modules_dir.name
+    # A file or subdirectory of the tree finds the same configuration.
+    assert rules_for_tree(modules_dir / "kernel/drivers/net/dummy.ko") == rules
+    assert rules_for_tree(modules_dir / "kernel/fs") == rules
+    text = "\n".join(rules.describe())
+    assert "CONFIG_STRICT_MODULE_RWX=y" in text and "CONFIG_KALLSYMS_ALL=y" in text
+    assert ".modinfo, __versions" in text and rules.config in text
+
+
+def test_rules_default_without_a_config(tmp_path: Path) -> None:
+    rules = rules_for_tree(tmp_path)
+    assert rules.config == "" and rules.strict_module_rwx and rules.kallsyms_all
+    assert "defaults assumed" in rules.describe()[-1]
+    assert rules_for_tree(None) == LayoutRules()
+
+
+def test_rules_follow_the_config(tmp_path: Path) -> None:
+    root = tmp_path / "lib/modules/9.9.9"
+    root.mkdir(parents=True)
+    (tmp_path / "boot").mkdir()
+    (tmp_path / "boot/config-9.9.9").write_text(
+        "CONFIG_KALLSYMS=y\n# CONFIG_KALLSYMS_ALL is not set\nCONFIG_MODULE_UNLOAD=y\n")
+    rules = rules_for_tree(root)
+    assert rules.kernel == "9.9.9" and rules.config == str(tmp_path / "boot/config-9.9.9")
+    assert not rules.strict_module_rwx and rules.kallsyms and not rules.kallsyms_all
+
+
+# ------------------------------------------------- real modules, measured
+
+@pytest.mark.parametrize("relative", sorted(MEASURED))
+def test_layouts_match_the_kernel(modules_dir: Path, rules: LayoutRules, relative: str) -> None:
+    plain_sizes, core_sizes, init_sizes = MEASURED[relative]
+    data = (modules_dir / relative).read_bytes()
+    plain = layout_of(data, rules)
+    assert (plain.core.size, plain.init.size) == plain_sizes
+    if core_sizes is None:
+        return
+    split = split_module(data)
+    core, init = layout_of(split.core, rules), layout_of(split.init, rules)
+    assert (core.core.size, core.init.size) == core_sizes
+    assert (init.core.size, init.init.size) == init_sizes
+
+
+def test_groups_are_whole_pages_in_layout_order(modules_dir: Path, rules: LayoutRules) -> None:
+    layout = layout_of((modules_dir / "kernel/fs/jbd2/jbd2.ko").read_bytes(), rules)
+    assert [name for name, _ in layout.core.groups] == list(CORE_GROUPS)
+    assert [name for name, _ in layout.init.groups] == list(INIT_GROUPS)
+    assert dict(layout.core.groups) == {"text": 61440, "rodata": 36864, "ro_after_init": 4096,
+                                        "data": 20480, "kallsyms": 45056}
+    assert all(size % PAGE == 0 for _, size in layout.core.groups + layout.init.groups)
+    assert layout.core.pages == 41 and layout.init.pages == 14
+    # The raw bytes: 116,186 outside init, 549 of .init*, as size(1) would sum them.
+    assert (layout.core_bytes, layout.init_bytes) == (116186, 549)
+
+
+def test_the_jbd2_saving_is_in_kallsyms(modules_dir: Path, rules: LayoutRules) -> None:
+    """jbd2 saves 2 pages against today's kernel: the core symbols of C's rebuilt
+    export tables (__ksymtab_NAME, __crc_NAME) are not there any more."""
+    data = (modules_dir / "kernel/fs/jbd2/jbd2.ko").read_bytes()
+    plain = layout_of(data, rules).core
+    core = layout_of(split_module(data).core, rules).core
+    saved = {g: (plain.group(g) - core.group(g)) // PAGE for g in CORE_GROUPS}
+    assert saved == {"text": 0, "rodata": 0, "ro_after_init": 0, "data": 0, "kallsyms": 2}
+
+
+def test_init_resident_merges_init_into_the_core_groups(modules_dir: Path, rules: LayoutRules) -> None:
+    data = (modules_dir / "kernel/fs/configfs/configfs.ko").read_bytes()
+    plain = layout_of(data, rules)
+    resident = layout_of(data, rules, init_resident=True)
+    assert resident.init_bytes == 0
+    assert resident.core_bytes == plain.core_bytes + plain.init_bytes
+    assert resident.init.groups == (("text", 0), ("rodata", 0), ("data", 0), ("kallsyms", 16384))
+    assert resident.core.size == 61440  # one page more than the 57344 the kernel keeps
+
+
+def test_analyze_module_savings(modules_dir: Path, rules: LayoutRules) -> None:
+    jbd2 = analyze_module(modules_dir / "kernel/fs/jbd2/jbd2.ko", "kernel/fs/jbd2/jbd2.ko", rules)
+    assert jbd2.outcome == "split" and jbd2.name == "jbd2" and jbd2.init_name == "jbd2__init"
+    assert (jbd2.saving_today, jbd2.saving_resident, jbd2.saving_flat_2002) == (2, 2, 0)
+    cp857 = analyze_module(modules_dir / "kernel/fs/nls/nls_cp857.ko", "nls_cp857.ko", rules)
+    assert cp857.saving_today == -1  # C's anchors push .rodata over a page boundary
+    common = analyze_module(modules_dir / "kernel/drivers/scsi/scsi_common.ko", "x.ko", rules)
+    assert common.outcome == "nothing" and common.saving_today == 0 and common.after_core.pages == 4
+    assert json.loads(json.dumps(jbd2.as_dict()))["saving_pages"]["today"] == 2
+
+
+def test_analyze_module_reports_bad_input(tmp_path: Path, rules: LayoutRules) -> None:
+    bad = tmp_path / "bad.ko"
+    bad.write_bytes(b"\x7fELF not really")
+    result = analyze_module(bad, "bad.ko", rules)
+    assert result.outcome == "error" and "MalformedElf" in result.reason
+    assert result.saving_today == 0 and result.as_dict()["outcome"] == "error"
+
+
+# ------------------------------------------------------ synthetic module
+
+def synthetic_module() -> bytes:
+    """One section per layout rule, with symbols of every kind."""
+    b = ObjectBuilder()
+    rw = SHF_ALLOC | SHF_WRITE
+    text = b.add_section(".text", type=SHT_PROGBITS, flags=SHF_ALLOC | SHF_EXECINSTR,
+                         data=bytes(100), addralign=16)
+    init_text = b.add_section(".init.text", type=SHT_PROGBITS, flags=SHF_ALLOC | SHF_EXECINSTR,
+                              data=bytes(50), addralign=16)
+    rodata = b.add_section(".rodata", type=SHT_PROGBITS, flags=SHF_ALLOC, data=bytes(5000),
+                           addralign=32)
+    b.add_section("__jump_table", type=SHT_PROGBITS, flags=rw, data=bytes(32), addralign=8)
+    b.add_section(".data..ro_after_init", type=SHT_PROGBITS, flags=rw, data=bytes(8), addralign=8)
+    data = b.add_section(".data", type=SHT_PROGBITS, flags=rw, data=bytes(10), addralign=8)
+    b.add_section(".bss", type=SHT_NOBITS, flags=rw, size=5000, addralign=32)
+    modinfo = b.add_section(".modinfo", type=SHT_PROGBITS, flags=SHF_ALLOC,
+                            data=b"name=synthetic\0", addralign=1)
+    b.add_section("__versions", type=SHT_PROGBITS, flags=SHF_ALLOC, data=bytes(64), addralign=8)
+    percpu = b.add_section(".data..percpu", type=SHT_PROGBITS, flags=rw, data=bytes(8), addralign=8)
+    b.add_section(".init.data", type=SHT_PROGBITS, flags=rw, data=bytes(20), addralign=8)
+    b.add_section(".gnu.linkonce.this_module", type=SHT_PROGBITS, flags=rw, data=bytes(896),
+                  addralign=64)
+    for name, shndx, kind in (("t", text, STT_FUNC), ("i", init_text, STT_FUNC),
+                              ("r", rodata, STT_OBJECT), ("d", data, STT_OBJECT),
+                              ("p", percpu, STT_OBJECT), ("m", modinfo, STT_OBJECT)):
+        b.add_symbol(name, bind=STB_LOCAL, type=kind, shndx=shndx)
+    b.section_symbol(text)  # no name: never a core symbol
+    b.add_symbol("printk", bind=STB_GLOBAL, type=STT_NOTYPE, shndx=SHN_UNDEF)
+    return b.build()
+
+
+def _symtab_sizes(blob: bytes) -> tuple[int, int]:
+    from initsplit.elf import read_elf
+
+    obj = read_elf(blob)
+    symtab = obj.sections[obj.symtab_index]
+    return symtab.size, obj.sections[symtab.link].size
+
+
+def test_synthetic_module_strict_rwx() -> None:
+    blob = synthetic_module()
+    layout = layout_of(blob, LayoutRules())
+    # text: .text; rodata: .rodata (4096 + 5000 bytes, so two pages); ro_after_init:
+    # __jump_table and .data..ro_after_init; data: .data, .bss, struct module.
+    # .modinfo, __versions and .data..percpu are not in either layout.
+    assert dict(layout.core.groups) == {"text": 4096, "rodata": 8192, "ro_after_init": 4096,
+                                        "data": 8192, "kallsyms": 4096}
+    assert layout.core_bytes == 100 + 5000 + 32 + 8 + 10 + 5000 + 896
+    assert layout.init_bytes == 50 + 20
+    symtab, strtab = _symtab_sizes(blob)
+    nsrc = symtab // 24
+    tail = ((4096 * 2 + symtab + strtab + 7) // 8 * 8 + 32 + nsrc)
+    assert dict(layout.init.groups) == {"text": 4096, "rodata": 0, "data": 4096,
+                                        "kallsyms": -(-tail // PAGE) * PAGE - 8192}
+    # The 2002 rule: one run of sections with their own alignment only.
+    assert layout.flat_core < layout.flat_all <= layout.flat_core + 50 + 20 + 16 + 8
+
+
+def test_synthetic_module_without_strict_rwx() -> None:
+    blob = synthetic_module()
+    layout = layout_of(blob, LayoutRules(strict_module_rwx=False, kallsyms_all=True))
+    core = dict(layout.core.groups)
+    assert core["text"] == 100
+    assert core["text"] + core["rodata"] == 128 + 5000  # .rodata aligned to 32
+    # Core symbols: the null symbol, t, r, d and the per-cpu p (KALLSYMS_ALL);
+    # not i (init), m (.modinfo is not loaded), printk (undefined) or the section symbol.
+    assert core["kallsyms"] == 5 * 24 + (1 + 4 * 2) + 5 + (-sum(
+        v for k, v in core.items() if k != "kallsyms") % 8)
+    fewer = layout_of(blob, LayoutRules(strict_module_rwx=False, kallsyms_all=False))
+    # Without KALLSYMS_ALL only code symbols stay: the null symbol and t.
+    assert dict(fewer.core.groups)["kallsyms"] - core["kallsyms"] == (2 * 24 + 3 + 2) - (5 * 24 + 9 + 5)
+
+
+def test_synthetic_module_without_kallsyms() -> None:
+    layout = layout_of(synthetic_module(), LayoutRules(kallsyms=False))
+    assert layout.core.group("kallsyms") == 0 and layout.init.group("kallsyms") == 0
+    assert layout.core.size == 4096 * 6 and layout.init.size == 4096 * 2
+
+
+def test_histogram_bins() -> None:
+    assert histogram([0, 511, 512, 4095, 4096, 4097 + 1024, 8191]) == [3, 1, 1, 0, 0, 0, 0, 2]
+    assert histogram([], bin_size=1024) == [0, 0, 0, 0]
+
+
+# ------------------------------------------------------------------ CLI
+
+TREE_MODULES = {
+    "kernel/drivers/net/dummy.ko": "split",
+    "kernel/fs/jbd2/jbd2.ko": "split",
+    "kernel/fs/nls/nls_cp857.ko": "split",
+    "kernel/fs/configfs/configfs.ko": "split",
+    "kernel/drivers/scsi/scsi_common.ko": "nothing",
+    "kernel/drivers/pci/pci-stub.ko": "refused",
+}
+
+
+@pytest.fixture(scope="module")
+def small_tree(modules_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tree laid out like an extracted Debian package, config beside it."""
+    base = tmp_path_factory.mktemp("pkg")
+    root = base / "lib/modules" / modules_dir.name
+    for relative in TREE_MODULES:
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(modules_dir / relative, target)
+    (base / "boot").mkdir()
+    config = f"config-{modules_dir.name}"
+    shutil.copyfile(modules_dir.parent.parent.parent / "boot" / config, base / "boot" / config)
+    return root
+
+
+def test_cli_text(small_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["analyze", str(small_tree), "-j", "1"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "layout rules applied:" in out and "CONFIG_STRICT_MODULE_RWX=y" in out
+    assert f"kernel configuration: {small_tree.parent.parent.parent}/boot/config-" in out
+    assert "modules: 6; with init sections: 5; non-init size above one page (4096 bytes): 3" in out
+    assert "splitter: split 4, nothing to split 1, refused 1, invalid 0, errors 0" in out
+    bins = [line for line in out.splitlines() if line.startswith("  0") or line.startswith("  1")
+            or line.startswith("  2") or line.startswith("  3")]
+    assert len(bins) == 8 and bins[0].startswith("  0000...0511")
+    # dummy 0, jbd2 +2, nls_cp857 -1, configfs +1.
+    assert "(b) against today's kernel" in out
+    assert "2 pages = 8,192 bytes over 4 split modules (2 save pages, 1 need more)" in out
+    assert "(a) against init kept resident" in out
+    assert "dummy" not in out  # no per-module table unless asked
+
+
+def test_cli_per_module(small_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["analyze", str(small_tree), "--per-module", "-j", "2"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("jbd2", "pci_stub", "nls_cp857")}
+    assert rows["jbd2"][1:] == ["split", "116186", "549", "41", "14", "39", "4", "2", "2"]
+    assert rows["nls_cp857"][-1] == "-1"
+    assert rows["pci_stub"][1] == "refused"
+
+
+def test_cli_json(small_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["analyze", str(small_tree), "--json"]) == cli.EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["modules"] == 6 and doc["kernel"] == small_tree.name
+    assert doc["outcomes"] == {"split": 4, "nothing": 1, "refused": 1, "invalid": 0, "error": 0}
+    assert doc["rules"]["strict_module_rwx"] and doc["rules"]["applied"]
+    per = {m["name"]: m for m in doc["per_module"]}
+    assert per["jbd2"]["plain_core"]["size"] == 167936
+    assert per["jbd2"]["split_core"]["size"] == 159744
+    assert per["jbd2"]["init_module_core"]["size"] == 16384
+    today = doc["savings"]["today"]
+    assert today["pages"] == sum(m["saving_pages"]["today"] for m in doc["per_module"]) == 2
+    assert today["bytes"] == 2 * PAGE
+    assert sum(g["saving"] for g in today["by_group"].values()) == 2
+    assert doc["histogram"]["over_one_page"] == [
+        sum(1 for m in doc["per_module"] if m["non_init_bytes"] > PAGE
+            and m["non_init_bytes"] % PAGE // 512 == n) for n in range(8)]
+    assert sum(doc["histogram"]["all"]) == 6
+
+
+def test_cli_plot(small_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "hist.png"
+    assert cli.main(["analyze", str(small_tree), "--plot", str(png)]) == cli.EXIT_OK
+    capsys.readouterr()
+    blob = png.read_bytes()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = {}, 8
+    while at < len(blob):
+        length, kind = struct.unpack(">I4s", blob[at:at + 8])
+        body = blob[at + 8:at + 8 + length]
+        crc, = struct.unpack(">I", blob[at + 8 + length:at + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks[kind] = body
+        at += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 2)
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert len(raw) == height * (1 + 3 * width)
+    assert raw.count(bytes((70, 110, 170))) > 100  # the bars were drawn
+
+
+def test_cli_missing_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["analyze", str(tmp_path / "nowhere")]) == cli.EXIT_USAGE
+    assert "no such file or directory" in capsys.readouterr().err
+    assert cli.main(["analyze", str(tmp_path)]) == cli.EXIT_USAGE  # no .ko in it
+
+
+def test_cli_error_module_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "broken.ko").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(100))
+    assert cli.main(["analyze", str(tmp_path)]) == cli.EXIT_FAILED
+    captured = capsys.readouterr()
+    assert "error: broken.ko" in captured.err and "errors 1" in captured.out
+
+
+def test_cli_as_a_program(small_tree: Path) -> None:
+    done = subprocess.run([PYTHON, "-m", "initsplit", "analyze", str(small_tree / "kernel/fs"),
+                           "--json"], capture_output=True, text=True, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO / "daemon"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert {m["name"] for m in doc["per_module"]} == {"jbd2", "nls_cp857", "configfs"}
+    assert doc["rules"]["config"]  # found from a subdirectory of the tree
