@@ -734,12 +734,29 @@ class _Splitter:
                 (8, R_X86_64_PC32, strings_sym, self._ns_offset),
             ]
             entries.append((anchor.encode(), relocs, struct.pack("<I", anchor_crc(anchor))))
-        entries.sort(key=lambda e: e[0])
+        original_count = len(entries) - len(self.anchor_names)
+        order = sorted(range(len(entries)), key=lambda i: entries[i][0])
+        entries = [entries[i] for i in order]
         flags = ksymtab.flags if ksymtab is not None else SHF_ALLOC
         ksym_out = builder.add_section(KSYMTAB, type=SHT_PROGBITS, flags=flags,
                                        data=bytes(KSYMTAB_RECORD_SIZE * len(entries)), addralign=4)
-        builder.add_section(KCRCTAB, type=SHT_PROGBITS, flags=flags,
-                            data=b"".join(e[2] for e in entries), addralign=4)
+        crc_out = builder.add_section(KCRCTAB, type=SHT_PROGBITS, flags=flags,
+                                      data=b"".join(e[2] for e in entries), addralign=4)
+        # The original's __ksymtab_NAME and __crc_NAME symbols (kallsyms shows them)
+        # follow their records to the new positions, so C's symbol table stays the
+        # original's.
+        new_position = {old: new for new, old in enumerate(order) if old < original_count}
+        for sym in self.symbols:
+            for table, out, size in ((ksymtab, ksym_out, KSYMTAB_RECORD_SIZE),
+                                     (kcrctab, crc_out, KCRCTAB_RECORD_SIZE)):
+                if table is None or sym.shndx != table.index:
+                    continue
+                record, inner = divmod(sym.value, size)
+                if record not in new_position:
+                    raise SplitRefused("export table symbol outside its records", sym.name)
+                builder.add_symbol(sym.name, value=new_position[record] * size + inner,
+                                   size=sym.size, bind=sym.bind, type=sym.type, other=sym.other,
+                                   shndx=out)
         for n, (_, relocs, _) in enumerate(entries):
             for inner, type_, handle, addend in relocs:
                 builder.add_relocation(ksym_out, n * KSYMTAB_RECORD_SIZE + inner, type_,
