@@ -38,6 +38,11 @@ class Manifest:
     init_size: int = 0
     core_sha256: str = ""
     init_sha256: str = ""
+    # From the section headers with the kernel's page rounding (initsplit.analyze):
+    # the original's core layout if loaded plain, and the init module's init layout,
+    # which the kernel frees right after the init routine ran.
+    plain_core_bytes: int = 0
+    init_layout_pages: int = 0
 
 
 def digest(data: bytes) -> str:
@@ -66,7 +71,8 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision, reason: str = "",
-                name: str = "", init_name: str = "", core: bytes = b"", init: bytes = b"") -> Manifest:
+                name: str = "", init_name: str = "", core: bytes = b"", init: bytes = b"",
+                plain_core_bytes: int = 0, init_layout_pages: int = 0) -> Manifest:
     """Write one cache entry (files first, manifest last)."""
     core_path = root / relpath
     manifest_path(root, relpath).unlink(missing_ok=True)
@@ -77,7 +83,7 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision,
         atomic_write(core_path.with_name(init_file), init)
     manifest = Manifest(FORMAT, digest(source), len(source), decision, reason, name, init_name,
                         init_file, len(core), len(init), digest(core) if core else "",
-                        digest(init) if init else "")
+                        digest(init) if init else "", plain_core_bytes, init_layout_pages)
     atomic_write(manifest_path(root, relpath), json.dumps(asdict(manifest), sort_keys=True).encode())
     return manifest
 

@@ -204,7 +204,8 @@ def _split_one(job: ModuleJob, output: Path | None, start: float) -> ModuleResul
             if init_relative == job.relative:
                 raise TreeError(f"init module {split.init_name} would replace the core")
             write_entry(output, job.relative, source=data, decision="split", name=split.name,
-                        init_name=split.init_name, core=split.core, init=split.init)
+                        init_name=split.init_name, core=split.core, init=split.init,
+                        **layout_figures(data, split))
         else:
             # A previous run may have split this module; a stale core left behind
             # would be loaded instead of the original.
@@ -236,6 +237,14 @@ class Decision:
     detail: str = ""
     split: SplitModule | None = None
     report: ValidationReport | None = None
+
+
+def layout_figures(original: bytes, split: SplitModule) -> dict[str, int]:
+    """What the daemon reports per module beside the kernel's own sizes (cache manifest)."""
+    from .analyze import layout_of  # only when writing a cache
+
+    return {"plain_core_bytes": layout_of(original).core.size,
+            "init_layout_pages": layout_of(split.init).init.pages}
 
 
 def decide(data: bytes) -> Decision:

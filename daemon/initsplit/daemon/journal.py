@@ -102,6 +102,8 @@ class Reporter:
             "INITSPLIT_CORE_BYTES": load.core_bytes,
             "INITSPLIT_INIT_BYTES": load.init_bytes,
             "INITSPLIT_INIT_PAGES": load.init_pages,
+            "INITSPLIT_PLAIN_CORE_BYTES": load.plain_core_bytes,
+            "INITSPLIT_SAVED_BYTES": load.saved_bytes,
             "INITSPLIT_LOAD_USEC": _usec(load.seconds),
             # ERRNO= is the journal's standard field for an errno (systemd.journal-fields(7)).
             "ERRNO": load.errno,
@@ -113,6 +115,8 @@ class Reporter:
                 sizes.append(f"core {load.core_bytes} bytes")
             if load.init_bytes is not None:
                 sizes.append(f"init module {load.init_bytes} bytes")
+            if load.saved_bytes is not None:
+                sizes.append(f"{load.saved_bytes // 4096:+d} pages against a plain load")
             detail = f" ({', '.join(sizes)})" if sizes else ""
             self.log(LOG_INFO, f"{name}: loaded two-stage{detail}",
                      message_id=MESSAGE_ID_LOADED_TWO_STAGE, **fields)

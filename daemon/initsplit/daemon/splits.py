@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import read_entry, write_entry
+from ..cache import CacheHit, read_entry, write_entry
 from ..loader.twostage import SplitPair
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,14 @@ class SplitProvider:
             if hit is not None:
                 if hit.init is None:
                     return NotSplit(hit.manifest.reason or hit.manifest.decision)
-                return SplitPair(hit.manifest.name, hit.manifest.init_name, hit.core, hit.init)
+                return _pair(hit)
         return self._split_now(relpath, source)
 
     def _split_now(self, relpath: Path, source: bytes) -> SplitPair | NotSplit:
         # Imported here: pyelftools costs most of a second in a slow VM, and with a
         # pre-split cache the daemon never needs it.
         from ..elf import MalformedElf
-        from ..tree import decide
+        from ..tree import decide, layout_figures
 
         try:
             decision = decide(source)
@@ -74,10 +74,18 @@ class SplitProvider:
             result = decision.split
             write_entry(self.runtime_dir, relpath, source=source, decision="split",
                         name=result.name, init_name=result.init_name, core=result.core,
-                        init=result.init)
+                        init=result.init, **layout_figures(source, result))
         except OSError as exc:
             return NotSplit(f"cannot write split to {self.runtime_dir}: {exc.strerror}")
         hit = read_entry(self.runtime_dir, relpath, source=source)
         if hit is None or hit.init is None:
             return NotSplit("split written but not readable back")
-        return SplitPair(hit.manifest.name, hit.manifest.init_name, hit.core, hit.init)
+        return _pair(hit)
+
+
+def _pair(hit: CacheHit) -> SplitPair:
+    manifest = hit.manifest
+    assert hit.init is not None
+    return SplitPair(manifest.name, manifest.init_name, hit.core, hit.init,
+                     init_pages=manifest.init_layout_pages or None,
+                     plain_core_bytes=manifest.plain_core_bytes or None)

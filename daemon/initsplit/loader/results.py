@@ -23,8 +23,19 @@ class ModuleLoad:
     # Pages of the init module's own layouts, from its section headers with the
     # kernel's rounding; they go back to the kernel when the init module is deleted.
     init_pages: int | None = None
+    # What the original's core layout would have taken loaded plain (section headers,
+    # kernel rounding; checked against /proc/modules by tests/test_savings_vm.py):
+    # core_bytes minus this is what the two-stage load saves for the module's life.
+    plain_core_bytes: int | None = None
     seconds: float = 0.0
     errno: int | None = None
+
+
+    @property
+    def saved_bytes(self) -> int | None:
+        if self.core_bytes is None or self.plain_core_bytes is None:
+            return None
+        return self.plain_core_bytes - self.core_bytes
 
 
 @dataclass(frozen=True, slots=True)

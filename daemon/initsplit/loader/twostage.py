@@ -20,8 +20,10 @@ class SplitPair:
     init_name: str
     core: Path
     init: Path
-    # Pages the init module's layouts take (section headers, kernel rounding), if known.
+    # From the cache manifest: the init module's init layout in pages (freed by the
+    # kernel after init) and the original's core layout in bytes if loaded plain.
     init_pages: int | None = None
+    plain_core_bytes: int | None = None
 
 
 def load_plain(name: str, path: Path, *, params: str = "", reason: str = "") -> ModuleLoad:
@@ -95,7 +97,8 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
     sizes = _sizes()
     return ModuleLoad(pair.name, "two-stage", init_module=pair.init_name,
                       core_bytes=sizes.get(pair.name), init_bytes=sizes.get(pair.init_name),
-                      init_pages=pair.init_pages, seconds=time.monotonic() - started)
+                      init_pages=pair.init_pages, plain_core_bytes=pair.plain_core_bytes,
+                      seconds=time.monotonic() - started)
 
 
 def _retry_plain(name: str, original: Path, params: str, started: float, why: str) -> ModuleLoad:
