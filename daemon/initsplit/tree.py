@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
 from .cache import remove_entry, write_entry
-from .elf import MalformedElf
-from .split import NothingToSplit, SplitModule, SplitRefused, init_module_name, split_module
+from .elf import ElfObject, MalformedElf, read_elf
+from .split import NothingToSplit, SplitModule, SplitRefused, init_module_name, split_object
 from .validate import ValidationError, ValidationReport, validate_split
 
 Outcome = Literal["split", "nothing", "refused", "invalid", "error"]
@@ -205,7 +205,7 @@ def _split_one(job: ModuleJob, output: Path | None, start: float) -> ModuleResul
                 raise TreeError(f"init module {split.init_name} would replace the core")
             write_entry(output, job.relative, source=data, decision="split", name=split.name,
                         init_name=split.init_name, core=split.core, init=split.init,
-                        **layout_figures(data, split))
+                        **layout_figures(decision.original, split))
         else:
             # A previous run may have split this module; a stale core left behind
             # would be loaded instead of the original.
@@ -237,13 +237,17 @@ class Decision:
     detail: str = ""
     split: SplitModule | None = None
     report: ValidationReport | None = None
+    # The original as read for the split (for layout figures without reading it again).
+    original: ElfObject | None = None
 
 
-def layout_figures(original: bytes, split: SplitModule) -> dict[str, int]:
+def layout_figures(original: ElfObject | None, split: SplitModule) -> dict[str, int]:
     """What the daemon reports per module beside the kernel's own sizes (cache manifest)."""
-    from .analyze import layout_of  # only when writing a cache
+    from .analyze import layout_of, module_layout  # only when writing a cache
 
-    return {"plain_core_bytes": layout_of(original).core.size,
+    if original is None:
+        raise ValueError("layout figures need the parsed original")
+    return {"plain_core_bytes": module_layout(original).core.size,
             "init_layout_pages": layout_of(split.init).init.pages}
 
 
@@ -253,8 +257,9 @@ def decide(data: bytes) -> Decision:
     MalformedElf propagates: for one module named on the command line it is a
     usage error, in a tree it is that module's error.
     """
+    original = read_elf(data)
     try:
-        split = split_module(data)
+        split = split_object(original)
     except NothingToSplit:
         return Decision("nothing")
     except SplitRefused as exc:
@@ -264,7 +269,7 @@ def decide(data: bytes) -> Decision:
         report = validate_split(data, split.core, split.init)
     except ValidationError as exc:
         return Decision("invalid", reason=str(exc) or type(exc).__name__, split=split)
-    return Decision("split", split=split, report=report)
+    return Decision("split", split=split, report=report, original=original)
 
 
 def _error(job: ModuleJob, exc: BaseException, seconds: float) -> ModuleResult:

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         plain_only=plain_only,
         modprobe=args.modprobe,
         active_flag=None if args.no_udev_handover else ACTIVE_FLAG,
+        settled_flag=ACTIVE_FLAG.with_name("settled"),
     )
     provider = SplitProvider(modules_dir=modules_dir, cache_dir=config.cache_dir / kver,
                              runtime_dir=config.runtime_dir / kver)

@@ -77,6 +77,10 @@ class Settings:
     # While this file exists udev's module loading is switched off by initsplit's
     # 80-drivers.rules; None leaves udev alone (tests, busybox initramfs).
     active_flag: Path | None = None
+    # Written in answer to SIGUSR1 once every event received until then has been
+    # served and its loads have finished (initsplitd-settle waits for it before the
+    # root file system is mounted); None: SIGUSR1 still settles, nothing is written.
+    settled_flag: Path | None = None
 
 
 @dataclass(slots=True)
@@ -102,6 +106,7 @@ class Service:
         self.pending_init: list[str] = []  # init modules whose init succeeded, to delete
         self.last_activity = clock()
         self.stop_requested = False
+        self.settle_requested = False
         self._seen_aliases: set[str] = set()
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -191,6 +196,35 @@ class Service:
         except BlockingIOError:
             pass
 
+    def request_settle(self, *_: object) -> None:
+        self.settle_requested = True
+        try:
+            os.write(self._signal_w, b"\0")
+        except BlockingIOError:
+            pass
+
+    def settle(self) -> None:
+        """Serve every event queued so far, wait for the loads, then say so.
+
+        A module whose core is loaded but whose init module has not run yet looks
+        loaded to modprobe: a mount that makes the kernel ask for its file system
+        driver right then would find none. initsplitd-settle (run before the root
+        is mounted, after `udevadm settle`) sends SIGUSR1 and waits for the flag.
+        """
+        for request in self.source.read_ready():
+            self.handle_request(request)
+        self._drain()
+        flag = self.settings.settled_flag
+        if flag is None:
+            return
+        try:
+            flag.parent.mkdir(parents=True, exist_ok=True)
+            tmp = flag.with_name(f".{flag.name}.{os.getpid()}")
+            tmp.write_text(f"{os.getpid()}\n")
+            tmp.replace(flag)
+        except OSError as exc:
+            self.reporter.log(4, f"cannot create {flag}: {exc.strerror}")
+
     def status_text(self) -> str:
         loads = self.stats.loads
         two = sum(1 for l in loads if l.mode == "two-stage")
@@ -202,6 +236,9 @@ class Service:
         started = self.clock()
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        # Installed before the active flag (which names our pid) exists: SIGUSR1
+        # would otherwise kill us.
+        signal.signal(signal.SIGUSR1, self.request_settle)
         selector = selectors.DefaultSelector()
         selector.register(self.source.fileno(), selectors.EVENT_READ, "source")
         selector.register(self.scheduler.fileno(), selectors.EVENT_READ, "loads")
@@ -230,6 +267,9 @@ class Service:
                         os.read(self._signal_r, 64)
                     except BlockingIOError:
                         pass
+            if self.settle_requested and not self.stop_requested:
+                self.settle_requested = False
+                self.settle()
             now = self.clock()
             if watchdog and now >= next_watchdog:
                 self.notifier.watchdog()

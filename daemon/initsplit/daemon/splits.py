@@ -74,7 +74,7 @@ class SplitProvider:
             result = decision.split
             write_entry(self.runtime_dir, relpath, source=source, decision="split",
                         name=result.name, init_name=result.init_name, core=result.core,
-                        init=result.init, **layout_figures(source, result))
+                        init=result.init, **layout_figures(decision.original, result))
         except OSError as exc:
             return NotSplit(f"cannot write split to {self.runtime_dir}: {exc.strerror}")
         hit = read_entry(self.runtime_dir, relpath, source=source)

@@ -89,7 +89,8 @@ MIRRORED_RULES: tuple[str, ...] = (
 # The properties the rules above look at, plus what every request records.
 # Stands for a property value that is not valid UTF-8; never a valid alias.
 UNDECODABLE = "\ufffd(undecodable)"
-RELEVANT_PROPERTIES = ("ACTION", "DEVPATH", "SUBSYSTEM", "MODALIAS", "TIFM_CARD_TYPE", "DEVTYPE", "MTD_FTL")
+RELEVANT_PROPERTIES = ("ACTION", "DEVPATH", "SUBSYSTEM", "MODALIAS", "TIFM_CARD_TYPE", "DEVTYPE", "MTD_FTL",
+                       "ID_FS_TYPE", "ID_FS_USAGE")
 
 
 @dataclass(frozen=True)
@@ -109,14 +110,17 @@ class ModuleRequest:
 
 def valid_alias(alias: object) -> bool:
     """Is `alias` something we may hand to kmod: 1..MAX_ALIAS_LEN printable ASCII
-    characters, no space, no '/', not starting with '-'?
+    characters, no space, not starting with '-' or '/', no ".."?
 
     Real modaliases never contain whitespace (the kernel replaces it, see
-    of_modalias()) nor '/', and a leading '-' could read as an option to a tool.
+    of_modalias()), and a leading '-' could read as an option to a tool. A '/'
+    does occur: the DMI modalias carries the BIOS date ("dmi:...:bd04/01/2014:..."),
+    and udev hands it to `kmod load` like any other; what looks like a path is
+    refused.
     """
     if not isinstance(alias, str) or not 0 < len(alias) <= MAX_ALIAS_LEN:
         return False
-    if alias[0] == "-" or "/" in alias:
+    if alias[0] in "-/" or ".." in alias:
         return False
     return all("\x21" <= c <= "\x7e" for c in alias)
 
@@ -145,6 +149,12 @@ def requests_for_device(
       device, and the daemon skips modules already loaded.
     * MTD_FTL is set by udev's mtd_probe; raw kernel events never carry it, so
       sm_ftl is only requested with the udev source.
+    * Not a udev rule: a block device that holds a file system (udev's blkid
+      builtin set ID_FS_USAGE=filesystem and ID_FS_TYPE) also requests
+      "fs-TYPE", the alias mount(2) has the kernel load through modprobe. The
+      driver is then loaded here, two-stage, before anything mounts the device;
+      otherwise the root file system's driver would always come from the kernel's
+      own modprobe call. udev source only (raw kernel events carry no ID_FS_*).
 
     Invalid aliases (see valid_alias) are logged and left out; never raises for
     any string values.
@@ -185,6 +195,8 @@ def requests_for_device(
         wanted.append("sg")
     if fnmatch.fnmatchcase(kernel, "mtd*ro") and properties.get("MTD_FTL") == "smartmedia":
         wanted.append("sm_ftl")
+    if subsystem == "block" and properties.get("ID_FS_USAGE") == "filesystem" and properties.get("ID_FS_TYPE"):
+        wanted.append(f"fs-{properties['ID_FS_TYPE']}")
 
     out: list[str] = []
     for alias in wanted:

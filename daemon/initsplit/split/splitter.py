@@ -132,7 +132,12 @@ class _TableSplit:
 
 def split_module(data: bytes) -> SplitModule:
     """Split the module in *data*. Raises NothingToSplit, SplitRefused or MalformedElf."""
-    return _Splitter(read_elf(data)).run()
+    return split_object(read_elf(data))
+
+
+def split_object(obj: ElfObject) -> SplitModule:
+    """split_module() for a module already read with read_elf() (it is not modified)."""
+    return _Splitter(obj).run()
 
 
 class _Splitter:
