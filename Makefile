@@ -29,8 +29,10 @@ install:
 		$(DESTDIR)/usr/share/doc/initsplit
 	cd daemon && find initsplit -name '*.py' -exec install -D -m 644 {} $(DESTDIR)$(LIBDIR)/python/{} \;
 	install -m 755 bin/initsplitd $(DESTDIR)$(LIBDIR)/initsplitd
+	install -m 755 bin/initsplitd-settle $(DESTDIR)$(LIBDIR)/initsplitd-settle
 	install -m 755 bin/initsplit $(DESTDIR)/usr/bin/initsplit
-	install -m 644 units/initsplitd.service units/initsplitd-initrd.service $(DESTDIR)/usr/lib/systemd/system/
+	install -m 644 units/initsplitd.service units/initsplitd-initrd.service units/initsplitd-settle.service \
+		$(DESTDIR)/usr/lib/systemd/system/
 	install -m 644 conf/initsplitd.conf $(DESTDIR)/etc/initsplit/initsplitd.conf
 	install -m 644 conf/initsplit.catalog $(DESTDIR)/usr/lib/systemd/catalog/initsplit.catalog
 	install -m 644 udev/80-drivers.rules $(DESTDIR)/etc/udev/rules.d/80-drivers.rules

@@ -361,10 +361,24 @@ def test_garbage_modalias_is_logged_and_skipped(alias: str, caplog: pytest.LogCa
 
 def test_valid_aliases() -> None:
     for alias in ("pci:v00008086d00000D57sv00000000sd00000000bc06sc00i00", "ms_block", "acpi:PNP0A08:PNP0A03:",
-                  "a" * MAX_ALIAS_LEN, "input:b0011v0001p0001eAB41-e0,1,4,11,14,k71,72,73,ramlsfw"):
+                  "a" * MAX_ALIAS_LEN, "input:b0011v0001p0001eAB41-e0,1,4,11,14,k71,72,73,ramlsfw",
+                  # QEMU's DMI modalias: the BIOS date has slashes.
+                  "dmi:bvnSeaBIOS:bvr1.16.2-debian-1.16.2-1:bd04/01/2014:br0.0:svnQEMU:"
+                  "pnStandardPC(Q35+ICH9,2009):pvrpc-q35-7.2:cvnQEMU:ct1:cvrpc-q35-7.2:sku:"):
         assert valid_alias(alias), alias
     assert not valid_alias(None)
     assert not valid_alias(b"pci:v1")
+
+
+def test_block_device_with_a_file_system_requests_its_driver() -> None:
+    # udev's blkid builtin sets ID_FS_*; mount(2) would have the kernel load "fs-ext4".
+    props = {"DEVPATH": "/devices/pci0000:00/0000:00:02.0/virtio1/block/vda", "SUBSYSTEM": "block",
+             "ID_FS_TYPE": "ext4", "ID_FS_USAGE": "filesystem"}
+    assert requests_for_device(props, no_attributes) == ["fs-ext4"]
+    for usage, fstype in (("other", "swap"), ("crypto", "crypto_LUKS"), ("raid", "linux_raid_member")):
+        assert requests_for_device({**props, "ID_FS_USAGE": usage, "ID_FS_TYPE": fstype}, no_attributes) == []
+    assert requests_for_device({**props, "SUBSYSTEM": "scsi"}, no_attributes) == []
+    assert requests_for_device({**props, "ACTION": "change"}, no_attributes) == []
 
 
 def test_random_properties_never_raise() -> None:

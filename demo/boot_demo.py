@@ -1,0 +1,167 @@
+"""`make demo`: a Debian 12 system boots with initsplitd loading its drivers two-stage.
+
+On a fresh Debian 12 machine, as root:
+
+1. fetches the Debian 6.1 kernel package and builds a Debian bookworm root with
+   debootstrap (both cached in ~/.cache/initsplit or $INITSPLIT_CACHE, outside the
+   repository; only the first run pays for them);
+2. installs initsplit into that root with `make install` (daemon, units, udev rules,
+   dracut module) and enables initsplitd.service on the real root;
+3. builds the initramfs with dracut: the initsplit dracut module adds python3, the
+   daemon and a pre-split cache of every kernel module in the image;
+4. boots the disk in QEMU (TCG, root on a virtio ext4 disk) to multi-user;
+5. prints what `journalctl -b` shows of initsplit: every module the two daemons
+   loaded (initramfs, then real root) with its mode and sizes, the batches of init
+   modules given back, and each daemon's summary.
+
+The only change from the installed defaults is ExitAfterQuietSec=10s (instead of
+30 s), so the real-root daemon's summary is in the journal sooner.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "daemon"))
+sys.path.insert(0, str(REPO))
+
+from initsplit.daemon.journal import (  # noqa: E402
+    MESSAGE_ID_BATCH_UNLOADED,
+    MESSAGE_ID_LOAD_FAILED,
+    MESSAGE_ID_LOADED_PLAIN,
+    MESSAGE_ID_LOADED_TWO_STAGE,
+    MESSAGE_ID_SUMMARY,
+    SYSLOG_IDENTIFIER,
+)
+from tests.testbed import TestbedError, cache_dir, debian_kernel  # noqa: E402
+from tests.testbed.install import install_initsplit  # noqa: E402
+from tests.testbed.rootfs import RootFS, debian_rootfs  # noqa: E402
+from tests.testbed.system import SystemBoot, boot_system, build_disk  # noqa: E402
+
+UNITS = (
+    ("initsplitd-initrd.service", "in the initramfs"),
+    ("initsplitd.service", "on the real root"),
+)
+DROPIN = "[Daemon]\nExitAfterQuietSec=10s\n"
+WAIT_DAEMON = ("timeout 180 sh -c 'while systemctl -q is-active initsplitd.service; "
+               "do sleep 1; done'")
+
+
+def step(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def info(message: str) -> None:
+    print(f"    {message}", flush=True)
+
+
+def rootfs_is_cached() -> bool:
+    kver = debian_kernel().kver
+    return (cache_dir() / "rootfs" / kver / "READY").exists()
+
+
+def kib(value: str | None) -> str:
+    return f"{int(value) // 1024:>5} KiB" if value else "        -"
+
+
+def print_journal(boot: SystemBoot) -> None:
+    entries = [e for e in boot.journal_json if e.get("SYSLOG_IDENTIFIER") == SYSLOG_IDENTIFIER]
+    switch = next((e for e in boot.journal_json if e.get("MESSAGE") == "Switching root."), None)
+    for unit, where in UNITS:
+        mine = [e for e in entries if e.get("_SYSTEMD_UNIT") == unit]
+        print()
+        print(f"--- initsplitd {where} ({unit}): journalctl -b _SYSTEMD_UNIT={unit}")
+        if not mine:
+            print("    (no entries)")
+            continue
+        print(f"    {'module':<22} {'mode':<10} {'core':>9} {'init module':>11} {'load':>8}  reason")
+        for e in mine:
+            mid = e.get("MESSAGE_ID")
+            if mid in (MESSAGE_ID_LOADED_TWO_STAGE, MESSAGE_ID_LOADED_PLAIN, MESSAGE_ID_LOAD_FAILED):
+                seconds = int(e.get("INITSPLIT_LOAD_USEC", "0")) / 1e6
+                print(f"    {e['INITSPLIT_MODULE']:<22} {e['INITSPLIT_MODE']:<10} "
+                      f"{kib(e.get('INITSPLIT_CORE_BYTES'))} {kib(e.get('INITSPLIT_INIT_BYTES')):>11} "
+                      f"{seconds:>7.2f}s  {e.get('INITSPLIT_REASON', '')}")
+        if any(e.get("MESSAGE_ID") == MESSAGE_ID_LOAD_FAILED and e.get("ERRNO") == "19" for e in mine):
+            print("    (\"No such device\": the driver's init found no hardware for it in this VM;"
+                  " modprobe fails the same way.)")
+        for e in mine:
+            mid = e.get("MESSAGE_ID")
+            if mid == MESSAGE_ID_BATCH_UNLOADED:
+                print(f"    batch ({e['INITSPLIT_TRIGGER']}): {e['MESSAGE']}")
+                print(f"        deleted: {e['INITSPLIT_BATCH_MODULES']}")
+            elif mid == MESSAGE_ID_SUMMARY:
+                print(f"    summary: {e['MESSAGE']}")
+            elif e.get("MESSAGE", "").startswith("initsplitd exiting:"):
+                when = ""
+                if switch is not None and unit == UNITS[0][0]:
+                    gap = (int(switch["__MONOTONIC_TIMESTAMP"]) - int(e["__MONOTONIC_TIMESTAMP"])) / 1e6
+                    when = f" ({gap:.2f} s before switch-root)"
+                print(f"    {e['MESSAGE']}{when}")
+
+
+def main() -> int:
+    started = time.monotonic()
+    try:
+        step("fetching the Debian kernel package (cached after the first run)")
+        kernel = debian_kernel()
+        info(f"kernel {kernel.kver} ({kernel.deb_version})")
+
+        if rootfs_is_cached():
+            step("using the cached Debian 12 root filesystem")
+        else:
+            step("building the root filesystem (first run only, ~1 min)")
+        t = time.monotonic()
+        rootfs: RootFS = debian_rootfs(kernel)
+        info(f"{rootfs.path} ({time.monotonic() - t:.0f} s)")
+
+        work = cache_dir() / "demo"
+        if work.exists():
+            from tests.testbed.rootfs import remove_tree
+            remove_tree(work)
+        work.mkdir(parents=True)
+
+        step("installing initsplit into the image (make install, initsplitd.service enabled)")
+        extra = install_initsplit(work / "destdir", conf_dropins={"50-demo.conf": DROPIN})
+
+        step("building the initramfs with dracut (the initsplit module pre-splits its kernel modules)")
+        t = time.monotonic()
+        image = build_disk(rootfs, out=work, extra_files=extra,
+                           report_commands={"wait_daemon": WAIT_DAEMON, "modules_after": "cat /proc/modules"})
+        log = image.dracut_log.read_text()
+        added = re.search(r"initsplit: .*MB added.*", log)
+        info(f"{image.initrd.stat().st_size / 1e6:.1f} MB initramfs in {time.monotonic() - t:.0f} s; "
+             f"{added.group(0) if added else 'initsplit module not included?'}")
+
+        step("booting it in QEMU (TCG, root on a virtio ext4 disk; ~1 min)")
+        boot = boot_system(image, timeout=420)
+        info(f"{boot.duration:.0f} s; system {boot.state or 'did not report'}; "
+             f"{boot.analyze.strip().splitlines()[0] if boot.analyze.strip() else ''}")
+        if not boot.reached_multi_user:
+            print(boot.report(), file=sys.stderr)
+            return 1
+        image.disk.unlink(missing_ok=True)
+        shutil.rmtree(work / "destdir", ignore_errors=True)
+
+        step("what journalctl -b shows of initsplit")
+        print_journal(boot)
+        after = boot.sections.get("modules_after")
+        left = sorted(line.split()[0] for line in (after.output if after else boot.proc_modules).splitlines()
+                      if line.split() and line.split()[0].endswith("__init"))
+        print()
+        info(f"init modules left in /proc/modules: {', '.join(left) if left else 'none'}")
+    except TestbedError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    print()
+    step(f"done in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""initsplit installed into a whole Debian 12 system: dracut initramfs, systemd, udev.
+
+`make install` puts initsplit into the cached Debian root (the real-root unit enabled
+too), dracut builds the initramfs with the initsplit module (the dracut.conf.d
+snippet make install drops in asks for it), and the disk boots in QEMU (TCG) twice:
+
+* normally: initsplitd in the initramfs loads the root disk's drivers two-stage from
+  the pre-split cache, initsplitd-settle holds the root mount until they are in, the
+  daemon gives the init modules back and is stopped before switch-root; initsplitd on
+  the real root serves the rest of boot and exits once boot has been quiet;
+* with `initsplit=off`: the same daemons load every module plain.
+
+One image, two boots (each ~1.5 min under TCG): every test below reads one of them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from initsplit.daemon.journal import (
+    MESSAGE_ID_BATCH_UNLOADED,
+    MESSAGE_ID_LOADED_PLAIN,
+    MESSAGE_ID_LOADED_TWO_STAGE,
+    MESSAGE_ID_SUMMARY,
+    SYSLOG_IDENTIFIER,
+)
+from initsplit.tree import decide
+from tests.testbed import debian_kernel
+from tests.testbed.install import install_initsplit
+from tests.testbed.rootfs import RootFS, debian_rootfs
+from tests.testbed.system import SystemBoot, SystemImage, boot_system, build_disk
+
+pytestmark = pytest.mark.vm
+
+REPO = Path(__file__).resolve().parent.parent
+
+INITRD_UNIT = "initsplitd-initrd.service"
+ROOT_UNIT = "initsplitd.service"
+SETTLE_UNIT = "initsplitd-settle.service"
+
+# What the root disk needs and the initramfs daemon loads: the disk driver, the file
+# system (requested as fs-ext4 by the disk's udev event) and its dependencies.
+# virtio_pci (with virtio, virtio_ring, virtio_pci_{legacy,modern}_dev) is not among
+# them: systemd 252 loads it itself when it starts in QEMU (kmod_setup()), before any
+# unit runs, so it is always a plain load by PID 1.
+ROOT_DRIVERS = ("virtio_blk", "ext4", "jbd2", "mbcache", "crc16")
+PID1_DRIVERS = ("virtio_pci", "virtio", "virtio_ring")
+
+OFF_REASON = "initsplit=off on the kernel command line"
+
+REPORT = {
+    # verify checks unit syntax, dependencies and that ExecStart= exists; --man=no
+    # because the guest has no man pages (Documentation= names initsplitd(8)).
+    "verify": f"systemd-analyze verify --man=no {ROOT_UNIT} {INITRD_UNIT} {SETTLE_UNIT}",
+    # The real-root daemon exits ExitAfterQuietSec= (30 s) after boot went quiet;
+    # its summary is only in the journal after that.
+    "wait_daemon": (
+        f"timeout 180 sh -c 'while systemctl -q is-active {ROOT_UNIT}; do sleep 1; done'; "
+        f"systemctl show -p ActiveState,Result,ExecMainCode,ExecMainStatus {ROOT_UNIT}"
+    ),
+    # /proc/modules once both daemons are done (the standard section is read at
+    # multi-user, while the real-root daemon may still be loading).
+    "modules_after": "cat /proc/modules",
+    "failed_status": "systemctl status --failed --no-pager --full --lines=30",
+}
+
+
+@pytest.fixture(scope="module")
+def rootfs() -> RootFS:
+    return debian_rootfs(debian_kernel())
+
+
+@pytest.fixture(scope="module")
+def image(rootfs: RootFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemImage]:
+    out = tmp_path_factory.mktemp("boot-integration")
+    extra = install_initsplit(out / "destdir")
+    image = build_disk(rootfs, out=out, extra_files=extra, report_commands=REPORT)
+    yield image
+    image.disk.unlink(missing_ok=True)  # ~750 MB; initrd and dracut.log stay
+
+
+@pytest.fixture(scope="module")
+def booted(image: SystemImage) -> SystemBoot:
+    return boot_system(image, timeout=420)
+
+
+@pytest.fixture(scope="module")
+def booted_off(image: SystemImage) -> SystemBoot:
+    return boot_system(image, append="initsplit=off", timeout=420)
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def daemon_entries(boot: SystemBoot, unit: str, message_id: str | None = None) -> list[dict]:
+    return [e for e in boot.journal_json
+            if e.get("SYSLOG_IDENTIFIER") == SYSLOG_IDENTIFIER and e.get("_SYSTEMD_UNIT") == unit
+            and (message_id is None or e.get("MESSAGE_ID") == message_id)]
+
+
+def loads(boot: SystemBoot, unit: str) -> dict[str, dict]:
+    """Module name -> its load entry (two-stage or plain) from the daemon in `unit`."""
+    out = {}
+    for mid in (MESSAGE_ID_LOADED_TWO_STAGE, MESSAGE_ID_LOADED_PLAIN):
+        for e in daemon_entries(boot, unit, mid):
+            out[e["INITSPLIT_MODULE"]] = e
+    return out
+
+
+def at(entry: dict) -> int:
+    return int(entry["__MONOTONIC_TIMESTAMP"])
+
+
+def first(boot: SystemBoot, pattern: str) -> dict:
+    for e in boot.journal_json:
+        msg = e.get("MESSAGE")
+        if isinstance(msg, str) and re.search(pattern, msg):
+            return e
+    raise AssertionError(f"no journal entry matching {pattern!r}\n{boot.report()}")
+
+
+def modules_after(boot: SystemBoot) -> dict[str, int]:
+    """Module name -> size, from /proc/modules after the real-root daemon exited."""
+    sec = boot.sections.get("modules_after")
+    assert sec is not None and sec.rc == 0, boot.report()
+    return {line.split()[0]: int(line.split()[1]) for line in sec.output.splitlines() if line.strip()}
+
+
+def expected_mode(rootfs: RootFS, module: str) -> tuple[str, str]:
+    """("two-stage", "") if the splitter splits the module, else ("plain", reason)."""
+    path = next((rootfs.path / "lib/modules" / rootfs.kver / "kernel").rglob(f"{module}.ko"))
+    decision = decide(path.read_bytes())
+    if decision.outcome == "split":
+        return "two-stage", ""
+    if decision.outcome == "nothing":
+        return "plain", "nothing to split"
+    return "plain", f"refused: {decision.reason}"
+
+
+def read_initramfs(path: Path) -> dict[str, bytes | str]:
+    """Path -> contents (bytes for files, the target for symlinks) of a dracut image:
+    an optional uncompressed early cpio, then the gzip-compressed main one ("newc")."""
+    data = path.read_bytes()
+    out: dict[str, bytes | str] = {}
+
+    def parse(buf: bytes, pos: int = 0) -> int:
+        while buf[pos:pos + 6] == b"070701":
+            fields = [int(buf[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+            mode, size, namesize = fields[1], fields[6], fields[11]
+            name = buf[pos + 110:pos + 110 + namesize - 1].decode()
+            pos = (pos + 110 + namesize + 3) & ~3
+            body = buf[pos:pos + size]
+            pos = (pos + size + 3) & ~3
+            if name == "TRAILER!!!":
+                while pos < len(buf) and buf[pos] == 0:
+                    pos += 1
+                return pos
+            if stat.S_ISREG(mode):
+                out[name] = body
+            elif stat.S_ISLNK(mode):
+                out[name] = body.decode()
+        return pos
+
+    rest = data[parse(data):] if data.startswith(b"070701") else data
+    parse(gzip.decompress(rest))
+    return out
+
+
+def reached_multi_user(boot: SystemBoot) -> None:
+    assert not boot.timed_out, boot.report()
+    assert boot.complete, boot.report()
+    failed = boot.sections.get("failed_status")
+    assert boot.state == "running", (
+        f"system is {boot.state}; failed units {boot.failed_units}\n"
+        f"{failed.output if failed else ''}\n{boot.report()}")
+
+
+# --- the image ------------------------------------------------------------------------
+
+
+def test_image_has_initsplit(image: SystemImage) -> None:
+    log = image.dracut_log.read_text()
+    assert "*** Including module: initsplit ***" in log, log
+    added = re.search(r"initsplit: (\d+) files, ([\d.]+) MB added \(python ([\d.]+) MB, cache ([\d.]+) MB\)", log)
+    assert added, log
+    assert not re.search(r"(?i)initsplit.*(error|fail)|python-closure", log), log
+    print(f"image: {image.timings}; initrd {image.initrd.stat().st_size / 1e6:.1f} MB; {added.group(0)}")
+
+
+def test_initramfs_contents(image: SystemImage) -> None:
+    files = read_initramfs(image.initrd)
+    moddir = f"usr/lib/modules/{image.kver}/"
+    cache = f"usr/lib/initsplit/cache/{image.kver}/"
+    kos = {name[len(moddir):]: data for name, data in files.items()
+           if name.startswith(moddir) and name.endswith(".ko")}
+    assert {"kernel/fs/ext4/ext4.ko", "kernel/drivers/block/virtio_blk.ko"} <= set(kos), sorted(kos)
+    # Every module dracut put in the image (--drivers ones included, which dracut adds
+    # after all its modules' install()) has a cache entry made from exactly that file.
+    for rel, data in kos.items():
+        manifest = files.get(f"{cache}{rel}.initsplit")
+        assert isinstance(manifest, bytes), f"no cache manifest for {rel}"
+        entry = json.loads(manifest)
+        assert entry["source_sha256"] == hashlib.sha256(data).hexdigest(), rel
+        if entry["decision"] == "split":
+            core, init = files[f"{cache}{rel}"], files[f"{cache}{Path(rel).parent}/{entry['init_file']}"]
+            assert hashlib.sha256(core).hexdigest() == entry["core_sha256"], rel
+            assert hashlib.sha256(init).hexdigest() == entry["init_sha256"], rel
+    # depmod's view is dracut's own: the originals, nothing of the cache.
+    dep = files[f"{moddir}modules.dep"].decode()
+    listed = {line.split(":")[0] for line in dep.splitlines() if line}
+    assert listed == set(kos), (sorted(listed ^ set(kos)))
+    assert "initsplit" not in dep and "__init" not in dep
+    # The daemon, its units (enabled), config and udev rules.
+    for name in ("usr/lib/initsplit/initsplitd", "usr/lib/initsplit/initsplitd-settle", "usr/bin/python3.11",
+                 "usr/lib/systemd/system/initsplitd-initrd.service",
+                 "usr/lib/systemd/system/initsplitd-settle.service",
+                 "etc/initsplit/initsplitd.conf", "usr/lib/systemd/catalog/initsplit.catalog",
+                 "usr/lib/x86_64-linux-gnu/libkmod.so.2", "usr/lib/x86_64-linux-gnu/libudev.so.1",
+                 "usr/lib/x86_64-linux-gnu/libsystemd.so.0",
+                 "usr/lib/initsplit/python/initsplit/daemon/main.py",
+                 "usr/lib/python3/dist-packages/pyudev/core.py",
+                 "usr/lib/python3/dist-packages/elftools/elf/elffile.py"):
+        assert name in files, name
+    wants = {"sysinit.target.wants": INITRD_UNIT, "initrd-root-fs.target.wants": SETTLE_UNIT}
+    for target, unit in wants.items():
+        link = files.get(f"etc/systemd/system/{target}/{unit}")
+        assert isinstance(link, str) and link.endswith(f"/systemd/system/{unit}"), (target, link)
+    assert files["etc/udev/rules.d/80-drivers.rules"] == (REPO / "udev/80-drivers.rules").read_bytes()
+    # Only the part of the standard library the daemon imports, with its bytecode.
+    stdlib = [n for n in files if n.startswith("usr/lib/python3.11/") and n.endswith(".py")]
+    assert 50 < len(stdlib) < 250, len(stdlib)
+    assert not [n for n in stdlib if n.startswith(("usr/lib/python3.11/email/", "usr/lib/python3.11/tkinter/",
+                                                    "usr/lib/python3.11/test/"))]
+    assert "usr/lib/python3.11/__pycache__/os.cpython-311.pyc" in files
+    assert "usr/lib/initsplit/python/initsplit/daemon/__pycache__/service.cpython-311.pyc" in files
+    assert not [n for n in files if "lib-dynload/_hashlib" in n]
+
+
+def test_units_verify(booted: SystemBoot) -> None:
+    sec = booted.sections["verify"]
+    assert sec.rc == 0 and not sec.output.strip(), booted.report()
+
+
+# --- normal boot ----------------------------------------------------------------------
+
+
+def test_reaches_multi_user(booted: SystemBoot) -> None:
+    print(f"boot: {booted.duration:.1f}s wall; {booted.analyze.strip()}")
+    reached_multi_user(booted)
+
+
+def test_root_drivers_loaded_by_initramfs_daemon(booted: SystemBoot, rootfs: RootFS) -> None:
+    got = loads(booted, INITRD_UNIT)
+    switch = at(first(booted, r"^Switching root\.$"))
+    for module in ROOT_DRIVERS:
+        assert module in got, f"{module} not loaded by {INITRD_UNIT}: {sorted(got)}\n{booted.report()}"
+        entry = got[module]
+        mode, reason = expected_mode(rootfs, module)
+        assert entry["INITSPLIT_MODE"] == mode, entry
+        if mode == "two-stage":
+            assert entry["INITSPLIT_INIT_MODULE"] == f"{module}__init", entry
+        else:
+            assert entry["INITSPLIT_REASON"] == reason, entry
+        assert at(entry) < switch
+    # Most of them are split: the test means something.
+    assert sum(got[m]["INITSPLIT_MODE"] == "two-stage" for m in ROOT_DRIVERS) >= 4, got
+    # The root was mounted only after the daemon had loaded ext4 (initsplitd-settle).
+    mounted = at(first(booted, r"^EXT4-fs \(vda\): mounted filesystem"))
+    settled = at(first(booted, rf"^Finished {re.escape(SETTLE_UNIT)}"))
+    assert at(got["ext4"]) < settled < mounted
+    for module in PID1_DRIVERS:
+        assert module in booted.modules, booted.proc_modules
+
+
+def test_no_init_module_left(booted: SystemBoot) -> None:
+    assert booted.sections["wait_daemon"].rc == 0, booted.report()
+    left = [m for m in modules_after(booted) if m.endswith("__init")]
+    assert not left, booted.sections["modules_after"].output
+
+
+def test_core_sizes_match_proc_modules(booted: SystemBoot) -> None:
+    sizes = modules_after(booted)
+    checked = 0
+    for unit in (INITRD_UNIT, ROOT_UNIT):
+        for entry in daemon_entries(booted, unit, MESSAGE_ID_LOADED_TWO_STAGE):
+            module = entry["INITSPLIT_MODULE"]
+            assert int(entry["INITSPLIT_CORE_BYTES"]) == sizes[module], (unit, entry, sizes.get(module))
+            assert int(entry["INITSPLIT_INIT_BYTES"]) > 0, entry
+            checked += 1
+    assert checked >= 10, checked
+
+
+def test_batches_and_summaries(booted: SystemBoot) -> None:
+    for unit in (INITRD_UNIT, ROOT_UNIT):
+        two_stage = {e["INITSPLIT_INIT_MODULE"] for e in daemon_entries(booted, unit, MESSAGE_ID_LOADED_TWO_STAGE)}
+        batches = daemon_entries(booted, unit, MESSAGE_ID_BATCH_UNLOADED)
+        assert batches, f"no batch from {unit}\n{booted.report()}"
+        deleted = [m for b in batches for m in b["INITSPLIT_BATCH_MODULES"].split()]
+        # Every init module of this daemon was given back, once, and nothing failed.
+        assert sorted(deleted) == sorted(two_stage), (unit, deleted, two_stage)
+        assert all(b["INITSPLIT_BATCH_FAILED_COUNT"] == "0" for b in batches), batches
+        assert sum(int(b["INITSPLIT_FREED_BYTES"]) for b in batches) >= 4096 * len(two_stage)
+        summaries = daemon_entries(booted, unit, MESSAGE_ID_SUMMARY)
+        assert len(summaries) == 1, (unit, summaries)
+        summary = summaries[0]
+        assert int(summary["INITSPLIT_TOTAL_TWO_STAGE"]) == len(two_stage), summary
+        assert int(summary["INITSPLIT_TOTAL_BATCHES"]) == len(batches), summary
+        assert int(summary["INITSPLIT_TOTAL_FREED_BYTES"]) == sum(int(b["INITSPLIT_FREED_BYTES"]) for b in batches)
+
+
+def test_initramfs_daemon_stopped_before_switch_root(booted: SystemBoot) -> None:
+    switch = at(first(booted, r"^Switching root\.$"))
+    entries = daemon_entries(booted, INITRD_UNIT)
+    assert entries and all(at(e) < switch for e in entries), booted.report()
+    # systemd stopped it for initrd-switch-root.target (Conflicts=): it gave the
+    # pending init modules back in a final batch and wrote its summary first.
+    exiting = [e for e in entries if e["MESSAGE"].startswith("initsplitd exiting:")]
+    assert [e["MESSAGE"] for e in exiting] == ["initsplitd exiting: stop requested"], exiting
+    batches = daemon_entries(booted, INITRD_UNIT, MESSAGE_ID_BATCH_UNLOADED)
+    summary = daemon_entries(booted, INITRD_UNIT, MESSAGE_ID_SUMMARY)[0]
+    assert batches[-1]["INITSPLIT_TRIGGER"] in ("stop", "quiet", "batch-size")
+    assert at(batches[-1]) <= at(summary) <= at(exiting[0])
+    stopping = at(first(booted, rf"^Stopping {re.escape(INITRD_UNIT)}"))
+    stopped = at(first(booted, rf"^Stopped {re.escape(INITRD_UNIT)}"))
+    assert stopping < at(exiting[0]) < stopped < switch
+    # Stopped cleanly, not killed at the timeout.
+    assert not [e for e in booted.journal_json if e.get("_SYSTEMD_UNIT") == "init.scope"
+                and INITRD_UNIT in str(e.get("MESSAGE")) and "SIGKILL" in str(e.get("MESSAGE"))]
+
+
+def test_real_root_daemon_exits_after_quiet(booted: SystemBoot) -> None:
+    switch = at(first(booted, r"^Switching root\.$"))
+    entries = daemon_entries(booted, ROOT_UNIT)
+    assert entries and all(at(e) > switch for e in entries), booted.report()
+    assert "initsplitd exiting: boot quiet" in [e["MESSAGE"] for e in entries], booted.report()
+    show = dict(line.split("=", 1) for line in booted.sections["wait_daemon"].output.split() if "=" in line)
+    assert show == {"ActiveState": "inactive", "Result": "success", "ExecMainCode": "1",
+                    "ExecMainStatus": "0"}, booted.sections["wait_daemon"].output
+    # It loaded the real root's own drivers (those the initramfs did not have).
+    assert daemon_entries(booted, ROOT_UNIT, MESSAGE_ID_LOADED_TWO_STAGE), booted.report()
+
+
+# --- initsplit=off --------------------------------------------------------------------
+
+
+def test_initsplit_off_loads_plain(booted_off: SystemBoot) -> None:
+    print(f"boot initsplit=off: {booted_off.duration:.1f}s wall; {booted_off.analyze.strip()}")
+    reached_multi_user(booted_off)
+    assert not [m for m in modules_after(booted_off) if m.endswith("__init")], booted_off.report()
+    for unit in (INITRD_UNIT, ROOT_UNIT):
+        assert not daemon_entries(booted_off, unit, MESSAGE_ID_LOADED_TWO_STAGE), booted_off.report()
+        plain = daemon_entries(booted_off, unit, MESSAGE_ID_LOADED_PLAIN)
+        assert plain, f"{unit} loaded nothing\n{booted_off.report()}"
+        assert all(e["INITSPLIT_REASON"] == OFF_REASON for e in plain), plain
+        notice = [e for e in daemon_entries(booted_off, unit) if OFF_REASON in e["MESSAGE"]
+                  and "loading every module plain" in e["MESSAGE"]]
+        assert notice, booted_off.report()
+    got = loads(booted_off, INITRD_UNIT)
+    for module in ROOT_DRIVERS:
+        assert got.get(module, {}).get("INITSPLIT_MODE") == "plain", (module, sorted(got))
