@@ -2,12 +2,17 @@
 PYTHON ?= /usr/bin/python3
 PYTEST_ARGS ?=
 
-.PHONY: deps demo test bench
+.PHONY: deps demo demo-modules test bench
 
 deps:
 	tools/install-deps
 
+# The main job: a Debian system booting through initsplitd in QEMU, and its journal.
 demo: deps
+	$(PYTHON) demo/boot_demo.py
+
+# Real Debian modules loaded plain and two-stage side by side, with the kernel's figures.
+demo-modules: deps
 	$(PYTHON) demo/split_demo.py
 
 test: deps
