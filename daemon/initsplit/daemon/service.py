@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import selectors
 import signal
 import subprocess
@@ -294,7 +295,10 @@ class Service:
         self.unload_batch("stop")
         self.reporter.summary(loads=self.stats.loads, batches=self.stats.batches,
                               elapsed=self.clock() - started)
-        self.reporter.log(6, f"initsplitd exiting: {exit_reason}")
+        # The daemon's own cost, as the kernel counted it (ru_maxrss is in KiB on Linux).
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.reporter.log(6, f"initsplitd exiting: {exit_reason} (peak RSS {peak_kib / 1024:.1f} MiB)",
+                          INITSPLIT_PEAK_RSS_KIB=peak_kib)
         self.scheduler.shutdown()
         return 0
 

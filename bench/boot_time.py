@@ -1,0 +1,88 @@
+"""End-to-end boot time of the demo system with initsplit on versus initsplit=off.
+
+Builds the `make demo` image once (Debian 12 root, initsplit installed, dracut
+initramfs with the initsplit module), then boots it alternately with and without
+`initsplit=off` in QEMU (TCG) and reads systemd's own "Startup finished in ..."
+line (kernel + initrd + userspace) from each boot. Prints every round, the
+medians and the ratio on/off. A script that prints figures, not a test: TCG
+timings vary by 20-50 % between runs, so use several rounds.
+
+    /usr/bin/python3 bench/boot_time.py [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "daemon"))
+sys.path.insert(0, str(REPO))
+
+from tests.testbed import cache_dir, debian_kernel  # noqa: E402
+from tests.testbed.install import install_initsplit  # noqa: E402
+from tests.testbed.rootfs import debian_rootfs, remove_tree  # noqa: E402
+from tests.testbed.system import boot_system, build_disk  # noqa: E402
+
+STARTUP = re.compile(r"Startup finished in (?P<parts>.*?) = (?P<total>[\d.]+)(?P<unit>m?s)")
+PART = re.compile(r"(?P<value>[\d.]+)(?P<unit>min|ms|s) \((?P<name>\w+)\)")
+
+
+def seconds(value: str, unit: str) -> float:
+    return float(value) * {"ms": 0.001, "s": 1.0, "min": 60.0}[unit]
+
+
+def startup(analyze: str) -> dict[str, float]:
+    match = STARTUP.search(analyze)
+    if match is None:
+        raise SystemExit(f"no 'Startup finished' line in systemd-analyze output:\n{analyze}")
+    parts = {m["name"]: seconds(m["value"], m["unit"]) for m in PART.finditer(match["parts"])}
+    parts["total"] = seconds(match["total"], match["unit"])
+    return parts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    kernel = debian_kernel()
+    rootfs = debian_rootfs(kernel)
+    work = cache_dir() / "bench-boot"
+    if work.exists():
+        remove_tree(work)
+    work.mkdir(parents=True)
+    extra = install_initsplit(work / "destdir")
+    image = build_disk(rootfs, out=work, extra_files=extra)
+    print(f"image: {image.initrd.stat().st_size / 1e6:.1f} MB initramfs, kernel {kernel.kver}",
+          flush=True)
+
+    runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+    for round_ in range(1, args.rounds + 1):
+        for label, append in (("on", ""), ("off", "initsplit=off")):
+            boot = boot_system(image, append=append, timeout=420)
+            if not boot.reached_multi_user:
+                print(boot.report(), file=sys.stderr)
+                return 1
+            figures = startup(boot.analyze)
+            runs[label].append(figures)
+            print(f"round {round_} initsplit {label:>3}: " + ", ".join(
+                f"{name} {value:.2f} s" for name, value in figures.items()), flush=True)
+    remove_tree(work)
+
+    print()
+    for part in ("kernel", "initrd", "userspace", "total"):
+        on = statistics.median(r.get(part, 0.0) for r in runs["on"])
+        off = statistics.median(r.get(part, 0.0) for r in runs["off"])
+        ratio = on / off if off else float("nan")
+        print(f"median {part:<9}: initsplit on {on:6.2f} s, initsplit=off {off:6.2f} s, "
+              f"ratio on/off {ratio:.2f}")
+    print("(TCG under QEMU; the off boots run the same image with every module loaded plain)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
