@@ -192,17 +192,18 @@ class Service:
     # ------------------------------------------------------------ main loop
     def request_stop(self, *_: object) -> None:
         self.stop_requested = True
-        try:
-            os.write(self._signal_w, b"\0")
-        except BlockingIOError:
-            pass
+        self._wake()
 
     def request_settle(self, *_: object) -> None:
         self.settle_requested = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """Make the main loop's select() return (safe from a signal handler)."""
         try:
             os.write(self._signal_w, b"\0")
         except BlockingIOError:
-            pass
+            pass  # a wake-up is pending already
 
     def settle(self) -> None:
         """Serve every event queued so far, wait for the loads, then say so.
