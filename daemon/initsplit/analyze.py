@@ -27,9 +27,8 @@ they are mirrored); `initsplit analyze` prints which rules it applied.
 
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import json
-import os
 import struct
 import zlib
 from collections import Counter
@@ -40,7 +39,7 @@ from typing import Callable, Iterable, Sequence
 from .elf import ElfObject, MalformedElf, read_elf
 from .elf.constants import SHF_ALLOC, SHF_EXECINSTR, SHF_WRITE, SHN_UNDEF
 from .split.modinfo import first, parse_modinfo
-from .tree import MODULE_SUFFIX, ModuleJob, decide, find_modules
+from .tree import MODULE_SUFFIX, ModuleJob, decide, find_modules, run_jobs
 
 PAGE_SIZE = 4096
 HISTOGRAM_BIN = 512  # the bins of the 2002 table
@@ -484,39 +483,13 @@ def _analyze_job(job: ModuleJob, rules: LayoutRules) -> ModuleAnalysis:
 def analyze_jobs(jobs: Sequence[ModuleJob], rules: LayoutRules, *, workers: int | None = None,
                  progress: Callable[[ModuleAnalysis], None] | None = None) -> list[ModuleAnalysis]:
     """analyze_module() for every job, on every core; results in job order."""
-    workers = max(1, workers or os.cpu_count() or 1)
-    results: dict[int, ModuleAnalysis] = {}
 
-    def done(index: int, result: ModuleAnalysis) -> None:
-        results[index] = result
-        if progress is not None:
-            progress(result)
+    def pool_error(job: ModuleJob, exc: Exception) -> ModuleAnalysis:
+        return ModuleAnalysis(str(job.relative), job.relative.name, "error",
+                              f"{type(exc).__name__}: {exc}")
 
-    if workers == 1 or len(jobs) <= 1:
-        for index, job in enumerate(jobs):
-            done(index, _analyze_job(job, rules))
-    else:
-        # Largest first, so the few huge modules do not finish alone at the end.
-        order = sorted(range(len(jobs)), key=lambda i: _size(jobs[i].source), reverse=True)
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_analyze_job, jobs[i], rules): i for i in order}
-            for future in concurrent.futures.as_completed(futures):
-                index = futures[future]
-                try:
-                    result = future.result()
-                except Exception as exc:  # the pool itself failed (a worker killed...)
-                    job = jobs[index]
-                    result = ModuleAnalysis(str(job.relative), job.relative.name, "error",
-                                            f"{type(exc).__name__}: {exc}")
-                done(index, result)
-    return [results[i] for i in range(len(jobs))]
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+    return run_jobs(jobs, functools.partial(_analyze_job, rules=rules), workers=workers,
+                    progress=progress, on_pool_error=pool_error)
 
 
 def analyze_paths(paths: Iterable[Path], *, rules: LayoutRules | None = None,

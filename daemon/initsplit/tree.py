@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence, TypeVar
 
 from .cache import remove_entry, write_entry
 from .elf import ElfObject, MalformedElf, read_elf
@@ -121,12 +122,34 @@ def split_jobs(
 
     *progress* is called in this process once per module as it completes.
     """
-    workers = max(1, workers or os.cpu_count() or 1)
     if output is not None:
         _check_output(jobs, output)
-    results: dict[int, ModuleResult] = {}
+    return run_jobs(jobs, functools.partial(split_one, output=output), workers=workers,
+                    progress=progress, on_pool_error=lambda job, exc: _error(job, exc, 0.0))
 
-    def done(index: int, result: ModuleResult) -> None:
+
+R = TypeVar("R")
+
+
+def run_jobs(
+    jobs: Sequence[ModuleJob],
+    work: Callable[[ModuleJob], R],
+    *,
+    workers: int | None,
+    progress: Callable[[R], None] | None,
+    on_pool_error: Callable[[ModuleJob, Exception], R],
+) -> list[R]:
+    """work(job) for every job on every core; results in job order.
+
+    *work* must be picklable and catch its own errors; *on_pool_error* turns a
+    failure of the pool itself (a worker killed by the OOM killer, say) into that
+    job's result, so the run goes on for the others. *progress* is called in this
+    process once per job as it completes.
+    """
+    workers = max(1, workers or os.cpu_count() or 1)
+    results: dict[int, R] = {}
+
+    def done(index: int, result: R) -> None:
         results[index] = result
         if progress is not None:
             progress(result)
@@ -134,25 +157,19 @@ def split_jobs(
     if workers == 1 or len(jobs) <= 1:
         # In-process: no fork, and exceptions and profilers see the real stack.
         for index, job in enumerate(jobs):
-            done(index, split_one(job, output))
+            done(index, work(job))
     else:
         # Largest first: a few modules (i915, amdgpu, ...) take seconds each, and
         # starting them last would leave one worker finishing alone at the end.
         order = sorted(range(len(jobs)), key=lambda i: _size(jobs[i].source), reverse=True)
         with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {
-                pool.submit(split_one, jobs[index], output): index
-                for index in order
-            }
+            futures = {pool.submit(work, jobs[index]): index for index in order}
             for future in concurrent.futures.as_completed(futures):
                 index = futures[future]
                 try:
                     result = future.result()
                 except Exception as exc:
-                    # split_one() catches everything, so this is the pool itself
-                    # failing (a worker killed by the OOM killer, say): the module
-                    # is reported, the run goes on for the others.
-                    result = _error(jobs[index], exc, 0.0)
+                    result = on_pool_error(jobs[index], exc)
                 done(index, result)
     return [results[index] for index in range(len(jobs))]
 
