@@ -48,8 +48,10 @@ UNITS = (
     ("initsplitd.service", "on the real root"),
 )
 DROPIN = "[Daemon]\nExitAfterQuietSec=10s\n"
-WAIT_DAEMON = ("timeout 180 sh -c 'while systemctl -q is-active initsplitd.service; "
-               "do sleep 1; done'")
+# Until the real-root daemon is fully gone (is-active is false already while it is
+# still "deactivating", before its last journal entries are flushed).
+WAIT_DAEMON = ("timeout 180 sh -c 'until [ \"$(systemctl show -P ActiveState initsplitd.service)\" "
+               "= inactive ]; do sleep 1; done'")
 
 
 def step(message: str) -> None:

@@ -63,7 +63,10 @@ REPORT = {
     # The real-root daemon exits ExitAfterQuietSec= (30 s) after boot went quiet;
     # its summary is only in the journal after that.
     "wait_daemon": (
-        f"timeout 180 sh -c 'while systemctl -q is-active {ROOT_UNIT}; do sleep 1; done'; "
+        # is-active turns false already while the unit is "deactivating" (its process
+        # still exiting): wait for the state the test then reads.
+        f"timeout 180 sh -c 'until [ \"$(systemctl show -P ActiveState {ROOT_UNIT})\" = inactive ]; "
+        f"do sleep 1; done'; "
         f"systemctl show -p ActiveState,Result,ExecMainCode,ExecMainStatus {ROOT_UNIT}"
     ),
     # /proc/modules once both daemons are done (the standard section is read at
