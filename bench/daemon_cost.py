@@ -19,7 +19,6 @@ The goal is a peak RSS under 30 MB. It prints figures; it does not pass or fail.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -122,11 +121,10 @@ def main() -> int:
                       memory_mb=1024)
     finally:
         shutil.rmtree(share, ignore_errors=True)
-    line = next((l for l in result.script_output.splitlines() if l.startswith("@@RESULT@@")), None)
-    if not result.ok or line is None:
+    data = result.result_json() if result.ok else None
+    if data is None:
         print(result.report(80))
         return 1
-    data = json.loads(line[len("@@RESULT@@"):])
     report(data)
     return 0
 

@@ -186,11 +186,10 @@ def main() -> int:
                       timeout=1800, memory_mb=1024)
     finally:
         shutil.rmtree(share, ignore_errors=True)
-    line = next((l for l in result.script_output.splitlines() if l.startswith("@@RESULT@@")), None)
-    if not result.ok or line is None:
+    data = result.result_json() if result.ok else None
+    if data is None:
         print(result.report(80))
         return 1
-    data = json.loads(line[len("@@RESULT@@"):])
     report(order, split, why, data["rounds"])
     print(f"(VM ran {result.duration:.0f} s; total {time.monotonic() - start:.0f} s)")
     return 0

@@ -6,7 +6,6 @@ read-only over virtio-9p, so the code under test is exactly the code in the tree
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -131,10 +130,9 @@ def loader_boot(kernel: DebianKernel, kmods: dict[str, Path], vmshare: Path) -> 
 @pytest.fixture(scope="module")
 def result(loader_boot: BootResult) -> dict:
     assert loader_boot.ok, loader_boot.report()
-    marker = "@@RESULT@@"
-    line = next((l for l in loader_boot.script_output.splitlines() if l.startswith(marker)), None)
-    assert line, loader_boot.report()
-    return json.loads(line[len(marker):])
+    found = loader_boot.result_json()
+    assert found is not None, loader_boot.report()
+    return found
 
 
 def test_kernel_capabilities(result: dict) -> None:
@@ -219,9 +217,8 @@ def test_signature_enforcing_kernel_gets_plain_loads(kernel: DebianKernel, vmsha
     result = boot(kernel, script=script, files=host_root_files(kernel), host_root=True,
                   append="module.sig_enforce=1", timeout=300)
     assert result.ok, result.report()
-    line = next((l for l in result.script_output.splitlines() if l.startswith("@@RESULT@@")), None)
-    assert line, result.report()
-    out = json.loads(line[len("@@RESULT@@"):])
+    out = result.result_json()
+    assert out is not None, result.report()
     assert out["caps"]["accepts_unsigned"] is False, out
     assert "enforces module signatures" in out["caps"]["reason"], out
     load = out["load"]

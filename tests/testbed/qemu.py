@@ -10,6 +10,7 @@ Two serial ports keep the streams apart:
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shlex
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ._util import TestbedError, tail
 from .cpio import CpioArchive
@@ -29,6 +31,8 @@ BUSYBOX = Path("/bin/busybox")  # busybox-static: no shared libraries to copy
 QEMU = "qemu-system-x86_64"
 
 BEGIN = "@@ISPLIT-BEGIN@@"
+# Guest programs print their findings as one line: RESULT_MARKER + JSON.
+RESULT_MARKER = "@@RESULT@@"
 # Not anchored at line start: the script's last line may lack a newline.
 END_RE = re.compile(r"@@ISPLIT-END rc=(\d+)@@$", re.M)
 DMESG_BEGIN = "@@ISPLIT-DMESG-BEGIN@@"
@@ -87,6 +91,11 @@ class BootResult:
     duration: float  # wall-clock seconds QEMU ran
     timed_out: bool
     qemu_log: str  # QEMU's own stdout/stderr
+
+    def result_json(self, marker: str = RESULT_MARKER) -> Any | None:
+        """The JSON a guest program printed on a line starting with *marker*, or None."""
+        line = next((l for l in self.script_output.splitlines() if l.startswith(marker)), None)
+        return None if line is None else json.loads(line[len(marker):])
 
     def report(self, lines: int = 60) -> str:
         """Human-readable failure context for assertion messages."""
@@ -177,6 +186,31 @@ def module_files(kernel: DebianKernel, names: Iterable[str]) -> dict[str, Path |
     return result
 
 
+def qemu_argv(*, kernel: Path, initrd: Path, append: str, smp: int, memory_mb: int,
+              serial: tuple[Path, Path]) -> list[str]:
+    """The QEMU command line every test-bed boot starts from (callers add devices).
+
+    *append* is the whole kernel command line. The kernel console goes to serial[0]
+    (ttyS0), the guest's report to serial[1].
+    """
+    return [
+        QEMU,
+        "-nodefaults", "-no-user-config", "-display", "none",
+        # KVM hangs on these machines after the BIOS; TCG is slower but reliable.
+        # -cpu max -smp 2 boots noticeably faster than the defaults.
+        "-accel", "tcg", "-cpu", "max", "-smp", str(smp), "-m", str(memory_mb),
+        # q35 boots ~0.8 s faster than the default i440fx machine here.
+        "-machine", "q35",
+        "-no-reboot",
+        "-kernel", str(kernel),
+        "-initrd", str(initrd),
+        "-append", append,
+        "-serial", f"file:{serial[0]}",
+        "-serial", f"file:{serial[1]}",
+        "-nic", "none",
+    ]
+
+
 def boot(
     kernel: DebianKernel,
     *,
@@ -219,22 +253,9 @@ def boot(
         initrd = tmp / "initrd.cpio"
         initrd.write_bytes(build_initramfs(script, files))
         console_log, out_log = tmp / "console.log", tmp / "out.log"
-        argv = [
-            QEMU,
-            "-nodefaults", "-no-user-config", "-display", "none",
-            # KVM hangs on these machines after the BIOS; TCG is slower but reliable.
-            # -cpu max -smp 2 boots noticeably faster than the defaults.
-            "-accel", "tcg", "-cpu", "max", "-smp", str(smp), "-m", str(memory_mb),
-            # q35 boots ~0.8 s faster than the default i440fx machine here.
-            "-machine", "q35",
-            "-no-reboot",
-            "-kernel", str(kernel.vmlinux if pvh else kernel.vmlinuz),
-            "-initrd", str(initrd),
-            "-append", f"{BASE_APPEND} {append}".strip(),
-            "-serial", f"file:{console_log}",
-            "-serial", f"file:{out_log}",
-            "-nic", "none",
-        ]
+        argv = qemu_argv(kernel=kernel.vmlinux if pvh else kernel.vmlinuz, initrd=initrd,
+                         append=f"{BASE_APPEND} {append}".strip(), smp=smp, memory_mb=memory_mb,
+                         serial=(console_log, out_log))
         if host_root:
             root_dir = "/" if host_root is True else str(host_root)
             argv += ["-virtfs", f"local,path={root_dir},mount_tag=hostroot,security_model=none,"

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._util import TestbedError, run, tail
-from .qemu import QEMU
+from .qemu import QEMU, qemu_argv
 from .rootfs import CHROOT_ENV, RootFS, chroot_mounts, chroot_run, remove_tree, unmount_all
 
 # Drivers the initramfs needs to mount root: the Debian kernel builds its whole storage
@@ -498,21 +498,9 @@ def boot_system(
     with tempfile.TemporaryDirectory(prefix="initsplit-sys-") as tmp_s:
         tmp = Path(tmp_s)
         console_log, report_log = tmp / "console.log", tmp / "report.log"
-        argv = [
-            QEMU,
-            "-nodefaults", "-no-user-config", "-display", "none",
-            # KVM hangs on these machines after the BIOS; TCG is slower but works.
-            "-accel", "tcg", "-cpu", "max", "-smp", str(smp), "-m", str(memory_mb),
-            "-machine", "q35",
-            "-no-reboot",
-            "-kernel", str(image.vmlinux if pvh else image.kernel),
-            "-initrd", str(image.initrd),
-            "-append", f"{BASE_APPEND} {append}".strip(),
-            "-drive", drive,
-            "-serial", f"file:{console_log}",
-            "-serial", f"file:{report_log}",
-            "-nic", "none",
-        ]
+        argv = qemu_argv(kernel=image.vmlinux if pvh else image.kernel, initrd=image.initrd,
+                         append=f"{BASE_APPEND} {append}".strip(), smp=smp, memory_mb=memory_mb,
+                         serial=(console_log, report_log)) + ["-drive", drive]
         # QEMU puts the snapshot overlay in $TMPDIR; keep it in our directory.
         env = {**os.environ, "TMPDIR": str(tmp)}
         start = time.monotonic()
