@@ -264,27 +264,45 @@ def boot(
             argv += ["-virtfs", f"local,path={host_dir},mount_tag=share{n},security_model=none,"
                      "readonly=on,multidevs=remap"]
         argv += list(qemu_args)
-        start = time.monotonic()
-        with open(tmp / "qemu.log", "wb") as qlog:
-            try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
-                                        stderr=subprocess.STDOUT)
-            except OSError as e:
-                raise TestbedError(f"cannot start {QEMU}: {e}") from e
-            timed_out = False
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                proc.kill()
-                proc.wait()
-        duration = time.monotonic() - start
-        qemu_log = (tmp / "qemu.log").read_text(errors="replace")
+        run = run_qemu(argv, log=tmp / "qemu.log", timeout=timeout)
         console = _read_serial(console_log)
         output = _read_serial(out_log)
-    if not timed_out and proc.returncode != 0 and not output and not console:
-        raise TestbedError(f"{QEMU} failed (exit {proc.returncode}):\n{qemu_log}\n{shlex.join(argv)}")
-    return _parse(console, output, duration, timed_out, qemu_log)
+    run.check(argv, produced=bool(output or console))
+    return _parse(console, output, run.duration, run.timed_out, run.log)
+
+
+@dataclass(frozen=True)
+class QemuRun:
+    returncode: int
+    duration: float  # wall-clock seconds
+    timed_out: bool  # killed at the timeout
+    log: str  # QEMU's own stdout/stderr
+
+    def check(self, argv: list[str], *, produced: bool) -> None:
+        """Raise if QEMU itself failed: it exited non-zero before the guest wrote anything."""
+        if not self.timed_out and self.returncode != 0 and not produced:
+            raise TestbedError(f"{QEMU} failed (exit {self.returncode}):\n{self.log}\n{shlex.join(argv)}")
+
+
+def run_qemu(argv: list[str], *, log: Path, timeout: float,
+             env: Mapping[str, str] | None = None) -> QemuRun:
+    """Run QEMU until it exits, or kill it at *timeout*; its own output goes to *log*."""
+    start = time.monotonic()
+    with open(log, "wb") as qlog:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
+                                    stderr=subprocess.STDOUT, env=env)
+        except OSError as e:
+            raise TestbedError(f"cannot start {QEMU}: {e}") from e
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.kill()
+            proc.wait()
+    return QemuRun(proc.returncode, time.monotonic() - start, timed_out,
+                   log.read_text(errors="replace"))
 
 
 def _read_serial(path: Path) -> str:

@@ -23,7 +23,6 @@ import gzip
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._util import TestbedError, run, tail
-from .qemu import QEMU, qemu_argv
+from .qemu import QEMU, qemu_argv, run_qemu
 from .rootfs import CHROOT_ENV, RootFS, chroot_mounts, chroot_run, remove_tree, unmount_all
 
 # Drivers the initramfs needs to mount root: the Debian kernel builds its whole storage
@@ -503,26 +502,11 @@ def boot_system(
                          serial=(console_log, report_log)) + ["-drive", drive]
         # QEMU puts the snapshot overlay in $TMPDIR; keep it in our directory.
         env = {**os.environ, "TMPDIR": str(tmp)}
-        start = time.monotonic()
-        with open(tmp / "qemu.log", "wb") as qlog:
-            try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
-                                        stderr=subprocess.STDOUT, env=env)
-            except OSError as e:
-                raise TestbedError(f"cannot start {QEMU}: {e}") from e
-            timed_out = False
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                proc.kill()
-                proc.wait()
-        duration = time.monotonic() - start
-        qemu_log = (tmp / "qemu.log").read_text(errors="replace")
+        run = run_qemu(argv, log=tmp / "qemu.log", timeout=timeout, env=env)
         console = _read_serial(console_log, strip_ansi=True)
         report_text = _read_serial(report_log)
-    if not timed_out and proc.returncode != 0 and not console and not report_text:
-        raise TestbedError(f"{QEMU} failed (exit {proc.returncode}):\n{qemu_log}\n{shlex.join(argv)}")
+    run.check(argv, produced=bool(console or report_text))
+    duration, timed_out, qemu_log = run.duration, run.timed_out, run.log
     sections, complete = parse_report(report_text)
     return SystemBoot(
         console=console,
