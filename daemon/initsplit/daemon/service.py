@@ -104,7 +104,8 @@ class Service:
         self.clock = clock
         self.scheduler = LoadScheduler(workers=settings.workers, load=self._load)
         self.stats = _Stats()
-        self.pending_init: list[str] = []  # init modules whose init succeeded, to delete
+        # (core module, init module) whose init succeeded: init modules to delete.
+        self.pending_init: list[tuple[str, str]] = []
         self.last_activity = clock()
         self.stop_requested = False
         self.settle_requested = False
@@ -157,7 +158,7 @@ class Service:
         self.stats.loads.append(load)
         self.reporter.module_loaded(load)
         if load.mode == "two-stage" and load.init_module:
-            self.pending_init.append(load.init_module)
+            self.pending_init.append((load.module, load.init_module))
         self.last_activity = self.clock()
 
     # ------------------------------------------------------------ unloading
@@ -172,14 +173,17 @@ class Service:
         deleted: list[str] = []
         failed: list[tuple[str, str]] = []
         freed = 0
-        for name in self.pending_init:
+        for core, name in self.pending_init:
             try:
                 delete_module(name)
             except OSError as exc:
                 if exc.errno == errno.ENOENT:
-                    continue  # someone else removed it: nothing of ours to report
+                    # Someone else removed it: nothing of ours to report.
+                    self.markers.finish(core)
+                    continue
                 failed.append((name, os.strerror(exc.errno or 0)))
                 continue
+            self.markers.finish(core)
             deleted.append(name)
             freed += sizes.get(name, 0)
         self.pending_init = []

@@ -9,7 +9,8 @@ removes it when the load is over. A restarted daemon reads the markers first:
   kernel finishes finit_module even for a killed caller) and it is only pending
   deletion. Otherwise the core is inert (->init and ->exit NULL) and is deleted so
   coldplug loads the module afresh.
-* "init-done": the init module, if still loaded, is pending deletion.
+* "init-done": the init module, if still loaded, is pending deletion; the marker
+  is removed once the batch has deleted it.
 * "plain": the original is (being) loaded plain; leave it alone.
 """
 
@@ -26,7 +27,8 @@ from .syscalls import delete_module
 
 @dataclass(slots=True)
 class Recovery:
-    pending_init: list[str] = field(default_factory=list)
+    # (core module, init module) pairs whose init module is loaded, to delete.
+    pending_init: list[tuple[str, str]] = field(default_factory=list)
     removed_cores: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -76,7 +78,10 @@ class LoadMarkers:
             state = words[0] if words else ""
             init_name = words[1] if len(words) > 1 else ""
             if state in ("core", "init-done") and init_name in loaded:
-                result.pending_init.append(init_name)
+                # Its init succeeded; the marker stays until the batch deletes it.
+                result.pending_init.append((name, init_name))
+                self.init_done(name, init_name)
+                continue
             elif state == "core" and name in loaded:
                 try:
                     delete_module(name)

@@ -57,10 +57,16 @@ def load_two_stage(pair: SplitPair, *, original: Path, params: str = "",
     if markers is None:
         return _load_two_stage(pair, original, params, None)
     markers.core(pair.name, pair.init_name)
+    result: ModuleLoad | None = None
     try:
-        return _load_two_stage(pair, original, params, markers)
+        result = _load_two_stage(pair, original, params, markers)
+        return result
     finally:
-        markers.finish(pair.name)
+        # A two-stage load keeps its "init-done" marker until the batch has deleted
+        # the init module (Service.unload_batch): a daemon killed in between leaves
+        # the init module to the next daemon instead of to nobody.
+        if result is None or result.mode != "two-stage":
+            markers.finish(pair.name)
 
 
 def _load_two_stage(pair: SplitPair, original: Path, params: str,
