@@ -16,7 +16,7 @@ demo-modules: deps
 	$(PYTHON) demo/split_demo.py
 
 test: deps
-	$(PYTHON) -m pytest -v -rfE $(PYTEST_ARGS) tests
+	$(PYTHON) -m pytest -v -rfEs $(PYTEST_ARGS) tests
 
 bench: deps
 	$(PYTHON) bench/split_tree.py
@@ -35,6 +35,7 @@ install:
 	cd daemon && find initsplit -name '*.py' -exec install -D -m 644 {} $(DESTDIR)$(LIBDIR)/python/{} \;
 	install -m 755 bin/initsplitd $(DESTDIR)$(LIBDIR)/initsplitd
 	install -m 755 bin/initsplitd-settle $(DESTDIR)$(LIBDIR)/initsplitd-settle
+	install -m 755 bin/initsplitd-handback $(DESTDIR)$(LIBDIR)/initsplitd-handback
 	install -m 755 bin/initsplit $(DESTDIR)/usr/bin/initsplit
 	install -m 644 units/initsplitd.service units/initsplitd-initrd.service units/initsplitd-settle.service \
 		$(DESTDIR)/usr/lib/systemd/system/

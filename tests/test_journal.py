@@ -325,7 +325,8 @@ def test_fallback_without_python_systemd(monkeypatch: pytest.MonkeyPatch, socket
 
 def test_python_systemd_is_the_debian_one() -> None:
     # The daemon runs on Debian 12's python3-systemd; make sure that is what is tested.
-    systemd_journal = pytest.importorskip("systemd.journal")
+    from systemd import journal as systemd_journal  # tools/install-deps installs python3-systemd
+
     assert journal_module._systemd_journal is systemd_journal
     assert hasattr(systemd_journal, "sendv")
 
@@ -404,7 +405,7 @@ def test_catalog_structure_and_substitutions() -> None:
 def test_catalog_compiles_with_journalctl(tmp_path: Path) -> None:
     journalctl = shutil.which("journalctl")
     if journalctl is None:
-        pytest.skip("journalctl not installed")
+        pytest.fail("journalctl not found: tools/install-deps installs systemd")
     catalog_dir = tmp_path / "usr/lib/systemd/catalog"
     catalog_dir.mkdir(parents=True)
     shutil.copy(CATALOG, catalog_dir / "initsplit.catalog")
@@ -519,9 +520,10 @@ def private_journal() -> Iterator[tuple[list[dict[str, object]], str | None]]:
     journald = next((p for p in JOURNALD_CANDIDATES if os.access(p, os.X_OK)), None)
     needed = {name: shutil.which(name) for name in ("unshare", "journalctl", "systemd-cat")}
     if os.geteuid() != 0 or journald is None or None in needed.values():
-        pytest.skip("needs root, unshare, systemd-journald, journalctl and systemd-cat")
+        pytest.fail(f"needs root, unshare, systemd-journald, journalctl and systemd-cat; have "
+                    f"euid {os.geteuid()}, journald {journald}, {needed} (tools/install-deps)")
     if subprocess.run([*UNSHARE, "true"], capture_output=True).returncode != 0:
-        pytest.skip("cannot create a mount namespace here")
+        pytest.fail("cannot create a mount namespace here (the tests run as root)")
     # A short directory name: socket paths and the like stay well within limits.
     out = Path(tempfile.mkdtemp(prefix="initsplit-journal-"))
     try:
@@ -566,7 +568,8 @@ def test_journalctl_explains_entries_with_the_catalog(
 ) -> None:
     _, explained = private_journal
     if explained is None:
-        pytest.skip("no /var/lib/systemd/catalog to mount the compiled catalog on")
+        pytest.fail("journalctl -x gave no output: no /var/lib/systemd/catalog to mount the "
+                    "compiled catalog on (systemd creates it; tools/install-deps installs systemd)")
     assert "Subject: Module dummy loaded in two stages" in explained
     assert "and the temporary init module\n░░ dummy__init, which holds" in explained
     assert "Subject: Module nvme loaded plain" in explained
@@ -614,7 +617,7 @@ def test_notifier_messages(
     monkeypatch: pytest.MonkeyPatch, notify_socket: tuple[socket.socket, str], use_libsystemd: bool
 ) -> None:
     if use_libsystemd and not HAVE_LIBSYSTEMD:
-        pytest.skip("python3-systemd not installed")
+        pytest.fail("python3-systemd not installed (tools/install-deps installs it)")
     sock, address = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", address)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
@@ -644,7 +647,7 @@ def test_notifier_watchdog(
     monkeypatch: pytest.MonkeyPatch, notify_socket: tuple[socket.socket, str], use_libsystemd: bool
 ) -> None:
     if use_libsystemd and not HAVE_LIBSYSTEMD:
-        pytest.skip("python3-systemd not installed")
+        pytest.fail("python3-systemd not installed (tools/install-deps installs it)")
     sock, address = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", address)
     monkeypatch.setenv("WATCHDOG_USEC", "3000000")
