@@ -222,7 +222,8 @@ def test_initramfs_contents(image: SystemImage) -> None:
     assert listed == set(kos), (sorted(listed ^ set(kos)))
     assert "initsplit" not in dep and "__init" not in dep
     # The daemon, its units (enabled), config and udev rules.
-    for name in ("usr/lib/initsplit/initsplitd", "usr/lib/initsplit/initsplitd-settle", "usr/bin/python3.11",
+    for name in ("usr/lib/initsplit/initsplitd", "usr/lib/initsplit/initsplitd-settle",
+                 "usr/lib/initsplit/initsplitd-handback", "usr/bin/python3.11",
                  "usr/lib/systemd/system/initsplitd-initrd.service",
                  "usr/lib/systemd/system/initsplitd-settle.service",
                  "etc/initsplit/initsplitd.conf", "usr/lib/systemd/catalog/initsplit.catalog",

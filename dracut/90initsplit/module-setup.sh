@@ -122,7 +122,8 @@ install() {
     fi
     # The daemon itself, with any module the closure did not need.
     find "$initsplit_libdir"/python -type f \( -name '*.py' -o -name '*.pyc' \) >> "$_closure"
-    printf '%s\n' "$initsplit_libdir"/initsplitd "$initsplit_libdir"/initsplitd-settle >> "$_closure"
+    printf '%s\n' "$initsplit_libdir"/initsplitd "$initsplit_libdir"/initsplitd-settle \
+        "$initsplit_libdir"/initsplitd-handback >> "$_closure"
     sort -u -o "$_closure" "$_closure"
     initsplit_new="${DRACUT_TMPDIR}/initsplit-new"
     while IFS= read -r _f; do

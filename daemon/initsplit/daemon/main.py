@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .. import faults
 from ..loader.kernel_state import probe_capabilities
 from ..loader.recovery import LoadMarkers
 from .config import kernel_command_line_overrides, load_config
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for error in errors + cmdline_errors:
         reporter.config_error(error)
+    for bad in faults.install_from_environment(in_initrd=in_initrd):
+        reporter.log(4, f"{faults.ENV}: ignoring {bad!r}")
 
     capabilities = probe_capabilities()
     plain_only = ""
@@ -97,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
                               markers=LoadMarkers(config.runtime_dir / "loading"))
             return service.run()
     except Exception as exc:
-        # Nothing can be loaded without the module index or an event source; say why and
-        # let systemd-udevd's own module loading (the fallback unit) take over.
-        reporter.log(2, f"initsplitd cannot run: {type(exc).__name__}: {exc}")
+        # Service.run() has already handed module loading back to udev (the active
+        # flag is gone) and deleted the init modules it could; exit non-zero so that
+        # systemd restarts us (Restart=on-failure) and the next daemon's recovery and
+        # coldplug pick up whatever this one left.
+        reporter.log(2, f"initsplitd failed: {type(exc).__name__}: {exc}; udev loads "
+                        "modules itself until initsplitd runs again")
         return 1
 
 

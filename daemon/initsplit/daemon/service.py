@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .. import faults
 from ..loader.kernel_state import proc_modules
 from ..loader.recovery import LoadMarkers
 from ..loader.results import ModuleLoad, UnloadBatch
@@ -115,6 +116,7 @@ class Service:
     # ------------------------------------------------------------ loading
     def _load(self, step: LoadStep) -> ModuleLoad:
         """Runs on a worker thread."""
+        faults.hit("worker", step.name)
         if step.install_command:
             return self._modprobe(step)
         if step.path is None:
@@ -140,6 +142,7 @@ class Service:
                           seconds=time.monotonic() - started)
 
     def handle_request(self, request: Request) -> None:
+        faults.hit("request", request.aliases[0] if request.aliases else "")
         self.last_activity = self.clock()
         for alias in request.aliases:
             if alias in self._seen_aliases:
@@ -185,6 +188,7 @@ class Service:
                 continue
             self.markers.finish(core)
             deleted.append(name)
+            faults.hit("batch", core)
             freed += sizes.get(name, 0)
         self.pending_init = []
         batch = UnloadBatch(tuple(deleted), freed, tuple(failed), trigger,  # type: ignore[arg-type]
@@ -239,6 +243,22 @@ class Service:
                 f"pending, {freed} bytes given back")
 
     def run(self) -> int:
+        """Serve until stopped or quiet; udev's own loading is back on whatever happens."""
+        try:
+            return self._run()
+        except BaseException:
+            # Whatever broke, give back what can safely be given back: init modules
+            # whose init succeeded. Their markers go with them; anything else stays
+            # marked for the next daemon's recovery.
+            try:
+                self.unload_batch("stop")
+            except BaseException as exc:  # never mask the original error
+                log.error("final batch after a failure failed: %s", exc)
+            raise
+        finally:
+            self._set_active(False)
+
+    def _run(self) -> int:
         started = self.clock()
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
@@ -254,6 +274,7 @@ class Service:
         self._set_active(True)
         for request in self.source.coldplug():
             self.handle_request(request)
+        faults.hit("before-ready")
         self.notifier.ready(self.status_text())
         watchdog = self.notifier.watchdog_interval()
         next_watchdog = self.clock()
@@ -291,6 +312,7 @@ class Service:
                 exit_reason = "boot quiet"
                 break
         self.notifier.stopping()
+        faults.hit("stop")
         # Hand module loading back to udev first, then serve what udev already
         # skipped for us: those events are in our queue.
         self._set_active(False)
@@ -314,9 +336,15 @@ class Service:
         try:
             if active:
                 flag.parent.mkdir(parents=True, exist_ok=True)
-                flag.write_text(f"{os.getpid()}\n")
-            else:
-                flag.unlink(missing_ok=True)
+                # A symlink to our /proc entry, not a file: udev's TEST== follows it
+                # (stat), so once this process is gone, SIGKILL included, the link
+                # dangles and udev loads modules itself again at once.
+                tmp = flag.with_name(f".{flag.name}.{os.getpid()}")
+                tmp.unlink(missing_ok=True)
+                os.symlink(f"/proc/{os.getpid()}", tmp)
+                os.replace(tmp, flag)
+            elif flag.is_symlink() and os.readlink(flag) == f"/proc/{os.getpid()}":
+                flag.unlink()
         except OSError as exc:
             self.reporter.log(4, f"cannot {'create' if active else 'remove'} {flag}: {exc.strerror}")
 

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import faults
 from .kernel_state import proc_modules
 from .recovery import LoadMarkers
 from .results import ModuleLoad
@@ -82,6 +83,7 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
             markers.plain(pair.name)
         return _retry_plain(pair.name, original, params, started,
                             f"core module refused: {os.strerror(exc.errno or 0)}")
+    faults.hit("after-core", pair.name)
     try:
         finit_module(pair.init, "")
     except OSError as exc:
@@ -100,6 +102,7 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
         return _retry_plain(pair.name, original, params, started, why)
     if markers:
         markers.init_done(pair.name, pair.init_name)
+    faults.hit("after-init", pair.name)
     sizes = _sizes()
     return ModuleLoad(pair.name, "two-stage", init_module=pair.init_name,
                       core_bytes=sizes.get(pair.name), init_bytes=sizes.get(pair.init_name),

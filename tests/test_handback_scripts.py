@@ -1,0 +1,100 @@
+"""bin/initsplitd-handback (ExecStopPost= of both units) and bin/initsplitd-settle
+with a dead daemon's flag: run for real with /bin/sh, a fake udevadm on PATH and the
+run directory moved to a temporary one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def script(tmp_path: Path, name: str) -> Path:
+    """The script with /run/initsplit replaced by a directory of the test's."""
+    text = (REPO / "bin" / name).read_text().replace("run=/run/initsplit", f"run={tmp_path}/run")
+    assert f"run={tmp_path}/run" in text, name
+    out = tmp_path / name
+    out.write_text(text)
+    return out
+
+
+@pytest.fixture
+def fake_udevadm(tmp_path: Path) -> Path:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "udevadm.log"
+    (bindir / "udevadm").write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    (bindir / "udevadm").chmod(0o755)
+    (tmp_path / "run").mkdir()
+    return log
+
+
+def run(tmp_path: Path, path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = dict(os.environ, PATH=f"{tmp_path}/bin:{os.environ['PATH']}", **env)
+    return subprocess.run(["/bin/sh", str(path), *args], env=full, capture_output=True,
+                          text=True, timeout=30)
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_handback_after_clean_exit_only_removes_the_flag(tmp_path: Path, fake_udevadm: Path) -> None:
+    flag = tmp_path / "run/active"
+    os.symlink(f"/proc/{dead_pid()}", flag)
+    result = run(tmp_path, script(tmp_path, "initsplitd-handback"), SERVICE_RESULT="success")
+    assert result.returncode == 0, result
+    assert not flag.is_symlink()
+    assert not fake_udevadm.exists()
+
+
+@pytest.mark.parametrize("result_name", ["signal", "exit-code", "watchdog", "timeout"])
+def test_handback_after_unclean_end_replays_devices(tmp_path: Path, fake_udevadm: Path,
+                                                    result_name: str) -> None:
+    os.symlink(f"/proc/{dead_pid()}", tmp_path / "run/active")
+    result = run(tmp_path, script(tmp_path, "initsplitd-handback"), SERVICE_RESULT=result_name,
+                 EXIT_CODE="killed", EXIT_STATUS="KILL")
+    assert result.returncode == 0, result
+    assert not (tmp_path / "run/active").is_symlink()
+    assert fake_udevadm.read_text() == "trigger --type=devices --action=add\n"
+    assert f"ended with {result_name}" in result.stderr
+
+
+def test_settle_with_a_dead_daemons_flag_signals_nobody(tmp_path: Path, fake_udevadm: Path) -> None:
+    # A stale flag must neither make settle wait nor signal a pid that may be reused.
+    os.symlink(f"/proc/{os.getpid()}", tmp_path / "run/active")  # a live pid, but not initsplitd
+    result = run(tmp_path, script(tmp_path, "initsplitd-settle"), "5")
+    assert result.returncode == 0, result
+    assert fake_udevadm.read_text() == "settle --timeout=5\n"
+    os.remove(tmp_path / "run/active")
+    os.symlink(f"/proc/{dead_pid()}", tmp_path / "run/active")
+    assert run(tmp_path, script(tmp_path, "initsplitd-settle"), "5").returncode == 0
+
+
+def test_settle_signals_a_live_initsplitd_and_waits_for_it(tmp_path: Path, fake_udevadm: Path) -> None:
+    # A stand-in daemon: a #! script named initsplitd (its comm), which answers
+    # SIGUSR1 by writing the settled flag after a moment, as the daemon does.
+    fake = tmp_path / "initsplitd"
+    fake.write_text(f"#!/bin/sh\ntrap 'sleep 0.3; echo $$ > {tmp_path}/run/settled; exit 0' USR1\n"
+                    f"touch {tmp_path}/trap-ready\nwhile :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    daemon = subprocess.Popen([str(fake)])
+    try:
+        os.symlink(f"/proc/{daemon.pid}", tmp_path / "run/active")
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "trap-ready").exists():  # SIGUSR1 before the trap would kill it
+            assert time.monotonic() < deadline and daemon.poll() is None
+            time.sleep(0.01)
+        result = run(tmp_path, script(tmp_path, "initsplitd-settle"), "5")
+        assert result.returncode == 0, result
+        assert (tmp_path / "run/settled").read_text().strip() == str(daemon.pid)
+        assert daemon.wait(timeout=5) == 0  # it got SIGUSR1
+    finally:
+        daemon.kill()
