@@ -32,6 +32,7 @@ from initsplit.daemon.journal import (
     MESSAGE_ID_SUMMARY,
     SYSLOG_IDENTIFIER,
 )
+from initsplit.daemon.udev_source import valid_alias
 from initsplit.tree import decide
 from tests.testbed import debian_kernel
 from tests.testbed.install import install_initsplit
@@ -73,7 +74,46 @@ REPORT = {
     # multi-user, while the real-root daemon may still be loading).
     "modules_after": "cat /proc/modules",
     "failed_status": "systemctl status --failed --no-pager --full --lines=30",
+    # What the daemons left in /run: nothing but the fault hook's record, if any.
+    # udev's own view of the devices the hostile rule gave a MODALIAS.
+    "hostile": "for d in null zero full random urandom kmsg; do "
+               "echo \"$d: $(udevadm info -q property -n /dev/$d | sed -n 's/^MODALIAS=//p')\"; done",
+    "run_state": "echo \"markers: $(ls -A /run/initsplit/loading 2>/dev/null | tr '\\n' ' ')\"; "
+                 "echo \"active: $([ -e /run/initsplit/active ] && echo on || echo off)\"; "
+                 "echo \"fired: $(ls -A /run/initsplit/faults-fired 2>/dev/null | tr '\\n' ' ')\"",
 }
+
+# Full-system boots with a fault injected (initsplit.faults) into the initramfs daemon
+# and another into the real-root daemon, through systemd.setenv= on the kernel command
+# line; both must end in a system that booted with every driver and nothing left over.
+FAULT_BOOTS = {
+    # Killed before READY (the start job fails); on the real root right after a
+    # core module went in.
+    "initrd-before-ready+root-after-core": "initrd/before-ready=kill,root/after-core=kill",
+    # The root file system's core module is in, its init never ran: until the inert
+    # core is gone ext4 looks loaded. On the real root an exception on the main thread.
+    "initrd-ext4-core+root-raise": "initrd/after-core:ext4=kill,root/request=raise",
+    # The disk driver's init ran, nobody recorded it; on the real root killed during
+    # the batch of init-module deletions.
+    "initrd-after-init+root-batch": "initrd/after-init:virtio_blk=kill,root/batch=kill",
+    # Killed while systemd stops it for switch-root; on the real root after an init.
+    "initrd-stop+root-after-init": "initrd/stop=kill,root/after-init=kill",
+}
+
+
+# Devices whose MODALIAS a udev rule of the test image replaces with something
+# hostile: udevd broadcasts it, and both daemons get it as any other event (the
+# memory devices exist on every machine and need no driver).
+HOSTILE_MODALIAS = {
+    "null": "$$(reboot -f)",                 # udev makes "$$" a literal "$"
+    "zero": "../../../../../../usr/bin/sh",
+    "full": "*",
+    "random": "ext4 vfat",
+    "urandom": "caf\u00e9",                  # not ASCII
+    "kmsg": "pci:v*d*" * 520,                 # longer than any alias may be (4,096)
+}
+HOSTILE_RULES = "".join(f'SUBSYSTEM=="mem", KERNEL=="{k}", ENV{{MODALIAS}}="{v}"\n'
+                        for k, v in HOSTILE_MODALIAS.items())
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +125,11 @@ def rootfs() -> RootFS:
 def image(rootfs: RootFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemImage]:
     out = tmp_path_factory.mktemp("boot-integration")
     extra = install_initsplit(out / "destdir")
+    rules = out / "destdir/etc/udev/rules.d/70-isplit-hostile.rules"
+    rules.write_text(HOSTILE_RULES)
+    (out / "destdir/etc/dracut.conf.d").mkdir(parents=True, exist_ok=True)
+    (out / "destdir/etc/dracut.conf.d/70-isplit-hostile.conf").write_text(
+        'install_items+=" /etc/udev/rules.d/70-isplit-hostile.rules "\n')
     image = build_disk(rootfs, out=out, extra_files=extra, report_commands=REPORT)
     yield image
     image.disk.unlink(missing_ok=True)  # ~750 MB; initrd and dracut.log stay
@@ -98,6 +143,12 @@ def booted(image: SystemImage) -> SystemBoot:
 @pytest.fixture(scope="module")
 def booted_off(image: SystemImage) -> SystemBoot:
     return boot_system(image, append="initsplit=off", timeout=420)
+
+
+@pytest.fixture(scope="module", params=list(FAULT_BOOTS))
+def fault_boot(request: pytest.FixtureRequest, image: SystemImage) -> tuple[str, SystemBoot]:
+    spec = FAULT_BOOTS[request.param]
+    return spec, boot_system(image, append=f"systemd.setenv=INITSPLIT_FAULT={spec}", timeout=480)
 
 
 # --- helpers --------------------------------------------------------------------------
@@ -288,6 +339,9 @@ def test_no_init_module_left(booted: SystemBoot) -> None:
     assert booted.sections["wait_daemon"].rc == 0, booted.report()
     left = [m for m in modules_after(booted) if m.endswith("__init")]
     assert not left, booted.sections["modules_after"].output
+    state = booted.sections["run_state"].output
+    assert re.search(r"^markers: *$", state, re.M), state
+    assert "active: off" in state and re.search(r"^fired: *$", state, re.M), state
 
 
 def test_core_sizes_match_proc_modules(booted: SystemBoot) -> None:
@@ -374,3 +428,68 @@ def test_initsplit_off_loads_plain(booted_off: SystemBoot) -> None:
     got = loads(booted_off, INITRD_UNIT)
     for module in ROOT_DRIVERS:
         assert got.get(module, {}).get("INITSPLIT_MODE") == "plain", (module, sorted(got))
+
+
+# --- faults ---------------------------------------------------------------------------
+
+
+def test_fault_boot_reaches_multi_user_with_every_driver(fault_boot: tuple[str, SystemBoot]) -> None:
+    spec, boot = fault_boot
+    if "initrd/stop=kill" in spec and boot.failed_units == [INITRD_UNIT]:
+        # Killed while systemd stopped it for switch-root: nothing can restart it
+        # there, and systemd keeps its failure for the real root to show. The
+        # system is degraded by that record only; the rest must hold as always.
+        assert boot.state == "degraded" and boot.complete and not boot.timed_out, boot.report()
+    else:
+        reached_multi_user(boot)
+    assert boot.sections["wait_daemon"].rc == 0, boot.report()
+    state = boot.sections["run_state"].output
+    # Both faults fired (else the boot proves nothing) ...
+    fired = set(re.search(r"^fired: (.*)$", state, re.M).group(1).split())
+    wanted = {part.split("/", 1)[1].rsplit("=", 1)[0] for part in spec.split(",")}
+    assert {w if ":" in w else f"{w}:*" for w in wanted} == fired, state
+    # ... and nothing is left: no init module, no load marker, udev's loading is on.
+    assert re.search(r"^markers: *$", state, re.M) and "active: off" in state, state
+    after = modules_after(boot)
+    assert not [m for m in after if m.endswith("__init")], boot.sections["modules_after"].output
+    for module in (*ROOT_DRIVERS, *PID1_DRIVERS):
+        assert module in after, (spec, module, sorted(after))
+
+
+def test_fault_boot_journal_says_what_happened(fault_boot: tuple[str, SystemBoot]) -> None:
+    spec, boot = fault_boot
+    for part in spec.split(","):
+        stage, what = part.split("/", 1)
+        unit = INITRD_UNIT if stage == "initrd" else ROOT_UNIT
+        said = [e["MESSAGE"] for e in boot.journal_json
+                if e.get("_SYSTEMD_UNIT") == unit and isinstance(e.get("MESSAGE"), str)]
+        if what.endswith("=kill"):
+            assert any(m.startswith("initsplitd-handback: initsplitd ended with signal") for m in said), \
+                (unit, said)
+        else:
+            assert any(m.startswith("initsplitd failed: InjectedFault") for m in said), (unit, said)
+    if "after-core:ext4" in spec:
+        # The killed daemon's inert ext4 core was removed before anything else ran.
+        assert any("ext4: removed the inert core module" in str(e.get("MESSAGE"))
+                   for e in boot.journal_json), boot.report()
+
+
+def test_hostile_modalias_strings_load_nothing(booted: SystemBoot) -> None:
+    # udevd gave the memory devices the hostile MODALIAS values (the rule worked) ...
+    reached_multi_user(booted)
+    seen = dict(line.split(": ", 1) for line in booted.sections["hostile"].output.splitlines()
+                if ": " in line)
+    for device, value in HOSTILE_MODALIAS.items():
+        assert seen.get(device) == value.replace("$$", "$"), (device, seen.get(device))
+    got = {**loads(booted, INITRD_UNIT), **loads(booted, ROOT_UNIT)}
+    # ... the daemons loaded no module because of them, and warned of the invalid ones.
+    for name in got:
+        assert name not in ("sh", "vfat", "reboot", "*") and "/" not in name, (name, sorted(got))
+    warned = [e["MESSAGE"] for e in daemon_entries(booted, ROOT_UNIT)
+              if "ignoring invalid module alias" in e["MESSAGE"]]
+    for device, value in HOSTILE_MODALIAS.items():
+        if not valid_alias(value.replace("$$", "$")):
+            assert any(f"/devices/virtual/mem/{device}'" in m for m in warned), (device, "\n".join(warned))
+    for unit in (INITRD_UNIT, ROOT_UNIT):
+        said = [e["MESSAGE"] for e in daemon_entries(booted, unit)]
+        assert not [m for m in said if "Traceback" in m or "initsplitd failed" in m], said

@@ -111,6 +111,28 @@ check_devices() {
         echo "disk $b: $(dd if=/dev/$b bs=16 count=1 2>/dev/null)"
     done
 }
+# SIGKILL from outside, to the daemon's own pid, DELAY seconds after its first
+# two-stage load (bench/kill_stress.py varies the delay).
+sigkill_case() {
+    echo "== case $1"
+    reset_modules
+    # The daemon itself, not a subshell: chroot execs python3, so $! is its pid.
+    TMPDIR=/run/tmp chroot /host /usr/bin/python3 -m initsplit.daemon --source kernel \
+        --config-root /srv/conf 2>/tmp/first.log &
+    pid=$!
+    i=0
+    while [ $i -lt 1200 ] && ! grep -q "loaded two-stage" /tmp/first.log 2>/dev/null; do sleep 0.1; i=$((i+1)); done
+    sleep "$2"
+    kill -9 $pid; wait $pid; echo "killed rc=$?"
+    echo "process gone: $([ -e /proc/$pid ] && echo no || echo yes)"
+    echo "loaded before kill: $(grep -c 'loaded two-stage' /tmp/first.log)"
+    echo "active flag between: $([ -e /host/run/initsplit/active ] && echo on || echo off)"
+    daemon 2>/tmp/second.log; echo "second rc=$?"
+    echo "-- first log"; cat /tmp/first.log
+    echo "-- second log"; cat /tmp/second.log
+    echo "-- devices"
+    check_devices
+}
 fault_case() {
     echo "== case $1"
     reset_modules
@@ -139,55 +161,45 @@ cat /tmp/daemon.log
 echo "-- devices"
 check_devices
 """ + cases + r"""
-echo "== case sigkill"
-reset_modules
-# The daemon itself, not a subshell: chroot execs python3, so $! is its pid.
-TMPDIR=/run/tmp chroot /host /usr/bin/python3 -m initsplit.daemon --source kernel \
-    --config-root /srv/conf 2>/tmp/first.log &
-pid=$!
-i=0
-while [ $i -lt 1200 ] && ! grep -q "loaded two-stage" /tmp/first.log 2>/dev/null; do sleep 0.1; i=$((i+1)); done
-kill -9 $pid; wait $pid; echo "killed rc=$?"
-echo "process gone: $([ -e /proc/$pid ] && echo no || echo yes)"
-echo "loaded before kill: $(grep -c 'loaded two-stage' /tmp/first.log)"
-echo "active flag between: $([ -e /host/run/initsplit/active ] && echo on || echo off)"
-daemon 2>/tmp/second.log; echo "second rc=$?"
-echo "-- first log"; cat /tmp/first.log
-echo "-- second log"; cat /tmp/second.log
-echo "-- devices"
-check_devices
+sigkill_case sigkill 0
 echo "== end"
 """
 
 
-@pytest.fixture(scope="module")
-def shared(vmshare: Path) -> Path:
+def prepare_share(share: Path) -> Path:
+    """The configurations and the two disk images the guest reads from /srv."""
     for root, text in (("conf", CONFIG), ("conf-hold", CONFIG_HOLD)):
-        conf = vmshare / root / "etc/initsplit"
+        conf = share / root / "etc/initsplit"
         conf.mkdir(parents=True)
         (conf / "initsplitd.conf").write_text(text)
     for name, mark in (("ahci.img", AHCI_MARK), ("usb.img", USB_MARK)):
-        with (vmshare / name).open("wb") as f:
+        with (share / name).open("wb") as f:
             f.write(mark)
             f.truncate(8 * 1024 * 1024)
-    return vmshare
+    return share
 
 
-@pytest.fixture(scope="module")
-def matrix(kernel: DebianKernel, shared: Path) -> BootResult:  # noqa: F811
+def boot_with_devices(kernel: DebianKernel, share: Path, script: str, *,  # noqa: F811
+                      timeout: float) -> BootResult:
+    """Boot *script* with the host root, this checkout, *share* and the devices."""
     rootfs = debian_rootfs(kernel)
     devices = [
         "-device", "e1000",
         "-device", "virtio-rng-pci",
-        "-drive", f"file={shared / 'ahci.img'},if=none,id=ahcidisk,format=raw,snapshot=on",
+        "-drive", f"file={share / 'ahci.img'},if=none,id=ahcidisk,format=raw,snapshot=on",
         "-device", "ide-hd,drive=ahcidisk,bus=ide.0",
         "-device", "qemu-xhci,id=xhci",
-        "-drive", f"file={shared / 'usb.img'},if=none,id=usbstick,format=raw,snapshot=on",
+        "-drive", f"file={share / 'usb.img'},if=none,id=usbstick,format=raw,snapshot=on",
         "-device", "usb-storage,bus=xhci.0,drive=usbstick",
     ]
-    return boot(kernel, script=guest_script(), files=host_root_files(kernel), host_root=rootfs.path,
-                shares={"/mnt": REPO, "/srv": shared}, qemu_args=devices, timeout=1500,
+    return boot(kernel, script=script, files=host_root_files(kernel), host_root=rootfs.path,
+                shares={"/mnt": REPO, "/srv": share}, qemu_args=devices, timeout=timeout,
                 memory_mb=1024)
+
+
+@pytest.fixture(scope="module")
+def matrix(kernel: DebianKernel, vmshare: Path) -> BootResult:  # noqa: F811
+    return boot_with_devices(kernel, prepare_share(vmshare), guest_script(), timeout=1500)
 
 
 def part(text: str, name: str) -> str:
@@ -198,16 +210,31 @@ def part(text: str, name: str) -> str:
     return text[start:end if end >= 0 else None]
 
 
-def assert_devices_work(out: str) -> None:
-    modules = set(re.search(r"^modules: (.*)$", out, re.M).group(1).split())
-    assert set(DRIVERS) <= modules, out
-    assert not [m for m in modules if m.endswith("__init")], out
-    assert re.search(r"^markers: *$", out, re.M), out
-    assert re.search(r"^active flag: none$", out, re.M), out
-    assert re.search(r"^net \S+ driver=e1000$", out, re.M), out
-    assert "rng: virtio_rng" in out and "rng read 16 bytes" in out, out
+def devices_problems(out: str) -> list[str]:
+    """How the devices part *out* breaks the invariant; empty when it holds."""
+    found = re.search(r"^modules: (.*)$", out, re.M)
+    if not found:
+        return ["no module list (the case did not finish)"]
+    modules = set(found.group(1).split())
+    problems = [f"{d} not loaded" for d in DRIVERS if d not in modules]
+    problems += [f"{m} left loaded" for m in sorted(modules) if m.endswith("__init")]
+    if not re.search(r"^markers: *$", out, re.M):
+        problems.append("load markers left")
+    if not re.search(r"^active flag: none$", out, re.M):
+        problems.append("active flag left")
+    if not re.search(r"^net \S+ driver=e1000$", out, re.M):
+        problems.append("no e1000 network device")
+    if "rng: virtio_rng" not in out or "rng read 16 bytes" not in out:
+        problems.append("virtio RNG not working")
     disks = "\n".join(line for line in out.splitlines() if line.startswith("disk "))
-    assert AHCI_MARK.decode() in disks and USB_MARK.decode() in disks, out
+    if AHCI_MARK.decode() not in disks or USB_MARK.decode() not in disks:
+        problems.append("a disk cannot be read")
+    return problems
+
+
+def assert_devices_work(out: str) -> None:
+    problems = devices_problems(out)
+    assert not problems, "; ".join(problems) + "\n" + out
 
 
 def assert_reset(case: str) -> None:

@@ -119,7 +119,7 @@ def test_request_exception_hands_back_and_gives_back_init_modules(
     source.queued = []
     service, _ = make_service(tmp_path, source, active_flag=tmp_path / "active")
     deleted: list[str] = []
-    monkeypatch.setattr("initsplit.daemon.service.delete_module", lambda name: deleted.append(name))
+    monkeypatch.setattr("initsplit.loader.recovery.delete_module", lambda name: deleted.append(name))
     service.pending_init.append(("e1000", "e1000__init"))
     parsed, _ = faults.parse("request=raise", in_initrd=False)
     monkeypatch.setattr(faults, "points", faults.FaultPoints(parsed, state_dir=tmp_path / "fired"))
@@ -137,3 +137,37 @@ def test_request_exception_hands_back_and_gives_back_init_modules(
         signal.signal(signal.SIGINT, signal.default_int_handler)
     assert deleted == ["e1000__init"]
     assert not (tmp_path / "active").is_symlink()
+
+
+def test_recover_only_clears_markers_of_modules_not_loaded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # initsplitd --recover, as initsplitd-handback runs it after an unclean end. The
+    # markers name modules that are not loaded: they are dropped and nothing is
+    # deleted (the VM tests cover markers of modules really loaded).
+    from initsplit.daemon import main as daemon_main
+
+    conf = tmp_path / "etc/initsplit"
+    conf.mkdir(parents=True)
+    runtime = tmp_path / "run/initsplit"
+    (conf / "initsplitd.conf").write_text(f"[Daemon]\nRuntimeDir={runtime}\n")
+    (runtime / "loading").mkdir(parents=True)
+    (runtime / "loading/isplit_absent").write_text("core isplit_absent__init\n")
+    (runtime / "loading/isplit_gone").write_text("init-done isplit_gone__init\n")
+    monkeypatch.setattr("initsplit.loader.recovery.proc_modules", lambda: {"ext4": 4096})
+    assert daemon_main.main(["--recover", "--config-root", str(tmp_path), "--kernel-cmdline", ""]) == 0
+    assert list((runtime / "loading").iterdir()) == []
+
+
+def test_recovery_keeps_markers_when_the_kernel_list_is_unreadable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from initsplit.loader.recovery import LoadMarkers
+
+    def unreadable() -> dict[str, int]:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    markers = LoadMarkers(tmp_path)
+    markers.core("ext4", "ext4__init")
+    monkeypatch.setattr("initsplit.loader.recovery.proc_modules", unreadable)
+    result = markers.recover()
+    assert result.problems == ["cannot read /proc/modules: No such file or directory"]
+    assert (tmp_path / "ext4").read_text() == "core ext4__init\n"

@@ -30,12 +30,17 @@ def fake_udevadm(tmp_path: Path) -> Path:
     log = tmp_path / "udevadm.log"
     (bindir / "udevadm").write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
     (bindir / "udevadm").chmod(0o755)
+    # initsplitd --recover as the handback calls it: it removes the markers.
+    (bindir / "initsplitd").write_text(
+        f'#!/bin/sh\necho "initsplitd $*" >> {log}\nrm -rf {tmp_path}/run/loading\n')
+    (bindir / "initsplitd").chmod(0o755)
     (tmp_path / "run").mkdir()
     return log
 
 
 def run(tmp_path: Path, path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full = dict(os.environ, PATH=f"{tmp_path}/bin:{os.environ['PATH']}", **env)
+    full = dict(os.environ, PATH=f"{tmp_path}/bin:{os.environ['PATH']}",
+                INITSPLITD=f"{tmp_path}/bin/initsplitd", **env)
     return subprocess.run(["/bin/sh", str(path), *args], env=full, capture_output=True,
                           text=True, timeout=30)
 
@@ -63,7 +68,8 @@ def test_handback_after_unclean_end_replays_devices(tmp_path: Path, fake_udevadm
                  EXIT_CODE="killed", EXIT_STATUS="KILL")
     assert result.returncode == 0, result
     assert not (tmp_path / "run/active").is_symlink()
-    assert fake_udevadm.read_text() == "trigger --type=devices --action=add\n"
+    # Recovery first (the inert core modules go), then udev replays the devices.
+    assert fake_udevadm.read_text() == "initsplitd --recover\ntrigger --type=devices --action=add\n"
     assert f"ended with {result_name}" in result.stderr
 
 
@@ -96,5 +102,49 @@ def test_settle_signals_a_live_initsplitd_and_waits_for_it(tmp_path: Path, fake_
         assert result.returncode == 0, result
         assert (tmp_path / "run/settled").read_text().strip() == str(daemon.pid)
         assert daemon.wait(timeout=5) == 0  # it got SIGUSR1
+    finally:
+        daemon.kill()
+
+
+def test_settle_waits_for_a_dead_daemons_recovery(tmp_path: Path, fake_udevadm: Path) -> None:
+    # The daemon died with a load half-done: its marker stays until the handback's
+    # recovery removed the inert core module. Mounting the root before that would
+    # find the file system driver "loaded" and fail.
+    os.symlink(f"/proc/{dead_pid()}", tmp_path / "run/active")
+    (tmp_path / "run/loading").mkdir()
+    (tmp_path / "run/loading/ext4").write_text("core ext4__init\n")
+    settle = subprocess.Popen(["/bin/sh", str(script(tmp_path, "initsplitd-settle")), "10"],
+                              env=dict(os.environ, PATH=f"{tmp_path}/bin:{os.environ['PATH']}"))
+    time.sleep(0.5)
+    assert settle.poll() is None, "settle returned while the marker was there"
+    (tmp_path / "run/loading/ext4").unlink()
+    assert settle.wait(timeout=5) == 0
+    assert fake_udevadm.read_text() == "settle --timeout=10\nsettle --timeout=10\n"
+
+
+def test_settle_waits_for_recovery_when_the_daemon_dies_while_it_waits(
+        tmp_path: Path, fake_udevadm: Path) -> None:
+    # The daemon dies (as on SIGKILL) after settle signalled it, leaving a marker:
+    # settle must not return before the recovery has removed it.
+    fake = tmp_path / "initsplitd"
+    fake.write_text(f"#!/bin/sh\ntrap 'exit 9' USR1\ntouch {tmp_path}/trap-ready\n"
+                    "while :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    daemon = subprocess.Popen([str(fake)])
+    (tmp_path / "run/loading").mkdir()
+    (tmp_path / "run/loading/ext4").write_text("core ext4__init\n")
+    try:
+        os.symlink(f"/proc/{daemon.pid}", tmp_path / "run/active")
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "trap-ready").exists():
+            assert time.monotonic() < deadline and daemon.poll() is None
+            time.sleep(0.01)
+        settle = subprocess.Popen(["/bin/sh", str(script(tmp_path, "initsplitd-settle")), "10"],
+                                  env=dict(os.environ, PATH=f"{tmp_path}/bin:{os.environ['PATH']}"))
+        assert daemon.wait(timeout=5) == 9
+        time.sleep(0.5)
+        assert settle.poll() is None, "settle returned while the dead daemon's marker was there"
+        (tmp_path / "run/loading/ext4").unlink()
+        assert settle.wait(timeout=5) == 0
     finally:
         daemon.kill()

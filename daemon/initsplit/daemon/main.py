@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import faults
 from ..loader.kernel_state import probe_capabilities
-from ..loader.recovery import LoadMarkers
+from ..loader.recovery import LoadMarkers, delete_init_modules
 from .config import kernel_command_line_overrides, load_config
 from .journal import Reporter
 from .notify import Notifier
@@ -36,6 +36,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="use this instead of /proc/cmdline (for tests)")
     parser.add_argument("--modprobe", default="/sbin/modprobe",
                         help="modprobe for modules with an install command")
+    parser.add_argument("--recover", action="store_true",
+                        help="only clean up after an initsplitd that died: delete the inert "
+                             "core modules and the pending init modules its load markers "
+                             "name, then exit (initsplitd-handback runs this)")
     parser.add_argument("--no-udev-handover", action="store_true",
                         help=f"do not create {ACTIVE_FLAG}, which switches udev's own module "
                              "loading off through initsplit's 80-drivers.rules")
@@ -61,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         reporter.config_error(error)
     for bad in faults.install_from_environment(in_initrd=in_initrd):
         reporter.log(4, f"{faults.ENV}: ignoring {bad!r}")
+
+    markers = LoadMarkers(config.runtime_dir / "loading")
+    if args.recover:
+        return recover_only(markers, reporter)
 
     capabilities = probe_capabilities()
     plain_only = ""
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{settings.workers} workers")
             service = Service(settings=settings, resolver=resolver, source=source,
                               provider=provider, reporter=reporter, notifier=Notifier(),
-                              markers=LoadMarkers(config.runtime_dir / "loading"))
+                              markers=markers)
             return service.run()
     except Exception as exc:
         # Service.run() has already handed module loading back to udev (the active
@@ -107,6 +115,29 @@ def main(argv: list[str] | None = None) -> int:
         reporter.log(2, f"initsplitd failed: {type(exc).__name__}: {exc}; udev loads "
                         "modules itself until initsplitd runs again")
         return 1
+
+
+def recover_only(markers: LoadMarkers, reporter: Reporter) -> int:
+    """What a daemon that died left half-done, undone at once (ExecStopPost=).
+
+    An inert core module looks loaded to modprobe and to udev's kmod builtin, so
+    until it is gone neither would load the real driver: a mount of the root in
+    that moment would fail. This runs before udev replays the devices.
+    """
+    try:
+        recovery = markers.recover()
+    except OSError as exc:
+        reporter.log(3, f"recovery: cannot read the load markers: {exc.strerror}")
+        return 1
+    for name in recovery.removed_cores:
+        reporter.log(4, f"{name}: removed the inert core module a killed initsplitd "
+                        "left behind", INITSPLIT_MODULE=name)
+    for problem in recovery.problems:
+        reporter.log(3, f"recovery: {problem}")
+    if recovery.pending_init:
+        reporter.batch_unloaded(delete_init_modules(recovery.pending_init, markers,
+                                                    trigger="recovery"))
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import resource
@@ -16,10 +15,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import faults
-from ..loader.kernel_state import proc_modules
-from ..loader.recovery import LoadMarkers
-from ..loader.results import ModuleLoad, UnloadBatch
-from ..loader.syscalls import delete_module
+from ..loader.recovery import LoadMarkers, delete_init_modules
+from ..loader.results import ModuleLoad, UnloadBatch, UnloadTrigger
 from ..loader.twostage import load_plain, load_two_stage
 from .scheduler import LoadScheduler
 from .splits import NotSplit, SplitProvider
@@ -165,34 +162,11 @@ class Service:
         self.last_activity = self.clock()
 
     # ------------------------------------------------------------ unloading
-    def unload_batch(self, trigger: str) -> UnloadBatch | None:
+    def unload_batch(self, trigger: UnloadTrigger) -> UnloadBatch | None:
         if not self.pending_init:
             return None
-        started = time.monotonic()
-        try:
-            sizes = proc_modules()
-        except OSError:
-            sizes = {}
-        deleted: list[str] = []
-        failed: list[tuple[str, str]] = []
-        freed = 0
-        for core, name in self.pending_init:
-            try:
-                delete_module(name)
-            except OSError as exc:
-                if exc.errno == errno.ENOENT:
-                    # Someone else removed it: nothing of ours to report.
-                    self.markers.finish(core)
-                    continue
-                failed.append((name, os.strerror(exc.errno or 0)))
-                continue
-            self.markers.finish(core)
-            deleted.append(name)
-            faults.hit("batch", core)
-            freed += sizes.get(name, 0)
-        self.pending_init = []
-        batch = UnloadBatch(tuple(deleted), freed, tuple(failed), trigger,  # type: ignore[arg-type]
-                            time.monotonic() - started)
+        pending, self.pending_init = self.pending_init, []
+        batch = delete_init_modules(pending, self.markers, trigger=trigger)
         self.stats.batches.append(batch)
         self.reporter.batch_unloaded(batch)
         return batch

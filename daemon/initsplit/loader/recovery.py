@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import faults
 from .kernel_state import proc_modules
+from .results import UnloadBatch, UnloadTrigger
 from .syscalls import delete_module
 
 
@@ -67,7 +70,12 @@ class LoadMarkers:
             entries = sorted(p for p in self.directory.iterdir() if not p.name.startswith("."))
         except FileNotFoundError:
             return result
-        loaded = proc_modules()
+        try:
+            loaded = proc_modules()
+        except OSError as exc:
+            # Without the kernel's list nothing can be told apart: keep every marker.
+            result.problems.append(f"cannot read /proc/modules: {exc.strerror}")
+            return result
         for marker in entries:
             name = marker.name
             try:
@@ -93,3 +101,35 @@ class LoadMarkers:
                         continue
             marker.unlink(missing_ok=True)
         return result
+
+
+def delete_init_modules(pending: list[tuple[str, str]], markers: LoadMarkers, *,
+                        trigger: UnloadTrigger) -> UnloadBatch:
+    """Delete the init modules of *pending* (core, init module) pairs whose init succeeded.
+
+    A deleted init module's marker goes with it; one that cannot be deleted keeps
+    its marker, so a later daemon still knows it is ours.
+    """
+    started = time.monotonic()
+    try:
+        sizes = proc_modules()
+    except OSError:
+        sizes = {}
+    deleted: list[str] = []
+    failed: list[tuple[str, str]] = []
+    freed = 0
+    for core, name in pending:
+        try:
+            delete_module(name)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                # Someone else removed it: nothing of ours to report.
+                markers.finish(core)
+                continue
+            failed.append((name, os.strerror(exc.errno or 0)))
+            continue
+        markers.finish(core)
+        deleted.append(name)
+        freed += sizes.get(name, 0)
+        faults.hit("batch", core)
+    return UnloadBatch(tuple(deleted), freed, tuple(failed), trigger, time.monotonic() - started)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+UnloadTrigger = Literal["quiet", "batch-size", "stop", "recovery"]
 LoadMode = Literal["two-stage", "plain", "builtin", "already-loaded", "failed", "handed-to-modprobe"]
 
 
@@ -46,7 +47,7 @@ class UnloadBatch:
     # Sum of the deleted init modules' sizes in /proc/modules just before deletion.
     freed_bytes: int
     failed: tuple[tuple[str, str], ...] = ()
-    trigger: Literal["quiet", "batch-size", "stop"] = "quiet"
+    trigger: UnloadTrigger = "quiet"
     seconds: float = 0.0
 
     @property
