@@ -123,13 +123,6 @@ modlist
 """
 
 TESTMOD_SCRIPT = GUEST_LIB + r"""
-echo "== initfail"
-insmod /m/isplit_initfail.ko; echo "core rc=$?"
-insmod /m/isplit_initfail__init.ko 2>&1; echo "init rc=$?"
-modlist
-unload_core isplit_initfail
-modlist
-
 echo "== roinit"
 load2 isplit_roinit param=9
 echo "param: $(cat /sys/module/isplit_roinit/parameters/param)"
@@ -196,7 +189,10 @@ def debian_boot(kernel: DebianKernel, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def testmod_boot(kernel: DebianKernel, kmods: dict[str, Path]) -> BootResult:  # noqa: F811
     files: dict[str, Path | bytes] = {}
-    for name in ("isplit_initfail", "isplit_roinit", "isplit_noexit"):
+    # isplit_initfail is loaded by tests/test_loader_vm.py through the daemon's loader:
+    # busybox's insmod retries a failed finit_module() with init_module(), which would
+    # run a failing init a second time, whatever the module.
+    for name in ("isplit_roinit", "isplit_noexit"):
         split_into(files, kmods[name])
     return boot(kernel, script=TESTMOD_SCRIPT, files=files, timeout=300)
 
@@ -267,18 +263,6 @@ def test_9pnet_trace_format_matches_plain_load(debian_boot: BootResult) -> None:
     lines = int(re.search(r"format lines: (\d+)", out).group(1))
     assert lines > 20, out
     assert re.search(r"split numeric P9_TLERROR: [1-9]", out), out
-
-
-def test_init_failure(testmod_boot: BootResult) -> None:
-    assert testmod_boot.ok, testmod_boot.report()
-    out = section(testmod_boot, "initfail")
-    assert "core rc=0" in out, out
-    assert "No such device" in out and "init rc=0" not in out, out
-    first_list = [line for line in out.splitlines() if line.startswith("modules:")]
-    assert "isplit_initfail__init" not in first_list[0] and "isplit_initfail" in first_list[0], out
-    assert "rm core isplit_initfail ok" in out, out
-    assert "isplit_initfail: init called" in testmod_boot.dmesg
-    assert "isplit_initfail: cleanup called" not in testmod_boot.dmesg
 
 
 def test_ro_after_init_static_key_warn_and_param(testmod_boot: BootResult) -> None:

@@ -515,7 +515,7 @@ class _Validator:
         wrapper, stub = self._synthesized_routines()
         roles: dict[str, Target] = {
             "init": self._orig_target(self.init_sym, 0),
-            "arm_slot": ("loc", C, c_module, 0),
+            "core_module": ("loc", C, c_module, 0),
             "return_thunk": ("sym", RETURN_THUNK, 0),
             "arm_value": (self._orig_target(self.exit_sym, 0) if self.has_cleanup
                           else ("loc", C, c_module, 0)),

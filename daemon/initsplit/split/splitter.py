@@ -349,7 +349,7 @@ class _Splitter:
         roles: dict[str, tuple[int, int]] = {
             "init": self._i_target(self.init_sym_index),
             "return_thunk": (self._i_undefined_symbol(RETURN_THUNK), 0) if rethunk else (0, 0),
-            "arm_slot": (this_module_anchor, 0),
+            "core_module": (this_module_anchor, 0),
             "arm_value": (self._i_target(self.exit_sym_index)
                           if arm_exit else (this_module_anchor, 0)),
         }
