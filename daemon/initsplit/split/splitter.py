@@ -826,13 +826,20 @@ class _Splitter:
         source = self.obj.section(table)
         flags = source.flags if source is not None else SHF_ALLOC
         out: dict[str, int] = {}
-        for name, size, field in ((table, KSYMTAB_RECORD_SIZE, None), (crcs, KCRCTAB_RECORD_SIZE, 2)):
-            for section_name, entries in ((name, visible), (HIDDEN[name], hidden)):
-                if section_name != name and not entries:
-                    continue
-                data = b"".join(e[2] for e in entries) if field else bytes(size * len(entries))
-                out[section_name] = builder.add_section(section_name, type=SHT_PROGBITS, flags=flags,
-                                                        data=data, addralign=4)
+
+        def record_bytes(name: str, entries: list) -> bytes:
+            if name in (KCRCTAB, KCRCTAB_GPL, HIDDEN[KCRCTAB], HIDDEN[KCRCTAB_GPL]):
+                return b"".join(e[2] for e in entries)  # the CRCs themselves
+            return bytes(KSYMTAB_RECORD_SIZE * len(entries))  # struct kernel_symbol: relocations only
+
+        # Each hidden section directly after its visible one in section-header order:
+        # that is what places it directly behind in memory (see _emit_exports).
+        for name in (table, HIDDEN[table], crcs, HIDDEN[crcs]):
+            entries = hidden if name in HIDDEN.values() else visible
+            if name in HIDDEN.values() and not entries:
+                continue
+            out[name] = builder.add_section(name, type=SHT_PROGBITS, flags=flags,
+                                            data=record_bytes(name, entries), addralign=4)
         for section_name, entries in ((table, visible), (HIDDEN[table], hidden)):
             for n, (_, relocs, _, _) in enumerate(entries):
                 for inner, type_, handle, addend in relocs:
