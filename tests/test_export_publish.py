@@ -33,25 +33,28 @@ MODULES = ("watchdog", "fat", "jbd2", "mbcache", "dummy")
 
 
 def core_offsets(obj: ElfObject) -> dict[str, tuple[int, int]]:
-    """Section name -> (layout, offset) as layout_sections() places C's core sections."""
+    """Section name -> (flags class, offset) as layout_sections() places C's core sections."""
     flags = {s.index: s.flags for s in obj.sections}
     for s in obj.sections:
         if s.name in (".modinfo", "__versions", ".data..percpu"):
             flags[s.index] &= ~SHF_ALLOC  # rewrite_section_headers(), layout_and_allocate()
         if s.name in (".data..ro_after_init", "__jump_table"):
             flags[s.index] |= SHF_RO_AFTER_INIT
+    # sizep is &mod->data_layout.size past the text class, but without
+    # CONFIG_ARCH_WANTS_MODULES_DATA_IN_VMALLOC (x86) kernel/module/internal.h
+    # defines data_layout as core_layout: one running size. The page rounding
+    # between classes (strict_align) does not matter inside one class.
     placed: dict[str, tuple[int, int]] = {}
-    sizes = [0, 0]  # core_layout (text), data_layout (the rest) in Debian's 6.1.192
+    size = 0
     for m, (required, forbidden) in enumerate(MASKS):
         for s in obj.sections[1:]:
             f = flags[s.index]
             if (f & required) != required or f & forbidden or s.name in placed or s.name.startswith(".init"):
                 continue
-            layout = 0 if m == 0 else 1
             align = s.addralign or 1
-            offset = (sizes[layout] + align - 1) // align * align  # module_get_offset()
-            sizes[layout] = offset + s.size
-            placed[s.name] = (layout, offset)
+            offset = (size + align - 1) // align * align  # module_get_offset()
+            size = offset + s.size
+            placed[s.name] = (m, offset)
     return placed
 
 
@@ -116,8 +119,8 @@ def test_only_anchors_resolve_before_init_and_everything_after(splits, name: str
             continue
         # The hidden records start where the visible ones end, for symbols and CRCs.
         for visible, hidden in ((table, HIDDEN[table]), (crcs, HIDDEN[crcs])):
-            layout, start = offsets[visible]
-            assert offsets[hidden] == (layout, start + core.section(visible).size), (visible, hidden)
+            klass, start = offsets[visible]
+            assert offsets[hidden] == (klass, start + core.section(visible).size), (visible, hidden)
         names = export_names(core, table)
         at_load = core.section(table).size // 12  # find_module_sections(): num_syms
         assert all(n.startswith(anchors) for n in names[:at_load])
