@@ -23,7 +23,8 @@ from initsplit.elf.constants import (
     STT_FUNC,
     STT_SECTION,
 )
-from initsplit.split import codegen, init_module_name
+from initsplit.split import codegen, init_module_name, initresult
+from initsplit.split.initresult import INIT_FAILED_BIAS
 from initsplit.split.splitter import anchor_prefix
 from initsplit.split.tables import MODULE_NAME_LEN
 
@@ -92,23 +93,65 @@ def test_init_module_names_fit_and_are_deterministic() -> None:
     assert len(anchor_prefix(long)) + 6 <= MODULE_NAME_LEN - 1
 
 
-def test_wrapper_code_disassembles_as_intended(tmp_path: Path) -> None:
-    routine = codegen.init_wrapper(slot_addend=848, rethunk=True)
+def _mnemonics(code: bytes, tmp_path: Path) -> list[str]:
     raw = tmp_path / "w.bin"
-    raw.write_bytes(routine.code)
+    raw.write_bytes(code)
     asm = subprocess.run(["objdump", "-D", "-b", "binary", "-m", "i386:x86-64", str(raw)],
                          capture_output=True, text=True, check=True).stdout
-    mnemonics = [line.split("\t")[2].split()[0] for line in asm.splitlines()
-                 if line.count("\t") >= 2 and ":" in line.split("\t")[0]]
-    assert mnemonics == ["endbr64", "sub", "call", "test", "js", "lea", "mov", "add", "jmp"]
+    return [line.split("\t")[2].split()[0] for line in asm.splitlines()
+            if line.count("\t") >= 2 and ":" in line.split("\t")[0]]
+
+
+def _jump_target(code: bytes, at: int) -> int:
+    return at + 2 + code[at + 1]
+
+
+def test_wrapper_code_disassembles_as_intended(tmp_path: Path) -> None:
+    publish = (codegen.Publish(224, 31), codegen.Publish(276, 7))
+    routine = codegen.init_wrapper(slot_addend=848, rethunk=True, publish=publish)
+    code = routine.code
+    assert _mnemonics(code, tmp_path) == [
+        "endbr64", "sub", "call", "test", "jns", "cmp", "jl", "sub", "jmp",
+        "lea", "mov", "movl", "movl", "add", "jmp"]
     # Every relocation patches a zeroed 4-byte field (apply_relocate_add refuses non-zero).
     for r in routine.relocs:
-        assert routine.code[r.offset:r.offset + 4] == bytes(4)
-    assert [e.offset for e in routine.orc] == [0, 8, 35, 40]
-    assert routine.return_sites == [35]
-    # The js skips exactly the arming stores.
-    js = routine.code.index(b"\x78")
-    assert js + 2 + routine.code[js + 1] == 31
+        assert code[r.offset:r.offset + 4] == bytes(4)
+    add = code.index(bytes.fromhex("4883c408"))
+    assert [e.offset for e in routine.orc] == [0, 8, add + 4, add + 9]
+    assert routine.return_sites == [add + 4]
+    # Success (jns) skips the biasing and lands on the arming store; both failure
+    # exits (jl for a value already out of the errno range, jmp after biasing)
+    # skip every store.
+    ok = code.index(bytes.fromhex("488d15"))
+    assert _jump_target(code, code.index(b"\x79")) == ok
+    assert _jump_target(code, code.index(b"\x7c")) == add
+    assert _jump_target(code, code.index(b"\xeb")) == add
+    assert code[code.index(b"\x3d") + 1:][:4] == (-4095).to_bytes(4, "little", signed=True)
+    assert code[code.index(b"\x2d") + 1:][:4] == INIT_FAILED_BIAS.to_bytes(4, "little")
+    # The publish stores: imm32 = the count, the PC32 displacement reaches the field
+    # (the CPU adds the end of the instruction, 4 bytes past the displacement).
+    stores = [r for r in routine.relocs if r.target == "core_module"]
+    assert [r.addend for r in stores] == [848 - 4, 224 - 8, 276 - 8]
+    for r, p in zip(stores[1:], publish):
+        assert code[r.offset - 2:r.offset] == b"\xc7\x05"
+        assert int.from_bytes(code[r.offset + 4:r.offset + 8], "little") == p.count
+
+
+def test_wrapper_without_exports_only_arms(tmp_path: Path) -> None:
+    routine = codegen.init_wrapper(slot_addend=312, rethunk=False)
+    assert "movl" not in _mnemonics(routine.code, tmp_path)
+    assert routine.code.endswith(bytes.fromhex("4883c408c3cc")) and not routine.return_sites
+
+
+@pytest.mark.parametrize("init_result,expected", [
+    (0, None), (5, None), (-19, 19), (-1, 1), (-4095, 4095), (-4096, 4096), (-(2**31), 2**31)])
+def test_init_result_round_trip(init_result: int, expected: int | None) -> None:
+    """What the wrapper returns for an init result, and what the daemon reads back."""
+    returned = initresult.encode(init_result)
+    assert -(2**31) <= returned < 2**31  # still a C int
+    if init_result < 0:
+        assert returned < -4095  # never a kernel error: the binding will not raise
+    assert initresult.init_failure_errno(returned if init_result < 0 else 0) == expected
 
 
 def test_exit_stub_without_rethunk_is_ret() -> None:

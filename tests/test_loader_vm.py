@@ -6,13 +6,18 @@ read-only over virtio-9p, so the code under test is exactly the code in the tree
 
 from __future__ import annotations
 
+import re
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 
 from initsplit.cache import write_entry
+from initsplit.elf import read_elf
+from initsplit.elf.constants import SHN_UNDEF
 from initsplit.split import split_module
+from initsplit.split.tables import MODVERSION_RECORD_SIZE
 from tests.testbed import (
     HOST_ROOT_SETUP,
     BootResult,
@@ -89,9 +94,32 @@ badcore.write_bytes(b"not an ELF file")
 record("bad_core", load_two_stage(SplitPair("dummy", "dummy__init", badcore, good.init), original=dummy))
 out["bad_core_del"] = try_delete("dummy")
 
-# 5. A genuine init failure: reported like modprobe (ENODEV), nothing left loaded.
+# 3b. An init module whose import CRC the kernel refuses (EINVAL): plain load.
+badcrc = Path(os.environ["ISPLIT_BADCRC"])
+record("bad_crc", load_two_stage(SplitPair("dummy", "dummy__init", good.core, badcrc), original=dummy))
+out["bad_crc_del"] = try_delete("dummy")
+
+# 5. A genuine init failure: reported like modprobe (ENODEV), nothing left loaded,
+# and the original init ran once (the kernel log counts its printk).
+def init_calls():
+    # /dev/kmsg hands out one record per read, from the oldest; EAGAIN at the end.
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    count = 0
+    try:
+        while True:
+            try:
+                count += b"isplit_initfail: init called" in os.read(fd, 8192)
+            except BlockingIOError:
+                return count
+            except BrokenPipeError:  # records overwritten while reading: go on
+                continue
+    finally:
+        os.close(fd)
+
 initfail = kmoddir / "isplit_initfail.ko"
+out["initfail_calls_before"] = init_calls()
 record("initfail", load_two_stage(tests.get(initfail), original=initfail))
+out["initfail_calls"] = init_calls()
 
 # 6. No cleanup routine: after the init module is gone the core refuses removal.
 noexit = kmoddir / "isplit_noexit.ko"
@@ -99,6 +127,28 @@ record("noexit", load_two_stage(tests.get(noexit), original=noexit))
 out["noexit_del"] = [try_delete("isplit_noexit__init"), try_delete("isplit_noexit")]
 print("@@RESULT@@" + json.dumps(out))
 """
+
+
+def corrupt_import_crc(init: bytes) -> bytes:
+    """*init* with the __versions CRC of __fentry__, a vmlinux symbol it imports, changed.
+
+    check_version() (kernel/module/version.c) then fails in resolve_symbol(), so
+    the kernel refuses the module with EINVAL before its init can run.
+    """
+    obj = read_elf(init)
+    imported = {s.name for s in obj.symbols if s.shndx == SHN_UNDEF and s.name}
+    versions = obj.section("__versions").data
+    # __fentry__: every function of a Debian module starts with a call to it (ftrace).
+    assert "__fentry__" in imported
+    for at in range(0, len(versions), MODVERSION_RECORD_SIZE):
+        if versions[at + 8:at + MODVERSION_RECORD_SIZE].split(b"\0", 1)[0] == b"__fentry__":
+            break
+    else:
+        raise AssertionError("I has no version for __fentry__")
+    record = versions[at:at + MODVERSION_RECORD_SIZE]
+    assert init.count(record) == 1
+    crc = struct.unpack_from("<Q", record)[0] ^ 0x5A5A5A5A
+    return init.replace(record, struct.pack("<Q", crc) + record[8:])
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +164,9 @@ def loader_boot(kernel: DebianKernel, kmods: dict[str, Path], vmshare: Path) -> 
                     init_name=result.init_name, core=result.core, init=result.init)
     tampered = cache / "kernel/drivers/watchdog/softdog.ko"
     tampered.write_bytes(tampered.read_bytes()[:-1] + b"\x01")
+    badcrc = shared / "badcrc__init.ko"
+    dummy_init = split_module(kernel.module("dummy").read_bytes()).init
+    badcrc.write_bytes(corrupt_import_crc(dummy_init))
     kmoddir = shared / "kmods"
     kmoddir.mkdir()
     for name, path in kmods.items():
@@ -122,7 +175,7 @@ def loader_boot(kernel: DebianKernel, kmods: dict[str, Path], vmshare: Path) -> 
     program.write_text(GUEST_PROGRAM)
     script = HOST_ROOT_SETUP + (
         f"ISPLIT_REPO={REPO} ISPLIT_MODDIR={kernel.modules_dir} ISPLIT_KMODDIR={kmoddir} "
-        f"ISPLIT_CACHE={cache} PYTHONDONTWRITEBYTECODE=1 "
+        f"ISPLIT_CACHE={cache} ISPLIT_BADCRC={badcrc} PYTHONDONTWRITEBYTECODE=1 "
         f"hostrun /usr/bin/python3 {program}\n")
     return boot(kernel, script=script, files=host_root_files(kernel), host_root=True, timeout=300)
 
@@ -164,17 +217,31 @@ def test_rejected_init_module_falls_back_to_plain(result: dict) -> None:
     assert result["bad_init_del"] == "ok"
 
 
+def test_init_module_with_a_bad_import_crc_falls_back_to_plain(result: dict, loader_boot: BootResult) -> None:
+    load = result["bad_crc"]
+    assert load["mode"] == "plain", load
+    assert load["reason"] == "init module failed: Invalid argument", load
+    assert "dummy__init: disagrees about version of symbol __fentry__" in loader_boot.dmesg
+    assert "dummy__init" not in result["bad_crc_modules"] and "dummy" in result["bad_crc_modules"]
+    assert result["bad_crc_del"] == "ok"
+
+
 def test_rejected_core_module_falls_back_to_plain(result: dict) -> None:
     load = result["bad_core"]
     assert load["mode"] == "plain" and "core module refused" in load["reason"], load
     assert result["bad_core_del"] == "ok"
 
 
-def test_genuine_init_failure_reported_like_modprobe(result: dict) -> None:
+def test_genuine_init_failure_reported_like_modprobe(result: dict, loader_boot: BootResult) -> None:
     load = result["initfail"]
     assert load["mode"] == "failed" and load["errno"] == 19, load  # ENODEV
-    assert "No such device" in load["reason"], load
+    # modprobe's words, and no plain retry behind them.
+    assert load["reason"] == "could not insert 'isplit_initfail': No such device", load
     assert not any(m.startswith("isplit_initfail") for m in result["initfail_modules"])
+    # The original init ran exactly once, and its cleanup never.
+    assert (result["initfail_calls_before"], result["initfail_calls"]) == (0, 1), result
+    assert loader_boot.dmesg.count("isplit_initfail: init called") == 1
+    assert "isplit_initfail: cleanup called" not in loader_boot.dmesg
 
 
 def test_no_cleanup_core_stays(result: dict) -> None:
@@ -183,7 +250,10 @@ def test_no_cleanup_core_stays(result: dict) -> None:
 
 
 def test_loader_boot_clean(loader_boot: BootResult) -> None:
-    problems = dmesg_problems(loader_boot.dmesg, tainted=loader_boot.tainted, allowed_taint="OE")
+    # The refused import CRC is the test's own doing (bad_crc above).
+    problems = dmesg_problems(loader_boot.dmesg, tainted=loader_boot.tainted, allowed_taint="OE",
+                              allow=(re.compile(r"dummy__init: (disagrees about version of symbol|"
+                                                r"Unknown symbol) __fentry__\b"),))
     assert not problems, "\n".join(problems)
 
 

@@ -12,8 +12,12 @@ splitter computed. It proves that:
 * everything else in the outputs is the synthesized glue and exactly that: the
   anchors (sorted, namespaced, with CRCs I's __versions agrees on), I's struct
   module, .modinfo and __versions, the init wrapper and exit stub (byte for byte
-  what codegen produces, calling the original init and arming C's struct module),
-  their ORC and return-thunk records, and C's copies of trace eval maps.
+  what codegen produces, calling the original init, arming C's struct module and
+  publishing C's exports with the counts and struct module offsets derived here),
+  their ORC and return-thunk records, and C's copies of trace eval maps;
+* before I's init has run, C exports the anchors and nothing else, and the
+  original's exports sit, sorted after every anchor, directly behind them in
+  C's core layout, so that the wrapper's stores publish exactly those.
 """
 
 from __future__ import annotations
@@ -41,8 +45,12 @@ from .split.modinfo import first, parse_modinfo
 from .split.splitter import (
     EVAL_MAP,
     EVAL_MAP_COPIES,
+    EXPORT_TABLES,
+    HIDDEN,
     KCRCTAB,
+    KCRCTAB_GPL,
     KSYMTAB,
+    KSYMTAB_GPL,
     KSYMTAB_STRINGS,
     NAMESPACE,
     RETURN_THUNK,
@@ -162,7 +170,7 @@ class _Validator:
                 continue
             if section.name in TABLES_BY_SECTION or section.name in PARALLEL_SECTIONS:
                 continue
-            if section.name in (KSYMTAB, KCRCTAB):
+            if section.name in (KSYMTAB, KCRCTAB, KSYMTAB_GPL, KCRCTAB_GPL):
                 continue
             side = I if section.index in self.init_secs else C
             name = RO_AFTER_INIT_RENAMED if section.name == RO_AFTER_INIT else section.name
@@ -228,93 +236,137 @@ class _Validator:
 
     # ---------------------------------------------------------------- exports
     def _check_exports(self) -> dict[str, tuple[int, int]]:
-        """Check C's export table; return anchor name -> (C section index, offset)."""
+        """Check C's export tables; return anchor name -> (C section index, offset).
+
+        __ksymtab must hold exactly the anchors (INITSPLIT namespace, section
+        starts, their CRCs), sorted. For each export table of the original, the
+        hidden table behind it holds exactly the original's records (name, value,
+        namespace, CRC), sorted, every name after the last anchor; the visible
+        GPL tables are empty. _check_adjacent proves that each hidden table is
+        laid out right behind its visible one; self.publish_counts records the
+        counts the wrapper must store (checked in _check_routines).
+        """
         core = self.out[C]
-        ksymtab = self._section(core, KSYMTAB)
-        kcrctab = self._section(core, KCRCTAB)
         strings = self._section(core, KSYMTAB_STRINGS)
-        count = ksymtab.size // KSYMTAB_RECORD_SIZE
-        if ksymtab.size % KSYMTAB_RECORD_SIZE or kcrctab.size != 4 * count:
-            _fail("C's export tables do not match")
-        if ksymtab.data != bytes(ksymtab.size):
-            _fail("C's __ksymtab has bytes where only relocations belong")
-        relocs: dict[int, dict[int, tuple[int, int]]] = {}
-        for rel in core.relocations_for(ksymtab):
-            if rel.type != R_X86_64_PC32:
-                _fail("C's __ksymtab has a relocation that is not PC32")
-            relocs.setdefault(rel.offset // KSYMTAB_RECORD_SIZE, {})[rel.offset % 12] = \
-                (rel.symbol, rel.addend)
-
-        def string_at(symbol: int, addend: int) -> bytes:
-            sym = core.symbols[symbol]
-            if sym.shndx != strings.index:
-                _fail("export name outside __ksymtab_strings")
-            start = sym.value + addend
-            end = strings.data.find(b"\0", start)
-            if start < 0 or end < 0:
-                _fail("bad export string")
-            return strings.data[start:end]
-
-        exports: dict[bytes, tuple[Target, bytes, int]] = {}
-        names: list[bytes] = []
+        visible = self._c_export_records(KSYMTAB, KCRCTAB, strings)
         anchors: dict[str, tuple[int, int]] = {}
-        for record in range(count):
-            fields = relocs.get(record, {})
-            if set(fields) != {0, 4, 8}:
-                _fail("C export record without its three relocations")
-            name = string_at(*fields[4])
-            namespace = string_at(*fields[8])
-            crc = struct.unpack_from("<I", kcrctab.data, 4 * record)[0]
-            names.append(name)
-            value_sym, value_add = fields[0]
-            value = self._out_target(C, value_sym, value_add)
-            exports[name] = (value, namespace, crc)
-            if namespace == NAMESPACE.encode():
-                if value[0] != "loc" or value[3] != 0:
-                    _fail(f"anchor {name!r} is not a section start")
-                if crc != anchor_crc(name.decode()):
-                    _fail(f"anchor {name!r} has the wrong CRC")
-                anchors[name.decode()] = (value[2], 0)
-        if names != sorted(names):
-            _fail("C's __ksymtab is not sorted by name")
-        if len(set(names)) != len(names):
-            _fail("C exports a name twice")
-        for offset in range(0, ksymtab.size, 4):
-            self.pending.get((C, ksymtab.index), {}).pop(offset, None)
+        for name, value, namespace, crc in visible:
+            if namespace != NAMESPACE.encode():
+                _fail(f"C's __ksymtab exports {name!r} before init")
+            if value[0] != "loc" or value[3] != 0:
+                _fail(f"anchor {name!r} is not a section start")
+            if crc != anchor_crc(name.decode()):
+                _fail(f"anchor {name!r} has the wrong CRC")
+            anchors[name.decode()] = (value[2], 0)
+        names = [record[0] for record in visible]
+        if names != sorted(names) or len(set(names)) != len(names):
+            _fail("C's __ksymtab is not sorted by name, or names one anchor twice")
         self.synthesized += 3 * len(anchors)
-
-        # The original's own exports must all be there, unchanged.
-        orig_ksymtab = self.orig.section(KSYMTAB)
-        if orig_ksymtab is not None:
-            orig_strings = self._section(self.orig, KSYMTAB_STRINGS)
-            orig_crcs = self._section(self.orig, KCRCTAB).data
-            orig_relocs: dict[int, dict[int, tuple[int, int]]] = {}
-            for rel in self.orig.relocations_for(orig_ksymtab):
-                orig_relocs.setdefault(rel.offset // 12, {})[rel.offset % 12] = (rel.symbol, rel.addend)
-            for record in range(orig_ksymtab.size // KSYMTAB_RECORD_SIZE):
-                fields = orig_relocs.get(record, {})
-                sym = self.orig.symbols[fields[4][0]]
-                start = sym.value + fields[4][1]
-                name = orig_strings.data[start:orig_strings.data.find(b"\0", start)]
-                ns_sym = self.orig.symbols[fields[8][0]]
-                ns_start = ns_sym.value + fields[8][1]
-                namespace = orig_strings.data[ns_start:orig_strings.data.find(b"\0", ns_start)]
-                if name not in exports:
-                    _fail(f"export {name!r} lost")
-                value, got_ns, crc = exports[name]
-                want_crc = struct.unpack_from("<I", orig_crcs, 4 * record)[0]
-                if value != self._orig_value_target(*fields[0]) or got_ns != namespace or crc != want_crc:
-                    _fail(f"export {name!r} changed")
-                self.relocs_checked += 3
-            if count != orig_ksymtab.size // KSYMTAB_RECORD_SIZE + len(anchors):
-                _fail("C's export table has entries that are neither exports nor anchors")
-        elif count != len(anchors):
-            _fail("C's export table has entries that are neither exports nor anchors")
+        self.publish_counts: dict[str, int] = {}
+        for table, crcs in EXPORT_TABLES:
+            want = self._orig_export_records(table, crcs)
+            if want is None:
+                absent = (HIDDEN[table], HIDDEN[crcs]) + ((table, crcs) if table != KSYMTAB else ())
+                if any(core.section(n) is not None for n in absent):
+                    _fail(f"C has {table} records the original lacks")
+                continue
+            if table != KSYMTAB and self._c_export_records(table, crcs, strings):
+                _fail(f"C's {table} is not empty before init")
+            got = self._c_export_records(HIDDEN[table], HIDDEN[crcs], strings)
+            if got != sorted(want, key=lambda r: r[0]):
+                _fail(f"C's {HIDDEN[table]} is not the original's {table}, sorted")
+            if got and names and got[0][0] <= names[-1]:
+                _fail(f"an export of {table} sorts before the anchors")
+            self._check_adjacent(table, HIDDEN[table])
+            self._check_adjacent(crcs, HIDDEN[crcs])
+            self.relocs_checked += 3 * len(want)
+            self.publish_counts[table] = (len(visible) if table == KSYMTAB else 0) + len(got)
         return anchors
 
-    def _orig_value_target(self, symbol: int, addend: int) -> Target:
-        # Export values are resolved before self.home covers tables; they never point into tables.
-        return self._orig_target(symbol, addend)
+    def _c_export_records(self, table: str, crcs: str, strings) -> list[tuple[bytes, Target, bytes, int]]:
+        """(name, value, namespace, CRC) of each record of C's *table*; its relocations are taken."""
+        core = self.out[C]
+        ksymtab, kcrctab = self._section(core, table), self._section(core, crcs)
+        count = ksymtab.size // KSYMTAB_RECORD_SIZE
+        if ksymtab.size % KSYMTAB_RECORD_SIZE or kcrctab.size != 4 * count:
+            _fail(f"C's {table} and {crcs} do not match")
+        if ksymtab.data != bytes(ksymtab.size):
+            _fail(f"C's {table} has bytes where only relocations belong")
+        fields: dict[int, dict[int, tuple[int, Target]]] = {}
+        for offset, (type_, target) in self.pending.pop((C, ksymtab.index), {}).items():
+            if type_ != R_X86_64_PC32:
+                _fail(f"C's {table} has a relocation that is not PC32")
+            fields.setdefault(offset // KSYMTAB_RECORD_SIZE, {})[offset % KSYMTAB_RECORD_SIZE] = target
+        records = []
+        for record in range(count):
+            got = fields.get(record, {})
+            if set(got) != {0, 4, 8}:
+                _fail(f"C {table} record without its three relocations")
+            crc = struct.unpack_from("<I", kcrctab.data, 4 * record)[0]
+            records.append((self._string(C, strings, got[4]), got[0],
+                            self._string(C, strings, got[8]), crc))
+        return records
+
+    def _orig_export_records(self, table: str, crcs: str) -> list[tuple[bytes, Target, bytes, int]] | None:
+        """The original's records of *table* as C must hold them, or None without the table."""
+        ksymtab = self.orig.section(table)
+        if ksymtab is None:
+            return None
+        strings = self._section(self.orig, KSYMTAB_STRINGS)
+        kcrctab = self._section(self.orig, crcs)
+        fields: dict[int, dict[int, tuple[int, int]]] = {}
+        for rel in self.orig.relocations_for(ksymtab):
+            fields.setdefault(rel.offset // KSYMTAB_RECORD_SIZE, {})[rel.offset % KSYMTAB_RECORD_SIZE] = \
+                (rel.symbol, rel.addend)
+        records = []
+        for record in range(ksymtab.size // KSYMTAB_RECORD_SIZE):
+            got = fields.get(record, {})
+            if set(got) != {0, 4, 8}:
+                _fail(f"original {table} record without its three relocations")
+            name, namespace = (self._orig_string(strings, *got[k]) for k in (4, 8))
+            crc = struct.unpack_from("<I", kcrctab.data, 4 * record)[0]
+            records.append((name, self._orig_target(*got[0]), namespace, crc))
+        return records
+
+    def _string(self, side: str, strings, target: Target) -> bytes:
+        if target[:3] != ("loc", side, strings.index):
+            _fail("export name outside __ksymtab_strings")
+        start = target[3]
+        end = strings.data.find(b"\0", start)
+        if start < 0 or end < 0:
+            _fail("bad export string")
+        return strings.data[start:end]
+
+    def _orig_string(self, strings, symbol: int, addend: int) -> bytes:
+        sym = self.orig.symbols[symbol]
+        if sym.shndx != strings.index:
+            _fail("original export name outside __ksymtab_strings")
+        start = sym.value + addend
+        return strings.data[start:strings.data.find(b"\0", start)]
+
+    def _check_adjacent(self, visible: str, hidden: str) -> None:
+        """C's *hidden* table is laid out directly behind its *visible* one.
+
+        layout_sections() (kernel/module/main.c) walks the section headers in
+        index order once per flags class, and module_get_offset() puts each
+        section at ALIGN(size so far, sh_addralign) and adds its sh_size
+        (arch_mod_section_prepend() is 0 on x86). Neighbouring headers with the
+        same flags (SHF_ALLOC, not writable: the read-only class), both 4-aligned,
+        the first a whole number of 4-byte records long, therefore touch. The
+        records are then one array for the kernel: mod->syms (or crcs) is the
+        visible start, and counts past its end reach the hidden records.
+        """
+        core = self.out[C]
+        v, h = self._section(core, visible), self._section(core, hidden)
+        if h.index != v.index + 1:
+            _fail(f"C's {hidden} does not follow {visible}")
+        if v.flags != h.flags or not v.flags & SHF_ALLOC or v.flags & (SHF_WRITE | SHF_EXECINSTR):
+            _fail(f"C's {visible} and {hidden} are not in the same read-only layout class")
+        if (v.type, h.type) != (SHT_PROGBITS, SHT_PROGBITS) or (v.addralign, h.addralign) != (4, 4) \
+                or v.size % 4:
+            _fail(f"C's {hidden} is not laid out right behind {visible}")
+        if visible.startswith(".init") or hidden.startswith(".init"):
+            _fail("export tables must not be init sections")
 
     # ------------------------------------------------------- whole sections
     def _check_plain_sections(self) -> None:
@@ -420,8 +472,18 @@ class _Validator:
     def _synthesized_routines(self):
         rethunk = any(n == RETURN_THUNK for _, n in self._versions(self.orig))
         slot = self.exit_field if self.has_cleanup else self.init_field
-        return (codegen.init_wrapper(slot_addend=slot, rethunk=rethunk),
+        return (codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, publish=self._publish()),
                 codegen.exit_stub(rethunk=rethunk))
+
+    def _publish(self) -> tuple[codegen.Publish, ...]:
+        """The stores that make C's hidden exports visible: the full count of each table."""
+        stores = []
+        for table, field in ((KSYMTAB, "num_syms"), (KSYMTAB_GPL, "num_gpl_syms")):
+            if table in self.publish_counts:
+                if self.layout is None:
+                    _fail("struct module layout unknown, but C has exports to publish")
+                stores.append(codegen.Publish(getattr(self.layout, field), self.publish_counts[table]))
+        return tuple(stores)
 
     def _check_synthesized_records(self, table, extra, first_index: int) -> None:
         """The records I has beyond the original's: exactly the ones for our code."""
@@ -470,14 +532,19 @@ class _Validator:
             _fail("original has no init routine")
         self.init_field, self.init_sym, _ = fields["init_module"]
         self.has_cleanup = "cleanup_module" in fields
+        crc = next((c for c, n in self._versions(self.orig) if n == "module_layout"), None)
+        self.layout = KNOWN_STRUCT_MODULE_LAYOUTS.get(crc)
+        if self.layout is not None:
+            # The table must agree with what the module itself says about ->init/->exit.
+            if self.layout.size != mod.size or self.layout.init != self.init_field or \
+                    (self.has_cleanup and self.layout.exit != fields["cleanup_module"][0]):
+                _fail("struct module layout table disagrees with the module's relocations")
         if self.has_cleanup:
             self.exit_field, self.exit_sym, _ = fields["cleanup_module"]
         else:
-            crc = next((c for c, n in self._versions(self.orig) if n == "module_layout"), None)
-            layout = KNOWN_STRUCT_MODULE_LAYOUTS.get(crc)
-            if layout is None:
+            if self.layout is None:
                 _fail("struct module layout unknown")
-            self.exit_field = layout.exit
+            self.exit_field = self.layout.exit
 
     def _check_struct_modules(self) -> None:
         self._module_fields()
@@ -515,7 +582,7 @@ class _Validator:
         wrapper, stub = self._synthesized_routines()
         roles: dict[str, Target] = {
             "init": self._orig_target(self.init_sym, 0),
-            "arm_slot": ("loc", C, c_module, 0),
+            "core_module": ("loc", C, c_module, 0),
             "return_thunk": ("sym", RETURN_THUNK, 0),
             "arm_value": (self._orig_target(self.exit_sym, 0) if self.has_cleanup
                           else ("loc", C, c_module, 0)),
@@ -621,10 +688,11 @@ class _Validator:
                     else:
                         # Only I may have a table the original lacks (for our own code).
                         self._expect_header(side, name, SHF_ALLOC)
-        ksymtab = orig.section(KSYMTAB)
-        export_flags = ksymtab.flags if ksymtab is not None else SHF_ALLOC
-        self._expect_header(C, KSYMTAB, export_flags, 4)
-        self._expect_header(C, KCRCTAB, export_flags, 4)
+        for table, crcs in EXPORT_TABLES:
+            source = orig.section(table)
+            export_flags = source.flags if source is not None else SHF_ALLOC
+            for name in (table, crcs, HIDDEN[table], HIDDEN[crcs]):
+                self._expect_header(C, name, export_flags, 4)
         if orig.section(KSYMTAB_STRINGS) is None:
             self._expect_header(C, KSYMTAB_STRINGS, SHF_ALLOC | SHF_MERGE | SHF_STRINGS)
         self._expect_header(C, EVAL_MAP_COPIES, SHF_ALLOC | SHF_WRITE, 8)
@@ -638,8 +706,8 @@ class _Validator:
                 name = self.out[side].sections[index].name
                 offset = min(places)
                 _fail(f"{side}:{name}+{offset:#x} has a relocation the original does not account for")
-        known = {C: {EVAL_MAP_COPIES, KSYMTAB, KCRCTAB, KSYMTAB_STRINGS, THIS_MODULE, ".modinfo",
-                     "__versions"},
+        known = {C: {EVAL_MAP_COPIES, KSYMTAB_STRINGS, THIS_MODULE, ".modinfo", "__versions",
+                     *HIDDEN, *HIDDEN.values()},
                  I: {WRAPPER_SECTION, STUB_SECTION, THIS_MODULE, ".modinfo", "__versions"}}
         homes = {(side, index) for side, index in self.home.values()}
         for side, obj in self.out.items():

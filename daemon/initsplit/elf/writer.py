@@ -9,6 +9,7 @@ section name table named by e_shstrndx.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from array import array
 from dataclasses import dataclass
@@ -112,6 +113,13 @@ class ObjectBuilder:
             size = len(data)
         self._sections.append(_OutSection(name, type, flags, addralign, entsize, bytes(data), size))
         return len(self._sections) - 1
+
+    def replace_section_data(self, index: int, data: bytes) -> None:
+        """Give section *index* new bytes of the same length (code patched after layout)."""
+        section = self._sections[index]
+        if section.type == SHT_NOBITS or len(data) != section.size:
+            raise ValueError("replacement data must keep the section's size")
+        self._sections[index] = dataclasses.replace(section, data=bytes(data))
 
     def section_name(self, index: int) -> str:
         return self._sections[index].name

@@ -48,11 +48,15 @@ def _number(name: str) -> int:
     return table[name]
 
 
-def finit_module(path: Path, params: str = "", *, flags: int = 0) -> None:
-    """Load the module in *path* with *params* (the kernel's "a=1 b=2" syntax)."""
+def finit_module(path: Path, params: str = "", *, flags: int = 0) -> int:
+    """Load the module in *path* with *params* (the kernel's "a=1 b=2" syntax).
+
+    Returns the call's result when it is not an error: 0, or the out-of-range
+    value an initsplit init module returns for a failed init (split/initresult.py).
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _syscall(ctypes.c_long(_number("finit_module")), ctypes.c_int(fd),
+        return _syscall(ctypes.c_long(_number("finit_module")), ctypes.c_int(fd),
                  ctypes.c_char_p(params.encode()), ctypes.c_int(flags))
     finally:
         os.close(fd)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import faults
+from ..split.initresult import init_failure_errno
 from .kernel_state import proc_modules
 from .recovery import LoadMarkers
 from .results import ModuleLoad
@@ -50,10 +51,11 @@ def load_two_stage(pair: SplitPair, *, original: Path, params: str = "",
     Whatever goes wrong short of the init routine's own failure ends in a plain
     load of the original: a machine whose disk driver did not load does not boot.
     An init module that fails is freed by the kernel itself; C, whose ->exit is
-    still NULL, is then deleted cleanly. The kernel does not tell us whether I
-    failed in its init routine or before it, so the original is loaded plain in
-    both cases: a genuine init failure then fails again exactly as modprobe would
-    report it, and any other failure is repaired.
+    still NULL, is then deleted cleanly. I's wrapper tells the two failures apart
+    (split/initresult.py): a kernel error from finit_module(I) means I was refused
+    before its init ran, and the original is loaded plain; a biased result means
+    the original init ran and failed, which is reported as modprobe reports it,
+    without running that init a second time.
     """
     if markers is None:
         return _load_two_stage(pair, original, params, None)
@@ -85,7 +87,7 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
                             f"core module refused: {os.strerror(exc.errno or 0)}")
     faults.hit("after-core", pair.name)
     try:
-        finit_module(pair.init, "")
+        init_errno = init_failure_errno(finit_module(pair.init, ""))
     except OSError as exc:
         why = f"init module failed: {os.strerror(exc.errno or 0)}"
         try:
@@ -100,6 +102,8 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
         if markers:
             markers.plain(pair.name)
         return _retry_plain(pair.name, original, params, started, why)
+    if init_errno is not None:
+        return _init_failed(pair.name, init_errno, started)
     if markers:
         markers.init_done(pair.name, pair.init_name)
     faults.hit("after-init", pair.name)
@@ -107,6 +111,17 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
     return ModuleLoad(pair.name, "two-stage", init_module=pair.init_name,
                       core_bytes=sizes.get(pair.name), init_bytes=sizes.get(pair.init_name),
                       init_pages=pair.init_pages, plain_core_bytes=pair.plain_core_bytes,
+                      seconds=time.monotonic() - started)
+
+
+def _init_failed(name: str, init_errno: int, started: float) -> ModuleLoad:
+    """The original init ran in I and failed: remove C and report it like modprobe."""
+    reason = f"could not insert '{name}': {os.strerror(init_errno)}"
+    try:
+        delete_module(name)
+    except OSError as exc:
+        reason += f"; core module could not be removed: {os.strerror(exc.errno or 0)}"
+    return ModuleLoad(name, "failed", reason=reason, errno=init_errno,
                       seconds=time.monotonic() - started)
 
 

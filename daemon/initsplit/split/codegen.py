@@ -3,10 +3,16 @@
 Two routines, each with the relocations, ORC unwind entries and return-thunk
 sites objtool would have produced for them:
 
-* the init wrapper, I's ->init: call the original init routine; if it returned
-  >= 0 (do_init_module() in kernel/module/main.c treats positive as success),
-  arm the core module so it is exactly as unloadable as the original module;
-  return the original result.
+* the init wrapper, I's ->init, in three steps:
+  (a) call the original init routine;
+  (b) if it failed, report that through the return value (initresult.py: an
+      error -E becomes -(INIT_FAILED_BIAS + E), which the daemon tells apart
+      from the kernel refusing I before its init ran);
+  (c) if it returned >= 0 (do_init_module() in kernel/module/main.c treats
+      positive as success), arm the core module so it is exactly as unloadable
+      as the original module, then publish C's exports by storing their full
+      counts into C's struct module num_syms / num_gpl_syms.
+  It returns the (possibly biased) result.
 * the exit stub, I's ->exit: returns at once. delete_module() refuses to unload
   a module that has ->init but no ->exit.
 """
@@ -17,7 +23,8 @@ import struct
 from dataclasses import dataclass, field
 
 from ..elf.constants import R_X86_64_PC32, R_X86_64_PLT32
-from .tables import ORC_REG_SP, ORC_REG_UNDEFINED, ORC_TYPE_CALL
+from .initresult import INIT_FAILED_BIAS
+from .tables import MAX_ERRNO, ORC_REG_SP, ORC_REG_UNDEFINED, ORC_TYPE_CALL
 
 ENDBR64 = bytes.fromhex("f30f1efa")  # a NOP on CPUs without IBT, the landing pad on those with it
 
@@ -26,7 +33,9 @@ ENDBR64 = bytes.fromhex("f30f1efa")  # a NOP on CPUs without IBT, the landing pa
 class CodeReloc:
     offset: int
     type: int
-    target: str  # a role the splitter resolves: "init", "return_thunk", "arm_value", "arm_slot"
+    # A role the splitter resolves: "init", "return_thunk", "arm_value", or
+    # "core_module" (C's struct module; the addend carries the field offset).
+    target: str
     addend: int
 
 
@@ -43,6 +52,14 @@ class OrcEntry:
         # struct orc_entry, little-endian bitfields: sp_reg:4 bp_reg:4 type:2 end:1
         bits = (self.sp_reg & 0xF) | ((self.bp_reg & 0xF) << 4) | ((self.type & 3) << 8)
         return struct.pack("<hhH", self.sp_offset, self.bp_offset, bits)
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Store *count* into the unsigned int at *field* of C's struct module."""
+
+    field: int
+    count: int
 
 
 @dataclass(slots=True)
@@ -67,35 +84,79 @@ def _terminator(offset: int) -> OrcEntry:
     return OrcEntry(offset, 0, ORC_REG_UNDEFINED)
 
 
-def init_wrapper(*, slot_addend: int, rethunk: bool) -> Routine:
+def init_wrapper(*, slot_addend: int, rethunk: bool, publish: tuple[Publish, ...] = ()) -> Routine:
     """Build I's init routine.
 
     The arm step stores "arm_value" into the core module's struct module at
-    "arm_slot" + slot_addend: the original cleanup into ->exit, or (for modules
-    without cleanup) any non-NULL value into ->init so delete_module() answers EBUSY.
+    slot_addend: the original cleanup into ->exit, or (for modules without
+    cleanup) any non-NULL value into ->init so delete_module() answers EBUSY.
+    Arming comes before publishing, so C is the original module in full by the
+    time anyone can link against its exports. Each publish store is one aligned
+    4-byte movl: a concurrent find_symbol() (kernel/module/main.c) reads
+    num_syms once into its search bounds and sees either the anchors alone or
+    every record, both sorted prefixes of records that were in place, read-only,
+    since C was loaded.
+
+        endbr64
+        sub   $8,%rsp                 keep the stack 16-byte aligned at the call
+        call  <original init>
+        test  %eax,%eax
+        jns   .Lok
+        cmp   $-MAX_ERRNO,%eax        an error code: bias it out of the range
+        jl    .Lout
+        sub   $INIT_FAILED_BIAS,%eax
+        jmp   .Lout
+    .Lok:
+        lea   arm_value(%rip),%rdx
+        mov   %rdx,slot(%rip)
+        movl  $count,field(%rip)      once per Publish
+    .Lout:
+        add   $8,%rsp
+        ret                           (or jmp __x86_return_thunk)
     """
     code = bytearray(ENDBR64)
     relocs: list[CodeReloc] = []
     sites: list[int] = []
     orc = [OrcEntry(0, 8, ORC_REG_SP)]
-    code += bytes.fromhex("4883ec08")  # sub $8,%rsp: keep the stack 16-byte aligned at the call
+    code += bytes.fromhex("4883ec08")  # sub $8,%rsp
     orc.append(OrcEntry(len(code), 16, ORC_REG_SP))
     relocs.append(CodeReloc(len(code) + 1, R_X86_64_PLT32, "init", -4))
     code += b"\xe8" + bytes(4)  # call <original init>
     code += bytes.fromhex("85c0")  # test %eax,%eax
-    js_at = len(code)
-    code += b"\x78\x00"  # js .Lout (patched below)
+    jns_at = len(code)
+    code += b"\x79\x00"  # jns .Lok (patched below)
+    code += b"\x3d" + struct.pack("<i", -MAX_ERRNO)  # cmp $-MAX_ERRNO,%eax
+    jl_at = len(code)
+    code += b"\x7c\x00"  # jl .Lout (patched below)
+    code += b"\x2d" + struct.pack("<i", INIT_FAILED_BIAS)  # sub $INIT_FAILED_BIAS,%eax
+    jmp_at = len(code)
+    code += b"\xeb\x00"  # jmp .Lout (patched below)
+    _patch_jump(code, jns_at, len(code))
     relocs.append(CodeReloc(len(code) + 3, R_X86_64_PC32, "arm_value", -4))
     code += bytes.fromhex("488d15") + bytes(4)  # lea arm_value(%rip),%rdx
-    relocs.append(CodeReloc(len(code) + 3, R_X86_64_PC32, "arm_slot", slot_addend - 4))
-    code += bytes.fromhex("488915") + bytes(4)  # mov %rdx,arm_slot(%rip)
+    relocs.append(CodeReloc(len(code) + 3, R_X86_64_PC32, "core_module", slot_addend - 4))
+    code += bytes.fromhex("488915") + bytes(4)  # mov %rdx,slot(%rip)
+    for store in publish:
+        # movl $imm32,disp32(%rip): the displacement is relative to the end of the
+        # instruction, 4 immediate bytes after the displacement field.
+        relocs.append(CodeReloc(len(code) + 2, R_X86_64_PC32, "core_module", store.field - 8))
+        code += bytes.fromhex("c705") + bytes(4) + struct.pack("<I", store.count)
     out = len(code)
-    code[js_at + 1] = out - (js_at + 2)
+    _patch_jump(code, jl_at, out)
+    _patch_jump(code, jmp_at, out)
     code += bytes.fromhex("4883c408")  # add $8,%rsp
     orc.append(OrcEntry(len(code), 8, ORC_REG_SP))
     _return(code, relocs, sites, rethunk=rethunk)
     orc.append(_terminator(len(code)))
     return Routine(bytes(code), relocs, orc, sites)
+
+
+def _patch_jump(code: bytearray, at: int, target: int) -> None:
+    """Set the rel8 of the two-byte jump at *at* to reach *target*."""
+    distance = target - (at + 2)
+    if not 0 <= distance <= 127:
+        raise ValueError("short jump out of range")
+    code[at + 1] = distance
 
 
 def exit_stub(*, rethunk: bool) -> Routine:

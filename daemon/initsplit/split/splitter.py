@@ -75,13 +75,24 @@ WRAPPER_SECTION = ".init.text.initsplit"
 STUB_SECTION = ".text"
 KSYMTAB = "__ksymtab"
 KCRCTAB = "__kcrctab"
+KSYMTAB_GPL = "__ksymtab_gpl"
+KCRCTAB_GPL = "__kcrctab_gpl"
 KSYMTAB_STRINGS = "__ksymtab_strings"
+# C's export tables hold the anchors only; the original's records follow each
+# table directly in a section of this name, and the init wrapper publishes them
+# (see _Splitter._emit_exports). No ".init" prefix: module_init_layout_section()
+# would move such a section to the init layout.
+HIDDEN = {KSYMTAB: "__initsplit_ksymtab", KCRCTAB: "__initsplit_kcrctab",
+          KSYMTAB_GPL: "__initsplit_ksymtab_gpl", KCRCTAB_GPL: "__initsplit_kcrctab_gpl"}
+# (symbol table, CRC table) pairs; find_module_sections() in kernel/module/main.c
+# reads exactly these names.
+EXPORT_TABLES = ((KSYMTAB, KCRCTAB), (KSYMTAB_GPL, KCRCTAB_GPL))
 PERCPU = ".data..percpu"
 RETURN_THUNK = "__x86_return_thunk"
 # Sections the kernel reads from the file but never keeps (rewrite_section_headers).
 NOT_LOADED = (".modinfo", "__versions")
 # Sections of I that we build ourselves rather than copy.
-_REBUILT_IN_C = {KSYMTAB, KCRCTAB}
+_REBUILT_IN_C = {KSYMTAB, KCRCTAB, KSYMTAB_GPL, KCRCTAB_GPL}
 
 # The layouts in tables.py and the struct module handling are those of 6.1 on x86-64.
 SUPPORTED_VERMAGIC_PREFIX = "6.1."
@@ -99,12 +110,19 @@ def init_module_name(name: str) -> str:
     return f"{name[:keep]}_{digest}{INIT_SUFFIX}"
 
 
+# Anchor names start with a digit: no C identifier (so no exported name) can, and
+# '0' sorts before 'A' and '_', so in strcmp order every anchor comes before every
+# export. C's __ksymtab can then list the anchors alone and be followed by the
+# original's sorted records, and the whole stays one sorted array for bsearch.
+ANCHOR_LEAD = "0"
+
+
 def anchor_prefix(name: str) -> str:
     # Anchor names must fit struct modversion_info.name (55 chars + NUL).
-    prefix = f"__initsplit_{name}_"
+    prefix = f"{ANCHOR_LEAD}_initsplit_{name}_"
     if len(prefix) + 6 <= MODULE_NAME_LEN - 1:
         return prefix
-    return f"__initsplit_h{hashlib.sha1(name.encode()).hexdigest()[:16]}_"
+    return f"{ANCHOR_LEAD}_initsplit_h{hashlib.sha1(name.encode()).hexdigest()[:16]}_"
 
 
 def anchor_crc(anchor: str) -> int:
@@ -225,14 +243,42 @@ class _Splitter:
             raise SplitRefused("module name not found in struct module")
 
     def _complete_module_fields(self) -> None:
-        """Find ->exit for modules without a cleanup routine (I's stub goes there)."""
-        if self.exit_field >= 0:
-            return
+        """Find ->exit for modules without a cleanup routine (I's stub goes there),
+        and the export counts the wrapper publishes for modules with exports."""
         crc = next((c for c, n in self.versions if n == "module_layout"), None)
         layout = KNOWN_STRUCT_MODULE_LAYOUTS.get(crc) if crc is not None else None
-        if layout is None or layout.size != self.this_module.size or layout.init != self.init_field:
-            raise SplitRefused("struct module layout unknown (no cleanup routine to locate ->exit)")
-        self.exit_field = layout.exit
+        if layout is not None and (layout.size != self.this_module.size
+                                   or layout.init != self.init_field
+                                   or self.exit_field not in (-1, layout.exit)):
+            layout = None  # the module's own relocations disagree with the table
+        self.exports = {table: self._export_count(table, crcs) for table, crcs in EXPORT_TABLES}
+        if self.exit_field < 0:
+            if layout is None:
+                raise SplitRefused("struct module layout unknown (no cleanup routine to locate ->exit)")
+            self.exit_field = layout.exit
+        if any(self.exports.values()) and layout is None:
+            raise SplitRefused("struct module layout unknown (needed to publish exports after init)")
+        self.layout = layout
+
+    def _export_count(self, table: str, crcs: str) -> int:
+        syms, crc = self.obj.section(table), self.obj.section(crcs)
+        if syms is None and crc is None:
+            return 0
+        if syms is None or crc is None:
+            raise SplitRefused("exports without CRCs")
+        if syms.size % KSYMTAB_RECORD_SIZE or crc.size * 3 != syms.size:
+            raise SplitRefused("export tables do not match")
+        return syms.size // KSYMTAB_RECORD_SIZE
+
+    def _publish(self) -> tuple[codegen.Publish, ...]:
+        """The wrapper's stores: the full count of each export table that has hidden records."""
+        stores = []
+        if self.exports[KSYMTAB]:
+            stores.append(codegen.Publish(self.layout.num_syms,
+                                          len(self.anchor_names) + self.exports[KSYMTAB]))
+        if self.exports[KSYMTAB_GPL]:
+            stores.append(codegen.Publish(self.layout.num_gpl_syms, self.exports[KSYMTAB_GPL]))
+        return tuple(stores)
 
     def _check_symbols(self) -> None:
         self.percpu = self.obj.section(PERCPU)
@@ -334,7 +380,9 @@ class _Splitter:
         rethunk = any(n == RETURN_THUNK for _, n in self.versions)
         arm_exit = self.exit_symbol is not None
         slot = self.exit_field if arm_exit else self.init_field
-        wrapper = codegen.init_wrapper(slot_addend=slot, rethunk=rethunk)
+        # The counts are known once every anchor is (after step 5); the code's
+        # length and relocations do not depend on them, so it is patched then.
+        wrapper = codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, publish=self._publish())
         stub = codegen.exit_stub(rethunk=rethunk)
         wrapper_sec = builder.add_section(WRAPPER_SECTION, type=SHT_PROGBITS,
                                           flags=SHF_ALLOC | SHF_EXECINSTR, data=wrapper.code,
@@ -349,7 +397,7 @@ class _Splitter:
         roles: dict[str, tuple[int, int]] = {
             "init": self._i_target(self.init_sym_index),
             "return_thunk": (self._i_undefined_symbol(RETURN_THUNK), 0) if rethunk else (0, 0),
-            "arm_slot": (this_module_anchor, 0),
+            "core_module": (this_module_anchor, 0),
             "arm_value": (self._i_target(self.exit_sym_index)
                           if arm_exit else (this_module_anchor, 0)),
         }
@@ -382,6 +430,10 @@ class _Splitter:
                 builder.add_relocation(sec, 4 * n, R_X86_64_PC32, section_symbol(target_sec), off)
         if ".orc_unwind_ip" not in self.tables:
             raise SplitRefused("no ORC unwind tables")
+        final = codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, publish=self._publish())
+        if final.relocs != wrapper.relocs or final.orc != wrapper.orc:
+            raise AssertionError("wrapper layout changed with the export counts")
+        builder.replace_section_data(wrapper_sec, final.code)
 
         # 6. struct module, .modinfo and __versions of I.
         mod = bytearray(self.this_module.data)
@@ -520,8 +572,6 @@ class _Splitter:
         c_index: dict[int, int] = {}
         skip_types = (SHT_SYMTAB, SHT_STRTAB, SHT_RELA)
         ksym_sections = {s: obj.section(s) for s in (KSYMTAB, KCRCTAB, KSYMTAB_STRINGS)}
-        if (ksym_sections[KSYMTAB] is None) != (ksym_sections[KCRCTAB] is None):
-            raise SplitRefused("exports without CRCs")
         eval_copies = self._eval_map_copies()
         strings = ksym_sections[KSYMTAB_STRINGS]
         extra = bytearray()
@@ -694,40 +744,30 @@ class _Splitter:
         return copies
 
     def _emit_exports(self, builder, ksym_sections, c_index, c_symbol, strings_sym: int) -> None:
-        """Rebuild __ksymtab and __kcrctab with the anchors, sorted by name.
+        """Rebuild C's export tables: the anchors visible, the original's exports hidden.
 
-        find_exported_symbol_in_section() in kernel/module/main.c bsearches each
-        table by name, so the merged table must be in strcmp order.
+        find_module_sections() (kernel/module/main.c) sets mod->syms to the start
+        of __ksymtab and mod->num_syms to its size / 12, mod->crcs to __kcrctab, and
+        the same for __ksymtab_gpl / __kcrctab_gpl. find_symbol() bsearches
+        syms[0..num_syms) by name (find_exported_symbol_in_section) and takes the
+        CRC at the same index in crcs. So:
+
+        * __ksymtab holds only the anchors, sorted; __kcrctab their CRCs. The
+          kernel counts only them, and nobody but I can link against C.
+        * the original's records follow, sorted, in __initsplit_ksymtab (and
+          __initsplit_kcrctab), which layout_sections() places right behind:
+          sections of one flags class go in section-header order, each at the
+          previous end aligned to sh_addralign (module_get_offset), and both
+          are SHF_ALLOC, 4-aligned, and whole 4-byte records, with nothing between.
+        * __ksymtab_gpl and __kcrctab_gpl are empty, but still placed, so
+          gpl_syms/gpl_crcs point at the hidden GPL records behind them.
+
+        Anchors sort before every export name (ANCHOR_LEAD), so anchors followed
+        by the hidden records are one sorted array, and the wrapper publishes it
+        by storing the full counts into num_syms / num_gpl_syms after init.
         """
-        ksymtab, kcrctab, strings = (ksym_sections[k] for k in (KSYMTAB, KCRCTAB, KSYMTAB_STRINGS))
-        entries: list[tuple[bytes, list[tuple[int, int, int, int]], bytes]] = []
-        if ksymtab is not None:
-            if ksymtab.size % KSYMTAB_RECORD_SIZE or kcrctab.size * 3 != ksymtab.size:
-                raise SplitRefused("export tables do not match")
-            per_record: dict[int, list[Relocation]] = {}
-            for rel in self.obj.relocations_for(ksymtab):
-                per_record.setdefault(rel.offset // KSYMTAB_RECORD_SIZE, []).append(rel)
-            for record in range(ksymtab.size // KSYMTAB_RECORD_SIZE):
-                rels = per_record.get(record, [])
-                name_rel = [r for r in rels if r.offset % KSYMTAB_RECORD_SIZE == 4]
-                if len(name_rel) != 1 or len(rels) != 3:
-                    raise SplitRefused("unexpected export record layout")
-                sym = self.symbols[name_rel[0].symbol]
-                if strings is None or sym.shndx != strings.index:
-                    raise SplitRefused("export name outside __ksymtab_strings")
-                start = sym.value + name_rel[0].addend
-                end = strings.data.find(b"\0", start)
-                if start < 0 or end < 0:
-                    raise SplitRefused("bad export name")
-                relocs = []
-                for rel in rels:
-                    handle = c_symbol[rel.symbol]
-                    if handle is None:
-                        raise SplitRefused("export points into init")
-                    relocs.append((rel.offset % KSYMTAB_RECORD_SIZE, rel.type, handle, rel.addend))
-                crc = kcrctab.data[record * 4:record * 4 + 4]
-                entries.append((strings.data[start:end], relocs, crc))
-
+        strings = ksym_sections[KSYMTAB_STRINGS]
+        anchors = []
         for anchor, core_section, name_off in zip(self.anchor_names, self._anchor_sections,
                                                   self._anchor_name_offsets):
             target = c_index.get(core_section)
@@ -738,31 +778,87 @@ class _Splitter:
                 (4, R_X86_64_PC32, strings_sym, name_off),
                 (8, R_X86_64_PC32, strings_sym, self._ns_offset),
             ]
-            entries.append((anchor.encode(), relocs, struct.pack("<I", anchor_crc(anchor))))
-        original_count = len(entries) - len(self.anchor_names)
-        order = sorted(range(len(entries)), key=lambda i: entries[i][0])
-        entries = [entries[i] for i in order]
-        flags = ksymtab.flags if ksymtab is not None else SHF_ALLOC
-        ksym_out = builder.add_section(KSYMTAB, type=SHT_PROGBITS, flags=flags,
-                                       data=bytes(KSYMTAB_RECORD_SIZE * len(entries)), addralign=4)
-        crc_out = builder.add_section(KCRCTAB, type=SHT_PROGBITS, flags=flags,
-                                      data=b"".join(e[2] for e in entries), addralign=4)
+            anchors.append((anchor.encode(), relocs, struct.pack("<I", anchor_crc(anchor)), None))
+        anchors.sort(key=lambda e: e[0])
+        for table, crcs in EXPORT_TABLES:
+            exports = self._original_exports(table, crcs, strings, c_symbol)
+            if exports and anchors and min(e[0] for e in exports) <= anchors[-1][0]:
+                raise SplitRefused("an export name sorts before the anchors")
+            visible = anchors if table == KSYMTAB else []
+            if not visible and not exports and table != KSYMTAB:
+                continue
+            self._emit_export_table(builder, table, crcs, visible, exports)
+
+    def _original_exports(self, table: str, crcs: str, strings, c_symbol) -> list[tuple]:
+        """The original's records of *table*, sorted: (name, relocs, crc, old record)."""
+        ksymtab, kcrctab = self.obj.section(table), self.obj.section(crcs)
+        if ksymtab is None:
+            return []
+        per_record: dict[int, list[Relocation]] = {}
+        for rel in self.obj.relocations_for(ksymtab):
+            per_record.setdefault(rel.offset // KSYMTAB_RECORD_SIZE, []).append(rel)
+        entries = []
+        for record in range(ksymtab.size // KSYMTAB_RECORD_SIZE):
+            rels = per_record.get(record, [])
+            name_rel = [r for r in rels if r.offset % KSYMTAB_RECORD_SIZE == 4]
+            if len(name_rel) != 1 or len(rels) != 3:
+                raise SplitRefused("unexpected export record layout")
+            sym = self.symbols[name_rel[0].symbol]
+            if strings is None or sym.shndx != strings.index:
+                raise SplitRefused("export name outside __ksymtab_strings")
+            start = sym.value + name_rel[0].addend
+            end = strings.data.find(b"\0", start)
+            if start < 0 or end < 0:
+                raise SplitRefused("bad export name")
+            relocs = []
+            for rel in rels:
+                handle = c_symbol[rel.symbol]
+                if handle is None:
+                    raise SplitRefused("export points into init")
+                relocs.append((rel.offset % KSYMTAB_RECORD_SIZE, rel.type, handle, rel.addend))
+            crc = kcrctab.data[record * 4:record * 4 + 4]
+            entries.append((strings.data[start:end], relocs, crc, record))
+        entries.sort(key=lambda e: e[0])
+        return entries
+
+    def _emit_export_table(self, builder, table: str, crcs: str, visible: list, hidden: list) -> None:
+        """Emit TABLE, its hidden successor, CRCS and its hidden successor, in that order."""
+        source = self.obj.section(table)
+        flags = source.flags if source is not None else SHF_ALLOC
+        out: dict[str, int] = {}
+
+        def record_bytes(name: str, entries: list) -> bytes:
+            if name in (KCRCTAB, KCRCTAB_GPL, HIDDEN[KCRCTAB], HIDDEN[KCRCTAB_GPL]):
+                return b"".join(e[2] for e in entries)  # the CRCs themselves
+            return bytes(KSYMTAB_RECORD_SIZE * len(entries))  # struct kernel_symbol: relocations only
+
+        # Each hidden section directly after its visible one in section-header order:
+        # that is what places it directly behind in memory (see _emit_exports).
+        for name in (table, HIDDEN[table], crcs, HIDDEN[crcs]):
+            entries = hidden if name in HIDDEN.values() else visible
+            if name in HIDDEN.values() and not entries:
+                continue
+            out[name] = builder.add_section(name, type=SHT_PROGBITS, flags=flags,
+                                            data=record_bytes(name, entries), addralign=4)
+        for section_name, entries in ((table, visible), (HIDDEN[table], hidden)):
+            for n, (_, relocs, _, _) in enumerate(entries):
+                for inner, type_, handle, addend in relocs:
+                    builder.add_relocation(out[section_name], n * KSYMTAB_RECORD_SIZE + inner, type_,
+                                           handle, addend)
         # The original's __ksymtab_NAME and __crc_NAME symbols (kallsyms shows them)
-        # follow their records to the new positions, so C's symbol table stays the
+        # follow their records to the new places, so C's symbol table stays the
         # original's.
-        new_position = {old: new for new, old in enumerate(order) if old < original_count}
-        for sym in self.symbols:
-            for table, out, size in ((ksymtab, ksym_out, KSYMTAB_RECORD_SIZE),
-                                     (kcrctab, crc_out, KCRCTAB_RECORD_SIZE)):
-                if table is None or sym.shndx != table.index:
+        new_position = {e[3]: n for n, e in enumerate(hidden)}
+        for name, size in ((table, KSYMTAB_RECORD_SIZE), (crcs, KCRCTAB_RECORD_SIZE)):
+            original = self.obj.section(name)
+            if original is None:
+                continue
+            for sym in self.symbols:
+                if sym.shndx != original.index or sym.type == STT_SECTION:
                     continue
                 record, inner = divmod(sym.value, size)
                 if record not in new_position:
                     raise SplitRefused("export table symbol outside its records", sym.name)
                 builder.add_symbol(sym.name, value=new_position[record] * size + inner,
                                    size=sym.size, bind=sym.bind, type=sym.type, other=sym.other,
-                                   shndx=out)
-        for n, (_, relocs, _) in enumerate(entries):
-            for inner, type_, handle, addend in relocs:
-                builder.add_relocation(ksym_out, n * KSYMTAB_RECORD_SIZE + inner, type_,
-                                       handle, addend)
+                                   shndx=out[HIDDEN[name]])

@@ -76,18 +76,48 @@ ORC_TYPE_CALL = 0
 
 @dataclass(frozen=True, slots=True)
 class StructModuleLayout:
-    """Offsets in struct module (include/linux/module.h) for one kernel build."""
+    """Offsets in struct module (include/linux/module.h) for one kernel build.
+
+    The export fields, in the order include/linux/module.h of 6.1 declares them:
+
+        const struct kernel_symbol *syms;     /* "Exported symbols" */
+        const s32 *crcs;
+        unsigned int num_syms;
+        ...
+        unsigned int num_gpl_syms;            /* "GPL-only exported symbols." */
+        const struct kernel_symbol *gpl_syms;
+        const s32 *gpl_crcs;
+
+    find_module_sections() in kernel/module/main.c fills them from the sections
+    __ksymtab, __kcrctab, __ksymtab_gpl and __kcrctab_gpl; find_symbol() searches
+    syms[0..num_syms) and gpl_syms[0..num_gpl_syms). The init wrapper publishes
+    C's exports by storing the full counts into num_syms and num_gpl_syms.
+    """
 
     kernel: str
     size: int
     init: int
     exit: int
+    syms: int
+    crcs: int
+    num_syms: int
+    num_gpl_syms: int
+    gpl_syms: int
+    gpl_crcs: int
 
 
 # Keyed by the CRC of "module_layout" in __versions, which genksyms derives from
-# struct module among others, so it changes whenever these offsets could. Used
-# only for modules without a cleanup routine: every other module tells us both
-# offsets through its own relocations of ->init and ->exit.
+# struct module among others, so it changes whenever these offsets could. ->init
+# and ->exit are cross-checked against every module's own relocations of them;
+# the export fields have no relocation in a module and come from the kernel's
+# BTF (tests/test_struct_module_layout.py reads them from the test kernel's
+# vmlinux .BTF and compares).
 KNOWN_STRUCT_MODULE_LAYOUTS: dict[int, StructModuleLayout] = {
-    0x9060323F: StructModuleLayout("Debian 6.1.0-56-amd64 (6.1.192)", size=896, init=312, exit=848),
+    0x9060323F: StructModuleLayout("Debian 6.1.0-56/57-amd64 (6.1.192)", size=896, init=312, exit=848,
+                                   syms=208, crcs=216, num_syms=224, num_gpl_syms=276,
+                                   gpl_syms=280, gpl_crcs=288),
 }
+
+# include/linux/err.h: the kernel's error returns are -MAX_ERRNO..-1; the x86-64
+# syscall() of glibc treats exactly those as errors (errno = -value, result -1).
+MAX_ERRNO = 4095

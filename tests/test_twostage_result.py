@@ -1,0 +1,69 @@
+"""How load_two_stage() reads finit_module(I)'s result (the kernel side is in test_loader_vm.py).
+
+The syscalls are replaced by a recorder that answers as the 6.1 kernel does for
+each case; nothing here needs root or a VM.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from initsplit.loader import twostage
+from initsplit.loader.twostage import SplitPair, load_two_stage
+from initsplit.split.initresult import encode
+
+PAIR = SplitPair("isplit_initfail", "isplit_initfail__init", Path("/c.ko"), Path("/i.ko"))
+ORIGINAL = Path("/orig.ko")
+
+
+class Kernel:
+    def __init__(self, init_answer: int | OSError, plain_answer: int | OSError = 0) -> None:
+        self.answers = {PAIR.core: 0, PAIR.init: init_answer, ORIGINAL: plain_answer}
+        self.calls: list[tuple[str, str]] = []
+
+    def finit_module(self, path: Path, params: str = "") -> int:
+        self.calls.append(("finit", str(path)))
+        answer = self.answers[path]
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    def delete_module(self, name: str) -> None:
+        self.calls.append(("delete", name))
+
+
+@pytest.fixture
+def kernel_for(monkeypatch: pytest.MonkeyPatch):
+    def install(kernel: Kernel) -> Kernel:
+        monkeypatch.setattr(twostage, "finit_module", kernel.finit_module)
+        monkeypatch.setattr(twostage, "delete_module", kernel.delete_module)
+        monkeypatch.setattr(twostage, "_sizes", lambda: {})
+        return kernel
+    return install
+
+
+def test_init_that_ran_and_failed_is_reported_and_not_retried(kernel_for) -> None:
+    kernel = kernel_for(Kernel(encode(-errno.ENODEV)))
+    load = load_two_stage(PAIR, original=ORIGINAL)
+    assert (load.mode, load.errno) == ("failed", errno.ENODEV)
+    assert load.reason == "could not insert 'isplit_initfail': No such device"
+    assert kernel.calls == [("finit", "/c.ko"), ("finit", "/i.ko"), ("delete", "isplit_initfail")]
+
+
+@pytest.mark.parametrize("refusal", [errno.EINVAL, errno.ENOENT, errno.ENOEXEC, errno.EEXIST,
+                                     errno.ENOMEM, errno.EPERM])
+def test_refusal_before_init_falls_back_to_plain(kernel_for, refusal: int) -> None:
+    kernel = kernel_for(Kernel(OSError(refusal, "refused")))
+    load = load_two_stage(PAIR, original=ORIGINAL)
+    assert load.mode == "plain", load
+    assert kernel.calls == [("finit", "/c.ko"), ("finit", "/i.ko"), ("delete", "isplit_initfail"),
+                            ("finit", "/orig.ko")]
+
+
+def test_successful_init_is_two_stage(kernel_for) -> None:
+    kernel = kernel_for(Kernel(0))
+    assert load_two_stage(PAIR, original=ORIGINAL).mode == "two-stage"
+    assert kernel.calls == [("finit", "/c.ko"), ("finit", "/i.ko")]
