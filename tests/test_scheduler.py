@@ -99,3 +99,37 @@ def test_loader_exception_becomes_a_failed_load() -> None:
     done = run_until_idle(scheduler)
     scheduler.shutdown()
     assert done[0].mode == "failed" and "boom" in done[0].reason
+
+
+@dataclass(frozen=True)
+class Needs:
+    name: str
+    requires: tuple[str, ...] = ()
+
+
+def test_a_requirement_never_submitted_is_not_waited_for(caplog) -> None:
+    """A name nobody submitted would keep the scheduler busy forever (and the daemon's
+    drain spinning): it is treated as absent, and said so."""
+    loaded: list[str] = []
+
+    def load(step: Needs) -> ModuleLoad:
+        loaded.append(step.name)
+        return ModuleLoad(step.name, "plain")
+
+    scheduler = LoadScheduler(workers=1, load=load)
+    scheduler.submit([Needs("virtio_ring"), Needs("virtio_blk", ("virtio_ring", "ghost"))])
+    done = run_until_idle(scheduler, timeout=5.0)
+    scheduler.shutdown()
+    assert [d.module for d in done] == ["virtio_ring", "virtio_blk"]
+    assert loaded == ["virtio_ring", "virtio_blk"]
+    assert "ghost" in caplog.text and "never submitted" in caplog.text
+
+
+def test_a_requirement_named_later_in_the_request_cannot_deadlock() -> None:
+    """Steps come in modprobe order; one that names a later step (or two that name
+    each other) must not wait for ever."""
+    scheduler = LoadScheduler(workers=1, load=lambda step: ModuleLoad(step.name, "plain"))
+    scheduler.submit([Needs("a", ("b",)), Needs("b", ("a",))])
+    done = run_until_idle(scheduler, timeout=5.0)
+    scheduler.shutdown()
+    assert sorted(d.module for d in done) == ["a", "b"]

@@ -7,6 +7,7 @@ through a queue and a wake-up pipe the main loop polls.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 from collections.abc import Callable, Sequence
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..loader.results import ModuleLoad
+
+log = logging.getLogger(__name__)
 
 
 class Step(Protocol):
@@ -58,7 +61,7 @@ class LoadScheduler:
             # everything before it in the request (modprobe order is a valid order).
             required = getattr(step, "requires", None)
             wanted = set(required) if required is not None else {s.name for s in steps[:index]}
-            deps = wanted - {n for n, st in self.state.items() if st == "done"}
+            deps = self._known(step, wanted) - {n for n, st in self.state.items() if st == "done"}
             failed = [d for d in deps if self.state.get(d) == "failed"]
             if failed:
                 self.state[step.name] = "failed"
@@ -71,6 +74,25 @@ class LoadScheduler:
             else:
                 self._start(step)
         return immediate
+
+    def _known(self, step: Step, wanted: set[str]) -> set[str]:
+        """The requirements this scheduler has been given; the others are dropped.
+
+        Earlier steps of the same submit() are known by now, so an unknown name is
+        one that nothing will ever load: waiting for it would keep the daemon busy
+        forever.  It is treated as absent rather than failed.  The resolver names
+        only earlier steps of its own answer, so such a name is a bug or a step the
+        caller left out (a builtin one, which is in the kernel).  What a module
+        really needs the kernel checks itself: a missing symbol fails finit_module
+        with ENOENT, as modprobe's load would fail.  Failing the step here instead
+        would refuse loads that modprobe makes, since modprobe ignores a softdep
+        that cannot be loaded (libkmod-module.c: "Ignore errors from softdeps").
+        """
+        unknown = wanted - self.state.keys()
+        if unknown:
+            log.warning("%s: requirements %s were never submitted; not waiting for them",
+                        step.name, ", ".join(sorted(unknown)))
+        return wanted - unknown
 
     def _start(self, step: Step) -> None:
         self.state[step.name] = "running"

@@ -78,6 +78,7 @@ class LoadStep:
     builtin: bool = False
     # Modules that must be in the kernel before this one: the ones modprobe loads
     # ahead of it for the same match (modules.dep dependencies and pre softdeps).
+    # Every name is that of an earlier, not builtin step of the same answer.
     # Other matches of the same alias are independent and may load in parallel.
     requires: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
@@ -269,7 +270,8 @@ class Resolver:
         held = _Held(self._lib)
         try:
             steps: list[LoadStep] = []
-            planned: set[str] = set()
+            planned: set[str] = set()  # names with a step in this answer
+            loadable: set[str] = set()  # ... of which the daemon loads (not builtin)
             for mod in self._lookup(held, alias):
                 # modprobe calls kmod_module_probe_insert_module() per match; a match
                 # loaded by an earlier one is "in the kernel" by then and skipped whole.
@@ -277,20 +279,36 @@ class Resolver:
                     continue
                 if mod.alias is not None and mod.name in self._blacklist:
                     continue
-                before: list[str] = []
-                for m, ignorecmd in self._probe_list(held, mod):
-                    if m.name in planned or self._in_kernel(m):
-                        if m.name in planned and m.name not in before:
-                            before.append(m.name)
-                        continue
-                    planned.add(m.name)
-                    step = self._step(m, ignorecmd)
-                    if step is not None:
-                        steps.append(dataclasses.replace(step, requires=tuple(before)))
-                    before.append(m.name)
+                steps += self._match_steps(held, mod, planned, loadable)
             return steps
         finally:
             held.release()
+
+    def _match_steps(self, held: _Held, mod: _Mod, planned: set[str],
+                     loadable: set[str]) -> list[LoadStep]:
+        """The steps of one match's probe list, each with what must load before it.
+
+        Only modules that get a step the daemon loads are named in ``requires``: one
+        already in the kernel or built in is no requirement, and one without a file
+        (in modules.alias or a modprobe.d alias but not in modules.dep) has no step
+        that could ever satisfy it; a scheduler waiting for it would wait forever.
+        """
+        before: list[str] = []
+        out: list[LoadStep] = []
+        for m, ignorecmd in self._probe_list(held, mod):
+            if m.name in planned or self._in_kernel(m):
+                if m.name in loadable and m.name not in before:
+                    before.append(m.name)
+                continue
+            step = self._step(m, ignorecmd)
+            if step is None:
+                continue
+            planned.add(m.name)
+            out.append(dataclasses.replace(step, requires=tuple(before)))
+            if not step.builtin:
+                loadable.add(m.name)
+                before.append(m.name)
+        return out
 
     def modinfo(self, path: Path) -> list[tuple[str, str]]:
         """The ``.modinfo`` entries of a module file (and signature fields), as modinfo.
@@ -456,7 +474,8 @@ class Resolver:
             if lib.kmod_module_get_initstate(mod.ptr) == k.KMOD_MODULE_BUILTIN:
                 return LoadStep(mod.name, None, builtin=True)
             # In modules.alias (or a modprobe.d alias) but neither in modules.dep nor
-            # built in: modprobe prints nothing and its insert fails with ENOENT.
+            # built in: modprobe prints nothing and its insert fails with ENOENT
+            # (kmod_module_insert_module: "could not find module by name").
             _log.warning("%s: module %r has no file in modules.dep; skipped",
                          self.dirname, mod.name)
             return None
