@@ -294,6 +294,7 @@ def unsatisfiable_requirements(steps: list[LoadStep]) -> list[str]:
     bad = []
     for step in steps:
         bad += [f"{step.name} requires {name}" for name in step.requires if name not in loaded]
+        bad += [f"{step.name} comes after {name}" for name in step.after if name not in loaded]
         if not step.builtin:
             loaded.add(step.name)
     return bad
@@ -446,6 +447,20 @@ def test_module_without_a_file_is_no_requirement(kernel: DebianKernel, tmp_path:
     assert expected["initsplit-ghost"] == []
     assert [(s.name, s.requires) for s in steps] == [
         ("virtio_ring", ()), ("virtio", ("virtio_ring",)), ("virtio_blk", ("virtio_ring", "virtio"))]
+
+
+def test_softdeps_order_the_load_but_are_not_required(kernel: DebianKernel) -> None:
+    """libkmod stops a probe at a required module that fails (the match and its
+    modules.dep dependencies) and goes on past a softdep that fails: ext4 needs jbd2,
+    mbcache and crc16, but only loads after jbd2's softdep crc32c (crc32c_intel
+    refuses a CPU without SSE4.2)."""
+    with Resolver(root=kernel.root, kver=kernel.kver, config_paths=[]) as resolver:
+        steps = {s.name: s for s in resolver.resolve("fs-ext4")}
+    assert list(steps) == ["crc32c_intel", "crc32c_generic", "jbd2", "mbcache", "crc16", "ext4"]
+    assert (steps["ext4"].requires, steps["ext4"].after) == (
+        ("jbd2", "mbcache", "crc16"), ("crc32c_intel", "crc32c_generic"))
+    assert (steps["jbd2"].requires, steps["jbd2"].after) == ((), ("crc32c_intel", "crc32c_generic"))
+    assert (steps["crc32c_generic"].requires, steps["crc32c_generic"].after) == ((), ("crc32c_intel",))
 
 
 # -- the kernel command line parser against libkmod's -----------------------------------

@@ -133,3 +133,43 @@ def test_a_requirement_named_later_in_the_request_cannot_deadlock() -> None:
     done = run_until_idle(scheduler, timeout=5.0)
     scheduler.shutdown()
     assert sorted(d.module for d in done) == ["a", "b"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    requires: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+
+
+def test_a_failed_softdep_does_not_fail_what_loads_after_it() -> None:
+    """modprobe ignores a softdep that fails (crc32c_intel refuses a CPU without
+    SSE4.2 with ENODEV) but stops at a required module that fails: ext4 must still
+    load after the first, and not after the second. Either way what comes after
+    waits until the earlier module has settled."""
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def load(step: Probe) -> ModuleLoad:
+        with lock:
+            events.append(("start", step.name))
+        time.sleep(0.1)
+        with lock:
+            events.append(("end", step.name))
+        if step.name in ("crc32c_intel", "mbcache"):
+            return ModuleLoad(step.name, "failed", reason="No such device")
+        return ModuleLoad(step.name, "plain")
+
+    scheduler = LoadScheduler(workers=2, load=load)
+    scheduler.submit([Probe("crc32c_intel"), Probe("jbd2", after=("crc32c_intel",)),
+                      Probe("ext4", ("jbd2",), ("crc32c_intel",))])
+    scheduler.submit([Probe("mbcache"), Probe("ext2", ("mbcache",)),
+                      Probe("helper", (), ("mbcache",))])
+    done = {d.module: d for d in run_until_idle(scheduler)}
+    scheduler.shutdown()
+    assert done["jbd2"].mode == "plain" and done["ext4"].mode == "plain"
+    assert done["ext2"].mode == "failed" and "dependency mbcache" in done["ext2"].reason
+    assert done["helper"].mode == "plain"
+    assert ("start", "ext2") not in events
+    for first, then in (("crc32c_intel", "jbd2"), ("jbd2", "ext4"), ("mbcache", "helper")):
+        assert events.index(("end", first)) < events.index(("start", then)), (first, then)

@@ -27,7 +27,10 @@ class Step(Protocol):
 @dataclass(slots=True)
 class _Waiting:
     step: Step
+    # Not settled yet: required modules (a failure fails this step too) ...
     deps: set[str] = field(default_factory=set)
+    # ... and modules it merely loads after (softdeps: a failure is only logged).
+    after: set[str] = field(default_factory=set)
 
 
 class LoadScheduler:
@@ -57,20 +60,26 @@ class LoadScheduler:
         for index, step in enumerate(steps):
             if step.name in self.state:
                 continue
-            # A step that names its requirements waits for exactly those; otherwise for
-            # everything before it in the request (modprobe order is a valid order).
+            # A step that names its requirements waits for exactly those (and for its
+            # "after" names, whose failure it ignores, as modprobe ignores a failed
+            # softdep); otherwise for everything before it in the request (modprobe
+            # order is a valid order), failing with any of them.
             required = getattr(step, "requires", None)
-            wanted = set(required) if required is not None else {s.name for s in steps[:index]}
-            deps = self._known(step, wanted) - {n for n, st in self.state.items() if st == "done"}
-            failed = [d for d in deps if self.state.get(d) == "failed"]
+            if required is None:
+                wanted, soft = {s.name for s in steps[:index]}, set()
+            else:
+                wanted, soft = set(required), set(getattr(step, "after", ()))
+            deps = {d for d in self._known(step, wanted) if self.state[d] != "done"}
+            after = {d for d in self._known(step, soft) if self.state[d] in ("waiting", "running")}
+            failed = [d for d in deps if self.state[d] == "failed"]
             if failed:
                 self.state[step.name] = "failed"
                 immediate.append(ModuleLoad(step.name, "failed",
                                             reason=f"dependency {failed[0]} failed to load"))
                 continue
-            if deps:
+            if deps or after:
                 self.state[step.name] = "waiting"
-                self._waiting[step.name] = _Waiting(step, deps)
+                self._waiting[step.name] = _Waiting(step, deps, after)
             else:
                 self._start(step)
         return immediate
@@ -131,9 +140,9 @@ class LoadScheduler:
             while settled:  # a failure cascades to everything waiting on it
                 dep, dep_ok = settled.pop()
                 for waiting_name, waiting in list(self._waiting.items()):
-                    if dep not in waiting.deps:
+                    if dep not in waiting.deps and dep not in waiting.after:
                         continue
-                    if not dep_ok:
+                    if dep in waiting.deps and not dep_ok:
                         del self._waiting[waiting_name]
                         self.state[waiting_name] = "failed"
                         finished.append(ModuleLoad(waiting_name, "failed",
@@ -141,7 +150,8 @@ class LoadScheduler:
                         settled.append((waiting_name, False))
                         continue
                     waiting.deps.discard(dep)
-                    if not waiting.deps:
+                    waiting.after.discard(dep)
+                    if not waiting.deps and not waiting.after:
                         del self._waiting[waiting_name]
                         self._start(waiting.step)
         return finished

@@ -76,11 +76,15 @@ class LoadStep:
     options: str = ""
     install_command: str | None = None
     builtin: bool = False
-    # Modules that must be in the kernel before this one: the ones modprobe loads
-    # ahead of it for the same match (modules.dep dependencies and pre softdeps).
-    # Every name is that of an earlier, not builtin step of the same answer.
-    # Other matches of the same alias are independent and may load in parallel.
+    # Steps that modprobe loads ahead of this one for the same match, split the way
+    # modprobe treats their failure: ``requires`` are required modules (the match
+    # and its modules.dep dependencies), whose failure stops modprobe before this
+    # one; ``after`` are softdeps and their dependencies, whose failure modprobe
+    # ignores, so only their order counts.  Every name is that of an earlier, not
+    # builtin step of the same answer.  Other matches of the same alias are
+    # independent and may load in parallel.
     requires: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+    after: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def show_depends_line(self) -> str:
         """The line ``modprobe --show-depends`` prints for this step, byte for byte.
@@ -288,26 +292,40 @@ class Resolver:
                      loadable: set[str]) -> list[LoadStep]:
         """The steps of one match's probe list, each with what must load before it.
 
-        Only modules that get a step the daemon loads are named in ``requires``: one
-        already in the kernel or built in is no requirement, and one without a file
-        (in modules.alias or a modprobe.d alias but not in modules.dep) has no step
-        that could ever satisfy it; a scheduler waiting for it would wait forever.
+        kmod_module_probe_insert_module() walks the list in order and stops at the
+        first *required* module (the match and its modules.dep dependencies) that
+        fails, but goes on past a softdep that fails (libkmod-module.c: "Ignore
+        errors from softdeps").  So an earlier required module goes into
+        ``requires`` (its failure means this one is not loaded) and any other
+        earlier module into ``after`` (order only).
+
+        Only modules that get a step the daemon loads are named: one already in the
+        kernel or built in is no requirement, and one without a file (in
+        modules.alias or a modprobe.d alias but not in modules.dep) has no step that
+        could ever satisfy it; a scheduler waiting for it would wait forever.
+        libkmod's insert of such a module fails with ENOENT: as a softdep that is
+        ignored, exactly as leaving it out does; as the match itself it would stop
+        the probe before the match's post softdeps, which ``--show-depends`` still
+        lists, and so does this answer.
         """
-        before: list[str] = []
+        probe, required = self._probe_list(held, mod)
+        hard: list[str] = []
+        soft: list[str] = []
         out: list[LoadStep] = []
-        for m, ignorecmd in self._probe_list(held, mod):
+        for m, ignorecmd in probe:
+            earlier = hard if m.name in required else soft
             if m.name in planned or self._in_kernel(m):
-                if m.name in loadable and m.name not in before:
-                    before.append(m.name)
+                if m.name in loadable and m.name not in hard and m.name not in soft:
+                    earlier.append(m.name)
                 continue
             step = self._step(m, ignorecmd)
             if step is None:
                 continue
             planned.add(m.name)
-            out.append(dataclasses.replace(step, requires=tuple(before)))
+            out.append(dataclasses.replace(step, requires=tuple(hard), after=tuple(soft)))
             if not step.builtin:
                 loadable.add(m.name)
-                before.append(m.name)
+                earlier.append(m.name)
         return out
 
     def modinfo(self, path: Path) -> list[tuple[str, str]]:
@@ -395,20 +413,26 @@ class Resolver:
         state = self._lib.kmod_module_get_initstate(mod.ptr)
         return state in (k.KMOD_MODULE_LIVE, k.KMOD_MODULE_BUILTIN)
 
-    def _probe_list(self, held: _Held, top: _Mod) -> list[tuple[_Mod, bool]]:
+    def _probe_list(self, held: _Held, top: _Mod) -> tuple[list[tuple[_Mod, bool]], set[str]]:
         """__kmod_module_get_probe_list(top, required=true, ignorecmd=false).
 
         Returns (module, ignorecmd) in load order; a module may appear twice (libkmod
-        appends dependencies without checking), the caller keeps the first.
+        appends dependencies without checking), the caller keeps the first.  Also the
+        names libkmod marks ``required``: ``top`` and its modules.dep dependencies
+        (softdeps are probed with required=false, and so are their dependencies).
         """
         visited: set[int] = set()
         out: list[tuple[_Mod, bool]] = []
+        required = {top.name}
 
         def probe(mod: _Mod) -> None:
             if mod.addr in visited:
                 return
             visited.add(mod.addr)
-            for dep in self._dependencies(held, mod):
+            deps = self._dependencies(held, mod)
+            if mod is top:
+                required.update(dep.name for dep in deps)
+            for dep in deps:
                 fill_softdep(dep)
             fill_softdep(mod)
 
@@ -423,7 +447,7 @@ class Resolver:
                 probe(soft)
 
         probe(top)
-        return out
+        return out, required
 
     def _dependencies(self, held: _Held, mod: _Mod) -> list[_Mod]:
         """modules.dep for ``mod``, deepest first (libkmod prepends as it parses)."""
