@@ -124,10 +124,23 @@ class Service:
                               reason=self.settings.plain_only)
         if step.name in self.settings.exclude:
             return load_plain(step.name, step.path, params=step.options, reason="excluded by configuration")
-        split = self.provider.get(step.path)
+        try:
+            return self._load_split(step.name, step.path, step.options)
+        except Exception as exc:
+            # The two-stage path's one catch-all. load_two_stage() lets an error out
+            # only while the kernel holds nothing of the module (it deletes C itself
+            # otherwise), so the original can go in plain: a disk driver that is not
+            # loaded at all means no boot, and a crash marker that cannot be written
+            # (ENOSPC on /run) means a two-stage load would not be crash-safe.
+            reason = f"two-stage load not possible: {type(exc).__name__}: {exc}"
+            log.warning("%s: %s; loading it plain", step.name, reason)
+            return load_plain(step.name, step.path, params=step.options, reason=reason)
+
+    def _load_split(self, name: str, path: Path, options: str) -> ModuleLoad:
+        split = self.provider.get(path)
         if isinstance(split, NotSplit):
-            return load_plain(step.name, step.path, params=step.options, reason=split.reason)
-        return load_two_stage(split, original=step.path, params=step.options, markers=self.markers)
+            return load_plain(name, path, params=options, reason=split.reason)
+        return load_two_stage(split, original=path, params=options, markers=self.markers)
 
     def _modprobe(self, step: LoadStep) -> ModuleLoad:
         # modprobe.d "install" commands are shell programs; only modprobe runs them right.

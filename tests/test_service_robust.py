@@ -1,0 +1,276 @@
+"""initsplitd's service loop when things go wrong: a two-stage path that raises, a
+modprobe install command that hangs, a long drain under a systemd watchdog, and
+aliases whose loads failed.
+
+The kernel is a fake (finit_module/delete_module replaced in the loader), so these
+run anywhere; tests/test_daemon_vm.py runs the daemon against a real one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from initsplit.daemon.service import Service, Settings
+from initsplit.loader import twostage
+from initsplit.loader.results import ModuleLoad
+from initsplit.loader.twostage import SplitPair
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    path: Path | None = None
+    options: str = ""
+    install_command: str | None = None
+    builtin: bool = False
+
+
+@dataclass(frozen=True)
+class Request:
+    aliases: tuple[str, ...]
+    devpath: str = "/devices/test"
+
+
+class Source:
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+
+    def fileno(self) -> int:
+        return self._r
+
+    def coldplug(self) -> list[Request]:
+        return []
+
+    def read_ready(self) -> list[Request]:
+        return []
+
+
+class Resolver:
+    """Each alias is one module of the same name, in a fake module tree."""
+
+    def __init__(self, tree: Path) -> None:
+        self.tree = tree
+        self.calls: list[str] = []
+
+    def resolve(self, alias: str) -> list[Step]:
+        self.calls.append(alias)
+        return [Step(alias, self.tree / f"{alias}.ko")]
+
+
+class Reporter:
+    def __init__(self) -> None:
+        self.loads: list[ModuleLoad] = []
+        self.messages: list[str] = []
+
+    def module_loaded(self, load: ModuleLoad) -> None:
+        self.loads.append(load)
+
+    def batch_unloaded(self, batch) -> None: ...
+    def summary(self, **_) -> None: ...
+
+    def log(self, priority: int, message: str, **fields) -> None:
+        self.messages.append(message)
+
+
+class Notifier:
+    def __init__(self, interval: float | None = None) -> None:
+        self.interval = interval
+        self.pings: list[float] = []
+
+    def ready(self, status: str = "") -> None: ...
+    def status(self, text: str) -> None: ...
+    def stopping(self) -> None: ...
+
+    def watchdog(self) -> None:
+        self.pings.append(time.monotonic())
+
+    def watchdog_interval(self) -> float | None:
+        return self.interval
+
+
+class Markers:
+    """LoadMarkers in memory; ``fail`` names the operations that raise ENOSPC."""
+
+    def __init__(self, fail: tuple[str, ...] = ()) -> None:
+        self.fail = fail
+        self.state: dict[str, str] = {}
+
+    def _do(self, op: str, name: str, value: str | None) -> None:
+        if op in self.fail:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"/run/initsplit/loading/.{name}.tmp")
+        if value is None:
+            self.state.pop(name, None)
+        else:
+            self.state[name] = value
+
+    def core(self, name: str, init_name: str) -> None:
+        self._do("core", name, f"core {init_name}")
+
+    def init_done(self, name: str, init_name: str) -> None:
+        self._do("init_done", name, f"init-done {init_name}")
+
+    def plain(self, name: str) -> None:
+        self._do("plain", name, "plain")
+
+    def finish(self, name: str) -> None:
+        self._do("finish", name, None)
+
+    def recover(self):
+        raise AssertionError("not used here")
+
+
+class Provider:
+    """Every module is split into TREE/NAME.core.ko and TREE/NAME__init.ko."""
+
+    def __init__(self, tree: Path, error: Exception | None = None) -> None:
+        self.tree = tree
+        self.error = error
+
+    def get(self, path: Path) -> SplitPair:
+        if self.error is not None:
+            raise self.error
+        name = path.name.removesuffix(".ko")
+        return SplitPair(name, f"{name}__init", self.tree / f"{name}.core.ko",
+                         self.tree / f"{name}__init.ko")
+
+
+class Kernel:
+    """finit_module/delete_module for file names as Provider makes them.
+
+    ``refuse`` maps a file name to what loading it raises; the kernel refuses a
+    second module of a name already loaded with EEXIST, as the real one does.
+    """
+
+    def __init__(self, refuse: dict[str, BaseException] | None = None,
+                 undeletable: bool = False) -> None:
+        self.refuse = refuse or {}
+        self.undeletable = undeletable
+        self.loaded: dict[str, str] = {}  # module name -> file it came from
+        self.calls: list[str] = []
+
+    def finit_module(self, path: Path, params: str = "") -> None:
+        self.calls.append(f"load {path.name}")
+        if path.name in self.refuse:
+            raise self.refuse[path.name]
+        name = path.name.removesuffix(".ko").removesuffix(".core")
+        if name in self.loaded:
+            raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+        self.loaded[name] = path.name
+
+    def delete_module(self, name: str, **_: object) -> None:
+        self.calls.append(f"delete {name}")
+        if self.undeletable:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        if self.loaded.pop(name, None) is None:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+
+def make_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, kernel: Kernel | None = None,
+                 markers: Markers | None = None, provider: Provider | None = None,
+                 notifier: Notifier | None = None, **settings) -> tuple[Service, Reporter]:
+    kernel = kernel or Kernel()
+    monkeypatch.setattr(twostage, "finit_module", kernel.finit_module)
+    monkeypatch.setattr(twostage, "delete_module", kernel.delete_module)
+    monkeypatch.setattr(twostage, "_sizes", lambda: {})
+    reporter = Reporter()
+    service = Service(settings=Settings(**settings), resolver=Resolver(tmp_path), source=Source(),
+                      provider=provider or Provider(tmp_path), reporter=reporter,
+                      notifier=notifier or Notifier(), markers=markers or Markers())
+    return service, reporter
+
+
+def serve(service: Service, *aliases: str) -> None:
+    for alias in aliases:
+        service.handle_request(Request((alias,)))
+    service.settle()
+
+
+def only_load(reporter: Reporter) -> ModuleLoad:
+    assert len(reporter.loads) == 1, reporter.loads
+    return reporter.loads[0]
+
+
+# ---------------------------------------------------------------- the two-stage path raises
+
+
+def test_crash_marker_that_cannot_be_written_means_a_plain_load(tmp_path, monkeypatch) -> None:
+    kernel = Kernel()
+    markers = Markers(fail=("core",))
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel, markers=markers)
+    serve(service, "ext4")
+    load = only_load(reporter)
+    assert load.mode == "plain", load
+    assert "No space left on device" in load.reason
+    assert kernel.calls == ["load ext4.ko"]  # C never went in: no marker, no two-stage
+    assert kernel.loaded == {"ext4": "ext4.ko"}
+    service.scheduler.shutdown()
+
+
+def test_split_provider_error_means_a_plain_load(tmp_path, monkeypatch) -> None:
+    kernel = Kernel()
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel,
+                                     provider=Provider(tmp_path, RuntimeError("cache index corrupt")))
+    serve(service, "virtio_blk")
+    load = only_load(reporter)
+    assert load.mode == "plain" and "cache index corrupt" in load.reason, load
+    assert kernel.loaded == {"virtio_blk": "virtio_blk.ko"}
+    service.scheduler.shutdown()
+
+
+def test_marker_failing_after_the_init_ran_keeps_the_two_stage_load(tmp_path, monkeypatch) -> None:
+    """C and I are in and init has run: loading the original as well is impossible
+    (EEXIST) and would be reported as someone else's load; the module is two-stage."""
+    kernel = Kernel()
+    markers = Markers(fail=("init_done",))
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel, markers=markers)
+    serve(service, "ext4")
+    load = only_load(reporter)
+    assert load.mode == "two-stage", load
+    assert kernel.calls == ["load ext4.core.ko", "load ext4__init.ko"]
+    assert service.pending_init == [("ext4", "ext4__init")]
+    # The "core" marker stays: a restarted daemon finds the init module loaded and
+    # treats it as pending deletion (loader/recovery.py).
+    assert markers.state == {"ext4": "core ext4__init"}
+    service.scheduler.shutdown()
+
+
+def test_marker_failing_after_an_init_failure_still_loads_plain(tmp_path, monkeypatch) -> None:
+    kernel = Kernel(refuse={"ext4__init.ko": OSError(errno.EINVAL, os.strerror(errno.EINVAL))})
+    markers = Markers(fail=("plain",))
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel, markers=markers)
+    serve(service, "ext4")
+    load = only_load(reporter)
+    assert load.mode == "plain" and "init module failed" in load.reason, load
+    assert kernel.calls == ["load ext4.core.ko", "load ext4__init.ko", "delete ext4", "load ext4.ko"]
+    # No "core" marker is left for the plainly loaded original: a restarted daemon
+    # would delete it as an inert core.
+    assert markers.state == {}
+    service.scheduler.shutdown()
+
+
+def test_error_between_core_and_init_deletes_the_core_first(tmp_path, monkeypatch) -> None:
+    kernel = Kernel(refuse={"ext4__init.ko": ValueError("embedded null byte")})
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel)
+    serve(service, "ext4")
+    load = only_load(reporter)
+    assert load.mode == "plain" and "ValueError: embedded null byte" in load.reason, load
+    assert kernel.calls == ["load ext4.core.ko", "load ext4__init.ko", "delete ext4", "load ext4.ko"]
+    assert kernel.loaded == {"ext4": "ext4.ko"}
+    service.scheduler.shutdown()
+
+
+def test_core_that_cannot_be_deleted_is_never_loaded_over(tmp_path, monkeypatch) -> None:
+    kernel = Kernel(refuse={"ext4__init.ko": ValueError("boom")}, undeletable=True)
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel)
+    serve(service, "ext4")
+    load = only_load(reporter)
+    assert load.mode == "failed" and "core module could not be removed" in load.reason, load
+    assert "load ext4.ko" not in kernel.calls
+    service.scheduler.shutdown()
