@@ -274,3 +274,64 @@ def test_core_that_cannot_be_deleted_is_never_loaded_over(tmp_path, monkeypatch)
     assert load.mode == "failed" and "core module could not be removed" in load.reason, load
     assert "load ext4.ko" not in kernel.calls
     service.scheduler.shutdown()
+
+
+# ---------------------------------------------------------------- install commands
+
+
+def fake_modprobe(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "modprobe"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
+def run_with_deadline(function: Callable[[], ModuleLoad], seconds: float) -> ModuleLoad:
+    """function() on a thread; fail (instead of hanging the test run) if it is not done in time."""
+    import threading
+
+    result: list[ModuleLoad] = []
+    thread = threading.Thread(target=lambda: result.append(function()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"still running after {seconds} s"
+    return result[0]
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # dead, waiting to be reaped by whoever adopted it
+
+
+def test_hanging_install_command_is_killed_with_its_children(tmp_path, monkeypatch) -> None:
+    # The install command's child holds modprobe's stdout open, as a daemon it
+    # starts would: killing modprobe alone would leave the wait for output hanging.
+    script = fake_modprobe(tmp_path, f'sleep 20 &\necho $! > {tmp_path}/child.pid\nwait')
+    service, _ = make_service(tmp_path, monkeypatch, modprobe=str(script), modprobe_timeout=0.5)
+    started = time.monotonic()
+    load = run_with_deadline(lambda: service._load(Step("r8169", None, install_command="sleep")), 10.0)
+    assert time.monotonic() - started < 5.0
+    assert load.mode == "failed" and "did not finish within 0.5 s" in load.reason, load
+    assert load.errno == errno.ETIMEDOUT
+    child = int((tmp_path / "child.pid").read_text())
+    deadline = time.monotonic() + 5.0
+    while not process_gone(child):
+        assert time.monotonic() < deadline, f"the install command's child {child} survived"
+        time.sleep(0.05)
+    service.scheduler.shutdown()
+
+
+def test_install_command_results(tmp_path, monkeypatch) -> None:
+    ok = fake_modprobe(tmp_path, "exit 0")
+    service, _ = make_service(tmp_path, monkeypatch, modprobe=str(ok))
+    assert service._load(Step("r8169", install_command="true")).mode == "handed-to-modprobe"
+    service.settings.modprobe = str(fake_modprobe(tmp_path, 'echo "modprobe: FATAL: no" >&2; exit 1'))
+    load = service._load(Step("r8169", install_command="false"))
+    assert (load.mode, load.reason) == ("failed", "modprobe: FATAL: no")
+    service.settings.modprobe = str(tmp_path / "absent")
+    load = service._load(Step("r8169", install_command="x"))
+    assert load.mode == "failed" and "cannot run" in load.reason
+    service.scheduler.shutdown()

@@ -75,6 +75,13 @@ class Settings:
     # Why every load is plain ("initsplit=off", "kernel enforces module signatures"), or "".
     plain_only: str = ""
     modprobe: str = "/sbin/modprobe"
+    # Seconds a modprobe run for a module with an install command may take. The
+    # command is an arbitrary shell program; one that hangs would hold a worker
+    # (and settle, and the daemon's exit) for ever. On timeout modprobe and
+    # everything it started are killed and the module is reported failed.
+    # systemd-udevd gives its whole event, `kmod load` included, 180 s
+    # (--event-timeout); a boot that waits that long for one module is lost anyway.
+    modprobe_timeout: float = 30.0
     # While this file exists udev's module loading is switched off by initsplit's
     # 80-drivers.rules; None leaves udev alone (tests, busybox initramfs).
     active_flag: Path | None = None
@@ -88,6 +95,24 @@ class Settings:
 class _Stats:
     loads: list[ModuleLoad] = field(default_factory=list)
     batches: list[UnloadBatch] = field(default_factory=list)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the process group ``proc`` leads and reap ``proc``."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group is gone already
+    # With the whole group dead nobody holds the pipes open any more; the timeout
+    # only guards against a child that left the group (setsid) and kept them.
+    try:
+        proc.communicate(timeout=5.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 class Service:
@@ -145,9 +170,28 @@ class Service:
     def _modprobe(self, step: LoadStep) -> ModuleLoad:
         # modprobe.d "install" commands are shell programs; only modprobe runs them right.
         started = time.monotonic()
-        proc = subprocess.run([self.settings.modprobe, step.name], capture_output=True, text=True)
+        timeout = self.settings.modprobe_timeout
+        try:
+            # A session of its own, so that on timeout the whole process group goes:
+            # killing modprobe alone would leave the command's children holding the
+            # output pipes open, and the wait for them would hang as well.
+            proc = subprocess.Popen([self.settings.modprobe, step.name], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+        except OSError as exc:
+            return ModuleLoad(step.name, "failed", errno=exc.errno,
+                              reason=f"cannot run {self.settings.modprobe}: {exc.strerror}",
+                              seconds=time.monotonic() - started)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return ModuleLoad(step.name, "failed", errno=errno.ETIMEDOUT,
+                              reason=f"modprobe {step.name} (install command) did not finish within "
+                                     f"{timeout:g} s; killed it and its process group",
+                              seconds=time.monotonic() - started)
         if proc.returncode != 0:
-            return ModuleLoad(step.name, "failed", reason=proc.stderr.strip() or "modprobe failed",
+            return ModuleLoad(step.name, "failed", reason=stderr.strip() or "modprobe failed",
                               seconds=time.monotonic() - started)
         return ModuleLoad(step.name, "handed-to-modprobe", reason="install command",
                           seconds=time.monotonic() - started)
