@@ -335,3 +335,29 @@ def test_install_command_results(tmp_path, monkeypatch) -> None:
     load = service._load(Step("r8169", install_command="x"))
     assert load.mode == "failed" and "cannot run" in load.reason
     service.scheduler.shutdown()
+
+
+# ---------------------------------------------------------------- watchdog
+
+
+def test_drain_keeps_pinging_the_watchdog(tmp_path, monkeypatch) -> None:
+    """settle() (and the stop path) wait for every load in flight; with WatchdogSec=
+    set, systemd kills a daemon silent for that long (twice the notifier's interval)."""
+    interval = 0.25
+    notifier = Notifier(interval)
+    service, reporter = make_service(tmp_path, monkeypatch, notifier=notifier)
+
+    def slow_load(step: Step) -> ModuleLoad:
+        time.sleep(1.5)
+        return ModuleLoad(step.name, "plain")
+
+    service.scheduler._load = slow_load  # type: ignore[attr-defined]
+    started = time.monotonic()
+    serve(service, "slow")
+    ended = time.monotonic()
+    assert [load.module for load in reporter.loads] == ["slow"]
+    times = [started, *notifier.pings, ended]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert len(notifier.pings) >= 4, notifier.pings
+    assert max(gaps) < 2 * interval, gaps
+    service.scheduler.shutdown()

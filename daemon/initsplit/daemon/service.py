@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import resource
+import select
 import selectors
 import signal
 import subprocess
@@ -136,6 +137,9 @@ class Service:
         self.settle_requested = False
         self._seen_aliases: set[str] = set()
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Seconds between WATCHDOG=1 pings (None: no watchdog), and when the next is due.
+        self._watchdog = notifier.watchdog_interval()
+        self._next_watchdog = clock()
 
     # ------------------------------------------------------------ loading
     def _load(self, step: LoadStep) -> ModuleLoad:
@@ -312,12 +316,10 @@ class Service:
         for request in self.source.coldplug():
             self.handle_request(request)
         self.notifier.ready(self.status_text())
-        watchdog = self.notifier.watchdog_interval()
-        next_watchdog = self.clock()
         exit_reason = "stop requested"
         while not self.stop_requested:
             now = self.clock()
-            timeout = self._next_deadline(now, watchdog, next_watchdog)
+            timeout = self._next_deadline(now)
             for key, _ in selector.select(timeout):
                 if key.data == "source":
                     for request in self.source.read_ready():
@@ -333,10 +335,8 @@ class Service:
             if self.settle_requested and not self.stop_requested:
                 self.settle_requested = False
                 self.settle()
+            self._ping_watchdog()
             now = self.clock()
-            if watchdog and now >= next_watchdog:
-                self.notifier.watchdog()
-                next_watchdog = now + watchdog
             quiet = now - self.last_activity
             if len(self.pending_init) >= self.settings.batch_size:
                 self.unload_batch("batch-size")
@@ -390,21 +390,37 @@ class Service:
             self.reporter.log(6, f"recovered {len(recovery.pending_init)} init modules pending "
                                  "deletion")
 
-    def _next_deadline(self, now: float, watchdog: float | None, next_watchdog: float) -> float:
+    def _next_deadline(self, now: float) -> float:
         deadlines = [now + 3600.0]
         if self.pending_init:
             deadlines.append(self.last_activity + self.settings.quiet_period)
         if self.settings.exit_after_quiet > 0:
             deadlines.append(self.last_activity + self.settings.exit_after_quiet)
-        if watchdog:
-            deadlines.append(next_watchdog)
+        if self._watchdog:
+            deadlines.append(self._next_watchdog)
         return max(0.0, min(deadlines) - now)
 
-    def _drain(self) -> None:
-        """Wait for loads in flight so the final batch sees their init modules."""
-        while not self.scheduler.idle:
-            import select
+    def _ping_watchdog(self) -> None:
+        """Send WATCHDOG=1 if one is due. Every loop that waits calls this: with
+        WatchdogSec= set, systemd kills a daemon that is silent for that long, and
+        the interval is half of it (sd_watchdog_enabled(3))."""
+        if not self._watchdog:
+            return
+        now = self.clock()
+        if now >= self._next_watchdog:
+            self.notifier.watchdog()
+            self._next_watchdog = now + self._watchdog
 
-            select.select([self.scheduler.fileno()], [], [], 1.0)
+    def _drain(self) -> None:
+        """Wait for loads in flight (settle, stop: the final batch sees their init
+        modules), pinging the watchdog meanwhile: a slow load must not get the
+        daemon killed."""
+        while not self.scheduler.idle:
+            self._ping_watchdog()
+            wait = 1.0
+            if self._watchdog:
+                wait = min(wait, max(0.0, self._next_watchdog - self.clock()))
+            select.select([self.scheduler.fileno()], [], [], wait)
             for load in self.scheduler.collect():
                 self._finished(load)
+        self._ping_watchdog()
