@@ -83,10 +83,35 @@ def test_failure_cascades_to_dependents_and_later_requests() -> None:
     assert done["base"].mode == "failed"
     assert done["mid"].mode == "failed" and "dependency base" in done["mid"].reason
     assert done["top"].mode == "failed"
-    # A later request needing the failed module fails at once instead of hanging.
-    immediate = scheduler.submit([Step("base"), Step("other")])
-    assert [d.module for d in immediate] == ["other"]
+    # A later request tries the failed module again (it comes from a later event);
+    # what needs it waits for that attempt and fails with it, instead of hanging.
+    assert scheduler.submit([Step("base"), Step("other")]) == []
+    again = {d.module: d for d in run_until_idle(scheduler)}
+    assert again["base"].mode == "failed"
+    assert again["other"].mode == "failed" and "dependency base" in again["other"].reason
     assert scheduler.idle
+    scheduler.shutdown()
+
+
+def test_failed_module_is_retried_by_a_later_request_only() -> None:
+    attempts: list[str] = []
+
+    def load(step: Step) -> ModuleLoad:
+        attempts.append(step.name)
+        if attempts.count(step.name) == 1:  # the firmware appears after the first try
+            return ModuleLoad(step.name, "failed", reason="firmware not found")
+        return ModuleLoad(step.name, "plain")
+
+    scheduler = LoadScheduler(workers=1, load=load)
+    scheduler.submit([Step("iwlwifi")])
+    assert [d.mode for d in run_until_idle(scheduler)] == ["failed"]
+    time.sleep(0.2)
+    assert scheduler.idle and attempts == ["iwlwifi"]  # no retry on its own
+    scheduler.submit([Step("iwlwifi")])
+    scheduler.submit([Step("iwlwifi")])  # while the retry runs: not a third attempt
+    assert [d.mode for d in run_until_idle(scheduler)] == ["plain"]
+    scheduler.submit([Step("iwlwifi")])  # loaded: never again
+    assert scheduler.idle and attempts == ["iwlwifi", "iwlwifi"]
     scheduler.shutdown()
 
 

@@ -361,3 +361,60 @@ def test_drain_keeps_pinging_the_watchdog(tmp_path, monkeypatch) -> None:
     assert len(notifier.pings) >= 4, notifier.pings
     assert max(gaps) < 2 * interval, gaps
     service.scheduler.shutdown()
+
+
+# ---------------------------------------------------------------- aliases served
+
+
+def test_alias_whose_load_failed_is_retried_by_a_later_event(tmp_path, monkeypatch) -> None:
+    """udev runs `kmod load` for every event: firmware that appeared since, or a
+    transient error, must not keep the device without its driver for the boot."""
+    kernel = Kernel(refuse={"iwlwifi.ko": OSError(errno.ENOENT, os.strerror(errno.ENOENT))})
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel, plain_only="test")
+    serve(service, "iwlwifi")
+    assert [load.mode for load in reporter.loads] == ["failed"]
+    serve(service)  # nothing is retried without a new request
+    assert kernel.calls == ["load iwlwifi.ko"]
+    del kernel.refuse["iwlwifi.ko"]  # the firmware is there now
+    serve(service, "iwlwifi")
+    assert [load.mode for load in reporter.loads] == ["failed", "plain"]
+    serve(service, "iwlwifi")  # loaded: neither resolved nor loaded again
+    assert kernel.calls == ["load iwlwifi.ko", "load iwlwifi.ko"]
+    assert service.resolver.calls == ["iwlwifi", "iwlwifi"]
+    service.scheduler.shutdown()
+
+
+def test_alias_whose_resolution_failed_is_retried(tmp_path, monkeypatch) -> None:
+    service, reporter = make_service(tmp_path, monkeypatch, plain_only="test")
+    resolve = service.resolver.resolve
+    failures = [RuntimeError("modules.dep names a missing file")]
+
+    def flaky(alias: str) -> list[Step]:
+        if failures:
+            raise failures.pop()
+        return resolve(alias)
+
+    monkeypatch.setattr(service.resolver, "resolve", flaky)
+    serve(service, "e1000e")
+    assert reporter.loads == [] and "missing file" in reporter.messages[-1]
+    serve(service, "e1000e")
+    assert [(load.module, load.mode) for load in reporter.loads] == [("e1000e", "plain")]
+    service.scheduler.shutdown()
+
+
+def test_served_aliases_are_bounded(tmp_path, monkeypatch) -> None:
+    from initsplit.daemon import service as service_module
+
+    monkeypatch.setattr(service_module, "MAX_SERVED_ALIASES", 8)
+    service, reporter = make_service(tmp_path, monkeypatch, plain_only="test")
+    serve(service, "keep", *(f"usb:v{n:04X}" for n in range(20)))
+    assert len(service._served) == 8
+    serve(service, "keep")  # forgotten: resolved again (the module is not loaded again)
+    assert service.resolver.calls.count("keep") == 2
+    serve(service, *(f"usb:v{n:04X}" for n in range(100, 107)))
+    serve(service, "keep")  # the oldest now, but asked for again ...
+    serve(service, "usb:v0200")
+    serve(service, "keep")  # ... so not the one forgotten
+    assert service.resolver.calls.count("keep") == 2
+    assert sum(1 for load in reporter.loads if load.module == "keep") == 1
+    service.scheduler.shutdown()

@@ -39,7 +39,8 @@ class LoadScheduler:
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="load")
         self._results: queue.SimpleQueue[tuple[str, ModuleLoad]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # name -> "waiting" | "running" | "done" | "failed"
+        # name -> "waiting" | "running" | "done" | "failed". One entry per module name
+        # ever submitted, so it is bounded by the module tree the resolver reads.
         self.state: dict[str, str] = {}
         self._waiting: dict[str, _Waiting] = {}
         self._running = 0
@@ -52,13 +53,20 @@ class LoadScheduler:
         return self._running == 0 and not self._waiting
 
     def submit(self, steps: Sequence[Step]) -> list[ModuleLoad]:
-        """Queue the steps of one request (in modprobe order); each module runs at most once.
+        """Queue the steps of one request (in modprobe order).
+
+        A module queued, running or loaded is not loaded again. One whose load
+        failed is tried again: a later request comes from a later event (udev
+        runs `kmod load` again for each), and the cause may be gone by then
+        (firmware that appeared, a transient error). Nothing is retried
+        without a new request, so a module that keeps failing costs one attempt
+        per event, never a loop.
 
         Returns loads that failed at once because a dependency had already failed.
         """
         immediate: list[ModuleLoad] = []
         for index, step in enumerate(steps):
-            if step.name in self.state:
+            if self.state.get(step.name) in ("waiting", "running", "done"):
                 continue
             # A step that names its requirements waits for exactly those (and for its
             # "after" names, whose failure it ignores, as modprobe ignores a failed

@@ -11,6 +11,7 @@ import selectors
 import signal
 import subprocess
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,11 @@ from .scheduler import LoadScheduler
 from .splits import NotSplit, SplitProvider
 
 log = logging.getLogger(__name__)
+
+# How many served aliases handle_request() remembers (least recently requested
+# forgotten first). Remembering is only an optimisation: a forgotten alias is
+# resolved again, and the scheduler still loads each module once.
+MAX_SERVED_ALIASES = 4096
 
 
 class LoadStep(Protocol):
@@ -135,7 +141,8 @@ class Service:
         self.last_activity = clock()
         self.stop_requested = False
         self.settle_requested = False
-        self._seen_aliases: set[str] = set()
+        # alias -> the modules it resolved to, for aliases served already.
+        self._served: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Seconds between WATCHDOG=1 pings (None: no watchdog), and when the next is due.
         self._watchdog = notifier.watchdog_interval()
@@ -201,19 +208,43 @@ class Service:
                           seconds=time.monotonic() - started)
 
     def handle_request(self, request: Request) -> None:
+        """Resolve and queue each alias, unless it has been served and nothing failed.
+
+        udev runs `kmod load` for every event; an alias whose resolution or load
+        failed is therefore tried again by a later request (the scheduler retries
+        the failed module), while one whose modules are queued or loaded costs
+        no lookup. Retries happen only here, once per request, never on a timer.
+        """
         self.last_activity = self.clock()
         for alias in request.aliases:
-            if alias in self._seen_aliases:
+            if self._served_already(alias):
                 continue
-            self._seen_aliases.add(alias)
             try:
                 steps = self.resolver.resolve(alias)
             except Exception as exc:  # a bad alias or index must not stop the daemon
+                # Not remembered: a later event tries again (after a depmod, say).
                 self.reporter.log(4, f"cannot resolve {alias!r}: {exc}", INITSPLIT_ALIAS=alias)
                 continue
             steps = [s for s in steps if not s.builtin]
+            self._remember(alias, tuple(s.name for s in steps))
             for load in self.scheduler.submit(steps):
                 self._finished(load)
+
+    def _served_already(self, alias: str) -> bool:
+        modules = self._served.get(alias)
+        if modules is None:
+            return False
+        if any(self.scheduler.state.get(name, "failed") == "failed" for name in modules):
+            del self._served[alias]
+            return False
+        self._served.move_to_end(alias)
+        return True
+
+    def _remember(self, alias: str, modules: tuple[str, ...]) -> None:
+        self._served[alias] = modules
+        self._served.move_to_end(alias)
+        while len(self._served) > MAX_SERVED_ALIASES:
+            self._served.popitem(last=False)
 
     def _finished(self, load: ModuleLoad) -> None:
         self.stats.loads.append(load)
