@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from initsplit.kmod import Resolver, parse_kernel_cmdline
+from initsplit.kmod.resolver import LoadStep
 from tests.testbed.kernel import DebianKernel, debian_kernel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -286,6 +287,19 @@ def first_occurrences(lines: list[str]) -> list[str]:
     return out
 
 
+def unsatisfiable_requirements(steps: list[LoadStep]) -> list[str]:
+    """Requirements that name no earlier step the daemon loads: a scheduler given these
+    steps would wait for them forever."""
+    loaded: set[str] = set()
+    bad = []
+    for step in steps:
+        bad += [f"{step.name} requires {name}" for name in step.requires if name not in loaded]
+        bad += [f"{step.name} comes after {name}" for name in step.after if name not in loaded]
+        if not step.builtin:
+            loaded.add(step.name)
+    return bad
+
+
 def compare(resolver: Resolver, expected: dict[str, list[str]]) -> tuple[int, list[str]]:
     """(keys the resolver found modules for, mismatch descriptions)."""
     mismatches = []
@@ -293,10 +307,13 @@ def compare(resolver: Resolver, expected: dict[str, list[str]]) -> tuple[int, li
     for key, lines in expected.items():
         want = first_occurrences(lines)
         repeated += len(want) != len(lines)
-        got = [step.show_depends_line() for step in resolver.resolve(key)]
+        steps = resolver.resolve(key)
+        got = [step.show_depends_line() for step in steps]
         nonempty += bool(got)
         if got != want:
             mismatches.append(f"{key!r}:\n  modprobe: {want}\n  resolver: {got}")
+        if bad := unsatisfiable_requirements(steps):
+            mismatches.append(f"{key!r}: {bad}")
     print(f"\n({repeated} of modprobe's answers named a module twice)", file=sys.stderr)
     return nonempty, mismatches
 
@@ -402,6 +419,48 @@ def test_running_kernel_semantics_match_modprobe_dry_run(
     flat = [line for lines in expected.values() for line in lines]
     assert not any(line.startswith("builtin ") for line in flat)
     assert expected.get("fs-debugfs", []) == []
+
+
+GHOST_CONF = """\
+# modprobe.d aliases naming modules that have no file (in no modules.dep line),
+# used as softdeps of a real module with dependencies
+alias initsplit-ghost initsplit_ghost
+alias initsplit-ghost-post initsplit_ghost_post
+softdep virtio_blk pre: initsplit-ghost post: initsplit-ghost-post
+"""
+
+
+def test_module_without_a_file_is_no_requirement(kernel: DebianKernel, tmp_path: Path) -> None:
+    """modprobe prints nothing for a module without a file (inserting it would fail
+    with ENOENT, ignored for a softdep); no step may require it, or the daemon's
+    scheduler would wait for a load that is never submitted."""
+    conf = tmp_path / "modprobe.d"
+    conf.mkdir()
+    (conf / "ghost.conf").write_text(GHOST_CONF)
+    keys = ["virtio_blk", "initsplit-ghost"]
+    expected = modprobe_lines(kernel, [conf], keys)
+    with Resolver(root=kernel.root, kver=kernel.kver, config_paths=[conf]) as resolver:
+        nonempty, mismatches = compare(resolver, expected)
+        steps = resolver.resolve("virtio_blk")
+    assert not mismatches
+    assert briefly(expected["virtio_blk"]) == ["virtio_ring", "virtio", "virtio_blk"]
+    assert expected["initsplit-ghost"] == []
+    assert [(s.name, s.requires) for s in steps] == [
+        ("virtio_ring", ()), ("virtio", ("virtio_ring",)), ("virtio_blk", ("virtio_ring", "virtio"))]
+
+
+def test_softdeps_order_the_load_but_are_not_required(kernel: DebianKernel) -> None:
+    """libkmod stops a probe at a required module that fails (the match and its
+    modules.dep dependencies) and goes on past a softdep that fails: ext4 needs jbd2,
+    mbcache and crc16, but only loads after jbd2's softdep crc32c (crc32c_intel
+    refuses a CPU without SSE4.2)."""
+    with Resolver(root=kernel.root, kver=kernel.kver, config_paths=[]) as resolver:
+        steps = {s.name: s for s in resolver.resolve("fs-ext4")}
+    assert list(steps) == ["crc32c_intel", "crc32c_generic", "jbd2", "mbcache", "crc16", "ext4"]
+    assert (steps["ext4"].requires, steps["ext4"].after) == (
+        ("jbd2", "mbcache", "crc16"), ("crc32c_intel", "crc32c_generic"))
+    assert (steps["jbd2"].requires, steps["jbd2"].after) == ((), ("crc32c_intel", "crc32c_generic"))
+    assert (steps["crc32c_generic"].requires, steps["crc32c_generic"].after) == ((), ("crc32c_intel",))
 
 
 # -- the kernel command line parser against libkmod's -----------------------------------

@@ -37,6 +37,7 @@ from initsplit.daemon.udev_source import (
     Source,
     UDEV_CONTROL,
     ModuleRequest,
+    RootDevice,
     UdevSource,
     parse_uevent,
     requests_for_device,
@@ -370,15 +371,87 @@ def test_valid_aliases() -> None:
     assert not valid_alias(b"pci:v1")
 
 
-def test_block_device_with_a_file_system_requests_its_driver() -> None:
+# A udev "add" event of a virtio disk partition holding ext4, as udev 252 sends it
+# after its blkid builtin and 60-persistent-storage.rules have run.
+ROOT_PARTITION = {
+    "DEVPATH": "/devices/pci0000:00/0000:00:02.0/virtio1/block/vda/vda2", "SUBSYSTEM": "block",
+    "DEVTYPE": "partition", "DEVNAME": "/dev/vda2", "MAJOR": "254", "MINOR": "2",
+    "DEVLINKS": "/dev/disk/by-path/pci-0000:00:02.0-part2 /dev/disk/by-label/Debian\\x20root "
+                "/dev/disk/by-uuid/5c8f9a3e-1b2d-4c5e-9f10-3a4b5c6d7e8f "
+                "/dev/disk/by-partuuid/6e2b1a4c-02",
+    "ID_FS_TYPE": "ext4", "ID_FS_USAGE": "filesystem",
+    "ID_FS_UUID": "5c8f9a3e-1b2d-4c5e-9f10-3a4b5c6d7e8f", "ID_FS_UUID_ENC": "5c8f9a3e-1b2d-4c5e-9f10-3a4b5c6d7e8f",
+    "ID_FS_LABEL": "Debian_root", "ID_FS_LABEL_ENC": "Debian\\x20root",
+    "ID_PART_ENTRY_UUID": "6e2b1a4c-02", "ID_PART_ENTRY_NAME": "root\\x20part",
+}
+
+
+@pytest.mark.parametrize("root", [
+    "/dev/vda2", "UUID=5c8f9a3e-1b2d-4c5e-9f10-3a4b5c6d7e8f", "UUID=5C8F9A3E-1B2D-4C5E-9F10-3A4B5C6D7E8F",
+    "PARTUUID=6E2B1A4C-02", "LABEL=Debian root", "LABEL=Debian_root", "PARTLABEL=root part",
+    "/dev/disk/by-uuid/5c8f9a3e-1b2d-4c5e-9f10-3a4b5c6d7e8f", "/dev/disk/by-path/pci-0000:00:02.0-part2",
+    "254:2", "fe02", "block:/dev/vda2",
+])
+def test_root_device_requests_its_file_system_driver(root: str) -> None:
     # udev's blkid builtin sets ID_FS_*; mount(2) would have the kernel load "fs-ext4".
-    props = {"DEVPATH": "/devices/pci0000:00/0000:00:02.0/virtio1/block/vda", "SUBSYSTEM": "block",
-             "ID_FS_TYPE": "ext4", "ID_FS_USAGE": "filesystem"}
-    assert requests_for_device(props, no_attributes) == ["fs-ext4"]
+    device = RootDevice.from_cmdline(f'BOOT_IMAGE=/vmlinuz root="{root}" ro quiet')
+    assert device is not None and device.matches(ROOT_PARTITION), device
+    assert requests_for_device(ROOT_PARTITION, no_attributes, root=device) == ["fs-ext4"]
+
+
+@pytest.mark.parametrize("root", [
+    "/dev/vda", "/dev/vda1", "UUID=5c8f9a3e", "PARTUUID=6e2b1a4c-01", "LABEL=debian_root", "PARTLABEL=root",
+    "254:1", "/dev/disk/by-uuid/0000",
+])
+def test_other_roots_do_not_match(root: str) -> None:
+    device = RootDevice.parse(root)
+    assert device is not None and not device.matches(ROOT_PARTITION)
+    assert requests_for_device(ROOT_PARTITION, no_attributes, root=device) == []
+
+
+def test_no_file_system_driver_for_other_block_devices() -> None:
+    """udev never loads a file system driver because a device carries that file
+    system (the kernel asks for fs-TYPE when something mounts it): a USB stick with
+    an exotic file system must not get its driver loaded at boot."""
+    stick = {"DEVPATH": "/devices/pci0000:00/0000:00:14.0/usb1/1-1/1-1:1.0/host6/target6:0:0/6:0:0:0/block/sdb/sdb1",
+             "SUBSYSTEM": "block", "DEVNAME": "/dev/sdb1", "ID_FS_TYPE": "exfat", "ID_FS_USAGE": "filesystem",
+             "ID_FS_UUID": "1234-ABCD", "DEVLINKS": "/dev/disk/by-uuid/1234-ABCD"}
+    assert requests_for_device(stick, no_attributes) == []
+    assert requests_for_device(stick, no_attributes, root=RootDevice.parse("/dev/vda2")) == []
+    # Without root= (or with one naming no block device) nothing asks for a file system.
+    assert requests_for_device(ROOT_PARTITION, no_attributes) == []
+
+
+def test_root_device_file_system_rules() -> None:
+    root = RootDevice.parse("/dev/vda2")
     for usage, fstype in (("other", "swap"), ("crypto", "crypto_LUKS"), ("raid", "linux_raid_member")):
-        assert requests_for_device({**props, "ID_FS_USAGE": usage, "ID_FS_TYPE": fstype}, no_attributes) == []
-    assert requests_for_device({**props, "SUBSYSTEM": "scsi"}, no_attributes) == []
-    assert requests_for_device({**props, "ACTION": "change"}, no_attributes) == []
+        props = {**ROOT_PARTITION, "ID_FS_USAGE": usage, "ID_FS_TYPE": fstype}
+        assert requests_for_device(props, no_attributes, root=root) == []
+    assert requests_for_device({**ROOT_PARTITION, "SUBSYSTEM": "scsi"}, no_attributes, root=root) == []
+    assert requests_for_device({**ROOT_PARTITION, "ACTION": "change"}, no_attributes, root=root) == []
+
+
+def test_root_from_the_kernel_command_line() -> None:
+    parse = RootDevice.from_cmdline
+    assert parse("root=/dev/sda1 ro root=/dev/vda2") == RootDevice("node", "/dev/vda2")  # the last counts
+    assert parse("root=/dev/vda2 -- root=/dev/sda1") == RootDevice("node", "/dev/vda2")  # init's, not ours
+    assert parse('root="LABEL=my root" ro') == RootDevice("LABEL", "my root")
+    assert parse("root=801") == RootDevice("devnum", "8:1")  # hexadecimal, as name_to_dev_t reads it
+    for cmdline in ("quiet", "root=nfs", "root=/dev/nfs nfsroot=10.0.0.1:/srv", "root=live:CDLABEL=x",
+                    "root=PARTUUID=6e2b1a4c-02/PARTNROFF=1", "root=UUID=", "root=fstab"):
+        device = parse(cmdline)
+        assert device is None or not device.matches(ROOT_PARTITION), cmdline
+
+
+def test_udev_source_takes_root_from_the_command_line(tmp_path: Path) -> None:
+    event = {**ROOT_PARTITION, "ACTION": "add"}
+    src = UdevSource(source="kernel", sys_root=tmp_path, kernel_cmdline="root=UUID=5c8f9a3e-1b2d-4c5e-9f10-3a4b5c6d7e8f")
+    request = src._request(dict(event), "udev")
+    assert request is not None and request.aliases == ("fs-ext4",)
+    other = UdevSource(source="kernel", sys_root=tmp_path, kernel_cmdline="root=/dev/sda1")
+    assert other._request(dict(event), "udev") is None
+    # By default the command line is this machine's.
+    assert UdevSource(source="kernel").root == RootDevice.from_cmdline(Path("/proc/cmdline").read_text())
 
 
 def test_random_properties_never_raise() -> None:

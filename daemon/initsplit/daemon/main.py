@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from .udev_source import UdevSource
 
     try:
-        with Resolver(kernel_cmdline=cmdline) as resolver, UdevSource(source=args.source) as source:
+        with Resolver(kernel_cmdline=cmdline) as resolver, UdevSource(source=args.source, kernel_cmdline=cmdline) as source:
             source.start()
             reporter.log(6, f"initsplitd starting: kernel {kver}, events from {source.source}, "
                             f"{settings.workers} workers")

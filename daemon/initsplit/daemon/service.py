@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import select
 import selectors
 import signal
 import subprocess
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,11 @@ from .scheduler import LoadScheduler
 from .splits import NotSplit, SplitProvider
 
 log = logging.getLogger(__name__)
+
+# How many served aliases handle_request() remembers (least recently requested
+# forgotten first). Remembering is only an optimisation: a forgotten alias is
+# resolved again, and the scheduler still loads each module once.
+MAX_SERVED_ALIASES = 4096
 
 
 class LoadStep(Protocol):
@@ -73,6 +80,13 @@ class Settings:
     # Why every load is plain ("initsplit=off", "kernel enforces module signatures"), or "".
     plain_only: str = ""
     modprobe: str = "/sbin/modprobe"
+    # Seconds a modprobe run for a module with an install command may take. The
+    # command is an arbitrary shell program; one that hangs would hold a worker
+    # (and settle, and the daemon's exit) for ever. On timeout modprobe and
+    # everything it started are killed and the module is reported failed.
+    # systemd-udevd gives its whole event, `kmod load` included, 180 s
+    # (--event-timeout); a boot that waits that long for one module is lost anyway.
+    modprobe_timeout: float = 30.0
     # While this file exists udev's module loading is switched off by initsplit's
     # 80-drivers.rules; None leaves udev alone (tests, busybox initramfs).
     active_flag: Path | None = None
@@ -86,6 +100,24 @@ class Settings:
 class _Stats:
     loads: list[ModuleLoad] = field(default_factory=list)
     batches: list[UnloadBatch] = field(default_factory=list)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the process group ``proc`` leads and reap ``proc``."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group is gone already
+    # With the whole group dead nobody holds the pipes open any more; the timeout
+    # only guards against a child that left the group (setsid) and kept them.
+    try:
+        proc.communicate(timeout=5.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 class Service:
@@ -107,8 +139,12 @@ class Service:
         self.last_activity = clock()
         self.stop_requested = False
         self.settle_requested = False
-        self._seen_aliases: set[str] = set()
+        # alias -> the modules it resolved to, for aliases served already.
+        self._served: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Seconds between WATCHDOG=1 pings (None: no watchdog), and when the next is due.
+        self._watchdog = notifier.watchdog_interval()
+        self._next_watchdog = clock()
 
     # ------------------------------------------------------------ loading
     def _load(self, step: LoadStep) -> ModuleLoad:
@@ -123,36 +159,92 @@ class Service:
                               reason=self.settings.plain_only)
         if step.name in self.settings.exclude:
             return load_plain(step.name, step.path, params=step.options, reason="excluded by configuration")
-        split = self.provider.get(step.path)
+        try:
+            return self._load_split(step.name, step.path, step.options)
+        except Exception as exc:
+            # The two-stage path's one catch-all. load_two_stage() lets an error out
+            # only while the kernel holds nothing of the module (it deletes C itself
+            # otherwise), so the original can go in plain: a disk driver that is not
+            # loaded at all means no boot, and a crash marker that cannot be written
+            # (ENOSPC on /run) means a two-stage load would not be crash-safe.
+            reason = f"two-stage load not possible: {type(exc).__name__}: {exc}"
+            log.warning("%s: %s; loading it plain", step.name, reason)
+            return load_plain(step.name, step.path, params=step.options, reason=reason)
+
+    def _load_split(self, name: str, path: Path, options: str) -> ModuleLoad:
+        split = self.provider.get(path)
         if isinstance(split, NotSplit):
-            return load_plain(step.name, step.path, params=step.options, reason=split.reason)
-        return load_two_stage(split, original=step.path, params=step.options, markers=self.markers)
+            return load_plain(name, path, params=options, reason=split.reason)
+        return load_two_stage(split, original=path, params=options, markers=self.markers)
 
     def _modprobe(self, step: LoadStep) -> ModuleLoad:
         # modprobe.d "install" commands are shell programs; only modprobe runs them right.
         started = time.monotonic()
-        proc = subprocess.run([self.settings.modprobe, step.name], capture_output=True, text=True)
+        timeout = self.settings.modprobe_timeout
+        try:
+            # A session of its own, so that on timeout the whole process group goes:
+            # killing modprobe alone would leave the command's children holding the
+            # output pipes open, and the wait for them would hang as well.
+            proc = subprocess.Popen([self.settings.modprobe, step.name], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+        except OSError as exc:
+            return ModuleLoad(step.name, "failed", errno=exc.errno,
+                              reason=f"cannot run {self.settings.modprobe}: {exc.strerror}",
+                              seconds=time.monotonic() - started)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return ModuleLoad(step.name, "failed", errno=errno.ETIMEDOUT,
+                              reason=f"modprobe {step.name} (install command) did not finish within "
+                                     f"{timeout:g} s; killed it and its process group",
+                              seconds=time.monotonic() - started)
         if proc.returncode != 0:
-            return ModuleLoad(step.name, "failed", reason=proc.stderr.strip() or "modprobe failed",
+            return ModuleLoad(step.name, "failed", reason=stderr.strip() or "modprobe failed",
                               seconds=time.monotonic() - started)
         return ModuleLoad(step.name, "handed-to-modprobe", reason="install command",
                           seconds=time.monotonic() - started)
 
     def handle_request(self, request: Request) -> None:
+        """Resolve and queue each alias, unless it has been served and nothing failed.
+
+        udev runs `kmod load` for every event; an alias whose resolution or load
+        failed is therefore tried again by a later request (the scheduler retries
+        the failed module), while one whose modules are queued or loaded costs
+        no lookup. Retries happen only here, once per request, never on a timer.
+        """
         faults.hit("request", request.aliases[0] if request.aliases else "")
         self.last_activity = self.clock()
         for alias in request.aliases:
-            if alias in self._seen_aliases:
+            if self._served_already(alias):
                 continue
-            self._seen_aliases.add(alias)
             try:
                 steps = self.resolver.resolve(alias)
             except Exception as exc:  # a bad alias or index must not stop the daemon
+                # Not remembered: a later event tries again (after a depmod, say).
                 self.reporter.log(4, f"cannot resolve {alias!r}: {exc}", INITSPLIT_ALIAS=alias)
                 continue
             steps = [s for s in steps if not s.builtin]
+            self._remember(alias, tuple(s.name for s in steps))
             for load in self.scheduler.submit(steps):
                 self._finished(load)
+
+    def _served_already(self, alias: str) -> bool:
+        modules = self._served.get(alias)
+        if modules is None:
+            return False
+        if any(self.scheduler.state.get(name, "failed") == "failed" for name in modules):
+            del self._served[alias]
+            return False
+        self._served.move_to_end(alias)
+        return True
+
+    def _remember(self, alias: str, modules: tuple[str, ...]) -> None:
+        self._served[alias] = modules
+        self._served.move_to_end(alias)
+        while len(self._served) > MAX_SERVED_ALIASES:
+            self._served.popitem(last=False)
 
     def _finished(self, load: ModuleLoad) -> None:
         self.stats.loads.append(load)
@@ -250,12 +342,10 @@ class Service:
             self.handle_request(request)
         faults.hit("before-ready")
         self.notifier.ready(self.status_text())
-        watchdog = self.notifier.watchdog_interval()
-        next_watchdog = self.clock()
         exit_reason = "stop requested"
         while not self.stop_requested:
             now = self.clock()
-            timeout = self._next_deadline(now, watchdog, next_watchdog)
+            timeout = self._next_deadline(now)
             for key, _ in selector.select(timeout):
                 if key.data == "source":
                     for request in self.source.read_ready():
@@ -271,10 +361,8 @@ class Service:
             if self.settle_requested and not self.stop_requested:
                 self.settle_requested = False
                 self.settle()
+            self._ping_watchdog()
             now = self.clock()
-            if watchdog and now >= next_watchdog:
-                self.notifier.watchdog()
-                next_watchdog = now + watchdog
             quiet = now - self.last_activity
             if len(self.pending_init) >= self.settings.batch_size:
                 self.unload_batch("batch-size")
@@ -335,21 +423,37 @@ class Service:
             self.reporter.log(6, f"recovered {len(recovery.pending_init)} init modules pending "
                                  "deletion")
 
-    def _next_deadline(self, now: float, watchdog: float | None, next_watchdog: float) -> float:
+    def _next_deadline(self, now: float) -> float:
         deadlines = [now + 3600.0]
         if self.pending_init:
             deadlines.append(self.last_activity + self.settings.quiet_period)
         if self.settings.exit_after_quiet > 0:
             deadlines.append(self.last_activity + self.settings.exit_after_quiet)
-        if watchdog:
-            deadlines.append(next_watchdog)
+        if self._watchdog:
+            deadlines.append(self._next_watchdog)
         return max(0.0, min(deadlines) - now)
 
-    def _drain(self) -> None:
-        """Wait for loads in flight so the final batch sees their init modules."""
-        while not self.scheduler.idle:
-            import select
+    def _ping_watchdog(self) -> None:
+        """Send WATCHDOG=1 if one is due. Every loop that waits calls this: with
+        WatchdogSec= set, systemd kills a daemon that is silent for that long, and
+        the interval is half of it (sd_watchdog_enabled(3))."""
+        if not self._watchdog:
+            return
+        now = self.clock()
+        if now >= self._next_watchdog:
+            self.notifier.watchdog()
+            self._next_watchdog = now + self._watchdog
 
-            select.select([self.scheduler.fileno()], [], [], 1.0)
+    def _drain(self) -> None:
+        """Wait for loads in flight (settle, stop: the final batch sees their init
+        modules), pinging the watchdog meanwhile: a slow load must not get the
+        daemon killed."""
+        while not self.scheduler.idle:
+            self._ping_watchdog()
+            wait = 1.0
+            if self._watchdog:
+                wait = min(wait, max(0.0, self._next_watchdog - self.clock()))
+            select.select([self.scheduler.fileno()], [], [], wait)
             for load in self.scheduler.collect():
                 self._finished(load)
+        self._ping_watchdog()

@@ -33,6 +33,7 @@ import fnmatch
 import itertools
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Literal
 
 import pyudev
+
+from .config import split_kernel_command_line
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +89,17 @@ MIRRORED_RULES: tuple[str, ...] = (
     'SUBSYSTEM=="scsi", ENV{DEVTYPE}=="scsi_device", TEST!="[module/sg]", RUN{builtin}+="kmod load sg"',
 )
 
+# What RootDevice.matches() compares root= with: the device node and its udev
+# symlinks, MAJOR/MINOR, and what udev's blkid builtin found (file system UUID and
+# label, GPT partition UUID and name; *_ENC and ID_PART_ENTRY_NAME are \xNN-encoded).
+ROOT_DEVICE_PROPERTIES = ("DEVNAME", "DEVLINKS", "MAJOR", "MINOR", "ID_FS_UUID", "ID_FS_UUID_ENC",
+                          "ID_FS_LABEL", "ID_FS_LABEL_ENC", "ID_PART_ENTRY_UUID", "ID_PART_ENTRY_NAME")
+
 # The properties the rules above look at, plus what every request records.
 # Stands for a property value that is not valid UTF-8; never a valid alias.
 UNDECODABLE = "\ufffd(undecodable)"
 RELEVANT_PROPERTIES = ("ACTION", "DEVPATH", "SUBSYSTEM", "MODALIAS", "TIFM_CARD_TYPE", "DEVTYPE", "MTD_FTL",
-                       "ID_FS_TYPE", "ID_FS_USAGE")
+                       "ID_FS_TYPE", "ID_FS_USAGE", *ROOT_DEVICE_PROPERTIES)
 
 
 @dataclass(frozen=True)
@@ -129,9 +138,92 @@ def _kernel_name(devpath: str | None) -> str:
     return devpath.rstrip("/").rsplit("/", 1)[-1] if devpath else ""
 
 
+RootKind = Literal["node", "UUID", "PARTUUID", "LABEL", "PARTLABEL", "devnum"]
+
+
+@dataclass(frozen=True)
+class RootDevice:
+    """The block device that ``root=`` on the kernel command line names.
+
+    Forms: what the kernel's own name_to_dev_t() takes (init/do_mounts.c, 6.1:
+    ``/dev/NAME``, ``PARTUUID=``, ``PARTLABEL=``, ``MAJOR:MINOR`` and a hexadecimal
+    device number) and what the initramfs adds (systemd-fstab-generator and
+    dracut: ``UUID=``, ``LABEL=``, any ``/dev/disk/by-*/...`` or other udev
+    symlink). The last ``root=`` counts, as with both; parameters after ``--``
+    are init's. Anything else (``nfs``, ``live:...``, ``PARTUUID=.../PARTNROFF=``)
+    names no device here: :meth:`from_cmdline` returns None.
+    """
+
+    kind: RootKind
+    value: str
+
+    @classmethod
+    def from_cmdline(cls, cmdline: str) -> RootDevice | None:
+        root: str | None = None
+        for word in split_kernel_command_line(cmdline):
+            if word == "--":
+                break
+            if word.startswith("root="):
+                root = word[len("root="):]
+        return None if root is None else cls.parse(root)
+
+    @classmethod
+    def parse(cls, root: str) -> RootDevice | None:
+        """One root= value; None if it names no block device this can recognise."""
+        root = root.removeprefix("block:")  # dracut's explicit form, root=block:/dev/...
+        prefixes: tuple[RootKind, ...] = ("UUID", "PARTUUID", "LABEL", "PARTLABEL")
+        for kind in prefixes:
+            if root.startswith(kind + "="):
+                value = root[len(kind) + 1:]
+                if not value or (kind == "PARTUUID" and "/" in value):
+                    return None
+                # The kernel compares PARTUUID case-insensitively (match_dev_by_uuid:
+                # strncasecmp); UUIDs are hex as well, so UUID= is read the same way.
+                return cls(kind, value.lower() if kind.endswith("UUID") else value)
+        if root.startswith("/dev/") and len(root) > len("/dev/"):
+            return cls("node", root)
+        major_minor = re.fullmatch(r"(\d+):(\d+)", root)
+        if major_minor:
+            return cls("devnum", f"{int(major_minor[1])}:{int(major_minor[2])}")
+        if re.fullmatch(r"[0-9a-fA-F]+", root):
+            # new_decode_dev(): the old 16-bit and the new 32-bit encodings in one.
+            dev = int(root, 16)
+            major, minor = (dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
+            return cls("devnum", f"{major}:{minor}")
+        return None
+
+    def matches(self, properties: Mapping[str, str]) -> bool:
+        """Is the device of this udev event (its properties) the one root= names?"""
+        get = properties.get
+        if self.kind == "node":
+            devname = get("DEVNAME") or ""
+            if devname and not devname.startswith("/"):
+                devname = "/dev/" + devname  # raw kernel uevents carry the bare name
+            return self.value == devname or self.value in (get("DEVLINKS") or "").split()
+        if self.kind == "devnum":
+            return self.value == f"{get('MAJOR')}:{get('MINOR')}"
+        if self.kind == "UUID":
+            candidates = [get("ID_FS_UUID"), _udev_decode(get("ID_FS_UUID_ENC"))]
+            return self.value in [c.lower() for c in candidates if c]
+        if self.kind == "PARTUUID":
+            return self.value == (get("ID_PART_ENTRY_UUID") or "").lower()
+        if self.kind == "LABEL":
+            return self.value in (get("ID_FS_LABEL"), _udev_decode(get("ID_FS_LABEL_ENC")))
+        return self.value == _udev_decode(get("ID_PART_ENTRY_NAME"))
+
+
+def _udev_decode(value: str | None) -> str | None:
+    """Undo udev's \\xNN encoding (blkid_encode_string, as in ID_FS_LABEL_ENC)."""
+    if value is None:
+        return None
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m[1], 16)), value)
+
+
 def requests_for_device(
     properties: Mapping[str, str],
     attributes: Callable[[str], str | None],
+    *,
+    root: RootDevice | None = None,
 ) -> list[str]:
     """The `kmod load` arguments 80-drivers.rules (and Debian's sg rule) produce for
     one device event, validated, duplicates removed, in rule order.
@@ -149,12 +241,18 @@ def requests_for_device(
       device, and the daemon skips modules already loaded.
     * MTD_FTL is set by udev's mtd_probe; raw kernel events never carry it, so
       sm_ftl is only requested with the udev source.
-    * Not a udev rule: a block device that holds a file system (udev's blkid
-      builtin set ID_FS_USAGE=filesystem and ID_FS_TYPE) also requests
-      "fs-TYPE", the alias mount(2) has the kernel load through modprobe. The
-      driver is then loaded here, two-stage, before anything mounts the device;
-      otherwise the root file system's driver would always come from the kernel's
-      own modprobe call. udev source only (raw kernel events carry no ID_FS_*).
+    * Not a udev rule: the block device that `root` (root= on the kernel
+      command line) names, if it holds a file system (udev's blkid builtin set
+      ID_FS_USAGE=filesystem and ID_FS_TYPE), also requests "fs-TYPE", the alias
+      mount(2) has the kernel load through modprobe. The root file system's
+      driver is then loaded here, two-stage, before the initramfs mounts it;
+      otherwise it would always come from the kernel's own modprobe call. udev
+      itself never loads a file system driver because a device carries that file
+      system, so no other device requests one: a USB stick with an exotic file
+      system does not get its driver preloaded, and the file systems of
+      /etc/fstab get theirs at mount time from the kernel, as without initsplit.
+      On the real root the same rule applies (its driver is in by then). udev
+      source only (raw kernel events carry no ID_FS_*).
 
     Invalid aliases (see valid_alias) are logged and left out; never raises for
     any string values.
@@ -195,7 +293,8 @@ def requests_for_device(
         wanted.append("sg")
     if fnmatch.fnmatchcase(kernel, "mtd*ro") and properties.get("MTD_FTL") == "smartmedia":
         wanted.append("sm_ftl")
-    if subsystem == "block" and properties.get("ID_FS_USAGE") == "filesystem" and properties.get("ID_FS_TYPE"):
+    if (subsystem == "block" and properties.get("ID_FS_USAGE") == "filesystem" and properties.get("ID_FS_TYPE")
+            and root is not None and root.matches(properties)):
         wanted.append(f"fs-{properties['ID_FS_TYPE']}")
 
     out: list[str] = []
@@ -267,11 +366,17 @@ class UdevSource:
     as udev would run `kmod load` again. A "remove" forgets the device.
     """
 
-    def __init__(self, *, source: Source = "auto", sys_root: Path = Path("/sys")) -> None:
+    def __init__(self, *, source: Source = "auto", sys_root: Path = Path("/sys"),
+                 kernel_cmdline: str | None = None) -> None:
         if source not in ("auto", "udev", "kernel"):
             raise ValueError(f"source must be 'auto', 'udev' or 'kernel', not {source!r}")
         self.requested_source: Source = source
         self.sys_root = Path(sys_root)
+        # Whose file system driver is requested (see requests_for_device); from
+        # /proc/cmdline unless a command line is given.
+        if kernel_cmdline is None:
+            kernel_cmdline = _read_text(Path("/proc/cmdline"), MAX_UEVENT_FILE) or ""
+        self.root = RootDevice.from_cmdline(kernel_cmdline)
         self._context: pyudev.Context | None = None
         self._monitor: pyudev.Monitor | None = None
         self._source: Literal["udev", "kernel"] | None = None
@@ -542,7 +647,7 @@ class UdevSource:
             return None
         if action != "add":
             return None
-        aliases = requests_for_device(props, self._attribute_reader(devpath))
+        aliases = requests_for_device(props, self._attribute_reader(devpath), root=self.root)
         if not aliases:
             return None
         if len(self._seen) > MAX_SEEN:

@@ -36,10 +36,21 @@ class Section:
     flags: int
     addralign: int
     entsize: int
-    data: bytes
+    # The section's bytes as read: a read-only view into the file's bytes, so that
+    # a section nobody asks ``data`` of (the relocation and symbol tables, which the
+    # reader decodes itself, say) is never copied.
+    raw: bytes | memoryview
     size: int
     link: int = 0
     info: int = 0
+
+    @property
+    def data(self) -> bytes:
+        """The section's bytes, copied out of the file on first use and kept."""
+        raw = self.raw
+        if not isinstance(raw, bytes):
+            raw = self.raw = bytes(raw)
+        return raw
 
     @property
     def is_alloc(self) -> bool:

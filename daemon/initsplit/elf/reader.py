@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 from array import array
+from typing import Any
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -37,13 +38,21 @@ MAX_SECTION_SIZE = 1 << 32
 MAX_ADDEND = 1 << 62
 
 
-def _cstring(table: bytes, offset: int, what: str) -> str:
-    if offset >= len(table) and offset != 0:
-        raise MalformedElf(f"{what}: name offset {offset} outside its string table")
-    end = table.find(b"\0", offset)
-    if end < 0:
-        raise MalformedElf(f"{what}: name at {offset} is not NUL-terminated")
-    return table[offset:end].decode("utf-8", "replace")
+class _StringTable:
+    """A string table read in place, in the file's bytes: no copy of the table, and
+    each name costs one bytes.find() from its offset, linear in its length."""
+
+    def __init__(self, data: bytes, start: int, size: int) -> None:
+        self._data, self._start, self._size = data, start, size
+
+    def name(self, offset: int, what: str) -> str:
+        if offset >= self._size and offset != 0:
+            raise MalformedElf(f"{what}: name offset {offset} outside its string table")
+        start = self._start + offset
+        end = self._data.find(b"\0", start, self._start + self._size)
+        if end < 0:
+            raise MalformedElf(f"{what}: name at {offset} is not NUL-terminated")
+        return self._data[start:end].decode("utf-8", "replace")
 
 
 def read_elf(data: bytes) -> ElfObject:
@@ -63,6 +72,10 @@ def read_elf(data: bytes) -> ElfObject:
 
 
 def _read(data: bytes) -> ElfObject:
+    # Sections are views into these bytes until a caller asks for their data: they
+    # must not change underneath (a bytearray could), and a copy of them is still
+    # a single copy.
+    data = bytes(data)
     if len(data) < 64 or data[:4] != b"\x7fELF":
         raise MalformedElf("not an ELF file")
     if data[4] != ELFCLASS64 or data[5] != 1:
@@ -81,6 +94,7 @@ def _read(data: bytes) -> ElfObject:
 
     sections: list[Section] = []
     symtab_index = -1
+    view = memoryview(data).toreadonly()
     headers = [elf.get_section(index).header for index in range(shnum)]
     for index, hdr in enumerate(headers):
         sh_type = hdr["sh_type"]
@@ -90,7 +104,7 @@ def _read(data: bytes) -> ElfObject:
             raise MalformedElf(f"section {index}: size {size} is beyond what the kernel loads")
         if type_num not in (SHT_NOBITS, SHT_NULL) and offset + size > len(data):
             raise MalformedElf(f"section {index} runs past the end of the file")
-        body = b"" if type_num in (SHT_NOBITS, SHT_NULL) else data[offset : offset + size]
+        body = b"" if type_num in (SHT_NOBITS, SHT_NULL) else view[offset : offset + size]
         align = hdr["sh_addralign"]
         if align & (align - 1) or align > MAX_ALIGN:
             raise MalformedElf(f"section {index}: alignment {align} is not a power of two up to {MAX_ALIGN}")
@@ -104,7 +118,7 @@ def _read(data: bytes) -> ElfObject:
                 flags=hdr["sh_flags"],
                 addralign=hdr["sh_addralign"],
                 entsize=hdr["sh_entsize"],
-                data=body,
+                raw=body,
                 size=size,
                 link=hdr["sh_link"],
                 info=hdr["sh_info"],
@@ -118,15 +132,15 @@ def _read(data: bytes) -> ElfObject:
     shstrndx = elf.header["e_shstrndx"]
     if not 0 < shstrndx < shnum or sections[shstrndx].type != SHT_STRTAB:
         raise MalformedElf("bad section name table index")
-    names = sections[shstrndx].data
+    names = _string_table(data, headers[shstrndx])
     for section, hdr in zip(sections, headers):
-        section.name = _cstring(names, hdr["sh_name"], "section")
+        section.name = names.name(hdr["sh_name"], "section")
     if sections[0].type != SHT_NULL:
         raise MalformedElf("section 0 is not SHT_NULL")
     if symtab_index < 0:
         raise MalformedElf("no symbol table")
 
-    symbols = _read_symbols(sections, symtab_index)
+    symbols = _read_symbols(data, headers, sections, symtab_index)
     relocations: dict[int, RelocationTable] = {}
     for section in sections:
         if section.type == SHT_REL:
@@ -169,23 +183,28 @@ def _section_type_number(sh_type: object) -> int:
         raise MalformedElf(f"unsupported section type {sh_type}") from None
 
 
-def _read_symbols(sections: list[Section], symtab_index: int) -> list[Symbol]:
+def _string_table(data: bytes, hdr: Any) -> _StringTable:
+    return _StringTable(data, hdr["sh_offset"], hdr["sh_size"])
+
+
+def _read_symbols(data: bytes, headers: list[Any], sections: list[Section],
+                  symtab_index: int) -> list[Symbol]:
     symtab = sections[symtab_index]
     if symtab.size % ELF64_SYM_SIZE:
         raise MalformedElf("symbol table size is not a multiple of the entry size")
     if not 0 < symtab.link < len(sections) or sections[symtab.link].type != SHT_STRTAB:
         raise MalformedElf("symbol table does not link to a string table")
-    strtab = sections[symtab.link].data
+    strtab = _string_table(data, headers[symtab.link])
     shnum = len(sections)
     symbols: list[Symbol] = []
-    for st_name, st_info, st_other, st_shndx, st_value, st_size in _SYM.iter_unpack(symtab.data):
+    for st_name, st_info, st_other, st_shndx, st_value, st_size in _SYM.iter_unpack(symtab.raw):
         if shnum <= st_shndx < SHN_LORESERVE:
             raise MalformedElf(f"symbol {len(symbols)} in missing section {st_shndx}")
         if SHN_UNDEF < st_shndx < SHN_LORESERVE and st_value > sections[st_shndx].size:
             raise MalformedElf(f"symbol {len(symbols)} lies beyond the end of its section")
         symbols.append(
             Symbol(
-                name=_cstring(strtab, st_name, "symbol") if st_name else "",
+                name=strtab.name(st_name, "symbol") if st_name else "",
                 value=st_value,
                 size=st_size,
                 bind=st_info >> 4,
@@ -203,9 +222,9 @@ def _read_relocations(section: Section, symbol_count: int) -> RelocationTable:
     if section.size % ELF64_RELA_SIZE:
         raise MalformedElf(f"{section.name}: size is not a multiple of the RELA entry size")
     words = array("Q")
-    words.frombytes(section.data)
+    words.frombytes(section.raw)
     signed = array("q")
-    signed.frombytes(section.data)
+    signed.frombytes(section.raw)
     infos = words[1::3]
     symbols = [info >> 32 for info in infos]
     if symbols and max(symbols) >= symbol_count:

@@ -76,10 +76,15 @@ class LoadStep:
     options: str = ""
     install_command: str | None = None
     builtin: bool = False
-    # Modules that must be in the kernel before this one: the ones modprobe loads
-    # ahead of it for the same match (modules.dep dependencies and pre softdeps).
-    # Other matches of the same alias are independent and may load in parallel.
+    # Steps that modprobe loads ahead of this one for the same match, split the way
+    # modprobe treats their failure: ``requires`` are required modules (the match
+    # and its modules.dep dependencies), whose failure stops modprobe before this
+    # one; ``after`` are softdeps and their dependencies, whose failure modprobe
+    # ignores, so only their order counts.  Every name is that of an earlier, not
+    # builtin step of the same answer.  Other matches of the same alias are
+    # independent and may load in parallel.
     requires: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+    after: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def show_depends_line(self) -> str:
         """The line ``modprobe --show-depends`` prints for this step, byte for byte.
@@ -269,7 +274,8 @@ class Resolver:
         held = _Held(self._lib)
         try:
             steps: list[LoadStep] = []
-            planned: set[str] = set()
+            planned: set[str] = set()  # names with a step in this answer
+            loadable: set[str] = set()  # ... of which the daemon loads (not builtin)
             for mod in self._lookup(held, alias):
                 # modprobe calls kmod_module_probe_insert_module() per match; a match
                 # loaded by an earlier one is "in the kernel" by then and skipped whole.
@@ -277,20 +283,50 @@ class Resolver:
                     continue
                 if mod.alias is not None and mod.name in self._blacklist:
                     continue
-                before: list[str] = []
-                for m, ignorecmd in self._probe_list(held, mod):
-                    if m.name in planned or self._in_kernel(m):
-                        if m.name in planned and m.name not in before:
-                            before.append(m.name)
-                        continue
-                    planned.add(m.name)
-                    step = self._step(m, ignorecmd)
-                    if step is not None:
-                        steps.append(dataclasses.replace(step, requires=tuple(before)))
-                    before.append(m.name)
+                steps += self._match_steps(held, mod, planned, loadable)
             return steps
         finally:
             held.release()
+
+    def _match_steps(self, held: _Held, mod: _Mod, planned: set[str],
+                     loadable: set[str]) -> list[LoadStep]:
+        """The steps of one match's probe list, each with what must load before it.
+
+        kmod_module_probe_insert_module() walks the list in order and stops at the
+        first *required* module (the match and its modules.dep dependencies) that
+        fails, but goes on past a softdep that fails (libkmod-module.c: "Ignore
+        errors from softdeps").  So an earlier required module goes into
+        ``requires`` (its failure means this one is not loaded) and any other
+        earlier module into ``after`` (order only).
+
+        Only modules that get a step the daemon loads are named: one already in the
+        kernel or built in is no requirement, and one without a file (in
+        modules.alias or a modprobe.d alias but not in modules.dep) has no step that
+        could ever satisfy it; a scheduler waiting for it would wait forever.
+        libkmod's insert of such a module fails with ENOENT: as a softdep that is
+        ignored, exactly as leaving it out does; as the match itself it would stop
+        the probe before the match's post softdeps, which ``--show-depends`` still
+        lists, and so does this answer.
+        """
+        probe, required = self._probe_list(held, mod)
+        hard: list[str] = []
+        soft: list[str] = []
+        out: list[LoadStep] = []
+        for m, ignorecmd in probe:
+            earlier = hard if m.name in required else soft
+            if m.name in planned or self._in_kernel(m):
+                if m.name in loadable and m.name not in hard and m.name not in soft:
+                    earlier.append(m.name)
+                continue
+            step = self._step(m, ignorecmd)
+            if step is None:
+                continue
+            planned.add(m.name)
+            out.append(dataclasses.replace(step, requires=tuple(hard), after=tuple(soft)))
+            if not step.builtin:
+                loadable.add(m.name)
+                earlier.append(m.name)
+        return out
 
     def modinfo(self, path: Path) -> list[tuple[str, str]]:
         """The ``.modinfo`` entries of a module file (and signature fields), as modinfo.
@@ -377,20 +413,26 @@ class Resolver:
         state = self._lib.kmod_module_get_initstate(mod.ptr)
         return state in (k.KMOD_MODULE_LIVE, k.KMOD_MODULE_BUILTIN)
 
-    def _probe_list(self, held: _Held, top: _Mod) -> list[tuple[_Mod, bool]]:
+    def _probe_list(self, held: _Held, top: _Mod) -> tuple[list[tuple[_Mod, bool]], set[str]]:
         """__kmod_module_get_probe_list(top, required=true, ignorecmd=false).
 
         Returns (module, ignorecmd) in load order; a module may appear twice (libkmod
-        appends dependencies without checking), the caller keeps the first.
+        appends dependencies without checking), the caller keeps the first.  Also the
+        names libkmod marks ``required``: ``top`` and its modules.dep dependencies
+        (softdeps are probed with required=false, and so are their dependencies).
         """
         visited: set[int] = set()
         out: list[tuple[_Mod, bool]] = []
+        required = {top.name}
 
         def probe(mod: _Mod) -> None:
             if mod.addr in visited:
                 return
             visited.add(mod.addr)
-            for dep in self._dependencies(held, mod):
+            deps = self._dependencies(held, mod)
+            if mod is top:
+                required.update(dep.name for dep in deps)
+            for dep in deps:
                 fill_softdep(dep)
             fill_softdep(mod)
 
@@ -405,7 +447,7 @@ class Resolver:
                 probe(soft)
 
         probe(top)
-        return out
+        return out, required
 
     def _dependencies(self, held: _Held, mod: _Mod) -> list[_Mod]:
         """modules.dep for ``mod``, deepest first (libkmod prepends as it parses)."""
@@ -456,7 +498,8 @@ class Resolver:
             if lib.kmod_module_get_initstate(mod.ptr) == k.KMOD_MODULE_BUILTIN:
                 return LoadStep(mod.name, None, builtin=True)
             # In modules.alias (or a modprobe.d alias) but neither in modules.dep nor
-            # built in: modprobe prints nothing and its insert fails with ENOENT.
+            # built in: modprobe prints nothing and its insert fails with ENOENT
+            # (kmod_module_insert_module: "could not find module by name").
             _log.warning("%s: module %r has no file in modules.dep; skipped",
                          self.dirname, mod.name)
             return None

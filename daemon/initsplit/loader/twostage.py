@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from .kernel_state import proc_modules
 from .recovery import LoadMarkers
 from .results import ModuleLoad
 from .syscalls import delete_module, finit_module
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,24 +60,66 @@ def load_two_stage(pair: SplitPair, *, original: Path, params: str = "",
     before its init ran, and the original is loaded plain; a biased result means
     the original init ran and failed, which is reported as modprobe reports it,
     without running that init a second time.
+
+    Raises only while the kernel holds nothing of the module: when the first
+    crash marker cannot be written (a two-stage load would not be crash-safe) or
+    C's finit_module() fails with something other than OSError. The caller then
+    loads the original plain. Once C is in, every error is handled here, because
+    only here is it known whether C must be deleted first: a plain load on top of
+    an inert C would fail with EEXIST and leave the device without its driver.
     """
     if markers is None:
-        return _load_two_stage(pair, original, params, None)
+        return _load_two_stage(pair, original, params, _Markers(None))
     markers.core(pair.name, pair.init_name)
+    later = _Markers(markers)
     result: ModuleLoad | None = None
     try:
-        result = _load_two_stage(pair, original, params, markers)
+        result = _load_two_stage(pair, original, params, later)
         return result
     finally:
         # A two-stage load keeps its "init-done" marker until the batch has deleted
         # the init module (Service.unload_batch): a daemon killed in between leaves
         # the init module to the next daemon instead of to nobody.
         if result is None or result.mode != "two-stage":
-            markers.finish(pair.name)
+            later.finish(pair.name)
+
+
+class _Markers:
+    """The crash markers once C may be in the kernel: a marker that cannot be
+    rewritten (/run full, say) must not abort a load half-way, so each failure is
+    logged and the safest marker possible is left (see loader/recovery.py)."""
+
+    def __init__(self, markers: LoadMarkers | None) -> None:
+        self._markers = markers
+
+    def init_done(self, name: str, init_name: str) -> None:
+        # Left at "core", the marker means the same to a restarted daemon as long
+        # as the init module is loaded: pending deletion.
+        self._try("init-done", name, lambda m: m.init_done(name, init_name))
+
+    def plain(self, name: str) -> None:
+        # A "core" marker left behind would make a restarted daemon delete the
+        # original loaded plain as if it were an inert core: remove it instead.
+        if not self._try("plain", name, lambda m: m.plain(name)):
+            self.finish(name)
+
+    def finish(self, name: str) -> None:
+        self._try("finish", name, lambda m: m.finish(name))
+
+    def _try(self, what: str, name: str, update: Callable[[LoadMarkers], None]) -> bool:
+        if self._markers is None:
+            return True
+        try:
+            update(self._markers)
+        except Exception as exc:  # noqa: BLE001 - the load goes on either way
+            log.warning("%s: cannot update its crash marker (%s): %s: %s",
+                        name, what, type(exc).__name__, exc)
+            return False
+        return True
 
 
 def _load_two_stage(pair: SplitPair, original: Path, params: str,
-                    markers: LoadMarkers | None) -> ModuleLoad:
+                    markers: _Markers) -> ModuleLoad:
     started = time.monotonic()
     try:
         finit_module(pair.core, params)
@@ -81,31 +127,23 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
         if exc.errno == errno.EEXIST:
             return ModuleLoad(pair.name, "already-loaded", reason="loaded by someone else",
                               seconds=time.monotonic() - started)
-        if markers:
-            markers.plain(pair.name)
+        markers.plain(pair.name)
         return _retry_plain(pair.name, original, params, started,
                             f"core module refused: {os.strerror(exc.errno or 0)}")
-    faults.hit("after-core", pair.name)
+    # The kernel holds C now: nothing may escape before C is deleted or I has run.
     try:
+        faults.hit("after-core", pair.name)
         init_errno = init_failure_errno(finit_module(pair.init, ""))
-    except OSError as exc:
-        why = f"init module failed: {os.strerror(exc.errno or 0)}"
-        try:
-            delete_module(pair.name)
-        except OSError as del_exc:
-            # C is inert (init and exit NULL) but cannot be removed: never load the
-            # original on top of it; report loudly instead.
-            return ModuleLoad(pair.name, "failed", errno=exc.errno,
-                              reason=f"{why}; core module could not be removed: "
-                                     f"{os.strerror(del_exc.errno or 0)}",
-                              seconds=time.monotonic() - started)
-        if markers:
-            markers.plain(pair.name)
-        return _retry_plain(pair.name, original, params, started, why)
+    except Exception as exc:  # noqa: BLE001 - OSError from the kernel, or a bug
+        if isinstance(exc, OSError) and exc.errno is not None:
+            why = f"init module failed: {os.strerror(exc.errno)}"
+        else:
+            why = f"init module not loaded: {type(exc).__name__}: {exc}"
+        return _remove_core_then_plain(pair, original, params, started, why, markers,
+                                       getattr(exc, "errno", None))
     if init_errno is not None:
         return _init_failed(pair.name, init_errno, started)
-    if markers:
-        markers.init_done(pair.name, pair.init_name)
+    markers.init_done(pair.name, pair.init_name)
     faults.hit("after-init", pair.name)
     sizes = _sizes()
     return ModuleLoad(pair.name, "two-stage", init_module=pair.init_name,
@@ -123,6 +161,21 @@ def _init_failed(name: str, init_errno: int, started: float) -> ModuleLoad:
         reason += f"; core module could not be removed: {os.strerror(exc.errno or 0)}"
     return ModuleLoad(name, "failed", reason=reason, errno=init_errno,
                       seconds=time.monotonic() - started)
+
+
+def _remove_core_then_plain(pair: SplitPair, original: Path, params: str, started: float,
+                            why: str, markers: _Markers, error: int | None) -> ModuleLoad:
+    try:
+        delete_module(pair.name)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, C may still be in
+        # C is inert (init and exit NULL) but cannot be removed: never load the
+        # original on top of it; report loudly instead.
+        detail = os.strerror(exc.errno or 0) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        return ModuleLoad(pair.name, "failed", errno=error,
+                          reason=f"{why}; core module could not be removed: {detail}",
+                          seconds=time.monotonic() - started)
+    markers.plain(pair.name)
+    return _retry_plain(pair.name, original, params, started, why)
 
 
 def _retry_plain(name: str, original: Path, params: str, started: float, why: str) -> ModuleLoad:

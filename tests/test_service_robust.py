@@ -1,0 +1,420 @@
+"""initsplitd's service loop when things go wrong: a two-stage path that raises, a
+modprobe install command that hangs, a long drain under a systemd watchdog, and
+aliases whose loads failed.
+
+The kernel is a fake (finit_module/delete_module replaced in the loader), so these
+run anywhere; tests/test_daemon_vm.py runs the daemon against a real one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from initsplit.daemon.service import Service, Settings
+from initsplit.loader import twostage
+from initsplit.loader.results import ModuleLoad
+from initsplit.loader.twostage import SplitPair
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    path: Path | None = None
+    options: str = ""
+    install_command: str | None = None
+    builtin: bool = False
+
+
+@dataclass(frozen=True)
+class Request:
+    aliases: tuple[str, ...]
+    devpath: str = "/devices/test"
+
+
+class Source:
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+
+    def fileno(self) -> int:
+        return self._r
+
+    def coldplug(self) -> list[Request]:
+        return []
+
+    def read_ready(self) -> list[Request]:
+        return []
+
+
+class Resolver:
+    """Each alias is one module of the same name, in a fake module tree."""
+
+    def __init__(self, tree: Path) -> None:
+        self.tree = tree
+        self.calls: list[str] = []
+
+    def resolve(self, alias: str) -> list[Step]:
+        self.calls.append(alias)
+        return [Step(alias, self.tree / f"{alias}.ko")]
+
+
+class Reporter:
+    def __init__(self) -> None:
+        self.loads: list[ModuleLoad] = []
+        self.messages: list[str] = []
+
+    def module_loaded(self, load: ModuleLoad) -> None:
+        self.loads.append(load)
+
+    def batch_unloaded(self, batch) -> None: ...
+    def summary(self, **_) -> None: ...
+
+    def log(self, priority: int, message: str, **fields) -> None:
+        self.messages.append(message)
+
+
+class Notifier:
+    def __init__(self, interval: float | None = None) -> None:
+        self.interval = interval
+        self.pings: list[float] = []
+
+    def ready(self, status: str = "") -> None: ...
+    def status(self, text: str) -> None: ...
+    def stopping(self) -> None: ...
+
+    def watchdog(self) -> None:
+        self.pings.append(time.monotonic())
+
+    def watchdog_interval(self) -> float | None:
+        return self.interval
+
+
+class Markers:
+    """LoadMarkers in memory; ``fail`` names the operations that raise ENOSPC."""
+
+    def __init__(self, fail: tuple[str, ...] = ()) -> None:
+        self.fail = fail
+        self.state: dict[str, str] = {}
+
+    def _do(self, op: str, name: str, value: str | None) -> None:
+        if op in self.fail:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"/run/initsplit/loading/.{name}.tmp")
+        if value is None:
+            self.state.pop(name, None)
+        else:
+            self.state[name] = value
+
+    def core(self, name: str, init_name: str) -> None:
+        self._do("core", name, f"core {init_name}")
+
+    def init_done(self, name: str, init_name: str) -> None:
+        self._do("init_done", name, f"init-done {init_name}")
+
+    def plain(self, name: str) -> None:
+        self._do("plain", name, "plain")
+
+    def finish(self, name: str) -> None:
+        self._do("finish", name, None)
+
+    def recover(self):
+        raise AssertionError("not used here")
+
+
+class Provider:
+    """Every module is split into TREE/NAME.core.ko and TREE/NAME__init.ko."""
+
+    def __init__(self, tree: Path, error: Exception | None = None) -> None:
+        self.tree = tree
+        self.error = error
+
+    def get(self, path: Path) -> SplitPair:
+        if self.error is not None:
+            raise self.error
+        name = path.name.removesuffix(".ko")
+        return SplitPair(name, f"{name}__init", self.tree / f"{name}.core.ko",
+                         self.tree / f"{name}__init.ko")
+
+
+class Kernel:
+    """finit_module/delete_module for file names as Provider makes them.
+
+    ``refuse`` maps a file name to what loading it raises; the kernel refuses a
+    second module of a name already loaded with EEXIST, as the real one does.
+    """
+
+    def __init__(self, refuse: dict[str, BaseException] | None = None,
+                 undeletable: bool = False) -> None:
+        self.refuse = refuse or {}
+        self.undeletable = undeletable
+        self.loaded: dict[str, str] = {}  # module name -> file it came from
+        self.calls: list[str] = []
+
+    def finit_module(self, path: Path, params: str = "") -> None:
+        self.calls.append(f"load {path.name}")
+        if path.name in self.refuse:
+            raise self.refuse[path.name]
+        name = path.name.removesuffix(".ko").removesuffix(".core")
+        if name in self.loaded:
+            raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+        self.loaded[name] = path.name
+
+    def delete_module(self, name: str, **_: object) -> None:
+        self.calls.append(f"delete {name}")
+        if self.undeletable:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        if self.loaded.pop(name, None) is None:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+
+def make_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, kernel: Kernel | None = None,
+                 markers: Markers | None = None, provider: Provider | None = None,
+                 notifier: Notifier | None = None, **settings) -> tuple[Service, Reporter]:
+    kernel = kernel or Kernel()
+    monkeypatch.setattr(twostage, "finit_module", kernel.finit_module)
+    monkeypatch.setattr(twostage, "delete_module", kernel.delete_module)
+    monkeypatch.setattr(twostage, "_sizes", lambda: {})
+    reporter = Reporter()
+    service = Service(settings=Settings(**settings), resolver=Resolver(tmp_path), source=Source(),
+                      provider=provider or Provider(tmp_path), reporter=reporter,
+                      notifier=notifier or Notifier(), markers=markers or Markers())
+    return service, reporter
+
+
+def serve(service: Service, *aliases: str) -> None:
+    for alias in aliases:
+        service.handle_request(Request((alias,)))
+    service.settle()
+
+
+def only_load(reporter: Reporter) -> ModuleLoad:
+    assert len(reporter.loads) == 1, reporter.loads
+    return reporter.loads[0]
+
+
+# ---------------------------------------------------------------- the two-stage path raises
+
+
+def test_crash_marker_that_cannot_be_written_means_a_plain_load(tmp_path, monkeypatch) -> None:
+    kernel = Kernel()
+    markers = Markers(fail=("core",))
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel, markers=markers)
+    serve(service, "ext4")
+    load = only_load(reporter)
+    assert load.mode == "plain", load
+    assert "No space left on device" in load.reason
+    assert kernel.calls == ["load ext4.ko"]  # C never went in: no marker, no two-stage
+    assert kernel.loaded == {"ext4": "ext4.ko"}
+    service.scheduler.shutdown()
+
+
+def test_split_provider_error_means_a_plain_load(tmp_path, monkeypatch) -> None:
+    kernel = Kernel()
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel,
+                                     provider=Provider(tmp_path, RuntimeError("cache index corrupt")))
+    serve(service, "virtio_blk")
+    load = only_load(reporter)
+    assert load.mode == "plain" and "cache index corrupt" in load.reason, load
+    assert kernel.loaded == {"virtio_blk": "virtio_blk.ko"}
+    service.scheduler.shutdown()
+
+
+def test_marker_failing_after_the_init_ran_keeps_the_two_stage_load(tmp_path, monkeypatch) -> None:
+    """C and I are in and init has run: loading the original as well is impossible
+    (EEXIST) and would be reported as someone else's load; the module is two-stage."""
+    kernel = Kernel()
+    markers = Markers(fail=("init_done",))
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel, markers=markers)
+    serve(service, "ext4")
+    load = only_load(reporter)
+    assert load.mode == "two-stage", load
+    assert kernel.calls == ["load ext4.core.ko", "load ext4__init.ko"]
+    assert service.pending_init == [("ext4", "ext4__init")]
+    # The "core" marker stays: a restarted daemon finds the init module loaded and
+    # treats it as pending deletion (loader/recovery.py).
+    assert markers.state == {"ext4": "core ext4__init"}
+    service.scheduler.shutdown()
+
+
+def test_marker_failing_after_an_init_failure_still_loads_plain(tmp_path, monkeypatch) -> None:
+    kernel = Kernel(refuse={"ext4__init.ko": OSError(errno.EINVAL, os.strerror(errno.EINVAL))})
+    markers = Markers(fail=("plain",))
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel, markers=markers)
+    serve(service, "ext4")
+    load = only_load(reporter)
+    assert load.mode == "plain" and "init module failed" in load.reason, load
+    assert kernel.calls == ["load ext4.core.ko", "load ext4__init.ko", "delete ext4", "load ext4.ko"]
+    # No "core" marker is left for the plainly loaded original: a restarted daemon
+    # would delete it as an inert core.
+    assert markers.state == {}
+    service.scheduler.shutdown()
+
+
+def test_error_between_core_and_init_deletes_the_core_first(tmp_path, monkeypatch) -> None:
+    kernel = Kernel(refuse={"ext4__init.ko": ValueError("embedded null byte")})
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel)
+    serve(service, "ext4")
+    load = only_load(reporter)
+    assert load.mode == "plain" and "ValueError: embedded null byte" in load.reason, load
+    assert kernel.calls == ["load ext4.core.ko", "load ext4__init.ko", "delete ext4", "load ext4.ko"]
+    assert kernel.loaded == {"ext4": "ext4.ko"}
+    service.scheduler.shutdown()
+
+
+def test_core_that_cannot_be_deleted_is_never_loaded_over(tmp_path, monkeypatch) -> None:
+    kernel = Kernel(refuse={"ext4__init.ko": ValueError("boom")}, undeletable=True)
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel)
+    serve(service, "ext4")
+    load = only_load(reporter)
+    assert load.mode == "failed" and "core module could not be removed" in load.reason, load
+    assert "load ext4.ko" not in kernel.calls
+    service.scheduler.shutdown()
+
+
+# ---------------------------------------------------------------- install commands
+
+
+def fake_modprobe(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "modprobe"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
+def run_with_deadline(function: Callable[[], ModuleLoad], seconds: float) -> ModuleLoad:
+    """function() on a thread; fail (instead of hanging the test run) if it is not done in time."""
+    import threading
+
+    result: list[ModuleLoad] = []
+    thread = threading.Thread(target=lambda: result.append(function()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"still running after {seconds} s"
+    return result[0]
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # dead, waiting to be reaped by whoever adopted it
+
+
+def test_hanging_install_command_is_killed_with_its_children(tmp_path, monkeypatch) -> None:
+    # The install command's child holds modprobe's stdout open, as a daemon it
+    # starts would: killing modprobe alone would leave the wait for output hanging.
+    script = fake_modprobe(tmp_path, f'sleep 20 &\necho $! > {tmp_path}/child.pid\nwait')
+    service, _ = make_service(tmp_path, monkeypatch, modprobe=str(script), modprobe_timeout=0.5)
+    started = time.monotonic()
+    load = run_with_deadline(lambda: service._load(Step("r8169", None, install_command="sleep")), 10.0)
+    assert time.monotonic() - started < 5.0
+    assert load.mode == "failed" and "did not finish within 0.5 s" in load.reason, load
+    assert load.errno == errno.ETIMEDOUT
+    child = int((tmp_path / "child.pid").read_text())
+    deadline = time.monotonic() + 5.0
+    while not process_gone(child):
+        assert time.monotonic() < deadline, f"the install command's child {child} survived"
+        time.sleep(0.05)
+    service.scheduler.shutdown()
+
+
+def test_install_command_results(tmp_path, monkeypatch) -> None:
+    ok = fake_modprobe(tmp_path, "exit 0")
+    service, _ = make_service(tmp_path, monkeypatch, modprobe=str(ok))
+    assert service._load(Step("r8169", install_command="true")).mode == "handed-to-modprobe"
+    service.settings.modprobe = str(fake_modprobe(tmp_path, 'echo "modprobe: FATAL: no" >&2; exit 1'))
+    load = service._load(Step("r8169", install_command="false"))
+    assert (load.mode, load.reason) == ("failed", "modprobe: FATAL: no")
+    service.settings.modprobe = str(tmp_path / "absent")
+    load = service._load(Step("r8169", install_command="x"))
+    assert load.mode == "failed" and "cannot run" in load.reason
+    service.scheduler.shutdown()
+
+
+# ---------------------------------------------------------------- watchdog
+
+
+def test_drain_keeps_pinging_the_watchdog(tmp_path, monkeypatch) -> None:
+    """settle() (and the stop path) wait for every load in flight; with WatchdogSec=
+    set, systemd kills a daemon silent for that long (twice the notifier's interval)."""
+    interval = 0.25
+    notifier = Notifier(interval)
+    service, reporter = make_service(tmp_path, monkeypatch, notifier=notifier)
+
+    def slow_load(step: Step) -> ModuleLoad:
+        time.sleep(1.5)
+        return ModuleLoad(step.name, "plain")
+
+    service.scheduler._load = slow_load  # type: ignore[attr-defined]
+    started = time.monotonic()
+    serve(service, "slow")
+    ended = time.monotonic()
+    assert [load.module for load in reporter.loads] == ["slow"]
+    times = [started, *notifier.pings, ended]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert len(notifier.pings) >= 4, notifier.pings
+    assert max(gaps) < 2 * interval, gaps
+    service.scheduler.shutdown()
+
+
+# ---------------------------------------------------------------- aliases served
+
+
+def test_alias_whose_load_failed_is_retried_by_a_later_event(tmp_path, monkeypatch) -> None:
+    """udev runs `kmod load` for every event: firmware that appeared since, or a
+    transient error, must not keep the device without its driver for the boot."""
+    kernel = Kernel(refuse={"iwlwifi.ko": OSError(errno.ENOENT, os.strerror(errno.ENOENT))})
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel, plain_only="test")
+    serve(service, "iwlwifi")
+    assert [load.mode for load in reporter.loads] == ["failed"]
+    serve(service)  # nothing is retried without a new request
+    assert kernel.calls == ["load iwlwifi.ko"]
+    del kernel.refuse["iwlwifi.ko"]  # the firmware is there now
+    serve(service, "iwlwifi")
+    assert [load.mode for load in reporter.loads] == ["failed", "plain"]
+    serve(service, "iwlwifi")  # loaded: neither resolved nor loaded again
+    assert kernel.calls == ["load iwlwifi.ko", "load iwlwifi.ko"]
+    assert service.resolver.calls == ["iwlwifi", "iwlwifi"]
+    service.scheduler.shutdown()
+
+
+def test_alias_whose_resolution_failed_is_retried(tmp_path, monkeypatch) -> None:
+    service, reporter = make_service(tmp_path, monkeypatch, plain_only="test")
+    resolve = service.resolver.resolve
+    failures = [RuntimeError("modules.dep names a missing file")]
+
+    def flaky(alias: str) -> list[Step]:
+        if failures:
+            raise failures.pop()
+        return resolve(alias)
+
+    monkeypatch.setattr(service.resolver, "resolve", flaky)
+    serve(service, "e1000e")
+    assert reporter.loads == [] and "missing file" in reporter.messages[-1]
+    serve(service, "e1000e")
+    assert [(load.module, load.mode) for load in reporter.loads] == [("e1000e", "plain")]
+    service.scheduler.shutdown()
+
+
+def test_served_aliases_are_bounded(tmp_path, monkeypatch) -> None:
+    from initsplit.daemon import service as service_module
+
+    monkeypatch.setattr(service_module, "MAX_SERVED_ALIASES", 8)
+    service, reporter = make_service(tmp_path, monkeypatch, plain_only="test")
+    serve(service, "keep", *(f"usb:v{n:04X}" for n in range(20)))
+    assert len(service._served) == 8
+    serve(service, "keep")  # forgotten: resolved again (the module is not loaded again)
+    assert service.resolver.calls.count("keep") == 2
+    serve(service, *(f"usb:v{n:04X}" for n in range(100, 107)))
+    serve(service, "keep")  # the oldest now, but asked for again ...
+    serve(service, "usb:v0200")
+    serve(service, "keep")  # ... so not the one forgotten
+    assert service.resolver.calls.count("keep") == 2
+    assert sum(1 for load in reporter.loads if load.module == "keep") == 1
+    service.scheduler.shutdown()
