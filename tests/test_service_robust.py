@@ -155,7 +155,9 @@ class Kernel:
         self.loaded: dict[str, str] = {}  # module name -> file it came from
         self.calls: list[str] = []
 
-    def finit_module(self, path: Path, params: str = "") -> None:
+    def finit_module(self, path: Path, params: str = "") -> int:
+        """finit_module(2)'s raw result: 0, as the kernel returns for a module whose
+        init succeeded (a failing init comes back biased, split/initresult.py)."""
         self.calls.append(f"load {path.name}")
         if path.name in self.refuse:
             raise self.refuse[path.name]
@@ -163,6 +165,7 @@ class Kernel:
         if name in self.loaded:
             raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
         self.loaded[name] = path.name
+        return 0
 
     def delete_module(self, name: str, **_: object) -> None:
         self.calls.append(f"delete {name}")
