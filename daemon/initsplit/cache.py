@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
+
+from .fsio import atomic_write, make_dirs
 
 MANIFEST_SUFFIX = ".initsplit"
 FORMAT = 1
@@ -49,33 +49,15 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and rename it into place.
-
-    Readers (modprobe, the daemon) see either the old file or the whole new one.
-    No fsync: the cache is derived data that a rerun regenerates.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600; modules are world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision, reason: str = "",
                 name: str = "", init_name: str = "", core: bytes = b"", init: bytes = b"",
                 plain_core_bytes: int = 0, init_layout_pages: int = 0) -> Manifest:
     """Write one cache entry (files first, manifest last)."""
     core_path = root / relpath
     manifest_path(root, relpath).unlink(missing_ok=True)
+    # Never group- or world-writable, whatever the umask: the daemon refuses
+    # entries below such a directory.
+    make_dirs(core_path.parent)
     init_file = ""
     if decision == "split":
         init_file = f"{init_name}.ko"

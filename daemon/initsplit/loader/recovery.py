@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fsio import atomic_write
 from .kernel_state import proc_modules
 from .syscalls import delete_module
 
@@ -41,10 +42,7 @@ class LoadMarkers:
         return self.directory / name
 
     def _write(self, name: str, text: str) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self._path(name))
+        atomic_write(self._path(name), text.encode(), make_parents=True)
 
     def core(self, name: str, init_name: str) -> None:
         self._write(name, f"core {init_name}\n")
