@@ -33,13 +33,14 @@ from dataclasses import asdict
 from pathlib import Path
 sys.path.insert(0, os.environ["ISPLIT_REPO"] + "/daemon")
 from initsplit.daemon.splits import NotSplit, SplitProvider
+from initsplit.fsio import sealed_memfd
 from initsplit.loader.kernel_state import probe_capabilities, proc_modules
 from initsplit.loader.syscalls import delete_module
 from initsplit.loader.twostage import SplitPair, load_two_stage
 
 moddir = Path(os.environ["ISPLIT_MODDIR"])
 kmoddir = Path(os.environ["ISPLIT_KMODDIR"])
-out = {"caps": asdict(probe_capabilities())}
+out = {"caps": asdict(probe_capabilities()), "fds_before": sorted(os.listdir("/proc/self/fd"))}
 fresh = SplitProvider(modules_dir=moddir, cache_dir=Path("/nonexistent"), runtime_dir=Path("/run/rt"))
 cached = SplitProvider(modules_dir=moddir, cache_dir=Path(os.environ["ISPLIT_CACHE"]),
                        runtime_dir=Path("/run/rt2"))
@@ -48,6 +49,9 @@ tests = SplitProvider(modules_dir=kmoddir, cache_dir=Path("/nonexistent"), runti
 def record(key, load):
     out[key] = asdict(load)
     out[key + "_modules"] = sorted(proc_modules())
+
+def fd_target(f):
+    return os.readlink(f"/proc/self/fd/{f.fileno()}")
 
 def try_delete(name):
     try:
@@ -60,6 +64,8 @@ def try_delete(name):
 dummy = moddir / "kernel/drivers/net/dummy.ko"
 pair = fresh.get(dummy)
 out["dummy_split"] = not isinstance(pair, NotSplit)
+# A split made now is loaded from the validated bytes, in sealed memory files.
+out["dummy_fds"] = [fd_target(pair.core), fd_target(pair.init)]
 record("dummy", load_two_stage(pair, original=dummy, params="numdummies=2"))
 out["dummy_links"] = sorted(os.listdir("/sys/class/net"))
 out["dummy_del_init"] = try_delete("dummy__init")
@@ -69,23 +75,27 @@ out["dummy_del_core"] = try_delete("dummy")
 # 2. loop from the pre-split cache (built on the host), and a tampered cache entry ignored.
 loop = moddir / "kernel/drivers/block/loop.ko"
 pair = cached.get(loop)
-out["loop_from_cache"] = str(getattr(pair, "core", "")).startswith(os.environ["ISPLIT_CACHE"])
+out["loop_from_cache"] = fd_target(pair.core).startswith(os.environ["ISPLIT_CACHE"])
 record("loop", load_two_stage(pair, original=loop))
 out["loop_del"] = [try_delete("loop__init"), try_delete("loop")]
 softdog = moddir / "kernel/drivers/watchdog/softdog.ko"
 pair = cached.get(softdog)
-out["softdog_tampered_ignored"] = not str(getattr(pair, "core", "")).startswith(os.environ["ISPLIT_CACHE"])
+out["softdog_tampered_ignored"] = isinstance(pair, NotSplit) or \
+    not fd_target(pair.core).startswith(os.environ["ISPLIT_CACHE"])
+if not isinstance(pair, NotSplit):
+    pair.close()
 
 # 3. An init module the kernel rejects before init: C removed, original loaded plain.
-bad = Path("/run/bad__init.ko")
 good = fresh.get(dummy)
-bad.write_bytes(good.init.read_bytes()[:200])
+bad = sealed_memfd("bad__init.ko", os.pread(good.init.fileno(), 200, 0))
+good.init.close()
 record("bad_init", load_two_stage(SplitPair("dummy", "dummy__init", good.core, bad), original=dummy))
 out["bad_init_del"] = try_delete("dummy")
 
 # 4. A core module the kernel rejects: original loaded plain.
-badcore = Path("/run/badcore.ko")
-badcore.write_bytes(b"not an ELF file")
+good = fresh.get(dummy)
+good.core.close()
+badcore = sealed_memfd("badcore.ko", b"not an ELF file")
 record("bad_core", load_two_stage(SplitPair("dummy", "dummy__init", badcore, good.init), original=dummy))
 out["bad_core_del"] = try_delete("dummy")
 
@@ -97,6 +107,7 @@ record("initfail", load_two_stage(tests.get(initfail), original=initfail))
 noexit = kmoddir / "isplit_noexit.ko"
 record("noexit", load_two_stage(tests.get(noexit), original=noexit))
 out["noexit_del"] = [try_delete("isplit_noexit__init"), try_delete("isplit_noexit")]
+out["fds_after"] = sorted(os.listdir("/proc/self/fd"))
 print("@@RESULT@@" + json.dumps(out))
 """
 
@@ -146,6 +157,9 @@ def test_two_stage_load_with_parameter(result: dict) -> None:
     assert load["core_bytes"] and load["init_bytes"], load
     assert {"dummy", "dummy__init"} <= set(result["dummy_modules"])
     assert {"dummy0", "dummy1"} <= set(result["dummy_links"])  # numdummies=2 reached C
+    # finit_module(2) accepts a sealed memfd (kernel_read_file() needs S_ISREG and
+    # deny_write_access(); a memfd is a shmem regular file with no writer).
+    assert all(t.startswith("/memfd:") for t in result["dummy_fds"]), result["dummy_fds"]
     assert result["dummy_del_init"] == "ok" and result["dummy_del_core"] == "ok"
     assert "dummy__init" not in result["dummy_after_init_deleted"]
 
@@ -180,6 +194,10 @@ def test_genuine_init_failure_reported_like_modprobe(result: dict) -> None:
 def test_no_cleanup_core_stays(result: dict) -> None:
     assert result["noexit"]["mode"] == "two-stage", result["noexit"]
     assert result["noexit_del"] == ["ok", "EBUSY"]
+
+
+def test_no_descriptor_left_open(result: dict) -> None:
+    assert result["fds_after"] == result["fds_before"]
 
 
 def test_loader_boot_clean(loader_boot: BootResult) -> None:

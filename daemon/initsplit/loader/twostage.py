@@ -5,32 +5,45 @@ from __future__ import annotations
 import errno
 import os
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import faults
+from ..fsio import OpenFile
 from .kernel_state import proc_modules
 from .recovery import LoadMarkers
 from .results import ModuleLoad
-from .syscalls import delete_module, finit_module
+from .syscalls import delete_module, finit_module, finit_module_path
 
 
 @dataclass(frozen=True, slots=True)
 class SplitPair:
+    """A split ready to load: both modules open, checked, and loaded from these descriptors.
+
+    Whoever holds a pair closes it; load_two_stage() does so when it returns.
+    """
+
     name: str
     init_name: str
-    core: Path
-    init: Path
+    core: OpenFile
+    init: OpenFile
     # From the cache manifest: the init module's init layout in pages (freed by the
     # kernel after init) and the original's core layout in bytes if loaded plain.
     init_pages: int | None = None
     plain_core_bytes: int | None = None
 
+    def close(self) -> None:
+        try:
+            self.core.close()
+        finally:
+            self.init.close()
+
 
 def load_plain(name: str, path: Path, *, params: str = "", reason: str = "") -> ModuleLoad:
     started = time.monotonic()
     try:
-        finit_module(path, params)
+        finit_module_path(path, params)
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             return ModuleLoad(name, "already-loaded", reason="loaded by someone else",
@@ -54,27 +67,31 @@ def load_two_stage(pair: SplitPair, *, original: Path, params: str = "",
     failed in its init routine or before it, so the original is loaded plain in
     both cases: a genuine init failure then fails again exactly as modprobe would
     report it, and any other failure is repaired.
+
+    The pair's files are closed when this returns, whatever happened: the daemon
+    loads hundreds of modules and must not keep a descriptor per module.
     """
-    if markers is None:
-        return _load_two_stage(pair, original, params, None)
-    markers.core(pair.name, pair.init_name)
-    result: ModuleLoad | None = None
-    try:
-        result = _load_two_stage(pair, original, params, markers)
-        return result
-    finally:
-        # A two-stage load keeps its "init-done" marker until the batch has deleted
-        # the init module (Service.unload_batch): a daemon killed in between leaves
-        # the init module to the next daemon instead of to nobody.
-        if result is None or result.mode != "two-stage":
-            markers.finish(pair.name)
+    with closing(pair):
+        if markers is None:
+            return _load_two_stage(pair, original, params, None)
+        markers.core(pair.name, pair.init_name)
+        result: ModuleLoad | None = None
+        try:
+            result = _load_two_stage(pair, original, params, markers)
+            return result
+        finally:
+            # A two-stage load keeps its "init-done" marker until the batch has deleted
+            # the init module (Service.unload_batch): a daemon killed in between leaves
+            # the init module to the next daemon instead of to nobody.
+            if result is None or result.mode != "two-stage":
+                markers.finish(pair.name)
 
 
 def _load_two_stage(pair: SplitPair, original: Path, params: str,
                     markers: LoadMarkers | None) -> ModuleLoad:
     started = time.monotonic()
     try:
-        finit_module(pair.core, params)
+        finit_module(pair.core.fileno(), params)
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             return ModuleLoad(pair.name, "already-loaded", reason="loaded by someone else",
@@ -85,7 +102,7 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
                             f"core module refused: {os.strerror(exc.errno or 0)}")
     faults.hit("after-core", pair.name)
     try:
-        finit_module(pair.init, "")
+        finit_module(pair.init.fileno(), "")
     except OSError as exc:
         why = f"init module failed: {os.strerror(exc.errno or 0)}"
         try:

@@ -1,0 +1,207 @@
+"""The daemon's SplitProvider and the two-stage loader without a kernel: what the
+kernel is handed must be the bytes that were checked, descriptors never leak, and
+a cache entry or directory that is not trustworthy costs a plain load with a reason.
+
+finit_module is replaced by a fake that reads what the kernel would read (from the
+descriptor it is given), so the tests run on the host without loading anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from initsplit.cache import manifest_path, write_entry
+from initsplit.daemon.splits import NotSplit, SplitProvider
+from initsplit.loader import twostage
+from initsplit.loader.twostage import SplitPair, load_two_stage
+from initsplit.split import split_module
+from tests.testbed.kernel import debian_kernel
+from tests.trusted_dir import trusted_tmp  # noqa: F401  (pytest fixture)
+
+DUMMY = Path("kernel/drivers/net/dummy.ko")
+
+
+@dataclass
+class FakeKernel:
+    """finit_module/delete_module stand-ins: records what each load read."""
+
+    loaded: list[bytes] = field(default_factory=list)
+    refuse: set[int] = field(default_factory=set)  # 1: the first load fails, 2: the second ...
+    deleted: list[str] = field(default_factory=list)
+
+    def finit_module(self, target: int | Path, params: str = "", *, flags: int = 0) -> None:
+        # The kernel reads the whole file behind the descriptor from offset 0
+        # (kernel_read_file_from_fd); a path is what the old loader passed.
+        data = target.read_bytes() if isinstance(target, Path) else _read_all(target)
+        self.loaded.append(data)
+        if len(self.loaded) in self.refuse:
+            raise OSError(22, os.strerror(22))
+
+    def delete_module(self, name: str, *, flags: int = 0) -> None:
+        self.deleted.append(name)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture(scope="module")
+def dummy_source() -> bytes:
+    return (debian_kernel().modules_dir / DUMMY).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def dummy_split(dummy_source: bytes):
+    return split_module(dummy_source)
+
+
+@dataclass
+class Tree:
+    modules: Path
+    cache: Path
+    runtime: Path
+
+    @property
+    def module(self) -> Path:
+        return self.modules / DUMMY
+
+    def provider(self) -> SplitProvider:
+        return SplitProvider(modules_dir=self.modules, cache_dir=self.cache, runtime_dir=self.runtime)
+
+
+@pytest.fixture
+def tree(trusted_tmp: Path, dummy_source: bytes) -> Tree:  # noqa: F811
+    t = Tree(trusted_tmp / "modules", trusted_tmp / "cache", trusted_tmp / "run")
+    t.module.parent.mkdir(parents=True)
+    t.module.write_bytes(dummy_source)
+    return t
+
+
+@pytest.fixture
+def presplit(tree: Tree, dummy_source: bytes, dummy_split) -> Tree:
+    write_entry(tree.cache, DUMMY, source=dummy_source, decision="split", name=dummy_split.name,
+                init_name=dummy_split.init_name, core=dummy_split.core, init=dummy_split.init)
+    return tree
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
+    fake = FakeKernel()
+    monkeypatch.setattr(twostage, "finit_module", fake.finit_module)
+    monkeypatch.setattr(twostage, "delete_module", fake.delete_module)
+    return fake
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# ------------------------------------------------- checked bytes are loaded bytes
+
+def test_cache_hit_loads_the_checked_bytes_even_if_swapped_after_the_check(
+        presplit: Tree, dummy_split, fake_kernel: FakeKernel) -> None:
+    pair = presplit.provider().get(presplit.module)
+    assert isinstance(pair, SplitPair), pair
+    # Between the check and the load, someone with a way in swaps both files.
+    core = presplit.cache / DUMMY
+    (core.parent / "evil").write_bytes(b"unchecked kernel code")
+    os.replace(core.parent / "evil", core)
+    init = core.with_name(f"{dummy_split.init_name}.ko")
+    init.unlink()
+    init.symlink_to("/tmp/unchecked__init.ko")
+    Path("/tmp/unchecked__init.ko").write_bytes(b"unchecked init code")
+    try:
+        load = load_two_stage(pair, original=presplit.module)
+    finally:
+        Path("/tmp/unchecked__init.ko").unlink()
+    assert load.mode == "two-stage", load
+    assert fake_kernel.loaded == [dummy_split.core, dummy_split.init]
+
+
+def test_fresh_split_loads_the_validated_bytes_not_the_copy_written(
+        tree: Tree, dummy_split, fake_kernel: FakeKernel) -> None:
+    pair = tree.provider().get(tree.module)
+    assert isinstance(pair, SplitPair), pair
+    written = tree.runtime / DUMMY
+    assert written.read_bytes() == dummy_split.core  # kept for the next daemon
+    written.write_bytes(b"tampered after the split was written")
+    load = load_two_stage(pair, original=tree.module)
+    assert load.mode == "two-stage", load
+    assert fake_kernel.loaded == [dummy_split.core, dummy_split.init]
+
+
+def test_fresh_split_is_handed_over_in_sealed_memory(tree: Tree) -> None:
+    pair = tree.provider().get(tree.module)
+    assert isinstance(pair, SplitPair), pair
+    with pair.core, pair.init:
+        for f in (pair.core, pair.init):
+            assert os.readlink(f"/proc/self/fd/{f.fileno()}").startswith("/memfd:")
+            with pytest.raises(PermissionError):
+                os.pwrite(f.fileno(), b"X", 0)
+
+
+def test_the_runtime_copy_is_reused_by_the_next_daemon(tree: Tree, dummy_split,
+                                                       fake_kernel: FakeKernel) -> None:
+    tree.provider().get(tree.module).close()
+    pair = tree.provider().get(tree.module)
+    assert isinstance(pair, SplitPair), pair
+    assert os.readlink(f"/proc/self/fd/{pair.core.fileno()}") == str(tree.runtime / DUMMY)
+    load_two_stage(pair, original=tree.module)
+    assert fake_kernel.loaded == [dummy_split.core, dummy_split.init]
+
+
+# ------------------------------------------------- no descriptor leaks
+
+@pytest.mark.parametrize(("refuse", "mode"), [
+    (set(), "two-stage"),   # both modules go in
+    ({1}, "plain"),         # core refused: plain load of the original
+    ({2}, "plain"),         # init module refused: core deleted, plain load
+    ({1, 2}, "failed"),     # the plain load fails too
+])
+def test_no_descriptor_is_left_open_on_any_path(presplit: Tree, fake_kernel: FakeKernel,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                refuse: set[int], mode: str) -> None:
+    fake_kernel.refuse = refuse
+    monkeypatch.setattr(twostage, "finit_module_path",
+                        lambda path, params="", **_: fake_kernel.finit_module(path, params))
+    provider = presplit.provider()
+    before = _open_fds()
+    for _ in range(20):
+        fake_kernel.loaded.clear()
+        load = load_two_stage(provider.get(presplit.module), original=presplit.module)
+        assert load.mode == mode, load
+    assert _open_fds() == before
+
+
+def test_no_descriptor_is_left_open_when_the_loader_raises(presplit: Tree,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("loader bug")
+
+    monkeypatch.setattr(twostage, "finit_module", broken)
+    provider = presplit.provider()
+    before = _open_fds()
+    for _ in range(5):
+        with pytest.raises(RuntimeError):
+            load_two_stage(provider.get(presplit.module), original=presplit.module)
+    assert _open_fds() == before
+
+
+def test_no_descriptor_is_left_open_by_a_bad_entry(presplit: Tree, dummy_split) -> None:
+    init = presplit.cache / DUMMY.with_name(f"{dummy_split.init_name}.ko")
+    init.write_bytes(b"damaged")  # the core opens and checks fine, the init module does not
+    provider = presplit.provider()
+    before = _open_fds()
+    for _ in range(5):
+        result = provider.get(presplit.module)
+        if isinstance(result, SplitPair):  # a fresh split from the runtime directory
+            result.close()
+    assert _open_fds() == before
