@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import stat
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from .fsio import OpenFile, Untrusted, atomic_write, make_dirs, open_checked, read_fd, sha256_fd
+from .fsio import (OpenFile, Untrusted, atomic_write, make_dirs, open_checked, ownership_problem,
+                   read_fd, sha256_fd)
 
 MANIFEST_SUFFIX = ".initsplit"
 FORMAT = 1
@@ -122,7 +125,14 @@ def read_entry(root: Path, relpath: Path, *, source: bytes) -> CacheHit | BadEnt
     be used. Every file is opened once (fsio.open_checked) and checked, hashed and
     returned as that descriptor, so the bytes checked here are the bytes the kernel
     is given; nothing is opened again by path.
+
+    The directories from *root* down to the entry must be real directories only
+    root or the daemon can write; *root* itself and everything above it is the
+    caller's to check (fsio.directory_problem), once per root rather than per entry.
     """
+    problem = _entry_directory_problem(root, relpath)
+    if problem:
+        return BadEntry(f"cache entry directory {problem}")
     path = manifest_path(root, relpath)
     try:
         with open_checked(path) as f:
@@ -143,6 +153,26 @@ def read_entry(root: Path, relpath: Path, *, source: bytes) -> CacheHit | BadEnt
     if manifest.decision != "split":
         return CacheHit(manifest)
     return _open_split(root / relpath, manifest)
+
+
+def _entry_directory_problem(root: Path, relpath: Path) -> str | None:
+    directory = root
+    for part in relpath.parent.parts:
+        directory = directory / part
+        try:
+            info = os.lstat(directory)
+        except FileNotFoundError:
+            return None  # no entry below: read_entry finds no manifest
+        except OSError as exc:
+            return f"{directory}: {exc.strerror}"
+        if stat.S_ISLNK(info.st_mode):
+            return f"{directory} is a symlink"  # `initsplit split` writes none
+        if not stat.S_ISDIR(info.st_mode):
+            return f"{directory} is not a directory"
+        problem = ownership_problem(info)
+        if problem:
+            return f"{directory} {problem}"
+    return None
 
 
 def parse_manifest(raw: bytes) -> Manifest:

@@ -4,18 +4,27 @@ Whatever the source, the pair handed to the loader holds open descriptors of the
 very bytes that were checked: a cache entry's files as opened and hashed by
 cache.read_entry, or, for a split made now, the validated bytes themselves in
 sealed memory files. The loader never opens a split module by path.
+
+The daemon loads unsigned kernel code from the cache and runtime directories, so
+it trusts them only as far as nobody but root (or the daemon's own user) could
+have written them: the directory and every directory above it (fsio.directory_problem),
+the entry's directories and its files (cache.read_entry). Anything else costs a
+plain load of the original with the reason; a directory's reason is also logged
+once, since it concerns every module.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..cache import BadEntry, CacheHit, read_entry, write_entry
-from ..fsio import sealed_memfd
+from ..fsio import directory_problem, sealed_memfd
 from ..loader.twostage import SplitPair
 
 log = logging.getLogger(__name__)
@@ -31,10 +40,15 @@ class NotSplit:
 class SplitProvider:
     """Finds or makes the split of a module, refusing anything outside the module tree."""
 
-    def __init__(self, *, modules_dir: Path, cache_dir: Path, runtime_dir: Path) -> None:
+    def __init__(self, *, modules_dir: Path, cache_dir: Path, runtime_dir: Path,
+                 report: Callable[[str], None] | None = None) -> None:
         self.modules_dir = modules_dir.resolve()
         self.cache_dir = cache_dir
         self.runtime_dir = runtime_dir
+        # Where a directory's problem is said once (the daemon's stderr goes to the journal).
+        self._report = report or log.warning
+        self._reported: set[str] = set()
+        self._lock = threading.Lock()  # get() runs on the worker threads
 
     def get(self, module_path: Path) -> SplitPair | NotSplit:
         """The split of *module_path*; a SplitPair must be closed (load_two_stage does)."""
@@ -49,16 +63,31 @@ class SplitProvider:
             source = real.read_bytes()
         except OSError as exc:
             return NotSplit(f"cannot read {real}: {exc.strerror}")
-        for root in (self.cache_dir, self.runtime_dir):
+        for root, kind in ((self.cache_dir, "cache"), (self.runtime_dir, "runtime")):
+            # Checked at every use, not once: a directory can change while we run.
+            problem = self._directory_problem(root, kind)
+            if problem:
+                return NotSplit(problem)
             found = read_entry(root, relpath, source=source)
             if isinstance(found, BadEntry):
-                log.warning("%s: ignored", found.reason)
-                continue
+                return NotSplit(found.reason)
             if found is not None:
                 if found.init is None:
                     return NotSplit(found.manifest.reason or found.manifest.decision)
                 return _pair(found)
         return self._split_now(relpath, source)
+
+    def _directory_problem(self, root: Path, kind: str) -> str | None:
+        problem = directory_problem(root)
+        if problem is None:
+            return None
+        message = f"{kind} directory {root} is not trusted for kernel code: {problem}"
+        with self._lock:
+            first = message not in self._reported
+            self._reported.add(message)
+        if first:
+            self._report(f"{message}; modules are loaded plain instead")
+        return message
 
     def _split_now(self, relpath: Path, source: bytes) -> SplitPair | NotSplit:
         # Imported here: pyelftools costs most of a second in a slow VM, and with a
