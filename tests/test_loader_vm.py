@@ -106,6 +106,67 @@ record("initfail", load_two_stage(tests.get(initfail), original=initfail))
 noexit = kmoddir / "isplit_noexit.ko"
 record("noexit", load_two_stage(tests.get(noexit), original=noexit))
 out["noexit_del"] = [try_delete("isplit_noexit__init"), try_delete("isplit_noexit")]
+
+# 7. Recovery after a killed daemon: a stale marker never costs a live module.
+import signal
+from initsplit.loader import twostage
+from initsplit.loader.kernel_state import module_address, module_sections
+from initsplit.loader.recovery import LoadMarkers
+from initsplit.loader.syscalls import finit_module_path
+marks = LoadMarkers(Path("/run/initsplit/loading"))
+marker = Path("/run/initsplit/loading/dummy")
+
+def recover(key):
+    rec = marks.recover()
+    out[key] = {"removed": rec.removed_cores, "pending": rec.pending_init, "problems": rec.problems,
+                "dummy_loaded": "dummy" in proc_modules(), "marker_left": marker.exists()}
+
+def init_sections(name):
+    return sorted(s for s in module_sections(name) or () if s.startswith(".init"))
+
+# 7a. The original loaded plain (as modprobe would) while a stale "core" marker names it.
+finit_module_path(dummy)
+out["plain_init_sections"] = init_sections("dummy")
+out["plain_address"] = module_address("dummy")
+marks.core("dummy", "dummy__init")
+recover("stale_core")
+# 7b. Worse: a "core-loaded" marker recording the very address the original now has.
+marks.core_loaded("dummy", "dummy__init")
+out["stale_core_loaded_marker"] = marker.read_text()
+recover("stale_core_loaded")
+out["plain_del"] = try_delete("dummy")
+
+# 7c/7d. A daemon SIGKILLed mid-load (a forked child doing a real two-stage load):
+# between C and I ("core-loaded" written), and before "core-loaded" was written.
+def killed(key, patch):
+    pair = fresh.get(dummy)
+    pid = os.fork()
+    if pid == 0:
+        patch(pair)
+        load_two_stage(pair, original=dummy, markers=marks)
+        os._exit(0)
+    pair.close()
+    _, status = os.waitpid(pid, 0)
+    out[key + "_signal"] = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    out[key + "_marker"] = marker.read_text() if marker.exists() else None
+    out[key + "_modules"] = sorted(m for m in proc_modules() if m.startswith("dummy"))
+    out[key + "_core_init_sections"] = init_sections("dummy")
+    out[key + "_core_address"] = module_address("dummy")
+    recover(key)
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def kill_before_init_module(pair):
+    real = twostage.finit_module
+    twostage.finit_module = lambda fd, params="", **kw: die() if fd == pair.init.fileno() \
+        else real(fd, params, **kw)
+
+def kill_before_core_loaded(pair):
+    LoadMarkers.core_loaded = lambda self, name, init_name: die()
+
+killed("killed_core_loaded", kill_before_init_module)
+killed("killed_core", kill_before_core_loaded)
 out["fds_after"] = sorted(os.listdir("/proc/self/fd"))
 print("@@RESULT@@" + json.dumps(out))
 """
@@ -194,6 +255,37 @@ def test_genuine_init_failure_reported_like_modprobe(result: dict) -> None:
 def test_no_cleanup_core_stays(result: dict) -> None:
     assert result["noexit"]["mode"] == "two-stage", result["noexit"]
     assert result["noexit_del"] == ["ok", "EBUSY"]
+
+
+def test_plain_original_lists_its_init_sections_and_our_core_none(result: dict) -> None:
+    # The identity test recovery relies on (kernel/module/sysfs.c add_sect_attrs()):
+    # the list survives the freeing of the init layout for the module's whole life.
+    assert ".init.text" in result["plain_init_sections"], result["plain_init_sections"]
+    assert result["killed_core_loaded_core_init_sections"] == []
+    assert result["plain_address"] and result["killed_core_loaded_core_address"]
+
+
+def test_recovery_leaves_a_plain_original_under_a_stale_marker(result: dict) -> None:
+    for key in ("stale_core", "stale_core_loaded"):
+        rec = result[key]
+        assert rec["dummy_loaded"] and rec["removed"] == [], (key, rec)
+        assert "it is the original, loaded plain by someone else" in rec["problems"][0], (key, rec)
+        assert not rec["marker_left"], (key, rec)
+    assert result["stale_core_loaded_marker"] == f"core-loaded dummy__init {result['plain_address']:#x}\n"
+    assert result["plain_del"] == "ok"
+
+
+def test_recovery_removes_our_inert_core_after_a_kill(result: dict) -> None:
+    address = result["killed_core_loaded_core_address"]
+    assert result["killed_core_loaded_signal"] == 9
+    assert result["killed_core_loaded_marker"] == f"core-loaded dummy__init {address:#x}\n"
+    assert result["killed_core_signal"] == 9
+    assert result["killed_core_marker"] == "core dummy__init\n"
+    for key in ("killed_core_loaded", "killed_core"):
+        assert result[key + "_modules"] == ["dummy"], (key, result[key + "_modules"])  # C only
+        rec = result[key]
+        assert rec["removed"] == ["dummy"] and rec["problems"] == [], (key, rec)
+        assert not rec["dummy_loaded"] and not rec["marker_left"], (key, rec)
 
 
 def test_no_descriptor_left_open(result: dict) -> None:

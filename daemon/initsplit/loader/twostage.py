@@ -100,6 +100,10 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
             markers.plain(pair.name)
         return _retry_plain(pair.name, original, params, started,
                             f"core module refused: {os.strerror(exc.errno or 0)}")
+    if markers:
+        # From here a restarted daemon must be able to tell our C from an original
+        # someone else loads under the same name once C is gone (recovery.py).
+        markers.core_loaded(pair.name, pair.init_name)
     faults.hit("after-core", pair.name)
     try:
         finit_module(pair.init.fileno(), "")
