@@ -62,7 +62,7 @@ import json, os, shutil, sys, time
 from pathlib import Path
 share = Path(sys.argv[1])
 sys.path.insert(0, sys.argv[2] + "/daemon")
-from initsplit.loader.syscalls import delete_module, finit_module
+from initsplit.loader.syscalls import delete_module, finit_module_path as finit_module
 
 plan = json.loads((share / "plan.json").read_text())
 mods = Path(os.environ.get("TMPDIR", "/run/tmp")) / "mods"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from initsplit.cache import MANIFEST_SUFFIX, read_entry
+from initsplit.cache import MANIFEST_SUFFIX, BadEntry, CacheHit, read_entry
 
 from initsplit import cli, tree
 from initsplit.elf import read_elf
@@ -76,11 +76,13 @@ def test_split_writes_a_manifest_per_decided_module(small_tree: Path, tmp_path: 
     for relative, (outcome, _init) in MODULES.items():
         source = (small_tree / relative).read_bytes()
         hit = read_entry(out, Path(relative), source=source)
-        assert hit is not None, relative
-        assert hit.manifest.decision == outcome, (relative, hit.manifest)
-        assert (hit.init is not None) == (outcome == "split")
+        assert isinstance(hit, CacheHit), (relative, hit)
+        with hit:
+            assert hit.manifest.decision == outcome, (relative, hit.manifest)
+            assert (hit.init is not None) == (outcome == "split")
         # A manifest never vouches for another source.
-        assert read_entry(out, Path(relative), source=source + b"x") is None
+        stale = read_entry(out, Path(relative), source=source + b"x")
+        assert isinstance(stale, BadEntry) and "is stale" in stale.reason, stale
 
 
 def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:

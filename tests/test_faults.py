@@ -15,6 +15,7 @@ import pytest
 
 from initsplit import faults
 from tests.test_service_settle import Request, Source, make_service
+from tests.trusted_dir import trusted_tmp  # noqa: F401  (pytest fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -140,34 +141,34 @@ def test_request_exception_hands_back_and_gives_back_init_modules(
 
 
 def test_recover_only_clears_markers_of_modules_not_loaded(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        trusted_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     # initsplitd --recover, as initsplitd-handback runs it after an unclean end. The
     # markers name modules that are not loaded: they are dropped and nothing is
     # deleted (the VM tests cover markers of modules really loaded).
     from initsplit.daemon import main as daemon_main
 
-    conf = tmp_path / "etc/initsplit"
+    conf = trusted_tmp / "etc/initsplit"
     conf.mkdir(parents=True)
-    runtime = tmp_path / "run/initsplit"
+    runtime = trusted_tmp / "run/initsplit"
     (conf / "initsplitd.conf").write_text(f"[Daemon]\nRuntimeDir={runtime}\n")
     (runtime / "loading").mkdir(parents=True)
     (runtime / "loading/isplit_absent").write_text("core isplit_absent__init\n")
     (runtime / "loading/isplit_gone").write_text("init-done isplit_gone__init\n")
-    monkeypatch.setattr("initsplit.loader.recovery.proc_modules", lambda: {"ext4": 4096})
-    assert daemon_main.main(["--recover", "--config-root", str(tmp_path), "--kernel-cmdline", ""]) == 0
+    monkeypatch.setattr("initsplit.loader.recovery.proc_modules", lambda *_: {"ext4": 4096})
+    assert daemon_main.main(["--recover", "--config-root", str(trusted_tmp), "--kernel-cmdline", ""]) == 0
     assert list((runtime / "loading").iterdir()) == []
 
 
 def test_recovery_keeps_markers_when_the_kernel_list_is_unreadable(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        trusted_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     from initsplit.loader.recovery import LoadMarkers
 
-    def unreadable() -> dict[str, int]:
+    def unreadable(*_: object) -> dict[str, int]:
         raise FileNotFoundError(2, "No such file or directory")
 
-    markers = LoadMarkers(tmp_path)
+    markers = LoadMarkers(trusted_tmp)
     markers.core("ext4", "ext4__init")
     monkeypatch.setattr("initsplit.loader.recovery.proc_modules", unreadable)
     result = markers.recover()
     assert result.problems == ["cannot read /proc/modules: No such file or directory"]
-    assert (tmp_path / "ext4").read_text() == "core ext4__init\n"
+    assert (trusted_tmp / "ext4").read_text() == "core ext4__init\n"

@@ -38,13 +38,14 @@ from dataclasses import asdict
 from pathlib import Path
 sys.path.insert(0, os.environ["ISPLIT_REPO"] + "/daemon")
 from initsplit.daemon.splits import NotSplit, SplitProvider
+from initsplit.fsio import sealed_memfd
 from initsplit.loader.kernel_state import probe_capabilities, proc_modules
 from initsplit.loader.syscalls import delete_module
 from initsplit.loader.twostage import SplitPair, load_two_stage
 
 moddir = Path(os.environ["ISPLIT_MODDIR"])
 kmoddir = Path(os.environ["ISPLIT_KMODDIR"])
-out = {"caps": asdict(probe_capabilities())}
+out = {"caps": asdict(probe_capabilities()), "fds_before": sorted(os.listdir("/proc/self/fd"))}
 fresh = SplitProvider(modules_dir=moddir, cache_dir=Path("/nonexistent"), runtime_dir=Path("/run/rt"))
 cached = SplitProvider(modules_dir=moddir, cache_dir=Path(os.environ["ISPLIT_CACHE"]),
                        runtime_dir=Path("/run/rt2"))
@@ -53,6 +54,9 @@ tests = SplitProvider(modules_dir=kmoddir, cache_dir=Path("/nonexistent"), runti
 def record(key, load):
     out[key] = asdict(load)
     out[key + "_modules"] = sorted(proc_modules())
+
+def fd_target(f):
+    return os.readlink(f"/proc/self/fd/{f.fileno()}")
 
 def try_delete(name):
     try:
@@ -65,6 +69,8 @@ def try_delete(name):
 dummy = moddir / "kernel/drivers/net/dummy.ko"
 pair = fresh.get(dummy)
 out["dummy_split"] = not isinstance(pair, NotSplit)
+# A split made now is loaded from the validated bytes, in sealed memory files.
+out["dummy_fds"] = [fd_target(pair.core), fd_target(pair.init)]
 record("dummy", load_two_stage(pair, original=dummy, params="numdummies=2"))
 out["dummy_links"] = sorted(os.listdir("/sys/class/net"))
 out["dummy_del_init"] = try_delete("dummy__init")
@@ -74,23 +80,26 @@ out["dummy_del_core"] = try_delete("dummy")
 # 2. loop from the pre-split cache (built on the host), and a tampered cache entry ignored.
 loop = moddir / "kernel/drivers/block/loop.ko"
 pair = cached.get(loop)
-out["loop_from_cache"] = str(getattr(pair, "core", "")).startswith(os.environ["ISPLIT_CACHE"])
+out["loop_from_cache"] = fd_target(pair.core).startswith(os.environ["ISPLIT_CACHE"])
 record("loop", load_two_stage(pair, original=loop))
 out["loop_del"] = [try_delete("loop__init"), try_delete("loop")]
 softdog = moddir / "kernel/drivers/watchdog/softdog.ko"
 pair = cached.get(softdog)
-out["softdog_tampered_ignored"] = not str(getattr(pair, "core", "")).startswith(os.environ["ISPLIT_CACHE"])
+out["softdog_tampered"] = pair.reason if isinstance(pair, NotSplit) else fd_target(pair.core)
+if not isinstance(pair, NotSplit):
+    pair.close()
 
 # 3. An init module the kernel rejects before init: C removed, original loaded plain.
-bad = Path("/run/bad__init.ko")
 good = fresh.get(dummy)
-bad.write_bytes(good.init.read_bytes()[:200])
+bad = sealed_memfd("bad__init.ko", os.pread(good.init.fileno(), 200, 0))
+good.init.close()
 record("bad_init", load_two_stage(SplitPair("dummy", "dummy__init", good.core, bad), original=dummy))
 out["bad_init_del"] = try_delete("dummy")
 
 # 4. A core module the kernel rejects: original loaded plain.
-badcore = Path("/run/badcore.ko")
-badcore.write_bytes(b"not an ELF file")
+good = fresh.get(dummy)
+good.core.close()
+badcore = sealed_memfd("badcore.ko", b"not an ELF file")
 record("bad_core", load_two_stage(SplitPair("dummy", "dummy__init", badcore, good.init), original=dummy))
 out["bad_core_del"] = try_delete("dummy")
 
@@ -125,6 +134,68 @@ out["initfail_calls"] = init_calls()
 noexit = kmoddir / "isplit_noexit.ko"
 record("noexit", load_two_stage(tests.get(noexit), original=noexit))
 out["noexit_del"] = [try_delete("isplit_noexit__init"), try_delete("isplit_noexit")]
+
+# 7. Recovery after a killed daemon: a stale marker never costs a live module.
+import signal
+from initsplit.loader import twostage
+from initsplit.loader.kernel_state import module_address, module_sections
+from initsplit.loader.recovery import LoadMarkers
+from initsplit.loader.syscalls import finit_module_path
+marks = LoadMarkers(Path("/run/initsplit/loading"))
+marker = Path("/run/initsplit/loading/dummy")
+
+def recover(key):
+    rec = marks.recover()
+    out[key] = {"removed": rec.removed_cores, "pending": rec.pending_init, "problems": rec.problems,
+                "dummy_loaded": "dummy" in proc_modules(), "marker_left": marker.exists()}
+
+def init_sections(name):
+    return sorted(s for s in module_sections(name) or () if s.startswith(".init"))
+
+# 7a. The original loaded plain (as modprobe would) while a stale "core" marker names it.
+finit_module_path(dummy)
+out["plain_init_sections"] = init_sections("dummy")
+out["plain_address"] = module_address("dummy")
+marks.core("dummy", "dummy__init")
+recover("stale_core")
+# 7b. Worse: a "core-loaded" marker recording the very address the original now has.
+marks.core_loaded("dummy", "dummy__init")
+out["stale_core_loaded_marker"] = marker.read_text()
+recover("stale_core_loaded")
+out["plain_del"] = try_delete("dummy")
+
+# 7c/7d. A daemon SIGKILLed mid-load (a forked child doing a real two-stage load):
+# between C and I ("core-loaded" written), and before "core-loaded" was written.
+def killed(key, patch):
+    pair = fresh.get(dummy)
+    pid = os.fork()
+    if pid == 0:
+        patch(pair)
+        load_two_stage(pair, original=dummy, markers=marks)
+        os._exit(0)
+    pair.close()
+    _, status = os.waitpid(pid, 0)
+    out[key + "_signal"] = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    out[key + "_marker"] = marker.read_text() if marker.exists() else None
+    out[key + "_modules"] = sorted(m for m in proc_modules() if m.startswith("dummy"))
+    out[key + "_core_init_sections"] = init_sections("dummy")
+    out[key + "_core_address"] = module_address("dummy")
+    recover(key)
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def kill_before_init_module(pair):
+    real = twostage.finit_module
+    twostage.finit_module = lambda fd, params="", **kw: die() if fd == pair.init.fileno() \
+        else real(fd, params, **kw)
+
+def kill_before_core_loaded(pair):
+    LoadMarkers.core_loaded = lambda self, name, init_name: die()
+
+killed("killed_core_loaded", kill_before_init_module)
+killed("killed_core", kill_before_core_loaded)
+out["fds_after"] = sorted(os.listdir("/proc/self/fd"))
 print("@@RESULT@@" + json.dumps(out))
 """
 
@@ -199,6 +270,9 @@ def test_two_stage_load_with_parameter(result: dict) -> None:
     assert load["core_bytes"] and load["init_bytes"], load
     assert {"dummy", "dummy__init"} <= set(result["dummy_modules"])
     assert {"dummy0", "dummy1"} <= set(result["dummy_links"])  # numdummies=2 reached C
+    # finit_module(2) accepts a sealed memfd (kernel_read_file() needs S_ISREG and
+    # deny_write_access(); a memfd is a shmem regular file with no writer).
+    assert all(t.startswith("/memfd:") for t in result["dummy_fds"]), result["dummy_fds"]
     assert result["dummy_del_init"] == "ok" and result["dummy_del_core"] == "ok"
     assert "dummy__init" not in result["dummy_after_init_deleted"]
 
@@ -207,7 +281,8 @@ def test_presplit_cache_used_and_tampered_entry_ignored(result: dict) -> None:
     assert result["loop_from_cache"]
     assert result["loop"]["mode"] == "two-stage", result["loop"]
     assert result["loop_del"] == ["ok", "ok"]
-    assert result["softdog_tampered_ignored"]
+    # A tampered entry is never loaded, nor silently replaced by a split made now.
+    assert "softdog.ko does not match its manifest" in result["softdog_tampered"], result
 
 
 def test_rejected_init_module_falls_back_to_plain(result: dict) -> None:
@@ -247,6 +322,41 @@ def test_genuine_init_failure_reported_like_modprobe(result: dict, loader_boot: 
 def test_no_cleanup_core_stays(result: dict) -> None:
     assert result["noexit"]["mode"] == "two-stage", result["noexit"]
     assert result["noexit_del"] == ["ok", "EBUSY"]
+
+
+def test_plain_original_lists_its_init_sections_and_our_core_none(result: dict) -> None:
+    # The identity test recovery relies on (kernel/module/sysfs.c add_sect_attrs()):
+    # the list survives the freeing of the init layout for the module's whole life.
+    assert ".init.text" in result["plain_init_sections"], result["plain_init_sections"]
+    assert result["killed_core_loaded_core_init_sections"] == []
+    assert result["plain_address"] and result["killed_core_loaded_core_address"]
+
+
+def test_recovery_leaves_a_plain_original_under_a_stale_marker(result: dict) -> None:
+    for key in ("stale_core", "stale_core_loaded"):
+        rec = result[key]
+        assert rec["dummy_loaded"] and rec["removed"] == [], (key, rec)
+        assert "it is the original, loaded plain by someone else" in rec["problems"][0], (key, rec)
+        assert not rec["marker_left"], (key, rec)
+    assert result["stale_core_loaded_marker"] == f"core-loaded dummy__init {result['plain_address']:#x}\n"
+    assert result["plain_del"] == "ok"
+
+
+def test_recovery_removes_our_inert_core_after_a_kill(result: dict) -> None:
+    address = result["killed_core_loaded_core_address"]
+    assert result["killed_core_loaded_signal"] == 9
+    assert result["killed_core_loaded_marker"] == f"core-loaded dummy__init {address:#x}\n"
+    assert result["killed_core_signal"] == 9
+    assert result["killed_core_marker"] == "core dummy__init\n"
+    for key in ("killed_core_loaded", "killed_core"):
+        assert result[key + "_modules"] == ["dummy"], (key, result[key + "_modules"])  # C only
+        rec = result[key]
+        assert rec["removed"] == ["dummy"] and rec["problems"] == [], (key, rec)
+        assert not rec["dummy_loaded"] and not rec["marker_left"], (key, rec)
+
+
+def test_no_descriptor_left_open(result: dict) -> None:
+    assert result["fds_after"] == result["fds_before"]
 
 
 def test_loader_boot_clean(loader_boot: BootResult) -> None:

@@ -119,3 +119,17 @@ def test_sigusr1_settles_the_running_daemon(tmp_path: Path) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     assert reporter.loaded == ["fs-ext4"]
     assert (tmp_path / "settled").exists()
+
+
+def test_settled_flag_is_not_written_through_a_planted_symlink(tmp_path: Path) -> None:
+    # The old writer used the predictable temp name .settled.PID and followed a symlink there.
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / f".settled.{os.getpid()}").symlink_to(victim)
+    source = Source()
+    service, _ = make_service(tmp_path, source)
+    service.settle()
+    service.scheduler.shutdown()
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "settled").is_symlink()
+    assert (tmp_path / "settled").read_text() == f"{os.getpid()}\n"

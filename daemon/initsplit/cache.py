@@ -10,13 +10,18 @@ the daemon keeps the splits it makes on the fly in the same layout under /run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import tempfile
+import stat
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
+
+from .fsio import (OpenFile, Untrusted, atomic_write, make_dirs, open_checked, ownership_problem,
+                   read_fd, sha256_fd)
 
 MANIFEST_SUFFIX = ".initsplit"
 FORMAT = 1
@@ -49,33 +54,15 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and rename it into place.
-
-    Readers (modprobe, the daemon) see either the old file or the whole new one.
-    No fsync: the cache is derived data that a rerun regenerates.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600; modules are world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision, reason: str = "",
                 name: str = "", init_name: str = "", core: bytes = b"", init: bytes = b"",
                 plain_core_bytes: int = 0, init_layout_pages: int = 0) -> Manifest:
     """Write one cache entry (files first, manifest last)."""
     core_path = root / relpath
     manifest_path(root, relpath).unlink(missing_ok=True)
+    # Never group- or world-writable, whatever the umask: the daemon refuses
+    # entries below such a directory.
+    make_dirs(core_path.parent)
     init_file = ""
     if decision == "split":
         init_file = f"{init_name}.ko"
@@ -101,34 +88,146 @@ def remove_entry(root: Path, relpath: Path, init_name: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class BadEntry:
+    """An entry that exists but must not be used, and why ("cache entry X is a symlink")."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class CacheHit:
+    """A usable entry. For a split, core and init are open: the caller loads from them and closes."""
+
     manifest: Manifest
-    core: Path
-    init: Path | None
+    core: OpenFile | None = None
+    init: OpenFile | None = None
+
+    def close(self) -> None:
+        for f in (self.core, self.init):
+            if f is not None:
+                f.close()
+
+    def __enter__(self) -> CacheHit:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
-def read_entry(root: Path, relpath: Path, *, source: bytes) -> CacheHit | None:
-    """The entry for *relpath* if it exists, is complete, and was made from *source*."""
-    core_path = root / relpath
+# A manifest is a few hundred bytes; anything this large is not one.
+_MANIFEST_LIMIT = 1 << 16
+
+
+def read_entry(root: Path, relpath: Path, *, source: bytes) -> CacheHit | BadEntry | None:
+    """The entry for *relpath* if it exists, is complete, and was made from *source*.
+
+    None: there is no entry (no manifest). BadEntry: there is one, but it must not
+    be used. Every file is opened once (fsio.open_checked) and checked, hashed and
+    returned as that descriptor, so the bytes checked here are the bytes the kernel
+    is given; nothing is opened again by path.
+
+    The directories from *root* down to the entry must be real directories only
+    root or the daemon can write; *root* itself and everything above it is the
+    caller's to check (fsio.directory_problem), once per root rather than per entry.
+    """
+    problem = _entry_directory_problem(root, relpath)
+    if problem:
+        return BadEntry(f"cache entry directory {problem}")
+    path = manifest_path(root, relpath)
     try:
-        raw = json.loads(manifest_path(root, relpath).read_bytes())
-        manifest = Manifest(**raw)
-    except (OSError, ValueError, TypeError):
+        with open_checked(path) as f:
+            raw = read_fd(f.fileno(), limit=_MANIFEST_LIMIT)
+    except FileNotFoundError:
         return None
-    if manifest.format != FORMAT or manifest.source_size != len(source):
-        return None
-    if manifest.source_sha256 != digest(source):
-        return None
+    except Untrusted as exc:
+        return BadEntry(f"cache entry {exc}")
+    except OSError as exc:
+        return BadEntry(f"cache entry {path}: {exc.strerror}")
+    try:
+        manifest = parse_manifest(raw)
+    except ValueError as exc:
+        return BadEntry(f"cache entry {path} is corrupt: {exc}")
+    problem = _manifest_problem(manifest, source)
+    if problem:
+        return BadEntry(f"cache entry {path} {problem}")
     if manifest.decision != "split":
-        return CacheHit(manifest, core_path, None)
-    init_path = core_path.with_name(manifest.init_file)
-    if "/" in manifest.init_file or not manifest.init_file.endswith("__init.ko"):
-        return None
-    # The loader hands these paths to the kernel: make sure they are what was written.
+        return CacheHit(manifest)
+    return _open_split(root / relpath, manifest)
+
+
+def _entry_directory_problem(root: Path, relpath: Path) -> str | None:
+    directory = root
+    for part in relpath.parent.parts:
+        directory = directory / part
+        try:
+            info = os.lstat(directory)
+        except FileNotFoundError:
+            return None  # no entry below: read_entry finds no manifest
+        except OSError as exc:
+            return f"{directory}: {exc.strerror}"
+        if stat.S_ISLNK(info.st_mode):
+            return f"{directory} is a symlink"  # `initsplit split` writes none
+        if not stat.S_ISDIR(info.st_mode):
+            return f"{directory} is not a directory"
+        problem = ownership_problem(info)
+        if problem:
+            return f"{directory} {problem}"
+    return None
+
+
+def parse_manifest(raw: bytes) -> Manifest:
+    """The manifest in *raw*; ValueError says what is wrong with it."""
     try:
-        if digest(core_path.read_bytes()) != manifest.core_sha256 or \
-                digest(init_path.read_bytes()) != manifest.init_sha256:
-            return None
-    except OSError:
+        fields = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(fields, dict):
+        raise ValueError("not a JSON object")
+    try:
+        manifest = Manifest(**fields)
+    except TypeError as exc:
+        raise ValueError(str(exc).replace("Manifest.__init__() ", "")) from None
+    for field in dataclasses.fields(Manifest):
+        value = getattr(manifest, field.name)
+        wanted = int if field.type == "int" else str
+        if type(value) is not wanted:  # noqa: E721  (bool is an int, and no field is one)
+            raise ValueError(f"{field.name} is {type(value).__name__}, not {wanted.__name__}")
+    if manifest.decision not in ("split", "nothing", "refused"):
+        raise ValueError(f"unknown decision {manifest.decision!r}")
+    return manifest
+
+
+def _manifest_problem(manifest: Manifest, source: bytes) -> str | None:
+    if manifest.format != FORMAT:
+        return f"has format {manifest.format}, not {FORMAT}"
+    if manifest.source_size != len(source) or manifest.source_sha256 != digest(source):
+        return "is stale: it was made from another version of the module"
+    if manifest.decision != "split":
         return None
-    return CacheHit(manifest, core_path, init_path)
+    # The init module must be the file beside the core that this manifest's own
+    # init module name gives, never another module's nor a path elsewhere.
+    expected = f"{manifest.init_name}.ko"
+    if not manifest.init_name.endswith("__init") or "/" in manifest.init_name \
+            or manifest.init_file != expected:
+        return f"names init module file {manifest.init_file!r} (expected {expected!r})"
+    return None
+
+
+def _open_split(core_path: Path, manifest: Manifest) -> CacheHit | BadEntry:
+    wanted = ((core_path, manifest.core_size, manifest.core_sha256),
+              (core_path.with_name(manifest.init_file), manifest.init_size, manifest.init_sha256))
+    with ExitStack() as opened:  # closes what was opened unless the hit is returned
+        files: list[OpenFile] = []
+        for path, size, sha256 in wanted:
+            try:
+                f = opened.enter_context(open_checked(path))
+                if sha256_fd(f.fileno()) != (sha256, size):
+                    return BadEntry(f"cache entry {path} does not match its manifest "
+                                    "(changed since it was split)")
+            except Untrusted as exc:
+                return BadEntry(f"cache entry {exc}")
+            except OSError as exc:
+                return BadEntry(f"cache entry {path}: {exc.strerror}")
+            files.append(f)
+        opened.pop_all()
+        return CacheHit(manifest, files[0], files[1])

@@ -353,7 +353,9 @@ done < /isplit/shares
 for d in proc sys dev; do mount --bind /$d /host/$d; done
 # The host's /tmp stays visible (a checkout or test files may live there); the
 # guest's scratch space is a tmpfs on /run, and TMPDIR points programs at it.
-mount -t tmpfs tmpfs /host/run
+# mode=755 as systemd mounts /run (a bare tmpfs is 1777, where initsplitd rightly
+# refuses to keep kernel code).
+mount -t tmpfs -o mode=755 tmpfs /host/run
 mkdir -p /host/run/tmp
 hostrun() { TMPDIR=/run/tmp chroot /host "$@"; }
 """

@@ -35,6 +35,13 @@ Kernel command line (:func:`kernel_command_line_overrides`), applied after the f
 Each also exists with an ``rd.`` prefix that is honoured only in the initramfs, and
 ``-``/``_`` are interchangeable in the names, both as with systemd's own switches.
 Parameters after a lone ``--`` belong to init, not the kernel, and are ignored.
+
+``CacheDir=`` and ``RuntimeDir=`` name where the daemon finds (and keeps) unsigned
+kernel code. Here they only have to be absolute paths: they need not exist yet. The
+daemon trusts them when it uses them (daemon/splits.py), and only if the directory
+and every directory above it is owned by root (or the daemon's user) and not group-
+or world-writable; a sticky /tmp-like directory does not qualify. Otherwise the
+reason is logged once and modules are loaded plain.
 """
 
 from __future__ import annotations
@@ -103,6 +110,8 @@ class Config:
     exit_after_quiet_sec: float = 30.0
     # Module names (with "_", as the kernel spells them) always loaded plain.
     exclude: tuple[str, ...] = ()
+    # Pre-split modules, and where splits made at boot are kept; both must be
+    # trusted directories when used (see the module docstring).
     cache_dir: Path = Path("/usr/lib/initsplit/cache")
     runtime_dir: Path = Path("/run/initsplit")
     # Highest syslog priority number still reported (6 = info).

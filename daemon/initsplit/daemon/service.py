@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import faults
+from ..fsio import atomic_write
 from ..loader.recovery import LoadMarkers, delete_init_modules
 from ..loader.results import ModuleLoad, UnloadBatch, UnloadTrigger
 from ..loader.twostage import load_plain, load_two_stage
@@ -295,10 +296,7 @@ class Service:
         if flag is None:
             return
         try:
-            flag.parent.mkdir(parents=True, exist_ok=True)
-            tmp = flag.with_name(f".{flag.name}.{os.getpid()}")
-            tmp.write_text(f"{os.getpid()}\n")
-            tmp.replace(flag)
+            atomic_write(flag, f"{os.getpid()}\n".encode(), make_parents=True)
         except OSError as exc:
             self.reporter.log(4, f"cannot create {flag}: {exc.strerror}")
 

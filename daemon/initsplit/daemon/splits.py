@@ -1,12 +1,30 @@
-"""Where the daemon gets a module's split from: the pre-split cache, or a split made now."""
+"""Where the daemon gets a module's split from: the pre-split cache, or a split made now.
+
+Whatever the source, the pair handed to the loader holds open descriptors of the
+very bytes that were checked: a cache entry's files as opened and hashed by
+cache.read_entry, or, for a split made now, the validated bytes themselves in
+sealed memory files. The loader never opens a split module by path.
+
+The daemon loads unsigned kernel code from the cache and runtime directories, so
+it trusts them only as far as nobody but root (or the daemon's own user) could
+have written them: the directory and every directory above it (fsio.directory_problem),
+the entry's directories and its files (cache.read_entry). Anything else costs a
+plain load of the original with the reason; a directory's reason is also logged
+once, since it concerns every module.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..cache import CacheHit, read_entry, write_entry
+from ..cache import BadEntry, CacheHit, read_entry, write_entry
+from ..fsio import directory_problem, sealed_memfd
 from ..loader.twostage import SplitPair
 
 log = logging.getLogger(__name__)
@@ -22,12 +40,18 @@ class NotSplit:
 class SplitProvider:
     """Finds or makes the split of a module, refusing anything outside the module tree."""
 
-    def __init__(self, *, modules_dir: Path, cache_dir: Path, runtime_dir: Path) -> None:
+    def __init__(self, *, modules_dir: Path, cache_dir: Path, runtime_dir: Path,
+                 report: Callable[[str], None] | None = None) -> None:
         self.modules_dir = modules_dir.resolve()
         self.cache_dir = cache_dir
         self.runtime_dir = runtime_dir
+        # Where a directory's problem is said once (the daemon's stderr goes to the journal).
+        self._report = report or log.warning
+        self._reported: set[str] = set()
+        self._lock = threading.Lock()  # get() runs on the worker threads
 
     def get(self, module_path: Path) -> SplitPair | NotSplit:
+        """The split of *module_path*; a SplitPair must be closed (load_two_stage does)."""
         try:
             real = module_path.resolve(strict=True)
             relpath = real.relative_to(self.modules_dir)
@@ -39,13 +63,31 @@ class SplitProvider:
             source = real.read_bytes()
         except OSError as exc:
             return NotSplit(f"cannot read {real}: {exc.strerror}")
-        for root in (self.cache_dir, self.runtime_dir):
-            hit = read_entry(root, relpath, source=source)
-            if hit is not None:
-                if hit.init is None:
-                    return NotSplit(hit.manifest.reason or hit.manifest.decision)
-                return _pair(hit)
+        for root, kind in ((self.cache_dir, "cache"), (self.runtime_dir, "runtime")):
+            # Checked at every use, not once: a directory can change while we run.
+            problem = self._directory_problem(root, kind)
+            if problem:
+                return NotSplit(problem)
+            found = read_entry(root, relpath, source=source)
+            if isinstance(found, BadEntry):
+                return NotSplit(found.reason)
+            if found is not None:
+                if found.init is None:
+                    return NotSplit(found.manifest.reason or found.manifest.decision)
+                return _pair(found)
         return self._split_now(relpath, source)
+
+    def _directory_problem(self, root: Path, kind: str) -> str | None:
+        problem = directory_problem(root)
+        if problem is None:
+            return None
+        message = f"{kind} directory {root} is not trusted for kernel code: {problem}"
+        with self._lock:
+            first = message not in self._reported
+            self._reported.add(message)
+        if first:
+            self._report(f"{message}; modules are loaded plain instead")
+        return message
 
     def _split_now(self, relpath: Path, source: bytes) -> SplitPair | NotSplit:
         # Imported here: pyelftools costs most of a second in a slow VM, and with a
@@ -60,32 +102,43 @@ class SplitProvider:
         except Exception as exc:  # a splitter bug must cost a plain load, not the boot
             log.exception("splitting %s failed", relpath)
             return NotSplit(f"splitter error: {type(exc).__name__}: {exc}")
+        if decision.outcome == "nothing":
+            self._keep(relpath, source=source, decision="nothing", reason="nothing to split")
+            return NotSplit("nothing to split")
+        if decision.outcome == "refused":
+            why = f"refused: {decision.reason}" + (f": {decision.detail}" if decision.detail else "")
+            self._keep(relpath, source=source, decision="refused", reason=why)
+            return NotSplit(why)
+        if decision.outcome != "split" or decision.split is None:
+            return NotSplit(f"split failed validation: {decision.reason}")
+        result = decision.split
+        figures = layout_figures(decision.original, result)
+        self._keep(relpath, source=source, decision="split", name=result.name,
+                   init_name=result.init_name, core=result.core, init=result.init, **figures)
+        # Loaded from the bytes the validator checked, not from the copy just written.
         try:
-            if decision.outcome == "nothing":
-                write_entry(self.runtime_dir, relpath, source=source, decision="nothing",
-                            reason="nothing to split")
-                return NotSplit("nothing to split")
-            if decision.outcome == "refused":
-                why = f"refused: {decision.reason}" + (f": {decision.detail}" if decision.detail else "")
-                write_entry(self.runtime_dir, relpath, source=source, decision="refused", reason=why)
-                return NotSplit(why)
-            if decision.outcome != "split" or decision.split is None:
-                return NotSplit(f"split failed validation: {decision.reason}")
-            result = decision.split
-            write_entry(self.runtime_dir, relpath, source=source, decision="split",
-                        name=result.name, init_name=result.init_name, core=result.core,
-                        init=result.init, **layout_figures(decision.original, result))
+            with ExitStack() as opened:
+                core = opened.enter_context(sealed_memfd(f"{result.name}.ko", result.core))
+                init = opened.enter_context(sealed_memfd(f"{result.init_name}.ko", result.init))
+                opened.pop_all()
         except OSError as exc:
-            return NotSplit(f"cannot write split to {self.runtime_dir}: {exc.strerror}")
-        hit = read_entry(self.runtime_dir, relpath, source=source)
-        if hit is None or hit.init is None:
-            return NotSplit("split written but not readable back")
-        return _pair(hit)
+            return NotSplit(f"cannot hold the split in memory: {exc.strerror}")
+        return SplitPair(result.name, result.init_name, core, init,
+                         init_pages=figures["init_layout_pages"] or None,
+                         plain_core_bytes=figures["plain_core_bytes"] or None)
+
+    def _keep(self, relpath: Path, **entry: Any) -> None:
+        """Write a decision to the runtime directory for the next daemon (after switch-root)."""
+        try:
+            write_entry(self.runtime_dir, relpath, **entry)
+        except OSError as exc:
+            log.warning("cannot keep the split of %s in %s: %s", relpath, self.runtime_dir,
+                        exc.strerror)
 
 
 def _pair(hit: CacheHit) -> SplitPair:
     manifest = hit.manifest
-    assert hit.init is not None
+    assert hit.core is not None and hit.init is not None
     return SplitPair(manifest.name, manifest.init_name, hit.core, hit.init,
                      init_pages=manifest.init_layout_pages or None,
                      plain_core_bytes=manifest.plain_core_bytes or None)

@@ -1,8 +1,9 @@
-"""What the running kernel allows: module unloading, unsigned modules, and its module sizes."""
+"""What the running kernel allows (module unloading, unsigned modules) and what it says about loaded modules."""
 
 from __future__ import annotations
 
 import errno
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,3 +75,36 @@ def proc_modules(path: Path = Path("/proc/modules")) -> dict[str, int]:
 def module_state(name: str, *, sys_root: Path = Path("/sys")) -> str | None:
     """"live", "coming", "going", or None when the module is not loaded (or built in)."""
     return _read(sys_root / "module" / name / "initstate")
+
+
+def module_sections(name: str, *, sys_root: Path = Path("/sys")) -> frozenset[str] | None:
+    """The module's sections as the kernel lists them, or None when it lists none.
+
+    kernel/module/sysfs.c add_sect_attrs() (Debian 6.1) makes one entry in
+    /sys/module/NAME/sections for every section that sect_empty() does not skip
+    (kernel/module/internal.h: SHF_ALLOC and not empty) when the module is loaded,
+    and only mod_sysfs_teardown() removes them, when the module is freed:
+    do_init_module() frees the init layout but keeps the list, so a module
+    loaded with .init.text lists it for its whole life. None without
+    CONFIG_KALLSYMS, or when the kernel could not allocate the list.
+    """
+    try:
+        return frozenset(os.listdir(sys_root / "module" / name / "sections"))
+    except OSError:
+        return None
+
+
+def module_address(name: str, *, sys_root: Path = Path("/sys")) -> int | None:
+    """Where the module's struct module lives, or None when the kernel does not say.
+
+    The section .gnu.linkonce.this_module is the struct module itself
+    (kernel/module/main.c layout_and_allocate(): mod = sechdrs[index.mod].sh_addr).
+    module_sect_read() shows 0 to a reader without kallsyms_show_value() (CAP_SYSLOG,
+    kptr_restrict < 2): no address then.
+    """
+    text = _read(sys_root / "module" / name / "sections" / ".gnu.linkonce.this_module")
+    try:
+        address = int(text or "0", 16)
+    except ValueError:
+        return None
+    return address or None

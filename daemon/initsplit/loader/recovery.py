@@ -1,17 +1,30 @@
 """Per-module load markers, so a daemon killed mid-load leaves nothing half-loaded.
 
-Before the core module goes in, the daemon writes a marker; it rewrites it when the
-init module's init has succeeded (or when it falls back to a plain load) and
-removes it when the load is over. A restarted daemon reads the markers first:
+The protocol. One file per module, DIR/NAME (DIR is /run/initsplit/loading), always
+replaced whole (fsio.atomic_write: temp file, rename), holding one line:
 
-* "core": the core module may be in but its init never ran (the init module failed
-  or was never loaded). If the init module is loaded, its init did succeed (the
-  kernel finishes finit_module even for a killed caller) and it is only pending
-  deletion. Otherwise the core is inert (->init and ->exit NULL) and is deleted so
-  coldplug loads the module afresh.
-* "init-done": the init module, if still loaded, is pending deletion; the marker
-  is removed once the batch has deleted it.
-* "plain": the original is (being) loaded plain; leave it alone.
+* ``core INIT``: written before the core module C goes in; C may or may not be in.
+* ``core-loaded INIT ADDR``: C is in, and the kernel put its struct module at ADDR
+  (hex, from /sys/module/NAME/sections/.gnu.linkonce.this_module; ``-`` when the
+  kernel hides addresses). Recorded right after finit_module(C) returned.
+* ``init-done INIT``: the init module I's init succeeded; kept until the batch has
+  deleted I, so a daemon killed in between leaves I to the next one.
+* ``plain``: the original is (being) loaded plain; it is left alone.
+
+The marker is removed when the load is over. A restarted daemon, before coldplug:
+
+* I is loaded (whatever the state): its init succeeded (the kernel finishes
+  finit_module even for a killed caller) and only its deletion is pending.
+* ``core`` or ``core-loaded`` and NAME is loaded: NAME is deleted only when it is
+  provably our inert C (->init and ->exit NULL, nothing to undo), so that coldplug
+  loads the module afresh. It may instead be the original, loaded plain by someone
+  else (the kernel's request_module -> modprobe, systemd-modules-load, udev once the
+  daemon was gone) after our C was removed or never got in; deleting that would run
+  its cleanup under a live driver. See _not_our_core() for the identity test.
+* Anything else: nothing of ours is loaded; the marker goes.
+
+Temp files an interrupted write left (``.NAME.*.tmp``) are removed. A marker
+directory that anyone but root (or our user) could write is not acted upon.
 """
 
 from __future__ import annotations
@@ -23,9 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import faults
-from .kernel_state import proc_modules
+from ..fsio import Untrusted, atomic_write, directory_problem, is_leftover_temp, open_checked, read_fd
+from .kernel_state import module_address, module_sections, proc_modules
 from .results import UnloadBatch, UnloadTrigger
 from .syscalls import delete_module
+
+_MARKER_LIMIT = 4096
+_NO_ADDRESS = "-"
 
 
 @dataclass(slots=True)
@@ -36,21 +53,48 @@ class Recovery:
     problems: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Marker:
+    state: str
+    init_name: str = ""
+    # C's struct module address recorded by "core-loaded", when the kernel showed it.
+    address: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> _Marker:
+        words = text.split()
+        address = None
+        if len(words) > 2 and words[2] != _NO_ADDRESS:
+            try:
+                address = int(words[2], 16)
+            except ValueError:
+                pass
+        return cls(words[0] if words else "", words[1] if len(words) > 1 else "", address)
+
+
 class LoadMarkers:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, sys_root: Path = Path("/sys"),
+                 proc_root: Path = Path("/proc")) -> None:
         self.directory = directory
+        self.sys_root = sys_root
+        self.proc_root = proc_root
 
     def _path(self, name: str) -> Path:
         return self.directory / name
 
     def _write(self, name: str, text: str) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self._path(name))
+        atomic_write(self._path(name), text.encode(), make_parents=True)
 
     def core(self, name: str, init_name: str) -> None:
         self._write(name, f"core {init_name}\n")
+
+    def core_loaded(self, name: str, init_name: str) -> None:
+        """C is in: record where the kernel put it, so recovery can tell it from the original."""
+        address = module_address(name, sys_root=self.sys_root)
+        try:
+            self._write(name, f"core-loaded {init_name} {_NO_ADDRESS if address is None else hex(address)}\n")
+        except OSError:
+            pass  # the "core" marker stays: the section test alone still tells C apart
 
     def init_done(self, name: str, init_name: str) -> None:
         self._write(name, f"init-done {init_name}\n")
@@ -67,40 +111,87 @@ class LoadMarkers:
     def recover(self) -> Recovery:
         result = Recovery()
         try:
-            entries = sorted(p for p in self.directory.iterdir() if not p.name.startswith("."))
+            names = sorted(os.listdir(self.directory))
         except FileNotFoundError:
             return result
+        problem = directory_problem(self.directory)
+        if problem:
+            result.problems.append(f"load markers in {self.directory} not used: {problem}")
+            return result
         try:
-            loaded = proc_modules()
+            loaded = proc_modules(self.proc_root / "modules")
         except OSError as exc:
             # Without the kernel's list nothing can be told apart: keep every marker.
             result.problems.append(f"cannot read /proc/modules: {exc.strerror}")
             return result
-        for marker in entries:
-            name = marker.name
-            try:
-                words = marker.read_text().split()
-            except OSError as exc:
-                result.problems.append(f"{name}: unreadable marker: {exc.strerror}")
-                continue
-            state = words[0] if words else ""
-            init_name = words[1] if len(words) > 1 else ""
-            if state in ("core", "init-done") and init_name in loaded:
-                # Its init succeeded; the marker stays until the batch deletes it.
-                result.pending_init.append((name, init_name))
-                self.init_done(name, init_name)
-                continue
-            elif state == "core" and name in loaded:
-                try:
-                    delete_module(name)
-                    result.removed_cores.append(name)
-                except OSError as exc:
-                    if exc.errno != errno.ENOENT:
-                        result.problems.append(f"{name}: inert core module could not be removed: "
-                                               f"{os.strerror(exc.errno or 0)}")
-                        continue
-            marker.unlink(missing_ok=True)
+        for name in names:
+            if is_leftover_temp(name):
+                self._path(name).unlink(missing_ok=True)
+            elif not name.startswith("."):
+                self._recover_one(name, loaded, result)
         return result
+
+    def _recover_one(self, name: str, loaded: dict[str, int], result: Recovery) -> None:
+        path = self._path(name)
+        try:
+            with open_checked(path) as f:
+                marker = _Marker.parse(read_fd(f.fileno(), limit=_MARKER_LIMIT).decode(errors="replace"))
+        except Untrusted as exc:
+            result.problems.append(f"{name}: marker not used: {exc}")
+            return
+        except OSError as exc:
+            result.problems.append(f"{name}: unreadable marker: {exc.strerror}")
+            return
+        if marker.state in ("core", "core-loaded", "init-done") and marker.init_name in loaded:
+            # Its init succeeded; the marker stays until the batch deletes it.
+            result.pending_init.append((name, marker.init_name))
+            self.init_done(name, marker.init_name)
+            return
+        if marker.state in ("core", "core-loaded") and name in loaded:
+            if not self._remove_inert_core(name, marker, result):
+                return
+        path.unlink(missing_ok=True)
+
+    def _remove_inert_core(self, name: str, marker: _Marker, result: Recovery) -> bool:
+        """Delete NAME if it is our inert core; False when the marker must stay."""
+        why_not = self._not_our_core(name, marker.address)
+        if why_not:
+            result.problems.append(f"{name}: left alone: it is loaded, but {why_not}")
+            return True
+        try:
+            delete_module(name)
+            result.removed_cores.append(name)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                result.problems.append(f"{name}: inert core module could not be removed: "
+                                       f"{os.strerror(exc.errno or 0)}")
+                return False
+        return True
+
+    def _not_our_core(self, name: str, address: int | None) -> str | None:
+        """Why the loaded NAME is not provably our inert core module C, or None if it is.
+
+        The kernel lists a module's allocated sections in /sys/module/NAME/sections
+        for as long as it is loaded, .init.* included after init was freed
+        (kernel_state.module_sections). Only modules with .init sections are split,
+        and C has none (they all went to the init module): an original loaded plain
+        lists them, C never does. When the marker recorded C's struct module address,
+        the loaded NAME must also be at that address. The address alone proves
+        nothing: vmalloc hands a freed range to the next module, and in the loader
+        VM test dummy loaded plain, deleted, then its C loaded got the same address.
+        """
+        sections = module_sections(name, sys_root=self.sys_root)
+        if sections is None:
+            return "the kernel lists no sections for it, so it cannot be told from the original"
+        init = sorted(s for s in sections if s.startswith(".init"))
+        if init:
+            return f"it has {', '.join(init)}: it is the original, loaded plain by someone else"
+        if address is not None:
+            now = module_address(name, sys_root=self.sys_root)
+            if now != address:
+                where = "an address the kernel does not show" if now is None else hex(now)
+                return f"its struct module is at {where}, not at {address:#x} where our core module was"
+        return None
 
 
 def delete_init_modules(pending: list[tuple[str, str]], markers: LoadMarkers, *,

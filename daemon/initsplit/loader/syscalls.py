@@ -48,16 +48,31 @@ def _number(name: str) -> int:
     return table[name]
 
 
-def finit_module(path: Path, params: str = "", *, flags: int = 0) -> int:
-    """Load the module in *path* with *params* (the kernel's "a=1 b=2" syntax).
+def finit_module(fd: int, params: str = "", *, flags: int = 0) -> int:
+    """Load the module the kernel reads from *fd*, with *params* (the kernel's "a=1 b=2" syntax).
+
+    The kernel reads the whole file from offset 0 itself (kernel/module/main.c,
+    finit_module -> kernel_read_file_from_fd(fd, 0, ...)); the seek only makes the
+    descriptor's position agree. The bytes loaded are those of the open file, so
+    a caller that checked the file through this descriptor loads what it checked.
 
     Returns the call's result when it is not an error: 0, or the out-of-range
     value an initsplit init module returns for a failed init (split/initresult.py).
     """
+    os.lseek(fd, 0, os.SEEK_SET)
+    return _syscall(ctypes.c_long(_number("finit_module")), ctypes.c_int(fd),
+                    ctypes.c_char_p(params.encode()), ctypes.c_int(flags))
+
+
+def finit_module_path(path: Path, params: str = "", *, flags: int = 0) -> int:
+    """Load the module file at *path*, following symlinks as modprobe does.
+
+    Only for originals from the kernel's module tree, which the kernel checks itself
+    when it enforces signatures; split modules are loaded from checked descriptors.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _syscall(ctypes.c_long(_number("finit_module")), ctypes.c_int(fd),
-                 ctypes.c_char_p(params.encode()), ctypes.c_int(flags))
+        return finit_module(fd, params, flags=flags)
     finally:
         os.close(fd)
 

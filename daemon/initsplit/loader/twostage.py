@@ -7,35 +7,48 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import faults
+from ..fsio import OpenFile
 from ..split.initresult import init_failure_errno
 from .kernel_state import proc_modules
 from .recovery import LoadMarkers
 from .results import ModuleLoad
-from .syscalls import delete_module, finit_module
+from .syscalls import delete_module, finit_module, finit_module_path
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class SplitPair:
+    """A split ready to load: both modules open, checked, and loaded from these descriptors.
+
+    Whoever holds a pair closes it; load_two_stage() does so when it returns.
+    """
+
     name: str
     init_name: str
-    core: Path
-    init: Path
+    core: OpenFile
+    init: OpenFile
     # From the cache manifest: the init module's init layout in pages (freed by the
     # kernel after init) and the original's core layout in bytes if loaded plain.
     init_pages: int | None = None
     plain_core_bytes: int | None = None
 
+    def close(self) -> None:
+        try:
+            self.core.close()
+        finally:
+            self.init.close()
+
 
 def load_plain(name: str, path: Path, *, params: str = "", reason: str = "") -> ModuleLoad:
     started = time.monotonic()
     try:
-        finit_module(path, params)
+        finit_module_path(path, params)
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             return ModuleLoad(name, "already-loaded", reason="loaded by someone else",
@@ -67,22 +80,25 @@ def load_two_stage(pair: SplitPair, *, original: Path, params: str = "",
     loads the original plain. Once C is in, every error is handled here, because
     only here is it known whether C must be deleted first: a plain load on top of
     an inert C would fail with EEXIST and leave the device without its driver.
-    """
-    if markers is None:
-        return _load_two_stage(pair, original, params, _Markers(None))
-    markers.core(pair.name, pair.init_name)
-    later = _Markers(markers)
-    result: ModuleLoad | None = None
-    try:
-        result = _load_two_stage(pair, original, params, later)
-        return result
-    finally:
-        # A two-stage load keeps its "init-done" marker until the batch has deleted
-        # the init module (Service.unload_batch): a daemon killed in between leaves
-        # the init module to the next daemon instead of to nobody.
-        if result is None or result.mode != "two-stage":
-            later.finish(pair.name)
 
+    The pair's files are closed when this returns, whatever happened: the daemon
+    loads hundreds of modules and must not keep a descriptor per module.
+    """
+    with closing(pair):
+        if markers is None:
+            return _load_two_stage(pair, original, params, _Markers(None))
+        markers.core(pair.name, pair.init_name)
+        later = _Markers(markers)
+        result: ModuleLoad | None = None
+        try:
+            result = _load_two_stage(pair, original, params, later)
+            return result
+        finally:
+            # A two-stage load keeps its "init-done" marker until the batch has deleted
+            # the init module (Service.unload_batch): a daemon killed in between leaves
+            # the init module to the next daemon instead of to nobody.
+            if result is None or result.mode != "two-stage":
+                later.finish(pair.name)
 
 class _Markers:
     """The crash markers once C may be in the kernel: a marker that cannot be
@@ -91,6 +107,11 @@ class _Markers:
 
     def __init__(self, markers: LoadMarkers | None) -> None:
         self._markers = markers
+
+    def core_loaded(self, name: str, init_name: str) -> None:
+        # Left at "core", the marker still names our C; only the identity check
+        # against an original loaded under the same name is weaker (recovery.py).
+        self._try("core-loaded", name, lambda m: m.core_loaded(name, init_name))
 
     def init_done(self, name: str, init_name: str) -> None:
         # Left at "core", the marker means the same to a restarted daemon as long
@@ -122,7 +143,7 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
                     markers: _Markers) -> ModuleLoad:
     started = time.monotonic()
     try:
-        finit_module(pair.core, params)
+        finit_module(pair.core.fileno(), params)
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             return ModuleLoad(pair.name, "already-loaded", reason="loaded by someone else",
@@ -132,8 +153,11 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
                             f"core module refused: {os.strerror(exc.errno or 0)}")
     # The kernel holds C now: nothing may escape before C is deleted or I has run.
     try:
+        # From here a restarted daemon must be able to tell our C from an original
+        # someone else loads under the same name once C is gone (recovery.py).
+        markers.core_loaded(pair.name, pair.init_name)
         faults.hit("after-core", pair.name)
-        init_errno = init_failure_errno(finit_module(pair.init, ""))
+        init_errno = init_failure_errno(finit_module(pair.init.fileno(), ""))
     except Exception as exc:  # noqa: BLE001 - OSError from the kernel, or a bug
         if isinstance(exc, OSError) and exc.errno is not None:
             why = f"init module failed: {os.strerror(exc.errno)}"

@@ -1,0 +1,214 @@
+"""Recovery after a killed daemon (loader/recovery.py) against a fake sysfs and
+/proc/modules: a stale marker never costs a live module, our inert core does go.
+
+The kernel facts the fakes stand for (that a plain original lists its .init.*
+sections in /sys/module/NAME/sections after init, and our core module none) are
+checked on the real kernel by tests/test_loader_vm.py.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from initsplit.loader import recovery, twostage
+from initsplit.loader.recovery import LoadMarkers
+from initsplit.loader.twostage import SplitPair, load_two_stage
+from initsplit.fsio import sealed_memfd
+from tests.trusted_dir import trusted_tmp  # noqa: F401  (pytest fixture)
+
+CORE_ADDRESS = 0xFFFFFFFFC0A01040
+# What the splitter leaves in C: the original's sections without .init*.
+CORE_SECTIONS = (".text", ".rodata", ".data", "__ksymtab", "__kcrctab", ".gnu.linkonce.this_module")
+ORIGINAL_SECTIONS = CORE_SECTIONS + (".init.text", ".init.data")
+
+
+@dataclass
+class FakeKernel:
+    root: Path
+    deleted: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        (self.root / "proc").mkdir()
+        (self.root / "sys/module").mkdir(parents=True)
+        self._write_proc()
+
+    def load(self, name: str, sections: tuple[str, ...] = CORE_SECTIONS, *,
+             address: int = CORE_ADDRESS, listed: bool = True) -> None:
+        module = self.root / "sys/module" / name
+        module.mkdir()
+        if listed:
+            (module / "sections").mkdir()
+            for section in sections:
+                (module / "sections" / section).write_text(
+                    f"{address if section == '.gnu.linkonce.this_module' else 0:#018x}\n")
+        self._write_proc()
+
+    def delete_module(self, name: str, *, flags: int = 0) -> None:
+        self.deleted.append(name)
+        for path in sorted((self.root / "sys/module" / name).rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        (self.root / "sys/module" / name).rmdir()
+        self._write_proc()
+
+    def _write_proc(self) -> None:
+        names = sorted(p.name for p in (self.root / "sys/module").iterdir())
+        (self.root / "proc/modules").write_text(
+            "".join(f"{n} 16384 0 - Live 0x0000000000000000\n" for n in names))
+
+    @property
+    def loaded(self) -> set[str]:
+        return {p.name for p in (self.root / "sys/module").iterdir()}
+
+
+@pytest.fixture
+def kernel(trusted_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> FakeKernel:  # noqa: F811
+    fake = FakeKernel(trusted_tmp)
+    monkeypatch.setattr(recovery, "delete_module", fake.delete_module)
+    return fake
+
+
+@pytest.fixture
+def markers(kernel: FakeKernel) -> LoadMarkers:
+    return LoadMarkers(kernel.root / "loading", sys_root=kernel.root / "sys",
+                       proc_root=kernel.root / "proc")
+
+
+def _write_marker(markers: LoadMarkers, name: str, text: str) -> None:
+    markers.directory.mkdir(exist_ok=True)
+    (markers.directory / name).write_text(text)
+
+
+# ------------------------------------------------- the original is never deleted
+
+def test_plain_original_under_a_stale_core_marker_is_left_alone(kernel: FakeKernel,
+                                                                markers: LoadMarkers) -> None:
+    # Our C never got in (or was removed); modprobe then loaded the original.
+    kernel.load("dummy", ORIGINAL_SECTIONS)
+    markers.core("dummy", "dummy__init")
+    result = markers.recover()
+    assert kernel.deleted == [] and "dummy" in kernel.loaded
+    assert result.removed_cores == []
+    assert result.problems == ["dummy: left alone: it is loaded, but it has .init.data, .init.text: "
+                               "it is the original, loaded plain by someone else"]
+    assert not (markers.directory / "dummy").exists()
+
+
+def test_plain_original_at_our_old_address_is_left_alone(kernel: FakeKernel,
+                                                         markers: LoadMarkers) -> None:
+    # The worst case: the original got the very address C had (vmalloc reused it).
+    kernel.load("dummy", ORIGINAL_SECTIONS, address=CORE_ADDRESS)
+    _write_marker(markers, "dummy", f"core-loaded dummy__init {CORE_ADDRESS:#x}\n")
+    markers.recover()
+    assert kernel.deleted == []
+
+
+def test_another_module_without_init_at_another_address_is_left_alone(kernel: FakeKernel,
+                                                                      markers: LoadMarkers) -> None:
+    kernel.load("dummy", CORE_SECTIONS, address=CORE_ADDRESS + 0x10000)
+    _write_marker(markers, "dummy", f"core-loaded dummy__init {CORE_ADDRESS:#x}\n")
+    result = markers.recover()
+    assert kernel.deleted == []
+    assert "not at 0xffffffffc0a01040 where our core module was" in result.problems[0]
+
+
+def test_without_a_section_list_nothing_is_deleted(kernel: FakeKernel, markers: LoadMarkers) -> None:
+    kernel.load("dummy", listed=False)  # no CONFIG_KALLSYMS, or the list failed to allocate
+    markers.core("dummy", "dummy__init")
+    result = markers.recover()
+    assert kernel.deleted == []
+    assert "cannot be told from the original" in result.problems[0]
+
+
+# ------------------------------------------------- our inert core is deleted
+
+def test_inert_core_under_a_core_marker_is_removed(kernel: FakeKernel, markers: LoadMarkers) -> None:
+    # Killed after finit_module(C) returned, before "core-loaded" was written.
+    kernel.load("dummy")
+    markers.core("dummy", "dummy__init")
+    result = markers.recover()
+    assert kernel.deleted == ["dummy"] and result.removed_cores == ["dummy"]
+    assert result.problems == [] and os.listdir(markers.directory) == []
+
+
+def test_inert_core_at_the_recorded_address_is_removed(kernel: FakeKernel,
+                                                       markers: LoadMarkers) -> None:
+    kernel.load("dummy")
+    markers.core_loaded("dummy", "dummy__init")
+    assert (markers.directory / "dummy").read_text() == f"core-loaded dummy__init {CORE_ADDRESS:#x}\n"
+    result = markers.recover()
+    assert kernel.deleted == ["dummy"] and result.removed_cores == ["dummy"]
+
+
+def test_hidden_addresses_fall_back_to_the_section_test(kernel: FakeKernel,
+                                                        markers: LoadMarkers) -> None:
+    kernel.load("dummy", address=0)  # kptr_restrict=2: module_sect_read() shows 0
+    markers.core_loaded("dummy", "dummy__init")
+    assert (markers.directory / "dummy").read_text() == "core-loaded dummy__init -\n"
+    markers.recover()
+    assert kernel.deleted == ["dummy"]
+
+
+def test_loaded_init_module_is_pending_deletion(kernel: FakeKernel, markers: LoadMarkers) -> None:
+    kernel.load("dummy")
+    kernel.load("dummy__init", (".init.text", ".gnu.linkonce.this_module"))
+    markers.core_loaded("dummy", "dummy__init")
+    result = markers.recover()
+    assert result.pending_init == [("dummy", "dummy__init")] and kernel.deleted == []
+    assert (markers.directory / "dummy").read_text() == "init-done dummy__init\n"
+
+
+# ------------------------------------------------- the marker files themselves
+
+def test_leftover_temp_files_are_removed(kernel: FakeKernel, markers: LoadMarkers) -> None:
+    _write_marker(markers, ".dummy.tmp", "core dummy__init\n")  # the old writer's fixed name
+    _write_marker(markers, ".loop.5f1c0e2a9b3d.tmp", "core loop__init\n")
+    _write_marker(markers, ".keep", "")
+    result = markers.recover()
+    assert sorted(os.listdir(markers.directory)) == [".keep"]
+    assert result.problems == [] and kernel.deleted == []
+
+
+def test_markers_in_an_untrusted_directory_are_not_acted_upon(kernel: FakeKernel,
+                                                              markers: LoadMarkers) -> None:
+    kernel.load("dummy")
+    markers.core("dummy", "dummy__init")
+    markers.directory.chmod(0o777)
+    result = markers.recover()
+    assert kernel.deleted == []
+    assert result.problems == [f"load markers in {markers.directory} not used: "
+                               f"{markers.directory} is world-writable"]
+
+
+def test_a_symlinked_marker_is_not_acted_upon(kernel: FakeKernel, markers: LoadMarkers) -> None:
+    kernel.load("dummy")
+    _write_marker(markers, "real", "core dummy__init\n")
+    (markers.directory / "dummy").symlink_to("real")
+    result = markers.recover()
+    assert "dummy" in kernel.loaded and kernel.deleted == []
+    assert result.problems == [f"dummy: marker not used: {markers.directory / 'dummy'} is a symlink"]
+
+
+# ------------------------------------------------- the loader records C's identity
+
+def test_two_stage_load_records_the_core_address_before_loading_the_init_module(
+        kernel: FakeKernel, markers: LoadMarkers, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+
+    def finit_module(fd: int, params: str = "", *, flags: int = 0) -> int:
+        if os.pread(fd, 4, 0) == b"CORE":
+            kernel.load("dummy")
+        else:
+            seen.append((markers.directory / "dummy").read_text())
+            kernel.load("dummy__init", (".init.text",))
+        return 0  # the raw result of a load whose init succeeded
+
+    monkeypatch.setattr(twostage, "finit_module", finit_module)
+    pair = SplitPair("dummy", "dummy__init", sealed_memfd("c", b"CORE"), sealed_memfd("i", b"INIT"))
+    load = load_two_stage(pair, original=Path("/nonexistent"), markers=markers)
+    assert load.mode == "two-stage", load
+    assert seen == [f"core-loaded dummy__init {CORE_ADDRESS:#x}\n"]
+    assert (markers.directory / "dummy").read_text() == "init-done dummy__init\n"

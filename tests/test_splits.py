@@ -1,0 +1,363 @@
+"""The daemon's SplitProvider and the two-stage loader without a kernel: what the
+kernel is handed must be the bytes that were checked, descriptors never leak, and
+a cache entry or directory that is not trustworthy costs a plain load with a reason.
+
+finit_module is replaced by a fake that reads what the kernel would read (from the
+descriptor it is given), so the tests run on the host without loading anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from initsplit.cache import manifest_path, write_entry
+from initsplit.daemon.service import Service, Settings
+from initsplit.daemon.splits import NotSplit, SplitProvider
+from initsplit.loader import twostage
+from initsplit.loader.recovery import LoadMarkers
+from initsplit.loader.twostage import SplitPair, load_two_stage
+from initsplit.split import split_module
+from tests.testbed.kernel import debian_kernel
+from tests.trusted_dir import trusted_tmp  # noqa: F401  (pytest fixture)
+
+DUMMY = Path("kernel/drivers/net/dummy.ko")
+
+
+@dataclass
+class FakeKernel:
+    """finit_module/delete_module stand-ins: records what each load read."""
+
+    loaded: list[bytes] = field(default_factory=list)
+    refuse: set[int] = field(default_factory=set)  # 1: the first load fails, 2: the second ...
+    deleted: list[str] = field(default_factory=list)
+
+    def finit_module(self, target: int | Path, params: str = "", *, flags: int = 0) -> None:
+        # The kernel reads the whole file behind the descriptor from offset 0
+        # (kernel_read_file_from_fd); a path is what the old loader passed.
+        data = target.read_bytes() if isinstance(target, Path) else _read_all(target)
+        self.loaded.append(data)
+        if len(self.loaded) in self.refuse:
+            raise OSError(22, os.strerror(22))
+
+    def delete_module(self, name: str, *, flags: int = 0) -> None:
+        self.deleted.append(name)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture(scope="module")
+def dummy_source() -> bytes:
+    return (debian_kernel().modules_dir / DUMMY).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def dummy_split(dummy_source: bytes):
+    return split_module(dummy_source)
+
+
+@dataclass
+class Tree:
+    modules: Path
+    cache: Path
+    runtime: Path
+
+    @property
+    def module(self) -> Path:
+        return self.modules / DUMMY
+
+    def provider(self) -> SplitProvider:
+        return SplitProvider(modules_dir=self.modules, cache_dir=self.cache, runtime_dir=self.runtime)
+
+
+@pytest.fixture
+def tree(trusted_tmp: Path, dummy_source: bytes) -> Tree:  # noqa: F811
+    t = Tree(trusted_tmp / "modules", trusted_tmp / "cache", trusted_tmp / "run")
+    t.module.parent.mkdir(parents=True)
+    t.module.write_bytes(dummy_source)
+    return t
+
+
+@pytest.fixture
+def presplit(tree: Tree, dummy_source: bytes, dummy_split) -> Tree:
+    write_entry(tree.cache, DUMMY, source=dummy_source, decision="split", name=dummy_split.name,
+                init_name=dummy_split.init_name, core=dummy_split.core, init=dummy_split.init)
+    return tree
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
+    fake = FakeKernel()
+    monkeypatch.setattr(twostage, "finit_module", fake.finit_module)
+    monkeypatch.setattr(twostage, "delete_module", fake.delete_module)
+    return fake
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# ------------------------------------------------- checked bytes are loaded bytes
+
+def test_cache_hit_loads_the_checked_bytes_even_if_swapped_after_the_check(
+        presplit: Tree, dummy_split, fake_kernel: FakeKernel) -> None:
+    pair = presplit.provider().get(presplit.module)
+    assert isinstance(pair, SplitPair), pair
+    # Between the check and the load, someone with a way in swaps both files.
+    core = presplit.cache / DUMMY
+    (core.parent / "evil").write_bytes(b"unchecked kernel code")
+    os.replace(core.parent / "evil", core)
+    init = core.with_name(f"{dummy_split.init_name}.ko")
+    init.unlink()
+    init.symlink_to("/tmp/unchecked__init.ko")
+    Path("/tmp/unchecked__init.ko").write_bytes(b"unchecked init code")
+    try:
+        load = load_two_stage(pair, original=presplit.module)
+    finally:
+        Path("/tmp/unchecked__init.ko").unlink()
+    assert load.mode == "two-stage", load
+    assert fake_kernel.loaded == [dummy_split.core, dummy_split.init]
+
+
+def test_fresh_split_loads_the_validated_bytes_not_the_copy_written(
+        tree: Tree, dummy_split, fake_kernel: FakeKernel) -> None:
+    pair = tree.provider().get(tree.module)
+    assert isinstance(pair, SplitPair), pair
+    written = tree.runtime / DUMMY
+    assert written.read_bytes() == dummy_split.core  # kept for the next daemon
+    written.write_bytes(b"tampered after the split was written")
+    load = load_two_stage(pair, original=tree.module)
+    assert load.mode == "two-stage", load
+    assert fake_kernel.loaded == [dummy_split.core, dummy_split.init]
+
+
+def test_fresh_split_is_handed_over_in_sealed_memory(tree: Tree) -> None:
+    pair = tree.provider().get(tree.module)
+    assert isinstance(pair, SplitPair), pair
+    with pair.core, pair.init:
+        for f in (pair.core, pair.init):
+            assert os.readlink(f"/proc/self/fd/{f.fileno()}").startswith("/memfd:")
+            with pytest.raises(PermissionError):
+                os.pwrite(f.fileno(), b"X", 0)
+
+
+def test_the_runtime_copy_is_reused_by_the_next_daemon(tree: Tree, dummy_split,
+                                                       fake_kernel: FakeKernel) -> None:
+    tree.provider().get(tree.module).close()
+    pair = tree.provider().get(tree.module)
+    assert isinstance(pair, SplitPair), pair
+    assert os.readlink(f"/proc/self/fd/{pair.core.fileno()}") == str(tree.runtime / DUMMY)
+    load_two_stage(pair, original=tree.module)
+    assert fake_kernel.loaded == [dummy_split.core, dummy_split.init]
+
+
+# ------------------------------------------------- no descriptor leaks
+
+@pytest.mark.parametrize(("refuse", "mode"), [
+    (set(), "two-stage"),   # both modules go in
+    ({1}, "plain"),         # core refused: plain load of the original
+    ({2}, "plain"),         # init module refused: core deleted, plain load
+    ({1, 2}, "failed"),     # the plain load fails too
+])
+def test_no_descriptor_is_left_open_on_any_path(presplit: Tree, fake_kernel: FakeKernel,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                refuse: set[int], mode: str) -> None:
+    fake_kernel.refuse = refuse
+    monkeypatch.setattr(twostage, "finit_module_path",
+                        lambda path, params="", **_: fake_kernel.finit_module(path, params))
+    provider = presplit.provider()
+    before = _open_fds()
+    for _ in range(20):
+        fake_kernel.loaded.clear()
+        load = load_two_stage(provider.get(presplit.module), original=presplit.module)
+        assert load.mode == mode, load
+    assert _open_fds() == before
+
+
+def test_no_descriptor_is_left_open_when_the_loader_raises(presplit: Tree,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("loader bug")
+
+    monkeypatch.setattr(twostage, "finit_module", broken)
+    provider = presplit.provider()
+    before = _open_fds()
+    for _ in range(5):
+        with pytest.raises(RuntimeError):
+            load_two_stage(provider.get(presplit.module), original=presplit.module)
+    assert _open_fds() == before
+
+
+def test_no_descriptor_is_left_open_by_a_bad_entry(presplit: Tree, dummy_split) -> None:
+    init = presplit.cache / DUMMY.with_name(f"{dummy_split.init_name}.ko")
+    init.write_bytes(b"damaged")  # the core opens and checks fine, the init module does not
+    provider = presplit.provider()
+    before = _open_fds()
+    for _ in range(5):
+        result = provider.get(presplit.module)
+        if isinstance(result, SplitPair):  # a fresh split from the runtime directory
+            result.close()
+    assert _open_fds() == before
+
+
+# ------------------------------------------------- untrusted entries: plain, with the reason
+
+FOREIGN_UID = 12345  # a uid nobody on the test machine has
+
+
+def _symlink_to_copy(path: Path) -> None:
+    """Replace *path* by a symlink to an identical copy (so only the symlink is wrong)."""
+    copy = path.with_name(path.name + ".copy")
+    shutil.copyfile(path, copy)
+    path.unlink()
+    path.symlink_to(copy.name)
+
+
+def _manifest(t: Tree) -> Path:
+    return manifest_path(t.cache, DUMMY)
+
+
+def _init(t: Tree) -> Path:
+    return t.cache / DUMMY.with_name("dummy__init.ko")
+
+
+def _edit_manifest(t: Tree, **changes: object) -> None:
+    fields = json.loads(_manifest(t).read_text())
+    fields.update(changes)
+    _manifest(t).write_text(json.dumps(fields))
+
+
+BAD_ENTRIES = {
+    "corrupt manifest": (lambda t: _manifest(t).write_text('{"format": 1, "source_sha'),
+                         "is corrupt: not JSON"),
+    "manifest not an object": (lambda t: _manifest(t).write_text("[1, 2]"),
+                               "is corrupt: not a JSON object"),
+    "manifest field of the wrong type": (lambda t: _edit_manifest(t, init_file=7),
+                                         "is corrupt: init_file is int, not str"),
+    "manifest with an unknown field": (lambda t: _edit_manifest(t, extra=1),
+                                       "is corrupt: got an unexpected keyword argument 'extra'"),
+    "manifest naming another init file": (lambda t: _edit_manifest(t, init_file="loop__init.ko"),
+                                          "names init module file 'loop__init.ko'"),
+    "manifest naming a path": (lambda t: _edit_manifest(t, init_file="../../dummy__init.ko"),
+                               "names init module file '../../dummy__init.ko'"),
+    "init module name with a slash": (lambda t: _edit_manifest(t, init_name="x/dummy__init",
+                                                               init_file="x/dummy__init.ko"),
+                                      "names init module file 'x/dummy__init.ko'"),
+    "stale manifest": (lambda t: _edit_manifest(t, source_sha256="0" * 64), "is stale"),
+    "core changed since the split": (
+        lambda t: (t.cache / DUMMY).write_bytes((t.cache / DUMMY).read_bytes() + b"\0"),
+        "does not match its manifest"),
+    "symlinked core": (lambda t: _symlink_to_copy(t.cache / DUMMY), "dummy.ko is a symlink"),
+    "symlinked init module": (lambda t: _symlink_to_copy(_init(t)), "dummy__init.ko is a symlink"),
+    "symlinked manifest": (lambda t: _symlink_to_copy(_manifest(t)), "dummy.ko.initsplit is a symlink"),
+    "world-writable core": (lambda t: (t.cache / DUMMY).chmod(0o666), "dummy.ko is world-writable"),
+    "group-writable init module": (lambda t: _init(t).chmod(0o664), "dummy__init.ko is group-writable"),
+    "world-writable manifest": (lambda t: _manifest(t).chmod(0o646),
+                                "dummy.ko.initsplit is world-writable"),
+    "foreign-owned core": (lambda t: os.chown(t.cache / DUMMY, FOREIGN_UID, -1),
+                           f"dummy.ko is owned by uid {FOREIGN_UID}"),
+    "foreign-owned manifest": (lambda t: os.chown(_manifest(t), FOREIGN_UID, -1),
+                               f"dummy.ko.initsplit is owned by uid {FOREIGN_UID}"),
+    "core is a directory": (lambda t: ((t.cache / DUMMY).unlink(), (t.cache / DUMMY).mkdir()),
+                            "dummy.ko is not a regular file"),
+    "core missing": (lambda t: (t.cache / DUMMY).unlink(), "dummy.ko: No such file or directory"),
+    "world-writable entry directory": (lambda t: (t.cache / "kernel/drivers").chmod(0o777),
+                                       "cache entry directory"),
+    "symlinked entry directory": (
+        lambda t: ((t.cache / "kernel/drivers/net").rename(t.cache / "net"),
+                   (t.cache / "kernel/drivers/net").symlink_to("../../net")),
+        "kernel/drivers/net is a symlink"),
+    "world-writable parent of the cache": (lambda t: t.cache.parent.chmod(0o1777),
+                                           f"cache directory {'{cache}'} is not trusted"),
+    "foreign-owned cache directory": (lambda t: os.chown(t.cache, FOREIGN_UID, -1),
+                                      f"is owned by uid {FOREIGN_UID}"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_ENTRIES)
+def test_a_bad_cache_entry_costs_a_plain_load_with_the_reason(kind: str, presplit: Tree,
+                                                              fake_kernel: FakeKernel,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    damage, reason = BAD_ENTRIES[kind]
+    damage(presplit)
+    plain: list[Path] = []
+    monkeypatch.setattr(twostage, "finit_module_path",
+                        lambda path, params="", **_: plain.append(path))
+    service = _service(presplit)
+    load = service._load(Step("dummy", presplit.module))
+    service.scheduler.shutdown()
+    assert load.mode == "plain", load
+    assert reason.format(cache=presplit.cache) in load.reason, load.reason
+    assert plain == [presplit.module] and fake_kernel.loaded == []  # nothing split was loaded
+    assert not (presplit.runtime / DUMMY).exists()  # and no split was made instead
+
+
+def test_runtime_directory_under_a_world_writable_one_is_refused(tree: Tree,
+                                                                 trusted_tmp: Path) -> None:  # noqa: F811
+    shared = trusted_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: sticky does not make it a place for kernel code
+    tree.runtime = shared / "initsplit"
+    result = tree.provider().get(tree.module)
+    assert isinstance(result, NotSplit), result
+    assert result.reason == (f"runtime directory {tree.runtime} is not trusted for kernel code: "
+                             f"{shared} is world-writable")
+    assert not tree.runtime.exists()  # no split written where anyone could replace it
+
+
+def test_a_directory_problem_is_reported_once(presplit: Tree, tmp_path: Path) -> None:
+    reports: list[str] = []
+    presplit.cache = tmp_path / "cache"  # under /tmp
+    provider = SplitProvider(modules_dir=presplit.modules, cache_dir=presplit.cache,
+                             runtime_dir=presplit.runtime, report=reports.append)
+    for _ in range(3):
+        result = provider.get(presplit.module)
+        assert isinstance(result, NotSplit) and "/tmp is world-writable" in result.reason
+    assert reports == [f"cache directory {presplit.cache} is not trusted for kernel code: "
+                       "/tmp is world-writable; modules are loaded plain instead"]
+
+
+def test_a_missing_cache_directory_is_no_problem(tree: Tree, dummy_split) -> None:
+    tree.cache = tree.cache / "not" / "there"
+    pair = tree.provider().get(tree.module)
+    assert isinstance(pair, SplitPair), pair  # split now, as before
+    pair.close()
+
+
+def test_nothing_and_refused_entries_still_answer(presplit: Tree, dummy_source: bytes) -> None:
+    write_entry(presplit.cache, DUMMY, source=dummy_source, decision="refused",
+                reason="refused: .rodata points into init")
+    result = presplit.provider().get(presplit.module)
+    assert result == NotSplit("refused: .rodata points into init")
+
+
+# ------------------------------------------------- a Service around the provider
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    path: Path | None = None
+    options: str = ""
+    install_command: str | None = None
+    builtin: bool = False
+
+
+class _Quiet:
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+def _service(t: Tree) -> Service:
+    return Service(settings=Settings(), resolver=_Quiet(), source=_Quiet(), provider=t.provider(),
+                   reporter=_Quiet(), notifier=_Quiet(), markers=LoadMarkers(t.runtime / "loading"))
