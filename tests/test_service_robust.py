@@ -113,6 +113,9 @@ class Markers:
     def core(self, name: str, init_name: str) -> None:
         self._do("core", name, f"core {init_name}")
 
+    def core_loaded(self, name: str, init_name: str) -> None:
+        self._do("core_loaded", name, f"core-loaded {init_name}")
+
     def init_done(self, name: str, init_name: str) -> None:
         self._do("init_done", name, f"init-done {init_name}")
 
@@ -137,8 +140,24 @@ class Provider:
         if self.error is not None:
             raise self.error
         name = path.name.removesuffix(".ko")
-        return SplitPair(name, f"{name}__init", self.tree / f"{name}.core.ko",
-                         self.tree / f"{name}__init.ko")
+        return SplitPair(name, f"{name}__init", FakeFile(f"{name}.core.ko"), FakeFile(f"{name}__init.ko"))
+
+
+class FakeFile:
+    """A checked, open split module (fsio.OpenFile) as far as the loader uses one:
+    its descriptor, which the fake kernel maps back to the file name."""
+
+    by_fd: dict[int, str] = {}
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.fd = 10_000 + len(FakeFile.by_fd)
+        FakeFile.by_fd[self.fd] = name
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None: ...
 
 
 class Kernel:
@@ -155,16 +174,19 @@ class Kernel:
         self.loaded: dict[str, str] = {}  # module name -> file it came from
         self.calls: list[str] = []
 
-    def finit_module(self, path: Path, params: str = "") -> int:
-        """finit_module(2)'s raw result: 0, as the kernel returns for a module whose
-        init succeeded (a failing init comes back biased, split/initresult.py)."""
-        self.calls.append(f"load {path.name}")
-        if path.name in self.refuse:
-            raise self.refuse[path.name]
-        name = path.name.removesuffix(".ko").removesuffix(".core")
+    def finit_module(self, target: int | Path, params: str = "") -> int:
+        """finit_module(2) of a split's descriptor, or of an original's path (the
+        loader's finit_module_path); returns the raw result: 0, as the kernel does
+        for a module whose init succeeded (a failing init comes back biased,
+        split/initresult.py)."""
+        file = FakeFile.by_fd[target] if isinstance(target, int) else target.name
+        self.calls.append(f"load {file}")
+        if file in self.refuse:
+            raise self.refuse[file]
+        name = file.removesuffix(".ko").removesuffix(".core")
         if name in self.loaded:
             raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
-        self.loaded[name] = path.name
+        self.loaded[name] = file
         return 0
 
     def delete_module(self, name: str, **_: object) -> None:
@@ -180,6 +202,7 @@ def make_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, kernel: Ker
                  notifier: Notifier | None = None, **settings) -> tuple[Service, Reporter]:
     kernel = kernel or Kernel()
     monkeypatch.setattr(twostage, "finit_module", kernel.finit_module)
+    monkeypatch.setattr(twostage, "finit_module_path", kernel.finit_module)
     monkeypatch.setattr(twostage, "delete_module", kernel.delete_module)
     monkeypatch.setattr(twostage, "_sizes", lambda: {})
     reporter = Reporter()
@@ -240,7 +263,7 @@ def test_marker_failing_after_the_init_ran_keeps_the_two_stage_load(tmp_path, mo
     assert service.pending_init == [("ext4", "ext4__init")]
     # The "core" marker stays: a restarted daemon finds the init module loaded and
     # treats it as pending deletion (loader/recovery.py).
-    assert markers.state == {"ext4": "core ext4__init"}
+    assert markers.state == {"ext4": "core-loaded ext4__init"}
     service.scheduler.shutdown()
 
 

@@ -37,13 +37,14 @@ class FakeKernel:
     refuse: set[int] = field(default_factory=set)  # 1: the first load fails, 2: the second ...
     deleted: list[str] = field(default_factory=list)
 
-    def finit_module(self, target: int | Path, params: str = "", *, flags: int = 0) -> None:
+    def finit_module(self, target: int | Path, params: str = "", *, flags: int = 0) -> int:
         # The kernel reads the whole file behind the descriptor from offset 0
         # (kernel_read_file_from_fd); a path is what the old loader passed.
         data = target.read_bytes() if isinstance(target, Path) else _read_all(target)
         self.loaded.append(data)
         if len(self.loaded) in self.refuse:
             raise OSError(22, os.strerror(22))
+        return 0  # the raw result of a load whose init succeeded
 
     def delete_module(self, name: str, *, flags: int = 0) -> None:
         self.deleted.append(name)

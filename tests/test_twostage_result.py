@@ -15,18 +15,34 @@ from initsplit.loader import twostage
 from initsplit.loader.twostage import SplitPair, load_two_stage
 from initsplit.split.initresult import encode
 
-PAIR = SplitPair("isplit_initfail", "isplit_initfail__init", Path("/c.ko"), Path("/i.ko"))
+class FakeFile:
+    """An open, checked split module (fsio.OpenFile) as the loader uses it."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd, self.name = fd, name
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None: ...
+
+
+CORE, INIT = FakeFile(101, "/c.ko"), FakeFile(102, "/i.ko")
+PAIR = SplitPair("isplit_initfail", "isplit_initfail__init", CORE, INIT)
 ORIGINAL = Path("/orig.ko")
+FILES = {CORE.fd: CORE.name, INIT.fd: INIT.name}
 
 
 class Kernel:
     def __init__(self, init_answer: int | OSError, plain_answer: int | OSError = 0) -> None:
-        self.answers = {PAIR.core: 0, PAIR.init: init_answer, ORIGINAL: plain_answer}
+        self.answers = {CORE.name: 0, INIT.name: init_answer, str(ORIGINAL): plain_answer}
         self.calls: list[tuple[str, str]] = []
 
-    def finit_module(self, path: Path, params: str = "") -> int:
-        self.calls.append(("finit", str(path)))
-        answer = self.answers[path]
+    def finit_module(self, target: int | Path, params: str = "") -> int:
+        """A split's descriptor (finit_module) or an original's path (finit_module_path)."""
+        file = FILES[target] if isinstance(target, int) else str(target)
+        self.calls.append(("finit", file))
+        answer = self.answers[file]
         if isinstance(answer, OSError):
             raise answer
         return answer
@@ -39,6 +55,7 @@ class Kernel:
 def kernel_for(monkeypatch: pytest.MonkeyPatch):
     def install(kernel: Kernel) -> Kernel:
         monkeypatch.setattr(twostage, "finit_module", kernel.finit_module)
+        monkeypatch.setattr(twostage, "finit_module_path", kernel.finit_module)
         monkeypatch.setattr(twostage, "delete_module", kernel.delete_module)
         monkeypatch.setattr(twostage, "_sizes", lambda: {})
         return kernel
