@@ -62,7 +62,7 @@ def main() -> int:
     kernel = debian_kernel()
     base = cache_dir() / "vmshare"
     base.mkdir(parents=True, exist_ok=True)
-    share = prepare_share(Path(tempfile.mkdtemp(dir=base)))
+    share = prepare_share(Path(tempfile.mkdtemp(dir=base)), kernel)
     misses: list[tuple[int, float, str]] = []
     started = time.monotonic()
     try:

@@ -80,7 +80,7 @@ def test_shipped_file_documents_the_real_defaults(tmp_path: Path) -> None:
     keys = re.findall(r"(?m)^([A-Za-z]+)=", uncommented)
     assert sorted(keys) == sorted(
         ["QuietPeriodSec", "BatchSize", "Workers", "ExitAfterQuietSec", "Exclude", "CacheDir",
-         "RuntimeDir", "LogLevel"]
+         "RuntimeDir", "LogLevel", "LoadTimeoutSec", "InstallCommandTimeoutSec"]
     )
     path = write(tmp_path, "initsplitd.conf", uncommented)
     config, errors = load_config(paths=[path])
@@ -429,3 +429,17 @@ def test_bad_command_line_values_are_errors() -> None:
     assert all(error.file == COMMAND_LINE and error.line is None for error in errors)
     assert str(errors[0]).startswith("kernel command line: invalid 'initsplit=maybe'")
     assert "unknown parameter 'initsplit.frob=1'" in errors[3].message
+
+
+def test_timeouts(tmp_path: Path) -> None:
+    path = write(tmp_path, "initsplitd.conf",
+                 "[Daemon]\nLoadTimeoutSec=45s\nInstallCommandTimeoutSec=1min\n")
+    config, errors = load_config(paths=[path])
+    assert errors == []
+    assert (config.load_timeout_sec, config.install_command_timeout_sec) == (45.0, 60.0)
+    path = write(tmp_path, "initsplitd.conf",
+                 "[Daemon]\nLoadTimeoutSec=0\nInstallCommandTimeoutSec=0\n")
+    config, errors = load_config(paths=[path])
+    assert config.load_timeout_sec == 0.0  # never give up
+    assert len(errors) == 1 and "InstallCommandTimeoutSec" in str(errors[0]), errors  # must end
+    assert config.install_command_timeout_sec == 30.0

@@ -24,6 +24,7 @@ removed again, so each case starts from devices without drivers:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,22 +60,86 @@ RuntimeDir=/run/initsplit
 # pending when it stops (as at switch-root) and in its final batch.
 CONFIG_HOLD = CONFIG.replace("QuietPeriodSec=1", "QuietPeriodSec=600")
 
-# name -> (INITSPLIT_FAULT of the first run, what the second run's log must say,
-# configuration of the first run). Each fault fires once per boot (its state lives
-# in /run/initsplit/faults-fired), so every case names its own point or module.
-FAULT_CASES: dict[str, tuple[str, str, str]] = {
+# The same, with a stuck load given up on after 5 s (a worker that hangs).
+CONFIG_HANG = CONFIG + "LoadTimeoutSec=5s\n"
+# An install command that hangs is killed after 3 s.
+CONFIG_INSTALL = CONFIG + "InstallCommandTimeoutSec=3s\n"
+# The pre-split cache of some drivers, damaged by prepare_share() in every way the
+# daemon must refuse (a symlink, a world-writable file, a stale manifest).
+CONFIG_BADCACHE = CONFIG + "CacheDir=/srv/cache\n"
+BAD_CACHE = {"e1000": "a symlink", "ahci": "world-writable", "virtio_rng": "does not match"}
+
+# A private modprobe.d for the cases that need one, bind-mounted over the host
+# root's (read-only) /etc/modprobe.d for the first run.
+MODPROBE_D = r"""
+mkdir -p /tmp/mpd && cp -a /host/etc/modprobe.d/. /tmp/mpd/ 2>/dev/null
+printf '%s\n' "$1" > /tmp/mpd/isplit-case.conf
+mount --bind /tmp/mpd /host/etc/modprobe.d
+"""
+MODPROBE_D_UNDO = "umount /host/etc/modprobe.d; rm -rf /tmp/mpd"
+
+
+@dataclass(frozen=True)
+class FaultCase:
+    """One case of the matrix: a first run that meets a fault, then a second run."""
+
+    fault: str = ""          # INITSPLIT_FAULT of the first run
+    conf: str = "conf"       # configuration root of the first run, below /srv
+    first_rc: int = 137      # 137: killed; 1: gave up with an error; 0: coped
+    first_says: str = ""     # in the first run's log
+    second_says: str = ""    # in the second run's log
+    setup: str = ""          # shell run before the first run ...
+    undo: str = ""           # ... and after it
+
+
+# Each fault fires once per boot (its state lives in /run/initsplit/faults-fired), so
+# every case names its own point or module.
+FAULT_CASES: dict[str, FaultCase] = {
     # Killed before READY: nothing is marked half-done, the second run loads all.
-    "kill-before-ready": ("before-ready=kill", "", "conf"),
+    "kill-before-ready": FaultCase("before-ready=kill"),
     # C of sd_mod is in, its init never ran: recovery deletes the inert C.
-    "kill-after-core": ("after-core:sd_mod=kill", "sd_mod: removed the inert core module", "conf"),
+    "kill-after-core": FaultCase("after-core:sd_mod=kill",
+                                 second_says="sd_mod: removed the inert core module"),
     # e1000's init ran, the main thread never recorded it: recovery adopts the init module.
-    "kill-after-init": ("after-init:e1000=kill", "init modules pending deletion", "conf"),
+    "kill-after-init": FaultCase("after-init:e1000=kill", second_says="init modules pending deletion"),
     # Killed during the final batch, right after its first init module was deleted.
-    "kill-in-batch": ("batch=kill", "init modules pending deletion", "conf-hold"),
+    "kill-in-batch": FaultCase("batch=kill", "conf-hold", second_says="init modules pending deletion"),
     # Killed while stopping (as at switch-root), before the final batch.
-    "kill-at-stop": ("stop=kill", "init modules pending deletion", "conf-hold"),
+    "kill-at-stop": FaultCase("stop=kill", "conf-hold", second_says="init modules pending deletion"),
     # An exception on the main thread: the daemon exits 1 with udev's loading back on.
-    "raise-in-request": ("request=raise", "", "conf"),
+    "raise-in-request": FaultCase("request=raise", first_rc=1,
+                                  first_says="initsplitd failed: InjectedFault"),
+    # An exception in a worker before anything is loaded: that module loads plain.
+    "raise-in-worker": FaultCase("worker:ahci=raise", first_rc=0,
+                                 first_says="ahci: loaded plain (two-stage load not possible: "
+                                            "InjectedFault"),
+    # An exception with C in the kernel: C is deleted first, then the original loads.
+    "raise-after-core": FaultCase("after-core:xhci_pci=raise", first_rc=0,
+                                  first_says="xhci_pci: loaded plain (init module not loaded: "
+                                             "InjectedFault"),
+    # A worker that never returns: given up on after LoadTimeoutSec=, exit 1.
+    "hang-in-worker": FaultCase("worker:virtio_rng=hang", "conf-hang", first_rc=1,
+                                first_says="initsplitd gives up: load of virtio_rng still running"),
+    # /run full: no crash marker can be written, so nothing loads two-stage.
+    "run-full": FaultCase(first_rc=0, first_says="No space left on device",
+                          setup="mkdir -p /host/run/initsplit/loading; "
+                                "mount -t tmpfs -o size=4k,mode=755 tmpfs /host/run/initsplit/loading; "
+                                "dd if=/dev/zero of=/host/run/initsplit/loading/.fill bs=1k count=64 2>/dev/null",
+                          undo="umount /host/run/initsplit/loading"),
+    # An install command that hangs the first time: killed after 3 s, e1000 fails;
+    # the second run's retry runs it again and it loads.
+    "install-hangs": FaultCase(conf="conf-install", first_rc=0,
+                               first_says="did not finish within 3 s",
+                               setup="set -- 'install e1000 /bin/sh -c \"[ -e /run/isplit-hung ] || "
+                                     "{ touch /run/isplit-hung; sleep 600; }; "
+                                     "/sbin/modprobe --ignore-install e1000\"'" + MODPROBE_D,
+                               undo=MODPROBE_D_UNDO),
+    # A soft dependency without a file: it once made the scheduler wait for ever.
+    "missing-softdep": FaultCase(first_rc=0, first_says="e1000: loaded two-stage",
+                                 setup="set -- 'softdep e1000 pre: isplit_missing_dep'" + MODPROBE_D,
+                                 undo=MODPROBE_D_UNDO),
+    # Damaged cache entries: each of those modules loads plain, with the reason.
+    "bad-cache": FaultCase(conf="conf-badcache", first_rc=0, first_says=BAD_CACHE["e1000"]),
 }
 
 GUEST_SETUP = HOST_ROOT_SETUP + r"""
@@ -139,6 +204,7 @@ fault_case() {
     FAULT=$2 CONF=/srv/$3
     daemon 2>/tmp/first.log; echo "first rc=$?"
     FAULT= CONF=/srv/conf
+    case_undo
     echo "fired: $(ls /host/run/initsplit/faults-fired 2>/dev/null | tr '\n' ' ')"
     echo "active flag between: $([ -e /host/run/initsplit/active ] && echo on || echo off)"
     echo "modules between: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
@@ -152,8 +218,9 @@ fault_case() {
 
 
 def guest_script() -> str:
-    cases = "\n".join(f"fault_case {name} '{spec}' {conf}"
-                      for name, (spec, _, conf) in FAULT_CASES.items())
+    cases = "\n".join(
+        f"case_undo() {{ :; {c.undo}\n}}\n{c.setup}\nfault_case {name} '{c.fault}' {c.conf}"
+        for name, c in FAULT_CASES.items())
     return GUEST_SETUP + r"""
 echo "== case normal"
 daemon 2>/tmp/daemon.log; echo "daemon rc=$?"
@@ -166,9 +233,13 @@ echo "== end"
 """
 
 
-def prepare_share(share: Path) -> Path:
-    """The configurations and the two disk images the guest reads from /srv."""
-    for root, text in (("conf", CONFIG), ("conf-hold", CONFIG_HOLD)):
+def prepare_share(share: Path, kernel: DebianKernel) -> Path:  # noqa: F811
+    """The configurations, the two disk images and the damaged cache the guest reads
+    from /srv (the share is exported with security_model=none: the guest sees the
+    host's owners and modes)."""
+    share.chmod(0o755)
+    for root, text in (("conf", CONFIG), ("conf-hold", CONFIG_HOLD), ("conf-hang", CONFIG_HANG),
+                       ("conf-install", CONFIG_INSTALL), ("conf-badcache", CONFIG_BADCACHE)):
         conf = share / root / "etc/initsplit"
         conf.mkdir(parents=True)
         (conf / "initsplitd.conf").write_text(text)
@@ -176,7 +247,37 @@ def prepare_share(share: Path) -> Path:
         with (share / name).open("wb") as f:
             f.write(mark)
             f.truncate(8 * 1024 * 1024)
+    make_bad_cache(share / "cache" / kernel.kver, debian_rootfs(kernel).path / "lib/modules" / kernel.kver)
     return share
+
+
+def make_bad_cache(cache: Path, tree: Path) -> None:
+    """Real cache entries of BAD_CACHE's modules, each damaged as BAD_CACHE says."""
+    from initsplit.cache import write_entry
+    from initsplit.tree import decide, layout_figures
+
+    for module in BAD_CACHE:
+        # The file may spell the name with "-" (virtio-rng.ko for virtio_rng).
+        source = next(p for p in tree.rglob("*.ko") if p.stem.replace("-", "_") == module)
+        relpath = source.relative_to(tree)
+        data = source.read_bytes()
+        decision = decide(data)
+        assert decision.outcome == "split" and decision.split, (module, decision.outcome)
+        result = decision.split
+        write_entry(cache, relpath, source=data, decision="split", name=result.name,
+                    init_name=result.init_name, core=result.core, init=result.init,
+                    **layout_figures(decision.original, result))
+        core = cache / relpath
+        if module == "e1000":      # the core module is a symlink to a copy of itself
+            core.rename(core.with_name("e1000.real"))
+            core.symlink_to("e1000.real")
+        elif module == "ahci":     # the init module is world-writable
+            core.with_name("ahci__init.ko").chmod(0o666)
+        else:                      # the core module was changed after the manifest
+            with core.open("ab") as f:
+                f.write(b"\0")
+    for directory in [cache, *(p for p in cache.rglob("*") if p.is_dir())]:
+        directory.chmod(0o755)
 
 
 def boot_with_devices(kernel: DebianKernel, share: Path, script: str, *,  # noqa: F811
@@ -199,7 +300,7 @@ def boot_with_devices(kernel: DebianKernel, share: Path, script: str, *,  # noqa
 
 @pytest.fixture(scope="module")
 def matrix(kernel: DebianKernel, vmshare: Path) -> BootResult:  # noqa: F811
-    return boot_with_devices(kernel, prepare_share(vmshare), guest_script(), timeout=1500)
+    return boot_with_devices(kernel, prepare_share(vmshare, kernel), guest_script(), timeout=2400)
 
 
 def part(text: str, name: str) -> str:
@@ -269,26 +370,40 @@ def test_devices_work_and_no_init_module_remains(matrix: BootResult) -> None:
 
 @pytest.mark.parametrize("name", FAULT_CASES)
 def test_fault_case(matrix: BootResult, name: str) -> None:
-    spec, said, _ = FAULT_CASES[name]
+    c = FAULT_CASES[name]
     case = section(matrix, f"case {name}")
     assert_reset(case)
-    action = spec.rsplit("=", 1)[1]
-    point = spec.rsplit("=", 1)[0]
     first = part(case, "first log")
-    # The fault really fired, at its point (a case whose fault never fires proves nothing).
-    key = point if ":" in point else f"{point}:*"
-    assert re.search(rf"^fired: .*{re.escape(key)}", case, re.M), case
-    if action == "kill":
-        assert "first rc=137" in case, case
-    else:
-        assert "first rc=1" in case, case
-        assert "fault injected at" in first and "udev loads modules itself" in first, first
+    if c.fault:
+        # The fault really fired, at its point (a case whose fault never fires proves nothing).
+        point = c.fault.rsplit("=", 1)[0]
+        key = point if ":" in point else f"{point}:*"
+        assert re.search(rf"^fired: .*{re.escape(key)}", case, re.M), case
+    assert f"first rc={c.first_rc}\n" in case, case
+    if c.first_says:
+        assert c.first_says in first, first
+    if c.first_rc == 1:
+        assert "udev loads modules itself" in first, first
     # Whatever happened, udev's own loading was back on as soon as the daemon was gone.
     assert "active flag between: off" in case, case
     assert "second rc=0" in case, case
-    if said:
-        assert said in part(case, "second log"), case
+    if c.second_says:
+        assert c.second_says in part(case, "second log"), case
     assert_devices_work(part(case, "devices"))
+
+
+def test_bad_cache_entries_each_load_plain_with_the_reason(matrix: BootResult) -> None:
+    first = part(section(matrix, "case bad-cache"), "first log")
+    for module, why in BAD_CACHE.items():
+        line = re.search(rf"^(?:<\d>)?{module}: loaded plain \((.*)\)$", first, re.M)
+        assert line and why in line.group(1), (module, why, first)
+
+
+def test_run_full_loads_every_driver_plain(matrix: BootResult) -> None:
+    first = part(section(matrix, "case run-full"), "first log")
+    for driver in DRIVERS:
+        assert re.search(rf"^(?:<\d>)?{driver}: loaded plain \(.*No space left on device", first, re.M), \
+            (driver, first)
 
 
 def test_external_sigkill_mid_coldplug(matrix: BootResult) -> None:

@@ -20,6 +20,13 @@ from tests.trusted_dir import trusted_tmp  # noqa: F401  (pytest fixture)
 REPO = Path(__file__).resolve().parent.parent
 
 
+def restore_signals() -> None:
+    """Undo the handlers Service.run() installs, for the tests that follow."""
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def test_parse_stages_points_modules_and_errors() -> None:
     spec = "after-core:sd_mod=kill, initrd/stop=hang,root/batch=raise,bogus=kill,worker=explode,x/stop=kill"
     faults_initrd, errors = faults.parse(spec, in_initrd=True)
@@ -89,9 +96,7 @@ def test_active_flag_is_a_link_to_our_proc_entry_and_goes_on_an_exception(
         with pytest.raises(faults.InjectedFault):
             service.run()
     finally:
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        restore_signals()
     assert seen == [f"/proc/{os.getpid()}"]
     assert not flag.exists() and not flag.is_symlink()
 
@@ -133,9 +138,7 @@ def test_request_exception_hands_back_and_gives_back_init_modules(
         with pytest.raises(faults.InjectedFault):
             service.run()
     finally:
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        restore_signals()
     assert deleted == ["e1000__init"]
     assert not (tmp_path / "active").is_symlink()
 
@@ -172,3 +175,32 @@ def test_recovery_keeps_markers_when_the_kernel_list_is_unreadable(
     result = markers.recover()
     assert result.problems == ["cannot read /proc/modules: No such file or directory"]
     assert (trusted_tmp / "ext4").read_text() == "core ext4__init\n"
+
+
+def test_a_stuck_load_ends_the_daemon_with_udev_loading_back_on(tmp_path: Path) -> None:
+    import threading
+
+    from initsplit.daemon.service import LoadStuck
+
+    release = threading.Event()
+    source = Source()
+    source.queued = []
+    service, _ = make_service(tmp_path, source, active_flag=tmp_path / "active",
+                              load_timeout=0.5, exit_after_quiet=30)
+
+    def coldplug():
+        return [Request(("pci:v00008086d0000100E",))]
+
+    def hung_load(step):  # a worker that never returns (a hung command, say)
+        release.wait(30)
+        raise AssertionError("released")
+
+    source.coldplug = coldplug  # type: ignore[method-assign]
+    service.scheduler._load = hung_load  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(LoadStuck, match=r"load of pci:v00008086d0000100E still running after 0.5 s"):
+            service.run()
+    finally:
+        release.set()
+        restore_signals()
+    assert not (tmp_path / "active").is_symlink()

@@ -38,7 +38,7 @@ POINTS = frozenset({
     "before-ready",   # coldplug submitted, READY not yet sent
     "after-core",     # C is in the kernel, I not yet loaded (worker)
     "after-init",     # I's init succeeded, the main thread has not recorded it (worker)
-    "worker",         # inside the worker's load function, before anything is loaded
+    "worker",         # a worker starts a two-stage load: nothing is loaded yet
     "batch",          # during the batch: MODULE's init module has just been deleted
     "stop",           # stop requested (SIGTERM at switch-root), before the final batch
     "request",        # the main thread is handling a request (an exception "anywhere")

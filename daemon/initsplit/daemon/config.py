@@ -108,6 +108,11 @@ class Config:
     workers: int = 2
     # Exit once nothing has happened for this long; 0 = stay until stopped.
     exit_after_quiet_sec: float = 30.0
+    # A load still running after this long is stuck: the daemon hands loading back
+    # to udev and exits so that systemd starts it afresh; 0 = never.
+    load_timeout_sec: float = 600.0
+    # modprobe running a modprobe.d "install" command is killed after this long.
+    install_command_timeout_sec: float = 30.0
     # Module names (with "_", as the kernel spells them) always loaded plain.
     exclude: tuple[str, ...] = ()
     # Pre-split modules, and where splits made at boot are kept; both must be
@@ -191,6 +196,13 @@ def _exit_after(text: str, _current: Any) -> float:
     return 0.0 if math.isinf(seconds) else seconds
 
 
+def _positive_timespan(text: str, _current: Any) -> float:
+    seconds = parse_timespan(text)
+    if not 0 < seconds < math.inf:
+        raise ValueError("must be a finite time span greater than 0")
+    return seconds
+
+
 def _int_parser(low: int, high: int | None) -> Callable[[str, Any], int]:
     def parse(text: str, _current: Any) -> int:
         if not re.fullmatch(r"\d+", text):
@@ -250,6 +262,8 @@ _KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "BatchSize": ("batch_size", _int_parser(1, None)),
     "Workers": ("workers", _int_parser(1, MAX_WORKERS)),
     "ExitAfterQuietSec": ("exit_after_quiet_sec", _exit_after),
+    "LoadTimeoutSec": ("load_timeout_sec", _exit_after),
+    "InstallCommandTimeoutSec": ("install_command_timeout_sec", _positive_timespan),
     "Exclude": ("exclude", _exclude),
     "CacheDir": ("cache_dir", _directory),
     "RuntimeDir": ("runtime_dir", _directory),

@@ -14,7 +14,7 @@ from ..loader.recovery import LoadMarkers, delete_init_modules
 from .config import kernel_command_line_overrides, load_config
 from .journal import Reporter
 from .notify import Notifier
-from .service import Service, Settings
+from .service import LoadStuck, Service, Settings
 from .splits import SplitProvider
 
 # Fixed, because initsplit's udev rules test for it (udev/80-drivers.rules).
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         quiet_period=config.quiet_period_sec,
         batch_size=config.batch_size,
         workers=config.workers,
+        load_timeout=config.load_timeout_sec,
+        modprobe_timeout=config.install_command_timeout_sec,
         exit_after_quiet=config.exit_after_quiet_sec,
         exclude=frozenset(config.exclude),
         plain_only=plain_only,
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         settled_flag=ACTIVE_FLAG.with_name("settled"),
     )
     provider = SplitProvider(modules_dir=modules_dir, cache_dir=config.cache_dir / kver,
-                             runtime_dir=config.runtime_dir / kver)
+                             runtime_dir=config.runtime_dir / kver,
+                             report=lambda message: reporter.log(4, message))
     # pyudev and libkmod are imported here, after the cheap checks above.
     from ..kmod.resolver import Resolver
     from .udev_source import UdevSource
@@ -107,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
                               provider=provider, reporter=reporter, notifier=Notifier(),
                               markers=markers)
             return service.run()
+    except LoadStuck as exc:
+        # Service.run() has handed loading back to udev and given back what it
+        # could. The stuck worker thread cannot be stopped, and Python's exit would
+        # wait for it for ever: end the process here. systemd restarts the daemon.
+        reporter.log(2, f"initsplitd gives up: {exc}; udev loads modules itself until "
+                        "initsplitd runs again", INITSPLIT_STUCK=str(exc))
+        sys.stderr.flush()
+        os._exit(1)
     except Exception as exc:
         # Service.run() has already handed module loading back to udev (the active
         # flag is gone) and deleted the init modules it could; exit non-zero so that

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ class LoadScheduler:
         self.state: dict[str, str] = {}
         self._waiting: dict[str, _Waiting] = {}
         self._running = 0
+        # name -> when its load started (time.monotonic), while it runs.
+        self._started: dict[str, float] = {}
 
     def fileno(self) -> int:
         return self._wake_r
@@ -111,9 +114,14 @@ class LoadScheduler:
                         step.name, ", ".join(sorted(unknown)))
         return wanted - unknown
 
+    def stuck(self, *, now: float, limit: float) -> list[str]:
+        """Modules whose load has run for longer than *limit* seconds."""
+        return sorted(name for name, since in self._started.items() if now - since > limit)
+
     def _start(self, step: Step) -> None:
         self.state[step.name] = "running"
         self._running += 1
+        self._started[step.name] = time.monotonic()
         self._pool.submit(self._run, step)
 
     def _run(self, step: Step) -> None:
@@ -141,6 +149,7 @@ class LoadScheduler:
             except queue.Empty:
                 break
             self._running -= 1
+            self._started.pop(name, None)
             ok = result.mode != "failed"
             self.state[name] = "done" if ok else "failed"
             finished.append(result)

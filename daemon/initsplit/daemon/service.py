@@ -89,6 +89,13 @@ class Settings:
     # systemd-udevd gives its whole event, `kmod load` included, 180 s
     # (--event-timeout); a boot that waits that long for one module is lost anyway.
     modprobe_timeout: float = 30.0
+    # A load still running after this long is stuck (a worker that never returns,
+    # a read from a dead disk): the daemon gives up, hands module loading back to
+    # udev and exits non-zero, so systemd starts a fresh one (see LoadStuck); 0:
+    # never. A backstop, generous because it includes splitting a large module at
+    # boot. A load stuck inside the kernel cannot be helped: the process cannot
+    # even exit before the syscall returns.
+    load_timeout: float = 600.0
     # While this file exists udev's module loading is switched off by initsplit's
     # 80-drivers.rules; None leaves udev alone (tests, busybox initramfs).
     active_flag: Path | None = None
@@ -122,6 +129,11 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
                 pipe.close()
 
 
+class LoadStuck(RuntimeError):
+    """A load ran past Settings.load_timeout. A worker thread cannot be stopped, so
+    the daemon's only way out is to end the process (main.py: os._exit)."""
+
+
 class Service:
     def __init__(self, *, settings: Settings, resolver: Resolver, source: Source,
                  provider: SplitProvider, reporter: Reporter, notifier: Notifier,
@@ -151,7 +163,6 @@ class Service:
     # ------------------------------------------------------------ loading
     def _load(self, step: LoadStep) -> ModuleLoad:
         """Runs on a worker thread."""
-        faults.hit("worker", step.name)
         if step.install_command:
             return self._modprobe(step)
         if step.path is None:
@@ -174,6 +185,7 @@ class Service:
             return load_plain(step.name, step.path, params=step.options, reason=reason)
 
     def _load_split(self, name: str, path: Path, options: str) -> ModuleLoad:
+        faults.hit("worker", name)
         split = self.provider.get(path)
         if isinstance(split, NotSplit):
             return load_plain(name, path, params=options, reason=split.reason)
@@ -360,6 +372,7 @@ class Service:
             if self.settle_requested and not self.stop_requested:
                 self.settle_requested = False
                 self.settle()
+            self._check_stuck()
             self._ping_watchdog()
             now = self.clock()
             quiet = now - self.last_activity
@@ -430,6 +443,8 @@ class Service:
             deadlines.append(self.last_activity + self.settings.exit_after_quiet)
         if self._watchdog:
             deadlines.append(self._next_watchdog)
+        if self.settings.load_timeout > 0 and not self.scheduler.idle:
+            deadlines.append(now + 1.0)  # look for a stuck load once a second
         return max(0.0, min(deadlines) - now)
 
     def _ping_watchdog(self) -> None:
@@ -443,11 +458,20 @@ class Service:
             self.notifier.watchdog()
             self._next_watchdog = now + self._watchdog
 
+    def _check_stuck(self) -> None:
+        limit = self.settings.load_timeout
+        if limit <= 0:
+            return
+        stuck = self.scheduler.stuck(now=time.monotonic(), limit=limit)
+        if stuck:
+            raise LoadStuck(f"load of {', '.join(stuck)} still running after {limit:g} s")
+
     def _drain(self) -> None:
         """Wait for loads in flight (settle, stop: the final batch sees their init
         modules), pinging the watchdog meanwhile: a slow load must not get the
-        daemon killed."""
+        daemon killed, but a stuck one ends it (LoadStuck)."""
         while not self.scheduler.idle:
+            self._check_stuck()
             self._ping_watchdog()
             wait = 1.0
             if self._watchdog:
