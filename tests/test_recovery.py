@@ -8,6 +8,7 @@ checked on the real kernel by tests/test_loader_vm.py.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,3 +213,24 @@ def test_two_stage_load_records_the_core_address_before_loading_the_init_module(
     assert load.mode == "two-stage", load
     assert seen == [f"core-loaded dummy__init {CORE_ADDRESS:#x}\n"]
     assert (markers.directory / "dummy").read_text() == "init-done dummy__init\n"
+
+
+def test_a_marker_that_cannot_be_rewritten_does_not_stop_recovery(
+        kernel: FakeKernel, markers: LoadMarkers, monkeypatch: pytest.MonkeyPatch) -> None:
+    # /run full: rewriting "aaa" to init-done fails; "zzz", sorted after it, is an
+    # inert core that must still go (else it looks loaded and its device gets nothing).
+    kernel.load("aaa", CORE_SECTIONS)
+    kernel.load("aaa__init", (".init.text",))
+    kernel.load("zzz", CORE_SECTIONS)
+    _write_marker(markers, "aaa", "core aaa__init\n")
+    _write_marker(markers, "zzz", "core zzz__init\n")
+
+    def full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(markers, "init_done", full)
+    result = markers.recover()
+    assert result.pending_init == [("aaa", "aaa__init")]
+    assert result.removed_cores == ["zzz"] and "zzz" not in kernel.loaded
+    assert result.problems == ["aaa: marker kept as it was: No space left on device"]
+    assert (markers.directory / "aaa").read_text() == "core aaa__init\n"

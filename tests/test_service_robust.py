@@ -299,7 +299,37 @@ def test_core_that_cannot_be_deleted_is_never_loaded_over(tmp_path, monkeypatch)
     load = only_load(reporter)
     assert load.mode == "failed" and "core module could not be removed" in load.reason, load
     assert "load ext4.ko" not in kernel.calls
+    # The inert core is still in the kernel: its marker stays for a later recovery.
+    assert service.markers.state == {"ext4": "core-loaded ext4__init"}
     service.scheduler.shutdown()
+
+
+def test_init_failure_whose_core_cannot_be_deleted_keeps_the_marker(tmp_path, monkeypatch) -> None:
+    from initsplit.split.initresult import encode
+
+    kernel = Kernel(undeletable=True)
+    original = kernel.finit_module
+
+    def failing_init(target, params=""):
+        result = original(target, params)
+        return encode(-errno.ENODEV) if FakeFile.by_fd.get(target, "").endswith("__init.ko") else result
+
+    kernel.finit_module = failing_init  # type: ignore[method-assign]
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel)
+    serve(service, "ext4")
+    load = only_load(reporter)
+    assert load.mode == "failed" and load.core_left, load
+    assert load.reason.startswith("could not insert 'ext4': No such device; core module could not be removed")
+    assert service.markers.state == {"ext4": "core-loaded ext4__init"}
+    service.scheduler.shutdown()
+
+
+def test_an_init_result_past_int_max_is_still_reported(tmp_path, monkeypatch) -> None:
+    # os.strerror() raises OverflowError for it; nothing may escape with C in.
+    from initsplit.loader import twostage as ts
+
+    assert ts._strerror(2**31) == "error 2147483648"
+    assert ts._strerror(errno.ENODEV) == "No such device"
 
 
 # ---------------------------------------------------------------- install commands

@@ -128,7 +128,12 @@ class LoadMarkers:
             if is_leftover_temp(name):
                 self._path(name).unlink(missing_ok=True)
             elif not name.startswith("."):
-                self._recover_one(name, loaded, result)
+                try:
+                    self._recover_one(name, loaded, result)
+                except OSError as exc:
+                    # One marker that cannot be handled (ENOSPC on a full /run while
+                    # rewriting it, say) must not stop the recovery of the others.
+                    result.problems.append(f"{name}: marker not handled: {exc.strerror or exc}")
         return result
 
     def _recover_one(self, name: str, loaded: dict[str, int], result: Recovery) -> None:
@@ -143,9 +148,14 @@ class LoadMarkers:
             result.problems.append(f"{name}: unreadable marker: {exc.strerror}")
             return
         if marker.state in ("core", "core-loaded", "init-done") and marker.init_name in loaded:
-            # Its init succeeded; the marker stays until the batch deletes it.
+            # Its init succeeded; the marker stays until the batch deletes it. If it
+            # cannot be rewritten, "core ..." with the init module loaded means the
+            # same to the next recovery.
             result.pending_init.append((name, marker.init_name))
-            self.init_done(name, marker.init_name)
+            try:
+                self.init_done(name, marker.init_name)
+            except OSError as exc:
+                result.problems.append(f"{name}: marker kept as it was: {exc.strerror or exc}")
             return
         if marker.state in ("core", "core-loaded") and name in loaded:
             if not self._remove_inert_core(name, marker, result):

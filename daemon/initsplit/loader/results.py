@@ -30,6 +30,9 @@ class ModuleLoad:
     plain_core_bytes: int | None = None
     seconds: float = 0.0
     errno: int | None = None
+    # The load failed and left the inert core module in the kernel (it could not be
+    # deleted): its crash marker must stay so that a later recovery removes it.
+    core_left: bool = False
 
 
     @property

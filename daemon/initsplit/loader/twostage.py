@@ -97,7 +97,7 @@ def load_two_stage(pair: SplitPair, *, original: Path, params: str = "",
             # A two-stage load keeps its "init-done" marker until the batch has deleted
             # the init module (Service.unload_batch): a daemon killed in between leaves
             # the init module to the next daemon instead of to nobody.
-            if result is None or result.mode != "two-stage":
+            if result is None or (result.mode != "two-stage" and not result.core_left):
                 later.finish(pair.name)
 
 class _Markers:
@@ -178,13 +178,24 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
 
 def _init_failed(name: str, init_errno: int, started: float) -> ModuleLoad:
     """The original init ran in I and failed: remove C and report it like modprobe."""
-    reason = f"could not insert '{name}': {os.strerror(init_errno)}"
+    reason = f"could not insert '{name}': {_strerror(init_errno)}"
+    core_left = False
     try:
         delete_module(name)
     except OSError as exc:
-        reason += f"; core module could not be removed: {os.strerror(exc.errno or 0)}"
-    return ModuleLoad(name, "failed", reason=reason, errno=init_errno,
+        if exc.errno != errno.ENOENT:
+            reason += f"; core module could not be removed: {_strerror(exc.errno or 0)}"
+            core_left = True
+    return ModuleLoad(name, "failed", reason=reason, errno=init_errno, core_left=core_left,
                       seconds=time.monotonic() - started)
+
+
+def _strerror(number: int) -> str:
+    """os.strerror() for any number an init routine may return (it raises past INT_MAX)."""
+    try:
+        return os.strerror(number)
+    except (ValueError, OverflowError):
+        return f"error {number}"
 
 
 def _remove_core_then_plain(pair: SplitPair, original: Path, params: str, started: float,
@@ -192,12 +203,13 @@ def _remove_core_then_plain(pair: SplitPair, original: Path, params: str, starte
     try:
         delete_module(pair.name)
     except Exception as exc:  # noqa: BLE001 - whatever it is, C may still be in
-        # C is inert (init and exit NULL) but cannot be removed: never load the
-        # original on top of it; report loudly instead.
-        detail = os.strerror(exc.errno or 0) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-        return ModuleLoad(pair.name, "failed", errno=error,
-                          reason=f"{why}; core module could not be removed: {detail}",
-                          seconds=time.monotonic() - started)
+        if not (isinstance(exc, OSError) and exc.errno == errno.ENOENT):
+            # C is inert (init and exit NULL) but cannot be removed: never load the
+            # original on top of it; report loudly, and keep its marker for recovery.
+            detail = _strerror(exc.errno or 0) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            return ModuleLoad(pair.name, "failed", errno=error, core_left=True,
+                              reason=f"{why}; core module could not be removed: {detail}",
+                              seconds=time.monotonic() - started)
     markers.plain(pair.name)
     return _retry_plain(pair.name, original, params, started, why)
 
