@@ -104,7 +104,9 @@ record("bad_core", load_two_stage(SplitPair("dummy", "dummy__init", badcore, goo
 out["bad_core_del"] = try_delete("dummy")
 
 # 3b. An init module whose import CRC the kernel refuses (EINVAL): plain load.
-badcrc = Path(os.environ["ISPLIT_BADCRC"])
+good = fresh.get(dummy)
+good.init.close()
+badcrc = sealed_memfd("badcrc__init.ko", Path(os.environ["ISPLIT_BADCRC"]).read_bytes())
 record("bad_crc", load_two_stage(SplitPair("dummy", "dummy__init", good.core, badcrc), original=dummy))
 out["bad_crc_del"] = try_delete("dummy")
 
