@@ -443,3 +443,15 @@ def test_timeouts(tmp_path: Path) -> None:
     assert config.load_timeout_sec == 0.0  # never give up
     assert len(errors) == 1 and "InstallCommandTimeoutSec" in str(errors[0]), errors  # must end
     assert config.install_command_timeout_sec == 30.0
+
+
+def test_load_timeout_defaults_to_the_stage_unless_configured(tmp_path: Path) -> None:
+    # In the initramfs a stuck load must be given up before systemd's 90 s device
+    # timeout fails the root mount; on the real root it is a 10 minute backstop.
+    config, _ = load_config(paths=[])
+    assert config.load_timeout_sec is None
+    assert config.default_load_timeout(in_initrd=True) == 30.0
+    assert config.default_load_timeout(in_initrd=False) == 600.0
+    path = write(tmp_path, "initsplitd.conf", "[Daemon]\nLoadTimeoutSec=2min\n")
+    config, _ = load_config(paths=[path])
+    assert config.default_load_timeout(in_initrd=True) == 120.0

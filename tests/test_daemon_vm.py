@@ -164,7 +164,7 @@ reset_modules() {
 check_devices() {
     echo "modules: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
     cut -d' ' -f1,2 /proc/modules | sed 's/^/size /'
-    echo "markers: $(ls /host/run/initsplit/loading 2>/dev/null | tr '\n' ' ')"
+    echo "markers: $(ls -A /host/run/initsplit/loading 2>/dev/null | tr '\n' ' ')"
     echo "active flag: $(readlink /host/run/initsplit/active 2>/dev/null || echo none)"
     for n in /sys/class/net/*; do
         d=$(basename $(readlink $n/device/driver 2>/dev/null) 2>/dev/null); echo "net $(basename $n) driver=$d"

@@ -34,6 +34,12 @@ def fake_udevadm(tmp_path: Path) -> Path:
     (bindir / "initsplitd").write_text(
         f'#!/bin/sh\necho "initsplitd $*" >> {log}\nrm -rf {tmp_path}/run/loading\n')
     (bindir / "initsplitd").chmod(0o755)
+    # systemctl show -P ActiveState UNIT: what the test writes to unit-state, and
+    # "inactive" when it wrote nothing.
+    (bindir / "systemctl").write_text(
+        f'#!/bin/sh\necho "systemctl $*" >> {tmp_path}/systemctl.log\n'
+        f'cat {tmp_path}/unit-state 2>/dev/null || echo inactive\n')
+    (bindir / "systemctl").chmod(0o755)
     (tmp_path / "run").mkdir()
     return log
 
@@ -148,3 +154,44 @@ def test_settle_waits_for_recovery_when_the_daemon_dies_while_it_waits(
         assert settle.wait(timeout=5) == 0
     finally:
         daemon.kill()
+
+
+def test_settle_waits_while_systemd_restarts_the_daemon(tmp_path: Path, fake_udevadm: Path) -> None:
+    # The daemon died and its recovery is done, but systemd is about to start it
+    # again (Restart=on-failure, RestartSec=): the new daemon loads two-stage, so
+    # settle waits for it, signals it, and returns only once it has settled.
+    os.symlink(f"/proc/{dead_pid()}", tmp_path / "run/active")
+    (tmp_path / "unit-state").write_text("activating\n")
+    settle = subprocess.Popen(["/bin/sh", str(script(tmp_path, "initsplitd-settle")), "10"],
+                              env=dict(os.environ, PATH=f"{tmp_path}/bin:{os.environ['PATH']}"))
+    fake = tmp_path / "initsplitd"
+    fake.write_text(f"#!/bin/sh\ntrap 'echo $$ > {tmp_path}/run/settled; exit 0' USR1\n"
+                    f"touch {tmp_path}/trap-ready\nwhile :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    try:
+        time.sleep(0.5)
+        assert settle.poll() is None, "settle returned while systemd was restarting the daemon"
+        daemon = subprocess.Popen([str(fake)])
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "trap-ready").exists():
+            assert time.monotonic() < deadline and daemon.poll() is None
+            time.sleep(0.01)
+        os.remove(tmp_path / "run/active")
+        os.symlink(f"/proc/{daemon.pid}", tmp_path / "run/active")
+        (tmp_path / "unit-state").write_text("active\n")
+        assert settle.wait(timeout=5) == 0
+        assert daemon.wait(timeout=5) == 0  # the restarted daemon got SIGUSR1
+        assert "show -P ActiveState initsplitd-initrd.service" in (tmp_path / "systemctl.log").read_text()
+    finally:
+        settle.kill()
+        if "daemon" in locals():
+            daemon.kill()
+
+
+def test_settle_gives_up_on_a_unit_that_stays_activating(tmp_path: Path, fake_udevadm: Path) -> None:
+    os.symlink(f"/proc/{dead_pid()}", tmp_path / "run/active")
+    (tmp_path / "unit-state").write_text("activating\n")
+    started = time.monotonic()
+    result = run(tmp_path, script(tmp_path, "initsplitd-settle"), "1")
+    assert result.returncode == 0 and "did not settle within 1s" in result.stderr, result
+    assert 0.9 < time.monotonic() - started < 5

@@ -234,3 +234,76 @@ def test_a_marker_that_cannot_be_rewritten_does_not_stop_recovery(
     assert result.removed_cores == ["zzz"] and "zzz" not in kernel.loaded
     assert result.problems == ["aaa: marker kept as it was: No space left on device"]
     assert (markers.directory / "aaa").read_text() == "core aaa__init\n"
+
+
+# ------------------------------------------------- no stale core marker outlives I
+
+def test_init_module_is_deleted_only_under_an_init_done_marker(
+        kernel: FakeKernel, markers: LoadMarkers, monkeypatch: pytest.MonkeyPatch) -> None:
+    # I's init ran, but "init-done" could not be written then (/run full for a
+    # moment): the marker still says core-loaded. Were I deleted under it, a daemon
+    # killed right after would find C (the live driver now) under "core-loaded" with
+    # no I, and delete it under its device.
+    kernel.load("dummy")
+    kernel.load("dummy__init", (".init.text",))
+    markers.core_loaded("dummy", "dummy__init")
+    seen: list[str] = []
+
+    def delete_module(name: str, *, flags: int = 0) -> None:
+        seen.append((markers.directory / "dummy").read_text())
+        kernel.delete_module(name)
+
+    monkeypatch.setattr(recovery, "delete_module", delete_module)
+    batch = recovery.delete_init_modules([("dummy", "dummy__init")], markers, trigger="quiet")
+    assert batch.deleted == ("dummy__init",) and seen == ["init-done dummy__init\n"]
+    assert os.listdir(markers.directory) == [] and "dummy" in kernel.loaded
+
+
+def test_a_marker_that_cannot_say_init_done_goes_before_the_init_module(
+        kernel: FakeKernel, markers: LoadMarkers, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel.load("dummy")
+    kernel.load("dummy__init", (".init.text",))
+    markers.core_loaded("dummy", "dummy__init")
+
+    def full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(markers, "init_done", full)
+    seen: list[bool] = []
+
+    def killed_before_deleting(name: str, *, flags: int = 0) -> None:
+        seen.append((markers.directory / "dummy").exists())
+        raise OSError(errno.EINTR, "killed")  # stands for SIGKILL right here
+
+    monkeypatch.setattr(recovery, "delete_module", killed_before_deleting)
+    recovery.delete_init_modules([("dummy", "dummy__init")], markers, trigger="quiet")
+    assert seen == [False]
+    # The next daemon finds the init module by its name, and leaves C alone.
+    monkeypatch.setattr(recovery, "delete_module", kernel.delete_module)
+    result = markers.recover()
+    assert result.pending_init == [("dummy", "dummy__init")] and kernel.deleted == []
+
+
+def test_an_init_module_without_marker_is_pending_and_others_are_not(
+        kernel: FakeKernel, markers: LoadMarkers) -> None:
+    kernel.load("dummy")
+    kernel.load("dummy__init", (".init.text",))
+    kernel.load("loop", ORIGINAL_SECTIONS)
+    result = markers.recover()  # no marker directory at all
+    assert result.pending_init == [("dummy", "dummy__init")] and kernel.deleted == []
+
+
+def test_an_init_module_still_initialising_is_tried_again(
+        kernel: FakeKernel, markers: LoadMarkers, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel.load("dummy")
+    kernel.load("dummy__init", (".init.text",))
+    markers.init_done("dummy", "dummy__init")
+
+    def coming(name: str, *, flags: int = 0) -> None:
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+
+    monkeypatch.setattr(recovery, "delete_module", coming)
+    batch = recovery.delete_init_modules([("dummy", "dummy__init")], markers, trigger="quiet")
+    assert batch.busy == (("dummy", "dummy__init"),)
+    assert batch.failed == (("dummy__init", os.strerror(errno.EBUSY)),)
+    assert (markers.directory / "dummy").read_text() == "init-done dummy__init\n"

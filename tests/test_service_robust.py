@@ -474,3 +474,113 @@ def test_served_aliases_are_bounded(tmp_path, monkeypatch) -> None:
     assert service.resolver.calls.count("keep") == 2
     assert sum(1 for load in reporter.loads if load.module == "keep") == 1
     service.scheduler.shutdown()
+
+
+# ---------------------------------------------------------------- init modules the kernel keeps
+
+
+def test_init_module_the_kernel_will_not_delete_yet_is_tried_again(tmp_path, monkeypatch) -> None:
+    # EBUSY from delete_module: the init module is still COMING (a killed daemon's
+    # finit_module, which the kernel completes) or in use. A later batch tries it
+    # again, after another quiet period, a bounded number of times.
+    from initsplit.daemon import service as service_module
+    from initsplit.loader.results import UnloadBatch
+
+    tries: list[list[tuple[str, str]]] = []
+
+    def busy_batch(pending, markers, *, trigger):
+        tries.append(list(pending))
+        return UnloadBatch((), 0, tuple((i, "busy") for _, i in pending), trigger, busy=tuple(pending))
+
+    monkeypatch.setattr(service_module, "delete_init_modules", busy_batch)
+    service, _ = make_service(tmp_path, monkeypatch)
+    service.pending_init = [("dummy", "dummy__init")]
+    service.last_activity = -100.0
+    assert service.unload_batch("quiet") is not None
+    assert service.last_activity > 0  # the next try waits for another quiet period
+    while service.unload_batch("quiet") is not None:
+        pass
+    assert tries == [[("dummy", "dummy__init")]] * service_module.MAX_DELETE_TRIES
+
+
+# ---------------------------------------------------------------- the stop hands over
+
+
+def test_stop_serves_an_event_udev_skipped_but_broadcast_late(tmp_path, monkeypatch) -> None:
+    # udev's rules saw the active flag (so udev did not load the module) just
+    # before the daemon removed it; udevd broadcasts the event only after that,
+    # while the event is still in its queue. The stopping daemon must wait for
+    # udev's queue, then read its socket, or the device is left without a driver.
+    import threading
+
+    from initsplit.loader.recovery import Recovery
+
+    class RecoveringMarkers(Markers):
+        def recover(self) -> Recovery:
+            return Recovery()
+
+    queue = tmp_path / "udev-queue"
+    queue.write_text("")
+
+    class LateSource(Source):
+        def __init__(self) -> None:
+            super().__init__()
+            self.broadcast: list[Request] = []
+
+        def read_ready(self) -> list[Request]:
+            ready, self.broadcast = self.broadcast, []
+            return ready
+
+    source = LateSource()
+
+    def udevd_finishes_the_event() -> None:
+        time.sleep(0.3)
+        source.broadcast.append(Request(("dummy",)))
+        queue.unlink()
+
+    service, reporter = make_service(tmp_path, monkeypatch, markers=RecoveringMarkers(),
+                                     active_flag=tmp_path / "active", udev_queue=queue,
+                                     plain_only="no batch to delete in this test")
+    service.source = source
+    service.stop_requested = True
+    threading.Thread(target=udevd_finishes_the_event).start()
+    assert service.run() == 0
+    assert [(load.module, load.mode) for load in reporter.loads] == [("dummy", "plain")]
+    assert not (tmp_path / "active").exists()
+
+
+# ---------------------------------------------------------------- a namesake on its way out
+
+
+def test_plain_load_waits_for_a_namesake_being_deleted(monkeypatch) -> None:
+    # add_unformed_module() (6.1.192) refuses a module whose namesake is GOING with
+    # EBUSY: once the deletion is over the module must be loaded, not reported failed.
+    states = iter(["going", "going", "going", None, None])
+    calls: list[str] = []
+
+    def finit_module_path(path: Path, params: str = "") -> int:
+        calls.append(str(path))
+        if len(calls) == 1:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        return 0
+
+    monkeypatch.setattr(twostage, "finit_module_path", finit_module_path)
+    monkeypatch.setattr(twostage, "module_state", lambda name: next(states))
+    monkeypatch.setattr(twostage, "_sizes", lambda: {})
+    load = twostage.load_plain("dummy", Path("/lib/modules/dummy.ko"))
+    assert load.mode == "plain" and len(calls) == 2, load
+
+
+def test_plain_load_refused_busy_after_a_failed_namesake_is_not_repeated(monkeypatch) -> None:
+    # EBUSY because a concurrent load of the same module failed: the kernel means
+    # "do not run that init again now", so it is reported, not tried again.
+    calls: list[str] = []
+
+    def finit_module_path(path: Path, params: str = "") -> int:
+        calls.append(str(path))
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+
+    monkeypatch.setattr(twostage, "finit_module_path", finit_module_path)
+    monkeypatch.setattr(twostage, "module_state", lambda name: None)
+    load = twostage.load_plain("dummy", Path("/lib/modules/dummy.ko"))
+    assert load.mode == "failed" and load.errno == errno.EBUSY and len(calls) == 1, load

@@ -362,3 +362,38 @@ class _Quiet:
 def _service(t: Tree) -> Service:
     return Service(settings=Settings(), resolver=_Quiet(), source=_Quiet(), provider=t.provider(),
                    reporter=_Quiet(), notifier=_Quiet(), markers=LoadMarkers(t.runtime / "loading"))
+
+
+def test_temp_files_of_a_killed_daemon_are_removed_at_start(tree: Tree, dummy_split,
+                                                            dummy_source: bytes) -> None:
+    # A daemon killed while keeping a split leaves its temp file in /run, which is
+    # memory; a daemon restarted after every kill would pile them up.
+    write_entry(tree.runtime, DUMMY, source=dummy_source, decision="split", name=dummy_split.name,
+                init_name=dummy_split.init_name, core=dummy_split.core, init=dummy_split.init)
+    kept = sorted(p.relative_to(tree.runtime) for p in tree.runtime.rglob("*") if p.is_file())
+    left = tree.runtime / DUMMY.parent / ".dummy__init.ko.5f1c0e2a9b3d.tmp"
+    left.write_bytes(dummy_split.init)
+    (tree.runtime / ".dummy.ko.0a1b2c3d4e5f.tmp").write_bytes(b"half a module")
+    assert tree.provider().remove_leftover_temps() == 2
+    assert sorted(p.relative_to(tree.runtime) for p in tree.runtime.rglob("*") if p.is_file()) == kept
+    assert isinstance(tree.provider().get(tree.module), SplitPair)  # the kept split still serves
+
+
+def test_temp_files_in_an_untrusted_runtime_directory_are_not_touched(tree: Tree) -> None:
+    tree.runtime.mkdir()
+    tree.runtime.chmod(0o777)
+    left = tree.runtime / ".dummy.ko.0a1b2c3d4e5f.tmp"
+    left.write_bytes(b"x")
+    assert tree.provider().remove_leftover_temps() == 0 and left.exists()
+
+
+def test_the_init_wrapper_carries_the_name_initcall_blacklist_matches(dummy_split) -> None:
+    # The kernel names ->init by kallsyms for initcall_blacklist= (init/main.c);
+    # dummy's module_init() routine is dummy_init_module. The real kernel's refusal
+    # is tested by tests/test_loader_vm.py (softdog, blacklisted on its command line).
+    from initsplit.elf import read_elf
+    from initsplit.split.splitter import WRAPPER_SECTION
+
+    obj = read_elf(dummy_split.init)
+    wrapper = next(s.index for s in obj.sections if s.name == WRAPPER_SECTION)
+    assert [s.name for s in obj.symbols if s.shndx == wrapper and s.name] == ["dummy_init_module"]

@@ -25,8 +25,10 @@ from .fsio import (OpenFile, Untrusted, atomic_write, make_dirs, open_checked, o
 
 MANIFEST_SUFFIX = ".initsplit"
 # 2: the init module reports a failed init biased (split/initresult.py) and C hides
-# its exports until init succeeded; pairs of format 1 are split again.
-FORMAT = 2
+# its exports until init succeeded. 3: the init wrapper carries the name of the
+# original's init routine, so initcall_blacklist= applies (splitter._initcall_name).
+# Pairs of an older format are split again.
+FORMAT = 3
 
 Decision = Literal["split", "nothing", "refused"]
 

@@ -109,8 +109,9 @@ class Config:
     # Exit once nothing has happened for this long; 0 = stay until stopped.
     exit_after_quiet_sec: float = 30.0
     # A load still running after this long is stuck: the daemon hands loading back
-    # to udev and exits so that systemd starts it afresh; 0 = never.
-    load_timeout_sec: float = 600.0
+    # to udev and exits so that systemd starts it afresh; 0 = never. None (not
+    # configured): the stage's default, default_load_timeout().
+    load_timeout_sec: float | None = None
     # modprobe running a modprobe.d "install" command is killed after this long.
     install_command_timeout_sec: float = 30.0
     # Module names (with "_", as the kernel spells them) always loaded plain.
@@ -121,6 +122,21 @@ class Config:
     runtime_dir: Path = Path("/run/initsplit")
     # Highest syslog priority number still reported (6 = info).
     log_level: int = LOG_LEVELS["info"]
+
+    def default_load_timeout(self, *, in_initrd: bool) -> float:
+        """LoadTimeoutSec= as configured, or the stage's default.
+
+        In the initramfs 30 s: the root device must appear well within systemd's
+        DefaultDeviceTimeoutSec= (90 s), after which sysroot.mount fails and the
+        boot ends in the emergency shell; a load stuck longer is given up, udev
+        loads that driver, and the restarted daemon serves the rest. Every module
+        there is split ahead of time (dracut), so no split at boot counts against
+        it. On the real root 10 minutes, a backstop: it includes splitting a large
+        module at boot on a slow machine.
+        """
+        if self.load_timeout_sec is not None:
+            return self.load_timeout_sec
+        return 30.0 if in_initrd else 600.0
 
     def excluded(self, module: str) -> bool:
         """Whether ``module`` (either spelling, ``-`` or ``_``) must be loaded plain."""

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_period=config.quiet_period_sec,
         batch_size=config.batch_size,
         workers=config.workers,
-        load_timeout=config.load_timeout_sec,
+        load_timeout=config.default_load_timeout(in_initrd=in_initrd),
         modprobe_timeout=config.install_command_timeout_sec,
         exit_after_quiet=config.exit_after_quiet_sec,
         exclude=frozenset(config.exclude),
@@ -93,10 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         modprobe=args.modprobe,
         active_flag=None if args.no_udev_handover else ACTIVE_FLAG,
         settled_flag=ACTIVE_FLAG.with_name("settled"),
+        udev_queue=Path("/run/udev/queue"),
     )
     provider = SplitProvider(modules_dir=modules_dir, cache_dir=config.cache_dir / kver,
                              runtime_dir=config.runtime_dir / kver,
                              report=lambda message: reporter.log(4, message))
+    leftovers = provider.remove_leftover_temps()
+    if leftovers:
+        reporter.log(5, f"removed {leftovers} temp files a killed initsplitd left in "
+                        f"{provider.runtime_dir}")
     # pyudev and libkmod are imported here, after the cheap checks above.
     from ..kmod.resolver import Resolver
     from .udev_source import UdevSource

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # forgotten first). Remembering is only an optimisation: a forgotten alias is
 # resolved again, and the scheduler still loads each module once.
 MAX_SERVED_ALIASES = 4096
+# Batches that try an init module the kernel would not delete yet (EBUSY: its init
+# still runs, say after a killed daemon's load): then it stays for the next daemon.
+MAX_DELETE_TRIES = 3
 
 
 class LoadStep(Protocol):
@@ -103,6 +106,14 @@ class Settings:
     # served and its loads have finished (initsplitd-settle waits for it before the
     # root file system is mounted); None: SIGUSR1 still settles, nothing is written.
     settled_flag: Path | None = None
+    # systemd-udevd's queue file: it exists while any event is queued or running
+    # and goes once the last one is done (src/udev/udevd.c, event_queue_insert()
+    # and on_post(); what `udevadm settle` waits for). A stopping daemon waits for
+    # it (at most udev_queue_wait seconds) after removing the active flag: an event
+    # whose rules saw the flag (udev skipped its load) reaches us only when udevd
+    # broadcasts it, after its rules ran and before the event counts as done.
+    udev_queue: Path | None = None
+    udev_queue_wait: float = 3.0
 
 
 @dataclass(slots=True)
@@ -150,6 +161,9 @@ class Service:
         self.stats = _Stats()
         # (core module, init module) whose init succeeded: init modules to delete.
         self.pending_init: list[tuple[str, str]] = []
+        # Pairs a batch could not delete yet, tried again after the next quiet period.
+        self._busy_init: list[tuple[str, str]] = []
+        self._delete_tries: dict[str, int] = {}
         self.last_activity = clock()
         self.stop_requested = False
         self.settle_requested = False
@@ -269,12 +283,19 @@ class Service:
 
     # ------------------------------------------------------------ unloading
     def unload_batch(self, trigger: UnloadTrigger) -> UnloadBatch | None:
-        if not self.pending_init:
+        if not self.pending_init and not self._busy_init:
             return None
-        pending, self.pending_init = self.pending_init, []
+        pending = self.pending_init + self._busy_init
+        self.pending_init, self._busy_init = [], []
         batch = delete_init_modules(pending, self.markers, trigger=trigger)
         self.stats.batches.append(batch)
         self.reporter.batch_unloaded(batch)
+        for core, init in batch.busy:
+            tries = self._delete_tries[init] = self._delete_tries.get(init, 0) + 1
+            if tries < MAX_DELETE_TRIES:
+                self._busy_init.append((core, init))
+        if self._busy_init:
+            self.last_activity = self.clock()  # again after a quiet period, not at once
         return batch
 
     # ------------------------------------------------------------ main loop
@@ -322,7 +343,8 @@ class Service:
     def run(self) -> int:
         """Serve until stopped or quiet; udev's own loading is back on whatever happens."""
         try:
-            return self._run()
+            with selectors.DefaultSelector() as selector:
+                return self._run(selector)
         except BaseException:
             # Whatever broke, give back what can safely be given back: init modules
             # whose init succeeded. Their markers go with them; anything else stays
@@ -335,14 +357,13 @@ class Service:
         finally:
             self._set_active(False)
 
-    def _run(self) -> int:
+    def _run(self, selector: selectors.BaseSelector) -> int:
         started = self.clock()
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         # Installed before the active flag (which names our pid) exists: SIGUSR1
         # would otherwise kill us.
         signal.signal(signal.SIGUSR1, self.request_settle)
-        selector = selectors.DefaultSelector()
         selector.register(self.source.fileno(), selectors.EVENT_READ, "source")
         selector.register(self.scheduler.fileno(), selectors.EVENT_READ, "loads")
         selector.register(self._signal_r, selectors.EVENT_READ, "signal")
@@ -378,7 +399,8 @@ class Service:
             quiet = now - self.last_activity
             if len(self.pending_init) >= self.settings.batch_size:
                 self.unload_batch("batch-size")
-            elif self.scheduler.idle and self.pending_init and quiet >= self.settings.quiet_period:
+            elif (self.scheduler.idle and (self.pending_init or self._busy_init)
+                  and quiet >= self.settings.quiet_period):
                 self.unload_batch("quiet")
             self.notifier.status(self.status_text())
             if (self.settings.exit_after_quiet > 0 and self.scheduler.idle
@@ -388,8 +410,9 @@ class Service:
         self.notifier.stopping()
         faults.hit("stop")
         # Hand module loading back to udev first, then serve what udev already
-        # skipped for us: those events are in our queue.
+        # skipped for us: those events are in our queue once udev is done with them.
         self._set_active(False)
+        self._wait_for_udev_queue()
         for request in self.source.read_ready():
             self.handle_request(request)
         self._drain()
@@ -402,6 +425,18 @@ class Service:
                           INITSPLIT_PEAK_RSS_KIB=peak_kib)
         self.scheduler.shutdown()
         return 0
+
+    def _wait_for_udev_queue(self) -> None:
+        queue = self.settings.udev_queue
+        if queue is None or self.settings.active_flag is None:
+            return
+        deadline = self.clock() + self.settings.udev_queue_wait
+        # Bounded: udevd may be stopping too (switch-root), and a queue that never
+        # empties must not hold the stop; events seen after the flag went are
+        # udev's own to load.
+        while queue.exists() and self.clock() < deadline:
+            time.sleep(0.02)
+        self._ping_watchdog()
 
     def _set_active(self, active: bool) -> None:
         flag = self.settings.active_flag
@@ -437,7 +472,7 @@ class Service:
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [now + 3600.0]
-        if self.pending_init:
+        if self.pending_init or self._busy_init:
             deadlines.append(self.last_activity + self.settings.quiet_period)
         if self.settings.exit_after_quiet > 0:
             deadlines.append(self.last_activity + self.settings.exit_after_quiet)

@@ -16,6 +16,7 @@ once, since it concerns every module.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import BadEntry, CacheHit, read_entry, write_entry
-from ..fsio import directory_problem, sealed_memfd
+from ..fsio import directory_problem, is_leftover_temp, sealed_memfd
 from ..loader.twostage import SplitPair
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,27 @@ class SplitProvider:
         self._report = report or log.warning
         self._reported: set[str] = set()
         self._lock = threading.Lock()  # get() runs on the worker threads
+
+    def remove_leftover_temps(self) -> int:
+        """Remove the temp files a daemon killed while keeping a split left in the
+        runtime directory (fsio.atomic_write names them); returns how many.
+
+        /run is memory: a daemon restarted after every kill must not leave a dead
+        split's bytes behind each time. Only in a trusted runtime directory, and
+        without following symlinks; run before any load, when nothing writes there.
+        """
+        if not self.runtime_dir.is_dir() or self._directory_problem(self.runtime_dir, "runtime"):
+            return 0
+        removed = 0
+        for parent, _, files in os.walk(self.runtime_dir):
+            for name in files:
+                if is_leftover_temp(name):
+                    try:
+                        os.unlink(os.path.join(parent, name))
+                        removed += 1
+                    except OSError:
+                        pass
+        return removed
 
     def get(self, module_path: Path) -> SplitPair | NotSplit:
         """The split of *module_path*; a SplitPair must be closed (load_two_stage does)."""

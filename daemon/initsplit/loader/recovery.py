@@ -8,7 +8,11 @@ replaced whole (fsio.atomic_write: temp file, rename), holding one line:
   (hex, from /sys/module/NAME/sections/.gnu.linkonce.this_module; ``-`` when the
   kernel hides addresses). Recorded right after finit_module(C) returned.
 * ``init-done INIT``: the init module I's init succeeded; kept until the batch has
-  deleted I, so a daemon killed in between leaves I to the next one.
+  deleted I, so a daemon killed in between leaves I to the next one. I is deleted
+  only under this marker, or under none (ready_to_delete_init): once I's init has
+  run, C is the live driver (its ->exit set by I's wrapper), and a ``core`` or
+  ``core-loaded`` marker left beside it after I is gone would make a restarted
+  daemon take the driver for an inert core and delete it under its device.
 * ``plain``: the original is (being) loaded plain; it is left alone.
 
 The marker is removed when the load is over. A restarted daemon, before coldplug:
@@ -22,6 +26,8 @@ The marker is removed when the load is over. A restarted daemon, before coldplug
   daemon was gone) after our C was removed or never got in; deleting that would run
   its cleanup under a live driver. See _not_our_core() for the identity test.
 * Anything else: nothing of ours is loaded; the marker goes.
+* A loaded NAME__init with no marker (its marker could not be rewritten to
+  ``init-done`` and was removed before the deletion): pending deletion too.
 
 Temp files an interrupted write left (``.NAME.*.tmp``) are removed. A marker
 directory that anyone but root (or our user) could write is not acted upon.
@@ -43,6 +49,10 @@ from .syscalls import delete_module
 
 _MARKER_LIMIT = 4096
 _NO_ADDRESS = "-"
+# The splitter names the init module of NAME "NAME__init" (split/splitter.py
+# INIT_SUFFIX; cache.py refuses a manifest that does not); no module of Debian's
+# trees ends so. Kept here so that the loader does not import the splitter.
+_INIT_SUFFIX = "__init"
 
 
 @dataclass(slots=True)
@@ -108,16 +118,41 @@ class LoadMarkers:
         except FileNotFoundError:
             pass
 
+    def ready_to_delete_init(self, name: str, init_name: str) -> None:
+        """Make sure no ``core``/``core-loaded`` marker outlives I (see the module docstring).
+
+        The marker normally says ``init-done`` already; it does not when rewriting it
+        failed after I's init (/run full) or recovery could not rewrite it. Then it is
+        rewritten now or, failing that, removed: a loaded I with no marker is still
+        found by recovery (by its name), a C whose init has run under a stale
+        ``core`` marker would be deleted. Raises OSError when even removing fails;
+        I must then stay loaded.
+        """
+        if self._state(name) == "init-done":
+            return
+        try:
+            self.init_done(name, init_name)
+        except OSError:
+            self.finish(name)
+
+    def _state(self, name: str) -> str:
+        try:
+            with open_checked(self._path(name)) as f:
+                return _Marker.parse(read_fd(f.fileno(), limit=_MARKER_LIMIT).decode(errors="replace")).state
+        except (OSError, Untrusted):
+            return ""
+
     def recover(self) -> Recovery:
         result = Recovery()
         try:
             names = sorted(os.listdir(self.directory))
         except FileNotFoundError:
-            return result
-        problem = directory_problem(self.directory)
-        if problem:
-            result.problems.append(f"load markers in {self.directory} not used: {problem}")
-            return result
+            names = []
+        else:
+            problem = directory_problem(self.directory)
+            if problem:
+                result.problems.append(f"load markers in {self.directory} not used: {problem}")
+                return result
         try:
             loaded = proc_modules(self.proc_root / "modules")
         except OSError as exc:
@@ -134,6 +169,12 @@ class LoadMarkers:
                     # One marker that cannot be handled (ENOSPC on a full /run while
                     # rewriting it, say) must not stop the recovery of the others.
                     result.problems.append(f"{name}: marker not handled: {exc.strerror or exc}")
+        # Init modules whose marker was removed before their deletion (ready_to_delete_init).
+        pending = {init for _, init in result.pending_init}
+        for init in sorted(loaded):
+            core = init[: -len(_INIT_SUFFIX)]
+            if init.endswith(_INIT_SUFFIX) and core and init not in pending and core not in names:
+                result.pending_init.append((core, init))
         return result
 
     def _recover_one(self, name: str, loaded: dict[str, int], result: Recovery) -> None:
@@ -204,6 +245,12 @@ class LoadMarkers:
         return None
 
 
+# delete_module() errors after which a later try may succeed: EBUSY while the
+# module is still COMING (its init runs: the finit_module() of a killed daemon,
+# which the kernel completes) or in use, EAGAIN (kernel/module/main.c try_stop_module).
+_TRY_AGAIN = frozenset({errno.EBUSY, errno.EAGAIN, errno.EWOULDBLOCK})
+
+
 def delete_init_modules(pending: list[tuple[str, str]], markers: LoadMarkers, *,
                         trigger: UnloadTrigger) -> UnloadBatch:
     """Delete the init modules of *pending* (core, init module) pairs whose init succeeded.
@@ -218,8 +265,14 @@ def delete_init_modules(pending: list[tuple[str, str]], markers: LoadMarkers, *,
         sizes = {}
     deleted: list[str] = []
     failed: list[tuple[str, str]] = []
+    busy: list[tuple[str, str]] = []
     freed = 0
     for core, name in pending:
+        try:
+            markers.ready_to_delete_init(core, name)
+        except OSError as exc:
+            failed.append((name, f"its load marker cannot be updated: {os.strerror(exc.errno or 0)}"))
+            continue
         try:
             delete_module(name)
         except OSError as exc:
@@ -228,9 +281,12 @@ def delete_init_modules(pending: list[tuple[str, str]], markers: LoadMarkers, *,
                 markers.finish(core)
                 continue
             failed.append((name, os.strerror(exc.errno or 0)))
+            if exc.errno in _TRY_AGAIN:
+                busy.append((core, name))
             continue
         markers.finish(core)
         deleted.append(name)
         freed += sizes.get(name, 0)
         faults.hit("batch", core)
-    return UnloadBatch(tuple(deleted), freed, tuple(failed), trigger, time.monotonic() - started)
+    return UnloadBatch(tuple(deleted), freed, tuple(failed), trigger, time.monotonic() - started,
+                       busy=tuple(busy))

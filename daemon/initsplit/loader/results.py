@@ -52,6 +52,9 @@ class UnloadBatch:
     failed: tuple[tuple[str, str], ...] = ()
     trigger: UnloadTrigger = "quiet"
     seconds: float = 0.0
+    # (core, init module) pairs of *failed* that a later batch may delete (EBUSY:
+    # still initialising, or in use); their markers stay.
+    busy: tuple[tuple[str, str], ...] = ()
 
     @property
     def freed_pages(self) -> int:

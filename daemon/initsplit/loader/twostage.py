@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import faults
 from ..fsio import OpenFile
 from ..split.initresult import init_failure_errno
-from .kernel_state import proc_modules
+from .kernel_state import module_state, proc_modules
 from .recovery import LoadMarkers
 from .results import ModuleLoad
 from .syscalls import delete_module, finit_module, finit_module_path
@@ -45,10 +45,40 @@ class SplitPair:
             self.init.close()
 
 
+# How long a load waits for a module of the same name that is being deleted.
+GOING_WAIT_SEC = 5.0
+
+
+def _gone_after_going(name: str) -> bool:
+    """Whether NAME, which the kernel refused as busy, was being deleted and is gone now.
+
+    kernel/module/main.c add_unformed_module() (Debian 6.1.192) waits for a module
+    of the same name that is COMING or UNFORMED, then refuses the new one with
+    EEXIST if the old one is LIVE and EBUSY otherwise: one that is GOING (a
+    delete_module() in progress: recovery removing an inert core, an rmmod) or
+    one whose own load failed meanwhile. The kernel means the second case (do not
+    run a failing init again and again); in the first the device would be left
+    without its driver once the deletion ends, so that one load is tried again.
+    """
+    if module_state(name) != "going":
+        return False
+    deadline = time.monotonic() + GOING_WAIT_SEC
+    while module_state(name) == "going":
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return module_state(name) is None
+
+
 def load_plain(name: str, path: Path, *, params: str = "", reason: str = "") -> ModuleLoad:
     started = time.monotonic()
     try:
-        finit_module_path(path, params)
+        try:
+            finit_module_path(path, params)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or not _gone_after_going(name):
+                raise
+            finit_module_path(path, params)  # once: the old one is gone now
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             return ModuleLoad(name, "already-loaded", reason="loaded by someone else",

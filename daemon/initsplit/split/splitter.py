@@ -100,6 +100,13 @@ SUPPORTED_VERMAGIC_PREFIX = "6.1."
 _MODVERSION = struct.Struct(f"<Q{MODULE_NAME_LEN}s")
 
 
+def _is_arm_mapping_symbol(name: str) -> bool:
+    """kernel/module/kallsyms.c is_arm_mapping_symbol() (6.1)."""
+    if name.startswith(".L"):
+        return True
+    return len(name) >= 2 and name[0] == "$" and name[1] in "axtd" and (len(name) == 2 or name[2] == ".")
+
+
 def init_module_name(name: str) -> str:
     """The init module's name: NAME__init, shortened deterministically to fit MODULE_NAME_LEN."""
     candidate = name + INIT_SUFFIX
@@ -286,6 +293,28 @@ class _Splitter:
             if sym.shndx == SHN_COMMON:
                 raise SplitRefused("common symbol", sym.name)
 
+    def _initcall_name(self) -> str:
+        """The name the kernel knows the original's init routine by, for I's wrapper.
+
+        initcall_blacklist=NAME (init/main.c initcall_blacklisted(), called by
+        do_one_initcall() for a module's ->init too) compares NAME with the kallsyms
+        name of ->init's address: for a module, find_kallsyms_symbol()
+        (kernel/module/kallsyms.c) takes the first symbol in symbol-table order at
+        that address, skipping unnamed and ARM mapping symbols, which is the local
+        function module_init() named (its global alias init_module comes later).
+        I's ->init is the wrapper, in a section of its own: named so, the kernel
+        refuses I (EPERM) before the wrapper runs the original init, just as it
+        refuses the original, and the loader falls back to the plain load that the
+        kernel then refuses too. Named anything else, the blacklist would be bypassed.
+        """
+        init = self.init_symbol
+        assert init is not None
+        for sym in self.symbols[1:]:
+            if (sym.shndx == init.shndx and sym.value == init.value and sym.name
+                    and not sym.is_section and not _is_arm_mapping_symbol(sym.name)):
+                return sym.name
+        return init.name
+
     def is_init_symbol(self, index: int) -> bool:
         return self.symbols[index].shndx in self.init_secs
 
@@ -389,8 +418,8 @@ class _Splitter:
                                           addralign=16)
         stub_sec = builder.add_section(STUB_SECTION, type=SHT_PROGBITS,
                                        flags=SHF_ALLOC | SHF_EXECINSTR, data=stub.code, addralign=16)
-        wrapper_sym = builder.add_symbol("initsplit_init", size=len(wrapper.code), bind=STB_LOCAL,
-                                         type=STT_FUNC, shndx=wrapper_sec)
+        wrapper_sym = builder.add_symbol(self._initcall_name(), size=len(wrapper.code),
+                                         bind=STB_LOCAL, type=STT_FUNC, shndx=wrapper_sec)
         stub_sym = builder.add_symbol("initsplit_exit", size=len(stub.code), bind=STB_LOCAL,
                                       type=STT_FUNC, shndx=stub_sec)
         this_module_anchor = self._anchor(self.this_module.index)
