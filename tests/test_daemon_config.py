@@ -455,3 +455,29 @@ def test_load_timeout_defaults_to_the_stage_unless_configured(tmp_path: Path) ->
     path = write(tmp_path, "initsplitd.conf", "[Daemon]\nLoadTimeoutSec=2min\n")
     config, _ = load_config(paths=[path])
     assert config.default_load_timeout(in_initrd=True) == 120.0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "huge"])
+def test_a_file_that_is_no_configuration_is_an_error_not_a_hang(tmp_path: Path, kind: str) -> None:
+    # Read before the daemon is ready: a FIFO would block the read for ever and
+    # /dev/zero never end, and systemd's start timeout would decide the boot.
+    main = tmp_path / MAIN
+    main.parent.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(main)
+    elif kind == "dev-zero":
+        main.symlink_to("/dev/zero")
+    else:
+        main.write_bytes(b"[Daemon]\nWorkers=3\n" + b"#" * (2 << 20) + b"\n")
+    write(tmp_path, f"{ETC}/50-x.conf", "[Daemon]\nWorkers=4\n")
+    config, errors = load(tmp_path)
+    assert config.workers == 4  # the drop-in still applies
+    assert len(errors) == 1 and str(errors[0]).startswith(f"{main}: cannot read"), errors
+
+
+def test_a_symlinked_drop_in_is_read(tmp_path: Path) -> None:
+    target = write(tmp_path, "usr/lib/initsplit/workers.conf", "[Daemon]\nWorkers=5\n")
+    (tmp_path / ETC).mkdir(parents=True)
+    (tmp_path / ETC / "50-x.conf").symlink_to(target)
+    config, errors = load(tmp_path)
+    assert (config.workers, errors) == (5, [])

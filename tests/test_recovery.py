@@ -293,17 +293,68 @@ def test_an_init_module_without_marker_is_pending_and_others_are_not(
     assert result.pending_init == [("dummy", "dummy__init")] and kernel.deleted == []
 
 
-def test_an_init_module_still_initialising_is_tried_again(
+def _initstate(kernel: FakeKernel, name: str, state: str) -> None:
+    (kernel.root / "sys/module" / name / "initstate").write_text(state + "\n")
+
+
+def test_an_init_module_in_use_is_tried_again(
         kernel: FakeKernel, markers: LoadMarkers, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel.load("dummy")
     kernel.load("dummy__init", (".init.text",))
     markers.init_done("dummy", "dummy__init")
 
-    def coming(name: str, *, flags: int = 0) -> None:
+    def busy(name: str, *, flags: int = 0) -> None:
         raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
 
-    monkeypatch.setattr(recovery, "delete_module", coming)
+    monkeypatch.setattr(recovery, "delete_module", busy)
     batch = recovery.delete_init_modules([("dummy", "dummy__init")], markers, trigger="quiet")
     assert batch.busy == (("dummy", "dummy__init"),)
     assert batch.failed == (("dummy__init", os.strerror(errno.EBUSY)),)
     assert (markers.directory / "dummy").read_text() == "init-done dummy__init\n"
+
+
+def test_an_init_module_still_initialising_is_not_marked_done(
+        kernel: FakeKernel, markers: LoadMarkers) -> None:
+    # A killed daemon's finit_module(I) the kernel completes: I is COMING and its
+    # init may yet fail. "init-done" now would make C, inert if it fails, look done.
+    kernel.load("dummy")
+    kernel.load("dummy__init", (".init.text",))
+    _initstate(kernel, "dummy__init", "coming")
+    markers.core_loaded("dummy", "dummy__init")
+    batch = recovery.delete_init_modules([("dummy", "dummy__init")], markers, trigger="quiet")
+    assert batch.busy == (("dummy", "dummy__init"),) and kernel.deleted == []
+    assert (markers.directory / "dummy").read_text().startswith("core-loaded dummy__init ")
+    fast = LoadMarkers(markers.directory, sys_root=markers.sys_root, proc_root=markers.proc_root,
+                       coming_wait=0.2)
+    result = fast.recover()
+    assert result.pending_init == [("dummy", "dummy__init")] and kernel.deleted == []
+    assert "still initialising" in result.problems[0]
+    assert (markers.directory / "dummy").read_text().startswith("core-loaded dummy__init ")
+
+
+def test_recovery_waits_for_an_initialising_init_module_whose_init_then_fails(
+        kernel: FakeKernel, markers: LoadMarkers) -> None:
+    # The init fails while recovery waits: the kernel frees I, C is inert and goes,
+    # so that coldplug loads the module afresh (else it looks loaded for good).
+    import threading
+
+    kernel.load("dummy")
+    kernel.load("dummy__init", (".init.text",))
+    _initstate(kernel, "dummy__init", "coming")
+    markers.core_loaded("dummy", "dummy__init")
+    threading.Timer(0.3, kernel.delete_module, args=("dummy__init",)).start()
+    result = markers.recover()
+    assert result.pending_init == [] and result.removed_cores == ["dummy"]
+    assert kernel.deleted == ["dummy__init", "dummy"] and os.listdir(markers.directory) == []
+
+
+def test_a_long_named_init_module_without_marker_is_found(kernel: FakeKernel,
+                                                          markers: LoadMarkers) -> None:
+    from initsplit.split.names import init_module_name
+
+    core = "a_module_name_long_enough_to_need_the_shortened_form_x"
+    init = init_module_name(core)
+    assert init != core + "__init"
+    kernel.load(core)
+    kernel.load(init, (".init.text",))
+    assert markers.recover().pending_init == [(core, init)]

@@ -47,6 +47,7 @@ reason is logged once and modules are loaded plain.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import re
@@ -367,10 +368,39 @@ def _logical_lines(data: bytes, file: str, errors: list[ConfigError]) -> Iterato
         yield start, pending
 
 
+# A configuration file is a few hundred bytes; anything this large is not one.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_config_file(path: Path) -> bytes:
+    """The file's bytes; OSError (with a reason) for anything but a regular file of sane size.
+
+    Opened non-blocking and checked with fstat() first: a FIFO in the file's place
+    would block the read, and a symlink to /dev/zero never end, both before the
+    daemon is ready, so that systemd's start timeout, not the configuration,
+    would decide the boot. Symlinks to regular files are fine (drop-ins often are).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_CONFIG_BYTES:
+                raise OSError(errno.EFBIG, f"larger than {MAX_CONFIG_BYTES} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _apply_file(path: Path, values: dict[str, Any], errors: list[ConfigError]) -> None:
     file = str(path)
     try:
-        data = path.read_bytes()
+        data = _read_config_file(path)
     except OSError as exc:
         errors.append(ConfigError(file, None, f"cannot read: {exc.strerror or exc}"))
         return

@@ -430,11 +430,11 @@ class Service:
         queue = self.settings.udev_queue
         if queue is None or self.settings.active_flag is None:
             return
-        deadline = self.clock() + self.settings.udev_queue_wait
-        # Bounded: udevd may be stopping too (switch-root), and a queue that never
-        # empties must not hold the stop; events seen after the flag went are
-        # udev's own to load.
-        while queue.exists() and self.clock() < deadline:
+        # Real time (not self.clock, which tests may freeze). Bounded: udevd may be
+        # stopping too (switch-root), and a queue that never empties must not hold
+        # the stop; events seen after the flag went are udev's own to load.
+        deadline = time.monotonic() + self.settings.udev_queue_wait
+        while queue.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         self._ping_watchdog()
 
@@ -472,10 +472,15 @@ class Service:
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [now + 3600.0]
-        if self.pending_init or self._busy_init:
-            deadlines.append(self.last_activity + self.settings.quiet_period)
-        if self.settings.exit_after_quiet > 0:
-            deadlines.append(self.last_activity + self.settings.exit_after_quiet)
+        # Both quiet deadlines act only once no load runs; while one does, a past
+        # deadline would make select() return at once, again and again (a busy
+        # loop beside a worker splitting a module). The scheduler's descriptor
+        # wakes the loop when a load ends.
+        if self.scheduler.idle:
+            if self.pending_init or self._busy_init:
+                deadlines.append(self.last_activity + self.settings.quiet_period)
+            if self.settings.exit_after_quiet > 0:
+                deadlines.append(self.last_activity + self.settings.exit_after_quiet)
         if self._watchdog:
             deadlines.append(self._next_watchdog)
         if self.settings.load_timeout > 0 and not self.scheduler.idle:

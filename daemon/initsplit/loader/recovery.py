@@ -17,8 +17,11 @@ replaced whole (fsio.atomic_write: temp file, rename), holding one line:
 
 The marker is removed when the load is over. A restarted daemon, before coldplug:
 
-* I is loaded (whatever the state): its init succeeded (the kernel finishes
-  finit_module even for a killed caller) and only its deletion is pending.
+* I is loaded and LIVE: its init succeeded and only its deletion is pending. The
+  kernel finishes finit_module() even for a killed caller, so I may still be
+  COMING (its init running, and it may yet fail): recovery waits for it (at most
+  coming_wait seconds); if I is gone then, its init failed or never ran, C is
+  inert and is handled as below.
 * ``core`` or ``core-loaded`` and NAME is loaded: NAME is deleted only when it is
   provably our inert C (->init and ->exit NULL, nothing to undo), so that coldplug
   loads the module afresh. It may instead be the original, loaded plain by someone
@@ -26,8 +29,9 @@ The marker is removed when the load is over. A restarted daemon, before coldplug
   daemon was gone) after our C was removed or never got in; deleting that would run
   its cleanup under a live driver. See _not_our_core() for the identity test.
 * Anything else: nothing of ours is loaded; the marker goes.
-* A loaded NAME__init with no marker (its marker could not be rewritten to
-  ``init-done`` and was removed before the deletion): pending deletion too.
+* A loaded init module with no marker (its marker could not be rewritten to
+  ``init-done`` and was removed before the deletion): pending deletion too. It
+  is recognised by its name, init_module_name() of a loaded module.
 
 Temp files an interrupted write left (``.NAME.*.tmp``) are removed. A marker
 directory that anyone but root (or our user) could write is not acted upon.
@@ -43,16 +47,15 @@ from pathlib import Path
 
 from .. import faults
 from ..fsio import Untrusted, atomic_write, directory_problem, is_leftover_temp, open_checked, read_fd
-from .kernel_state import module_address, module_sections, proc_modules
+from ..split.names import init_module_name
+from .kernel_state import module_address, module_sections, module_state, proc_modules
 from .results import UnloadBatch, UnloadTrigger
 from .syscalls import delete_module
 
 _MARKER_LIMIT = 4096
 _NO_ADDRESS = "-"
-# The splitter names the init module of NAME "NAME__init" (split/splitter.py
-# INIT_SUFFIX; cache.py refuses a manifest that does not); no module of Debian's
-# trees ends so. Kept here so that the loader does not import the splitter.
-_INIT_SUFFIX = "__init"
+# Seconds recovery waits for an init module that is still initialising.
+COMING_WAIT_SEC = 20.0
 
 
 @dataclass(slots=True)
@@ -84,10 +87,24 @@ class _Marker:
 
 class LoadMarkers:
     def __init__(self, directory: Path, *, sys_root: Path = Path("/sys"),
-                 proc_root: Path = Path("/proc")) -> None:
+                 proc_root: Path = Path("/proc"), coming_wait: float = COMING_WAIT_SEC) -> None:
         self.directory = directory
         self.sys_root = sys_root
         self.proc_root = proc_root
+        self.coming_wait = coming_wait
+
+    def coming(self, name: str) -> bool:
+        """Whether NAME is still COMING: in the kernel, its init not finished."""
+        return module_state(name, sys_root=self.sys_root) == "coming"
+
+    def _wait_while_coming(self, name: str) -> bool:
+        """Wait while NAME is COMING, at most coming_wait seconds; True if it still is."""
+        deadline = time.monotonic() + self.coming_wait
+        while self.coming(name):
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.05)
+        return False
 
     def _path(self, name: str) -> Path:
         return self.directory / name
@@ -171,9 +188,9 @@ class LoadMarkers:
                     result.problems.append(f"{name}: marker not handled: {exc.strerror or exc}")
         # Init modules whose marker was removed before their deletion (ready_to_delete_init).
         pending = {init for _, init in result.pending_init}
-        for init in sorted(loaded):
-            core = init[: -len(_INIT_SUFFIX)]
-            if init.endswith(_INIT_SUFFIX) and core and init not in pending and core not in names:
+        for core in sorted(loaded):
+            init = init_module_name(core)
+            if init in loaded and init not in pending and core not in names:
                 result.pending_init.append((core, init))
         return result
 
@@ -188,6 +205,18 @@ class LoadMarkers:
         except OSError as exc:
             result.problems.append(f"{name}: unreadable marker: {exc.strerror}")
             return
+        if marker.state in ("core", "core-loaded", "init-done") and marker.init_name in loaded:
+            if self._wait_while_coming(marker.init_name):
+                # Left exactly as it is: the batch tries it again (busy) and a later
+                # recovery looks again; "init-done" now could be a lie.
+                result.problems.append(f"{name}: {marker.init_name} still initialising after "
+                                       f"{self.coming_wait:g} s; left for later")
+                result.pending_init.append((name, marker.init_name))
+                return
+            if marker.init_name not in proc_modules(self.proc_root / "modules"):
+                # Its init failed (or never ran) after all: the kernel freed I, and C,
+                # if it is in, is inert.
+                loaded.pop(marker.init_name, None)
         if marker.state in ("core", "core-loaded", "init-done") and marker.init_name in loaded:
             # Its init succeeded; the marker stays until the batch deletes it. If it
             # cannot be rewritten, "core ..." with the init module loaded means the
@@ -246,9 +275,11 @@ class LoadMarkers:
 
 
 # delete_module() errors after which a later try may succeed: EBUSY while the
-# module is still COMING (its init runs: the finit_module() of a killed daemon,
-# which the kernel completes) or in use, EAGAIN (kernel/module/main.c try_stop_module).
-_TRY_AGAIN = frozenset({errno.EBUSY, errno.EAGAIN, errno.EWOULDBLOCK})
+# module is not LIVE or in use, EAGAIN (kernel/module/main.c delete_module(),
+# try_stop_module()).
+# EINTR: a signal (SIGUSR1 from initsplitd-settle, SIGTERM) while delete_module()
+# waited for the module mutex (mutex_lock_interruptible).
+_TRY_AGAIN = frozenset({errno.EBUSY, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
 
 
 def delete_init_modules(pending: list[tuple[str, str]], markers: LoadMarkers, *,
@@ -268,6 +299,11 @@ def delete_init_modules(pending: list[tuple[str, str]], markers: LoadMarkers, *,
     busy: list[tuple[str, str]] = []
     freed = 0
     for core, name in pending:
+        if markers.coming(name):
+            # Its init still runs and may fail: the marker must not say init-done yet.
+            failed.append((name, "still initialising"))
+            busy.append((core, name))
+            continue
         try:
             markers.ready_to_delete_init(core, name)
         except OSError as exc:

@@ -45,40 +45,38 @@ class SplitPair:
             self.init.close()
 
 
-# How long a load waits for a module of the same name that is being deleted.
-GOING_WAIT_SEC = 5.0
+# A plain load refused EBUSY is tried this many more times, this far apart.
+BUSY_RETRIES = 3
+BUSY_RETRY_SEC = 0.1
 
 
-def _gone_after_going(name: str) -> bool:
-    """Whether NAME, which the kernel refused as busy, was being deleted and is gone now.
+def _may_retry_busy(name: str) -> bool:
+    """Whether a load of NAME that the kernel refused with EBUSY is worth one more try.
 
-    kernel/module/main.c add_unformed_module() (Debian 6.1.192) waits for a module
-    of the same name that is COMING or UNFORMED, then refuses the new one with
-    EEXIST if the old one is LIVE and EBUSY otherwise: one that is GOING (a
-    delete_module() in progress: recovery removing an inert core, an rmmod) or
-    one whose own load failed meanwhile. The kernel means the second case (do not
-    run a failing init again and again); in the first the device would be left
-    without its driver once the deletion ends, so that one load is tried again.
+    kernel/module/main.c add_unformed_module() (Debian 6.1.192) waits for a
+    namesake that is COMING or UNFORMED, then refuses the new module with EEXIST
+    if the namesake is LIVE and with EBUSY otherwise: when it is GOING or UNFORMED
+    on its way out (delete_module(): recovery removing an inert core, an rmmod;
+    free_module() tears sysfs down first, so its state reads as gone while it is
+    still in the list), and when its own load failed. In the first case the device
+    would be left without its driver once the deletion ends; the second costs a
+    few more runs of an init that fails anyway. So: a bounded number of tries,
+    while the namesake is going or gone, never when it is live or coming.
     """
-    if module_state(name) != "going":
-        return False
-    deadline = time.monotonic() + GOING_WAIT_SEC
-    while module_state(name) == "going":
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return module_state(name) is None
+    time.sleep(BUSY_RETRY_SEC)
+    return module_state(name) in ("going", None)
 
 
 def load_plain(name: str, path: Path, *, params: str = "", reason: str = "") -> ModuleLoad:
     started = time.monotonic()
     try:
-        try:
-            finit_module_path(path, params)
-        except OSError as exc:
-            if exc.errno != errno.EBUSY or not _gone_after_going(name):
-                raise
-            finit_module_path(path, params)  # once: the old one is gone now
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                finit_module_path(path, params)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or attempt == BUSY_RETRIES or not _may_retry_busy(name):
+                    raise
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             return ModuleLoad(name, "already-loaded", reason="loaded by someone else",

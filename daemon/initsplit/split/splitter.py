@@ -50,6 +50,7 @@ from ..elf.constants import (
 from . import codegen
 from .errors import NothingToSplit, SplitRefused
 from .modinfo import first, parse_modinfo, render_modinfo
+from .names import INIT_SUFFIX, init_module_name
 from .tables import (
     KCRCTAB_RECORD_SIZE,
     KSYMTAB_RECORD_SIZE,
@@ -63,7 +64,6 @@ from .tables import (
 )
 
 NAMESPACE = "INITSPLIT"
-INIT_SUFFIX = "__init"
 THIS_MODULE = ".gnu.linkonce.this_module"
 RO_AFTER_INIT = ".data..ro_after_init"
 # kernel/module/main.c marks exactly ".data..ro_after_init" read-only once the
@@ -105,16 +105,6 @@ def _is_arm_mapping_symbol(name: str) -> bool:
     if name.startswith(".L"):
         return True
     return len(name) >= 2 and name[0] == "$" and name[1] in "axtd" and (len(name) == 2 or name[2] == ".")
-
-
-def init_module_name(name: str) -> str:
-    """The init module's name: NAME__init, shortened deterministically to fit MODULE_NAME_LEN."""
-    candidate = name + INIT_SUFFIX
-    if len(candidate) <= MODULE_NAME_LEN - 1:
-        return candidate
-    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    keep = MODULE_NAME_LEN - 1 - len(INIT_SUFFIX) - len(digest) - 1
-    return f"{name[:keep]}_{digest}{INIT_SUFFIX}"
 
 
 # Anchor names start with a digit: no C identifier (so no exported name) can, and
