@@ -14,7 +14,8 @@ Several rounds share one boot (--per-boot); a boot resets the drivers between th
     /usr/bin/python3 bench/kill_stress.py -n 60 --per-boot 10
 
 Prints one line per round and the misses at the end; exits 1 if there was any.
-Not part of the test suite (it takes about a minute per round under TCG).
+Not part of the test suite (about a minute per round under TCG). A missed round's
+whole output is saved to /tmp/kill_stress-roundN.txt.
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ def main() -> int:
                       flush=True)
                 if problems:
                     misses.append((i + 1, delay, "; ".join(problems)))
+                    # The whole round (both daemons' logs, the devices) for the post-mortem.
+                    saved = Path(tempfile.gettempdir()) / f"kill_stress-round{i + 1}.txt"
+                    try:
+                        saved.write_text(script_section(result, f"case round{i}"))
+                    except AssertionError:
+                        saved.write_text(result.report())
+                    print(f"           the round's output: {saved}", flush=True)
     finally:
         shutil.rmtree(share, ignore_errors=True)
     print(f"\n{args.rounds - len(misses)} of {args.rounds} rounds kept every device's driver; "

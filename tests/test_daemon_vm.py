@@ -171,9 +171,21 @@ check_devices() {
     done
     echo "rng: $(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)"
     dd if=/dev/hwrng of=/tmp/rng bs=16 count=1 2>/dev/null && echo "rng read $(wc -c < /tmp/rng) bytes"
+    # SCSI disks are probed asynchronously (sd_mod), a USB stick after usb-storage's
+    # delay_use (1 s): give both a moment after the daemon returned. A driver that
+    # is not really there (an inert core module) never makes a disk, however long.
+    i=0
+    while [ $i -lt 100 ] && [ "$(ls -d /sys/block/sd* 2>/dev/null | wc -l)" -lt 2 ]; do
+        sleep 0.1; i=$((i+1))
+    done
+    echo "disks after $((i / 10)).$((i % 10)) s"
     for d in /sys/block/sd*; do
         b=$(basename $d)
         echo "disk $b: $(dd if=/dev/$b bs=16 count=1 2>/dev/null)"
+    done
+    for m in sd_mod usb_storage ahci; do
+        echo "state $m: $(cat /sys/module/$m/initstate 2>/dev/null) refcnt=$(cat /sys/module/$m/refcnt 2>/dev/null)" \
+             "init sections: $(ls /sys/module/$m/sections 2>/dev/null | sed -n 's/^\(\.init.*\)/\1/p' | tr '\n' ' ')"
     done
 }
 # SIGKILL from outside, to the daemon's own pid, DELAY seconds after its first

@@ -132,11 +132,11 @@ out["initfail_calls_before"] = init_calls()
 record("initfail", load_two_stage(tests.get(initfail), original=initfail))
 out["initfail_calls"] = init_calls()
 
-# 5b. initcall_blacklist=softdog_init is on this boot's command line: the kernel
+# 5b. initcall_blacklist=ifb_init_module is on this boot's command line: the kernel
 # refuses the init module (EPERM) as it refuses the original, and nothing runs.
-record("blacklisted", load_two_stage(fresh.get(softdog), original=softdog))
-out["blacklisted_watchdogs"] = sorted(os.listdir("/sys/class/watchdog")) \
-    if os.path.isdir("/sys/class/watchdog") else []
+ifb = moddir / "kernel/drivers/net/ifb.ko"
+record("blacklisted", load_two_stage(fresh.get(ifb), original=ifb))
+out["blacklisted_links"] = sorted(os.listdir("/sys/class/net"))
 
 # 6. No cleanup routine: after the init module is gone the core refuses removal.
 noexit = kmoddir / "isplit_noexit.ko"
@@ -256,9 +256,9 @@ def loader_boot(kernel: DebianKernel, kmods: dict[str, Path], vmshare: Path) -> 
         f"ISPLIT_REPO={REPO} ISPLIT_MODDIR={kernel.modules_dir} ISPLIT_KMODDIR={kmoddir} "
         f"ISPLIT_CACHE={cache} ISPLIT_BADCRC={badcrc} PYTHONDONTWRITEBYTECODE=1 "
         f"hostrun /usr/bin/python3 {program}\n")
-    # softdog's init is blacklisted (case 5b); softdog is not loaded otherwise here.
+    # ifb's init is blacklisted (case 5b); ifb is not loaded otherwise here.
     return boot(kernel, script=script, files=host_root_files(kernel), host_root=True, timeout=300,
-                append="initcall_blacklist=softdog_init")
+                append="initcall_blacklist=ifb_init_module")
 
 
 @pytest.fixture(scope="module")
@@ -333,10 +333,10 @@ def test_blacklisted_initcall_is_refused_as_for_the_original(result: dict) -> No
     # initcall_blacklist= names the original's init routine; the two-stage load
     # must not bypass it (the wrapper carries that name, splitter._initcall_name).
     load = result["blacklisted"]
-    assert load["mode"] == "failed" and load["errno"] == 1, load  # EPERM, as for modprobe
-    assert "could not insert 'softdog': Operation not permitted" in load["reason"], load
-    assert not [m for m in result["blacklisted_modules"] if m.startswith("softdog")], result
-    assert result["blacklisted_watchdogs"] == [], result
+    assert load["mode"] == "failed" and load["errno"] == 1, load["reason"]  # EPERM, as for modprobe
+    assert "could not insert 'ifb': Operation not permitted" in load["reason"], load
+    assert not [m for m in result["blacklisted_modules"] if m.startswith("ifb")], result
+    assert not [link for link in result["blacklisted_links"] if link.startswith("ifb")], result
 
 
 def test_no_cleanup_core_stays(result: dict) -> None:
