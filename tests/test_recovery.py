@@ -41,6 +41,7 @@ class FakeKernel:
              address: int = CORE_ADDRESS, listed: bool = True) -> None:
         module = self.root / "sys/module" / name
         module.mkdir()
+        (module / "initstate").write_text("live\n")
         if listed:
             (module / "sections").mkdir()
             for section in sections:
@@ -325,10 +326,10 @@ def test_an_init_module_still_initialising_is_not_marked_done(
     assert batch.busy == (("dummy", "dummy__init"),) and kernel.deleted == []
     assert (markers.directory / "dummy").read_text().startswith("core-loaded dummy__init ")
     fast = LoadMarkers(markers.directory, sys_root=markers.sys_root, proc_root=markers.proc_root,
-                       coming_wait=0.2)
+                       settle_wait=0.2)
     result = fast.recover()
     assert result.pending_init == [("dummy", "dummy__init")] and kernel.deleted == []
-    assert "still initialising" in result.problems[0]
+    assert "has not finished loading or unloading" in result.problems[0]
     assert (markers.directory / "dummy").read_text().startswith("core-loaded dummy__init ")
 
 
@@ -358,3 +359,46 @@ def test_a_long_named_init_module_without_marker_is_found(kernel: FakeKernel,
     kernel.load(core)
     kernel.load(init, (".init.text",))
     assert markers.recover().pending_init == [(core, init)]
+
+
+def test_an_init_module_on_its_way_out_is_not_taken_for_a_success(
+        kernel: FakeKernel, markers: LoadMarkers) -> None:
+    # Its init failed: the kernel set it GOING and tears it down (sysfs first, then
+    # /proc/modules). Still listed for a moment, it must not count as loaded.
+    import threading
+
+    kernel.load("dummy")
+    kernel.load("dummy__init", (".init.text",))
+    _initstate(kernel, "dummy__init", "going")
+    markers.core_loaded("dummy", "dummy__init")
+    threading.Timer(0.3, kernel.delete_module, args=("dummy__init",)).start()
+    result = markers.recover()
+    assert result.pending_init == [] and result.removed_cores == ["dummy"], result
+
+
+def test_the_batch_removes_the_inert_core_when_a_pending_init_module_failed(
+        kernel: FakeKernel, markers: LoadMarkers) -> None:
+    # Recovery left the pair pending, I still initialising; then I's init failed.
+    kernel.load("dummy")
+    markers.core_loaded("dummy", "dummy__init")
+    batch = recovery.delete_init_modules([("dummy", "dummy__init")], markers, trigger="quiet")
+    assert batch.removed_cores == ("dummy",) and batch.deleted == ()
+    assert kernel.deleted == ["dummy"] and os.listdir(markers.directory) == []
+
+
+def test_one_recovery_waits_at_most_its_settle_time_for_all_markers(
+        kernel: FakeKernel, markers: LoadMarkers) -> None:
+    # Two loads stuck in their inits (the reason the daemon gave up): the handback
+    # must finish within systemd's stop timeout, so the wait is shared.
+    import time
+
+    for name in ("aaa", "bbb"):
+        kernel.load(name)
+        kernel.load(f"{name}__init", (".init.text",))
+        _initstate(kernel, f"{name}__init", "coming")
+        markers.core_loaded(name, f"{name}__init")
+    started = time.monotonic()
+    result = LoadMarkers(markers.directory, sys_root=markers.sys_root, proc_root=markers.proc_root,
+                         settle_wait=0.5).recover()
+    assert time.monotonic() - started < 0.9
+    assert result.pending_init == [("aaa", "aaa__init"), ("bbb", "bbb__init")]

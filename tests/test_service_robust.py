@@ -566,7 +566,7 @@ def test_plain_load_waits_for_a_namesake_being_deleted(monkeypatch) -> None:
         return 0
 
     monkeypatch.setattr(twostage, "finit_module_path", finit_module_path)
-    states = iter(["going", None])
+    states = iter(["going", "going", "going", None, None])
     monkeypatch.setattr(twostage, "module_state", lambda name: next(states))
     monkeypatch.setattr(twostage, "_sizes", lambda: {})
     monkeypatch.setattr(twostage, "BUSY_RETRY_SEC", 0.0)
@@ -613,3 +613,25 @@ def test_main_loop_does_not_spin_while_a_load_runs_past_the_quiet_period(tmp_pat
     assert service._next_deadline(service.clock()) == 0.0  # idle: the batch is due
     monkeypatch.setattr(type(service.scheduler), "idle", property(lambda self: False))
     assert service._next_deadline(service.clock()) > 60.0
+
+
+def test_a_removed_inert_core_is_loaded_again(tmp_path, monkeypatch) -> None:
+    # The batch found a pending init module gone without success and removed the
+    # inert core: the device would have no driver unless the daemon loads it again.
+    from initsplit.daemon import service as service_module
+    from initsplit.loader.results import UnloadBatch
+
+    kernel = Kernel()
+
+    def inert_core_removed(pending, markers, *, trigger):
+        kernel.loaded.pop("dummy"), kernel.loaded.pop("dummy__init")
+        return UnloadBatch((), 0, (), trigger, removed_cores=("dummy",))
+
+    monkeypatch.setattr(service_module, "delete_init_modules", inert_core_removed)
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel)
+    serve(service, "dummy")
+    assert [l.mode for l in reporter.loads] == ["two-stage"]
+    service.unload_batch("quiet")
+    service.settle()
+    assert [l.mode for l in reporter.loads] == ["two-stage", "two-stage"], reporter.loads
+    assert any("removed the inert core module" in m for m in reporter.messages)

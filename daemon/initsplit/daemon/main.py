@@ -151,8 +151,11 @@ def recover_only(markers: LoadMarkers, reporter: Reporter) -> int:
     for problem in recovery.problems:
         reporter.log(3, f"recovery: {problem}")
     if recovery.pending_init:
-        reporter.batch_unloaded(delete_init_modules(recovery.pending_init, markers,
-                                                    trigger="recovery"))
+        batch = delete_init_modules(recovery.pending_init, markers, trigger="recovery")
+        reporter.batch_unloaded(batch)
+        for name in batch.removed_cores:  # initsplitd-handback's replay loads them again
+            reporter.log(4, f"{name}: removed the inert core module its failed init left",
+                         INITSPLIT_MODULE=name)
     return 0
 
 

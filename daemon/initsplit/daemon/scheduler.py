@@ -114,6 +114,12 @@ class LoadScheduler:
                         step.name, ", ".join(sorted(unknown)))
         return wanted - unknown
 
+    def forget(self, name: str) -> None:
+        """A loaded module that is gone again (an inert core module removed): the next
+        request for it loads it again, and every alias that led to it is served again."""
+        if self.state.get(name) == "done":
+            del self.state[name]
+
     def stuck(self, *, now: float, limit: float) -> list[str]:
         """Modules whose load has run for longer than *limit* seconds."""
         return sorted(name for name, since in self._started.items() if now - since > limit)

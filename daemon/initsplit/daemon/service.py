@@ -116,6 +116,14 @@ class Settings:
     udev_queue_wait: float = 3.0
 
 
+@dataclass(frozen=True, slots=True)
+class _Reload:
+    """A request of the daemon's own: load this module again."""
+
+    aliases: tuple[str, ...]
+    devpath: str = ""
+
+
 @dataclass(slots=True)
 class _Stats:
     loads: list[ModuleLoad] = field(default_factory=list)
@@ -296,6 +304,15 @@ class Service:
                 self._busy_init.append((core, init))
         if self._busy_init:
             self.last_activity = self.clock()  # again after a quiet period, not at once
+        for name in batch.removed_cores:
+            # Its init module went away without its init succeeding (a killed
+            # daemon's load whose init then failed): the inert core is gone, and the
+            # module is loaded again, as its device's event would have it.
+            self.reporter.log(4, f"{name}: removed the inert core module its failed init "
+                                 "left; loading it again", INITSPLIT_MODULE=name)
+            self.scheduler.forget(name)
+            if trigger != "stop":
+                self.handle_request(_Reload((name,)))
         return batch
 
     # ------------------------------------------------------------ main loop

@@ -18,10 +18,15 @@ replaced whole (fsio.atomic_write: temp file, rename), holding one line:
 The marker is removed when the load is over. A restarted daemon, before coldplug:
 
 * I is loaded and LIVE: its init succeeded and only its deletion is pending. The
-  kernel finishes finit_module() even for a killed caller, so I may still be
-  COMING (its init running, and it may yet fail): recovery waits for it (at most
-  coming_wait seconds); if I is gone then, its init failed or never ran, C is
-  inert and is handled as below.
+  kernel finishes finit_module() even for a killed caller, so I may not be
+  settled yet: COMING (its init running; it may yet fail), or on its way out
+  after a failed init (GOING, then its sysfs gone while /proc/modules still
+  lists it). Recovery waits for I to settle, LIVE or gone (all markers together
+  at most settle_wait seconds: the handback runs within systemd's stop timeout);
+  if I is gone then, its init failed or never ran, C is inert and is handled as
+  below. If I has not settled, its marker is left exactly as it is and the pair
+  is pending: the batch acts on it only once I is LIVE, and if I goes instead,
+  removes the inert C (delete_init_modules).
 * ``core`` or ``core-loaded`` and NAME is loaded: NAME is deleted only when it is
   provably our inert C (->init and ->exit NULL, nothing to undo), so that coldplug
   loads the module afresh. It may instead be the original, loaded plain by someone
@@ -44,6 +49,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .. import faults
 from ..fsio import Untrusted, atomic_write, directory_problem, is_leftover_temp, open_checked, read_fd
@@ -52,10 +58,14 @@ from .kernel_state import module_address, module_sections, module_state, proc_mo
 from .results import UnloadBatch, UnloadTrigger
 from .syscalls import delete_module
 
+InitState = Literal["live", "gone", "unsettled"]
+
 _MARKER_LIMIT = 4096
 _NO_ADDRESS = "-"
-# Seconds recovery waits for an init module that is still initialising.
-COMING_WAIT_SEC = 20.0
+# Seconds one recovery waits, for all its init modules together, for those that
+# have not settled (LIVE or gone). initsplitd-handback runs recovery, then udev's
+# replay, within the unit's TimeoutStopSec= (30 s).
+SETTLE_WAIT_SEC = 10.0
 
 
 @dataclass(slots=True)
@@ -87,24 +97,34 @@ class _Marker:
 
 class LoadMarkers:
     def __init__(self, directory: Path, *, sys_root: Path = Path("/sys"),
-                 proc_root: Path = Path("/proc"), coming_wait: float = COMING_WAIT_SEC) -> None:
+                 proc_root: Path = Path("/proc"), settle_wait: float = SETTLE_WAIT_SEC) -> None:
         self.directory = directory
         self.sys_root = sys_root
         self.proc_root = proc_root
-        self.coming_wait = coming_wait
+        self.settle_wait = settle_wait
 
-    def coming(self, name: str) -> bool:
-        """Whether NAME is still COMING: in the kernel, its init not finished."""
-        return module_state(name, sys_root=self.sys_root) == "coming"
+    def init_state(self, name: str) -> InitState:
+        """Where the init module NAME stands: "live" (its init succeeded), "gone", or
+        "unsettled": COMING (init running), GOING (init failed, or being deleted), or
+        listed in /proc/modules without sysfs (kernel/module/main.c: load_module()
+        lists it before mod_sysfs_setup(), free_module() tears sysfs down before
+        unlisting it; m_show() hides only UNFORMED modules)."""
+        try:
+            listed = name in proc_modules(self.proc_root / "modules")
+        except OSError:
+            return "unsettled"
+        if not listed:
+            return "gone"
+        return "live" if module_state(name, sys_root=self.sys_root) == "live" else "unsettled"
 
-    def _wait_while_coming(self, name: str) -> bool:
-        """Wait while NAME is COMING, at most coming_wait seconds; True if it still is."""
-        deadline = time.monotonic() + self.coming_wait
-        while self.coming(name):
-            if time.monotonic() >= deadline:
-                return True
+    def _wait_settled(self, name: str, deadline: float) -> InitState:
+        while (state := self.init_state(name)) == "unsettled" and time.monotonic() < deadline:
             time.sleep(0.05)
-        return False
+        return state
+
+    def marker_state(self, name: str) -> str:
+        """The state word of NAME's marker ("" when there is none or it is unusable)."""
+        return self._state(name)
 
     def _path(self, name: str) -> Path:
         return self.directory / name
@@ -161,6 +181,7 @@ class LoadMarkers:
 
     def recover(self) -> Recovery:
         result = Recovery()
+        deadline = time.monotonic() + self.settle_wait
         try:
             names = sorted(os.listdir(self.directory))
         except FileNotFoundError:
@@ -181,7 +202,7 @@ class LoadMarkers:
                 self._path(name).unlink(missing_ok=True)
             elif not name.startswith("."):
                 try:
-                    self._recover_one(name, loaded, result)
+                    self._recover_one(name, loaded, result, deadline)
                 except OSError as exc:
                     # One marker that cannot be handled (ENOSPC on a full /run while
                     # rewriting it, say) must not stop the recovery of the others.
@@ -194,7 +215,8 @@ class LoadMarkers:
                 result.pending_init.append((core, init))
         return result
 
-    def _recover_one(self, name: str, loaded: dict[str, int], result: Recovery) -> None:
+    def _recover_one(self, name: str, loaded: dict[str, int], result: Recovery,
+                     deadline: float) -> None:
         path = self._path(name)
         try:
             with open_checked(path) as f:
@@ -206,14 +228,15 @@ class LoadMarkers:
             result.problems.append(f"{name}: unreadable marker: {exc.strerror}")
             return
         if marker.state in ("core", "core-loaded", "init-done") and marker.init_name in loaded:
-            if self._wait_while_coming(marker.init_name):
-                # Left exactly as it is: the batch tries it again (busy) and a later
-                # recovery looks again; "init-done" now could be a lie.
-                result.problems.append(f"{name}: {marker.init_name} still initialising after "
-                                       f"{self.coming_wait:g} s; left for later")
+            state = self._wait_settled(marker.init_name, deadline)
+            if state == "unsettled":
+                # Left exactly as it is ("init-done" now could be a lie): the batch
+                # acts on it once I has settled (delete_init_modules).
+                result.problems.append(f"{name}: {marker.init_name} has not finished loading "
+                                       "or unloading yet; left for later")
                 result.pending_init.append((name, marker.init_name))
                 return
-            if marker.init_name not in proc_modules(self.proc_root / "modules"):
+            if state == "gone":
                 # Its init failed (or never ran) after all: the kernel freed I, and C,
                 # if it is in, is inert.
                 loaded.pop(marker.init_name, None)
@@ -232,21 +255,46 @@ class LoadMarkers:
                 return
         path.unlink(missing_ok=True)
 
+    def remove_if_inert(self, name: str, result: Recovery) -> None:
+        """NAME's init module went away without succeeding: delete NAME if it is our
+        inert core (the marker says so and the identity check agrees), then drop the
+        marker; it stays when the core module cannot be deleted."""
+        try:
+            with open_checked(self._path(name)) as f:
+                marker = _Marker.parse(read_fd(f.fileno(), limit=_MARKER_LIMIT).decode(errors="replace"))
+        except (OSError, Untrusted) as exc:
+            result.problems.append(f"{name}: marker not used: {exc}")
+            return
+        try:
+            loaded = proc_modules(self.proc_root / "modules")
+        except OSError as exc:
+            result.problems.append(f"cannot read /proc/modules: {exc.strerror}")
+            return
+        if marker.state in ("core", "core-loaded") and name in loaded:
+            if not self._remove_inert_core(name, marker, result):
+                return
+        self.finish(name)
+
     def _remove_inert_core(self, name: str, marker: _Marker, result: Recovery) -> bool:
         """Delete NAME if it is our inert core; False when the marker must stay."""
         why_not = self._not_our_core(name, marker.address)
         if why_not:
             result.problems.append(f"{name}: left alone: it is loaded, but {why_not}")
             return True
-        try:
-            delete_module(name)
-            result.removed_cores.append(name)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
+        for attempt in range(3):
+            try:
+                delete_module(name)
+                result.removed_cores.append(name)
+                return True
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    return True
+                if exc.errno == errno.EINTR and attempt < 2:
+                    continue  # a signal while waiting for the module mutex
                 result.problems.append(f"{name}: inert core module could not be removed: "
                                        f"{os.strerror(exc.errno or 0)}")
                 return False
-        return True
+        return False
 
     def _not_our_core(self, name: str, address: int | None) -> str | None:
         """Why the loaded NAME is not provably our inert core module C, or None if it is.
@@ -298,11 +346,22 @@ def delete_init_modules(pending: list[tuple[str, str]], markers: LoadMarkers, *,
     failed: list[tuple[str, str]] = []
     busy: list[tuple[str, str]] = []
     freed = 0
+    inert = Recovery()
     for core, name in pending:
-        if markers.coming(name):
-            # Its init still runs and may fail: the marker must not say init-done yet.
-            failed.append((name, "still initialising"))
+        state = markers.init_state(name)
+        if state == "unsettled":
+            # Its init still runs (and may fail) or it is on its way out: the marker
+            # must not say init-done, and there is nothing to delete yet.
+            failed.append((name, "has not finished loading or unloading"))
             busy.append((core, name))
+            continue
+        if state == "gone":
+            if markers.marker_state(core) == "init-done":
+                markers.finish(core)  # someone else deleted it after its init succeeded
+            else:
+                # Its init never succeeded: C is inert and looks loaded; remove it so
+                # that the module can be loaded again.
+                markers.remove_if_inert(core, inert)
             continue
         try:
             markers.ready_to_delete_init(core, name)
@@ -324,5 +383,8 @@ def delete_init_modules(pending: list[tuple[str, str]], markers: LoadMarkers, *,
         deleted.append(name)
         freed += sizes.get(name, 0)
         faults.hit("batch", core)
+    for problem in inert.problems:  # "NAME: what", as recovery words them
+        module, _, text = problem.partition(": ")
+        failed.append((module, text))
     return UnloadBatch(tuple(deleted), freed, tuple(failed), trigger, time.monotonic() - started,
-                       busy=tuple(busy))
+                       busy=tuple(busy), removed_cores=tuple(inert.removed_cores))

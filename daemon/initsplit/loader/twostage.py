@@ -45,7 +45,10 @@ class SplitPair:
             self.init.close()
 
 
-# A plain load refused EBUSY is tried this many more times, this far apart.
+# A plain load refused EBUSY: how long it waits for a namesake being deleted
+# (GOING: its ->exit may take a while), and how often it is tried again once the
+# namesake reads as gone, this far apart.
+GOING_WAIT_SEC = 5.0
 BUSY_RETRIES = 3
 BUSY_RETRY_SEC = 0.1
 
@@ -60,11 +63,16 @@ def _may_retry_busy(name: str) -> bool:
     free_module() tears sysfs down first, so its state reads as gone while it is
     still in the list), and when its own load failed. In the first case the device
     would be left without its driver once the deletion ends; the second costs a
-    few more runs of an init that fails anyway. So: a bounded number of tries,
-    while the namesake is going or gone, never when it is live or coming.
+    few more runs of an init that fails anyway. So: wait while the namesake is
+    GOING, then a bounded number of tries while it reads as gone; never when it is
+    LIVE or COMING.
     """
-    time.sleep(BUSY_RETRY_SEC)
-    return module_state(name) in ("going", None)
+    deadline = time.monotonic() + GOING_WAIT_SEC
+    while (state := module_state(name)) == "going" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if state is None:
+        time.sleep(BUSY_RETRY_SEC)
+    return state is None
 
 
 def load_plain(name: str, path: Path, *, params: str = "", reason: str = "") -> ModuleLoad:
