@@ -121,14 +121,14 @@ def test_settle_waits_for_a_dead_daemons_recovery(tmp_path: Path, fake_udevadm: 
     (tmp_path / "run/loading/ext4").write_text("core ext4__init\n")
     settle = subprocess.Popen(["/bin/sh", str(script(tmp_path, "initsplitd-settle")), "10"],
                               env=dict(os.environ, PATH=f"{tmp_path}/bin:{os.environ['PATH']}"))
-    time.sleep(0.5)
+    time.sleep(1.5)
     assert settle.poll() is None, "settle returned while the marker was there"
     (tmp_path / "run/loading/ext4").unlink()
     assert settle.wait(timeout=5) == 0
     # The second settle (after the recovery) gets what is left of the 10 s.
     first, second = fake_udevadm.read_text().splitlines()
     assert first == "settle --timeout=10" and second.startswith("settle --timeout="), (first, second)
-    assert 1 <= int(second.split("=")[1]) <= 10
+    assert 1 <= int(second.split("=")[1]) <= 9
 
 
 def test_settle_waits_for_recovery_when_the_daemon_dies_while_it_waits(

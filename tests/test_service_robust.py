@@ -553,25 +553,27 @@ def test_stop_serves_an_event_udev_skipped_but_broadcast_late(tmp_path, monkeypa
 
 
 def test_plain_load_waits_for_a_namesake_being_deleted(monkeypatch) -> None:
-    # add_unformed_module() (6.1.192) refuses a module whose namesake is on its way
-    # out with EBUSY: once the deletion is over the module must be loaded, not
-    # reported failed. free_module() removes sysfs first, so the state may already
-    # read as gone.
-    calls: list[str] = []
+    # add_unformed_module() (6.1.192) refuses a module with EBUSY for as long as its
+    # namesake is GOING (an rmmod whose ->exit takes a while): the load waits that
+    # out, however many refusals that would be, and then loads.
+    reads = [0]
+
+    def module_state(name: str) -> str | None:
+        reads[0] += 1
+        return "going" if reads[0] <= 20 else None
 
     def finit_module_path(path: Path, params: str = "") -> int:
-        calls.append(str(path))
-        if len(calls) <= 2:
+        if reads[0] <= 20:
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
         return 0
 
     monkeypatch.setattr(twostage, "finit_module_path", finit_module_path)
-    states = iter(["going", "going", "going", None, None])
-    monkeypatch.setattr(twostage, "module_state", lambda name: next(states))
+    monkeypatch.setattr(twostage, "module_state", module_state)
     monkeypatch.setattr(twostage, "_sizes", lambda: {})
     monkeypatch.setattr(twostage, "BUSY_RETRY_SEC", 0.0)
+    monkeypatch.setattr(twostage.time, "sleep", lambda seconds: None)
     load = twostage.load_plain("dummy", Path("/lib/modules/dummy.ko"))
-    assert load.mode == "plain" and len(calls) == 3, load
+    assert load.mode == "plain", load
 
 
 def test_plain_load_refused_busy_is_tried_a_bounded_number_of_times(monkeypatch) -> None:
@@ -635,3 +637,54 @@ def test_a_removed_inert_core_is_loaded_again(tmp_path, monkeypatch) -> None:
     service.settle()
     assert [l.mode for l in reporter.loads] == ["two-stage", "two-stage"], reporter.loads
     assert any("removed the inert core module" in m for m in reporter.messages)
+
+
+def test_an_inert_core_removed_by_the_final_batch_is_loaded_before_exit(tmp_path, monkeypatch) -> None:
+    # After a clean exit nobody replays the devices: the stopping daemon itself
+    # loads again what its final batch found inert and removed.
+    from initsplit.daemon import service as service_module
+    from initsplit.loader.recovery import Recovery
+    from initsplit.loader.results import UnloadBatch
+
+    class RecoveringMarkers(Markers):
+        def recover(self) -> Recovery:
+            return Recovery(pending_init=[("dummy", "dummy__init")])
+
+    kernel = Kernel()
+    kernel.loaded["dummy"] = "dummy.core.ko"  # the inert core a killed daemon left
+    batches: list[str] = []
+
+    def final_batch(pending, markers, *, trigger):
+        batches.append(trigger)
+        if len(batches) == 1:
+            kernel.loaded.pop("dummy")
+            return UnloadBatch((), 0, (), trigger, removed_cores=("dummy",))
+        return UnloadBatch(tuple(i for _, i in pending), 0, (), trigger)
+
+    monkeypatch.setattr(service_module, "delete_init_modules", final_batch)
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel, markers=RecoveringMarkers())
+    service.stop_requested = True
+    assert service.run() == 0
+    assert [(l.module, l.mode) for l in reporter.loads] == [("dummy", "two-stage")], reporter.loads
+    assert batches == ["stop", "stop"]
+
+
+def test_an_unsettled_init_module_is_tried_for_a_while_not_a_number_of_times(tmp_path, monkeypatch) -> None:
+    from initsplit.daemon import service as service_module
+    from initsplit.loader.results import UnloadBatch
+
+    pair = ("dummy", "dummy__init")
+    monkeypatch.setattr(service_module, "delete_init_modules",
+                        lambda pending, markers, *, trigger: UnloadBatch(
+                            (), 0, (), trigger, busy=tuple(pending), unsettled=tuple(pending)))
+    service, _ = make_service(tmp_path, monkeypatch)
+    now = [0.0]
+    service.clock = lambda: now[0]
+    service.pending_init = [pair]
+    for _ in range(10):  # more than MAX_DELETE_TRIES batches, within the time
+        service.unload_batch("quiet")
+        now[0] += 5.0
+    assert service._busy_init == [pair]
+    now[0] += service_module.UNSETTLED_WAIT_SEC
+    service.unload_batch("quiet")
+    assert service._busy_init == []

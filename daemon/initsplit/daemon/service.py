@@ -34,6 +34,9 @@ MAX_SERVED_ALIASES = 4096
 # Batches that try an init module the kernel would not delete yet (EBUSY: its init
 # still runs, say after a killed daemon's load): then it stays for the next daemon.
 MAX_DELETE_TRIES = 3
+# How long batches keep trying an init module that has not settled (still
+# initialising, or on its way out) before leaving it to a later daemon.
+UNSETTLED_WAIT_SEC = 120.0
 
 
 class LoadStep(Protocol):
@@ -172,6 +175,7 @@ class Service:
         # Pairs a batch could not delete yet, tried again after the next quiet period.
         self._busy_init: list[tuple[str, str]] = []
         self._delete_tries: dict[str, int] = {}
+        self._unsettled_since: dict[str, float] = {}
         self.last_activity = clock()
         self.stop_requested = False
         self.settle_requested = False
@@ -290,7 +294,7 @@ class Service:
         self.last_activity = self.clock()
 
     # ------------------------------------------------------------ unloading
-    def unload_batch(self, trigger: UnloadTrigger) -> UnloadBatch | None:
+    def unload_batch(self, trigger: UnloadTrigger, *, reload: bool = True) -> UnloadBatch | None:
         if not self.pending_init and not self._busy_init:
             return None
         pending = self.pending_init + self._busy_init
@@ -298,7 +302,16 @@ class Service:
         batch = delete_init_modules(pending, self.markers, trigger=trigger)
         self.stats.batches.append(batch)
         self.reporter.batch_unloaded(batch)
+        now = self.clock()
         for core, init in batch.busy:
+            if (core, init) in batch.unsettled:
+                # Still loading or unloading: tried again for a while, not a number
+                # of times (its init may take long; if it fails, the batch removes
+                # the inert core then).
+                since = self._unsettled_since.setdefault(init, now)
+                if now - since < UNSETTLED_WAIT_SEC:
+                    self._busy_init.append((core, init))
+                continue
             tries = self._delete_tries[init] = self._delete_tries.get(init, 0) + 1
             if tries < MAX_DELETE_TRIES:
                 self._busy_init.append((core, init))
@@ -311,7 +324,7 @@ class Service:
             self.reporter.log(4, f"{name}: removed the inert core module its failed init "
                                  "left; loading it again", INITSPLIT_MODULE=name)
             self.scheduler.forget(name)
-            if trigger != "stop":
+            if reload:
                 self.handle_request(_Reload((name,)))
         return batch
 
@@ -367,7 +380,9 @@ class Service:
             # whose init succeeded. Their markers go with them; anything else stays
             # marked for the next daemon's recovery.
             try:
-                self.unload_batch("stop")
+                # No reloads here: the daemon exits non-zero, and the handback
+                # replays every device for udev.
+                self.unload_batch("stop", reload=False)
             except BaseException as exc:  # never mask the original error
                 log.error("final batch after a failure failed: %s", exc)
             raise
@@ -433,7 +448,12 @@ class Service:
         for request in self.source.read_ready():
             self.handle_request(request)
         self._drain()
-        self.unload_batch("stop")
+        batch = self.unload_batch("stop")
+        if batch is not None and batch.removed_cores:
+            # Inert cores removed: their modules were requested again; load them
+            # before exiting (nobody replays the devices after a clean exit).
+            self._drain()
+            self.unload_batch("stop", reload=False)
         self.reporter.summary(loads=self.stats.loads, batches=self.stats.batches,
                               elapsed=self.clock() - started)
         # The daemon's own cost, as the kernel counted it (ru_maxrss is in KiB on Linux).

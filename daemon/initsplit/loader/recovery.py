@@ -345,6 +345,7 @@ def delete_init_modules(pending: list[tuple[str, str]], markers: LoadMarkers, *,
     deleted: list[str] = []
     failed: list[tuple[str, str]] = []
     busy: list[tuple[str, str]] = []
+    unsettled: list[tuple[str, str]] = []
     freed = 0
     inert = Recovery()
     for core, name in pending:
@@ -354,6 +355,7 @@ def delete_init_modules(pending: list[tuple[str, str]], markers: LoadMarkers, *,
             # must not say init-done, and there is nothing to delete yet.
             failed.append((name, "has not finished loading or unloading"))
             busy.append((core, name))
+            unsettled.append((core, name))
             continue
         if state == "gone":
             if markers.marker_state(core) == "init-done":
@@ -387,4 +389,5 @@ def delete_init_modules(pending: list[tuple[str, str]], markers: LoadMarkers, *,
         module, _, text = problem.partition(": ")
         failed.append((module, text))
     return UnloadBatch(tuple(deleted), freed, tuple(failed), trigger, time.monotonic() - started,
-                       busy=tuple(busy), removed_cores=tuple(inert.removed_cores))
+                       busy=tuple(busy), unsettled=tuple(unsettled),
+                       removed_cores=tuple(inert.removed_cores))

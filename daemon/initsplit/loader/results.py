@@ -55,6 +55,8 @@ class UnloadBatch:
     # (core, init module) pairs of *failed* that a later batch may delete (EBUSY:
     # still initialising, or in use); their markers stay.
     busy: tuple[tuple[str, str], ...] = ()
+    # Those of *busy* whose init module has not settled (COMING or GOING).
+    unsettled: tuple[tuple[str, str], ...] = ()
     # Core modules found inert and deleted (their init module went away without
     # succeeding): their devices need the module loaded again.
     removed_cores: tuple[str, ...] = ()
