@@ -97,6 +97,10 @@ def main() -> int:
                         saved.write_text(script_section(result, f"case round{i}"))
                     except AssertionError:
                         saved.write_text(result.report())
+                    else:
+                        # The kernel's side: the boot's whole log (probe errors, ata resets).
+                        with saved.open("a") as out:
+                            out.write("\n-- dmesg of the boot\n" + result.dmesg)
                     print(f"           the round's output: {saved}", flush=True)
     finally:
         shutil.rmtree(share, ignore_errors=True)

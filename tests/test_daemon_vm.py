@@ -183,6 +183,12 @@ check_devices() {
         b=$(basename $d)
         echo "disk $b: $(dd if=/dev/$b bs=16 count=1 2>/dev/null)"
     done
+    # A device left without a driver although its module is loaded (a probe that
+    # failed): says which, for the post-mortem of a miss.
+    for d in /sys/bus/pci/devices/*; do
+        [ -e $d/driver ] || echo "pci unbound: $(basename $d) $(cat $d/modalias 2>/dev/null)"
+    done
+    echo "ahci driver: $(ls /sys/bus/pci/drivers/ahci 2>/dev/null | tr '\n' ' ')"
     for m in sd_mod usb_storage ahci; do
         echo "state $m: $(cat /sys/module/$m/initstate 2>/dev/null) refcnt=$(cat /sys/module/$m/refcnt 2>/dev/null)" \
              "init sections: $(ls /sys/module/$m/sections 2>/dev/null | sed -n 's/^\(\.init.*\)/\1/p' | tr '\n' ' ')"
