@@ -102,6 +102,15 @@ FAULT_CASES: dict[str, FaultCase] = {
                                  second_says="sd_mod: removed the inert core module"),
     # e1000's init ran, the main thread never recorded it: recovery adopts the init module.
     "kill-after-init": FaultCase("after-init:e1000=kill", second_says="init modules pending deletion"),
+    # Killed while ahci's init probed the controller: the probe's kthread_create()
+    # fails with -EINTR in a dying task, the driver core swallows the error and
+    # the controller stays unbound with ahci LIVE (loader/reprobe.py; seen in
+    # bench/kill_stress.py). Deterministically: killed right after ahci's init,
+    # then the controllers unbound as that failed probe leaves them. The second
+    # run probes the unbound devices again and the AHCI disk comes back.
+    "probe-failed-in-dying-daemon": FaultCase(
+        "after-init:ahci=kill", second_says="devices again that a killed initsplitd left without a driver",
+        undo="for d in /sys/bus/pci/drivers/ahci/0000:*; do echo ${d##*/} > /sys/bus/pci/drivers/ahci/unbind; done"),
     # Killed during the final batch, right after its first init module was deleted.
     "kill-in-batch": FaultCase("batch=kill", "conf-hold", second_says="init modules pending deletion"),
     # Killed while stopping (as at switch-root), before the final batch.

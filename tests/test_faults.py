@@ -160,8 +160,11 @@ def test_recover_only_clears_markers_of_modules_not_loaded(
     (runtime / "loading/isplit_absent").write_text("core isplit_absent__init\n")
     (runtime / "loading/isplit_gone").write_text("init-done isplit_gone__init\n")
     monkeypatch.setattr("initsplit.loader.recovery.proc_modules", lambda *_: {"ext4": 4096})
+    reprobed: list[bool] = []
+    monkeypatch.setattr(daemon_main, "reprobe_unbound", lambda: reprobed.append(True) or [])
     assert daemon_main.main(["--recover", "--config-root", str(trusted_tmp), "--kernel-cmdline", ""]) == 0
     assert list((runtime / "loading").iterdir()) == []
+    assert reprobed == [True]  # after an unclean end, unbound devices are probed again
 
 
 def test_recovery_keeps_markers_when_the_kernel_list_is_unreadable(

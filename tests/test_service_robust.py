@@ -688,3 +688,25 @@ def test_an_unsettled_init_module_is_tried_for_a_while_not_a_number_of_times(tmp
     now[0] += service_module.UNSETTLED_WAIT_SEC
     service.unload_batch("quiet")
     assert service._busy_init == []
+
+
+@pytest.mark.parametrize("dead", ["markers", "flag", None])
+def test_a_daemon_that_died_has_its_unbound_devices_probed_again(tmp_path, monkeypatch, dead) -> None:
+    # A probe in a dying daemon's thread fails (kthread_create() returns -EINTR)
+    # and the driver core swallows it (loader/reprobe.py): the next daemon asks
+    # the kernel to probe unbound devices again, but only after a daemon died.
+    from initsplit.loader.recovery import Recovery
+
+    class DeadMarkers(Markers):
+        def recover(self) -> Recovery:
+            return Recovery(found_markers=dead == "markers")
+
+    flag = tmp_path / "active"
+    if dead == "flag":
+        flag.symlink_to("/proc/999999999")  # a pid that cannot exist
+    calls: list[bool] = []
+    service, reporter = make_service(tmp_path, monkeypatch, markers=DeadMarkers(), active_flag=flag,
+                                     reprobe=lambda: calls.append(True) or ["pci/0000:00:1f.2"])
+    service.recover()
+    assert calls == ([True] if dead else [])
+    assert any("probed 1 devices again" in m for m in reporter.messages) == bool(dead)

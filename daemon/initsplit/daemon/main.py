@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import faults
 from ..loader.kernel_state import probe_capabilities
 from ..loader.recovery import LoadMarkers, delete_init_modules
+from ..loader.reprobe import reprobe_unbound
 from .config import kernel_command_line_overrides, load_config
 from .journal import Reporter
 from .notify import Notifier
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         active_flag=None if args.no_udev_handover else ACTIVE_FLAG,
         settled_flag=ACTIVE_FLAG.with_name("settled"),
         udev_queue=Path("/run/udev/queue"),
+        reprobe=reprobe_unbound,
     )
     provider = SplitProvider(modules_dir=modules_dir, cache_dir=config.cache_dir / kver,
                              runtime_dir=config.runtime_dir / kver,
@@ -150,6 +152,12 @@ def recover_only(markers: LoadMarkers, reporter: Reporter) -> int:
                         "left behind", INITSPLIT_MODULE=name)
     for problem in recovery.problems:
         reporter.log(3, f"recovery: {problem}")
+    # Only run after an unclean end: a probe in the dying daemon's thread may have
+    # failed and left its device unbound (loader/reprobe.py); before udev's replay.
+    bound = reprobe_unbound()
+    if bound:
+        reporter.log(4, f"probed {len(bound)} devices again that the dead initsplitd "
+                        f"left without a driver: {', '.join(bound)}")
     if recovery.pending_init:
         batch = delete_init_modules(recovery.pending_init, markers, trigger="recovery")
         reporter.batch_unloaded(batch)

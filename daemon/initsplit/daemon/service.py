@@ -117,6 +117,10 @@ class Settings:
     # broadcasts it, after its rules ran and before the event counts as done.
     udev_queue: Path | None = None
     udev_queue_wait: float = 3.0
+    # After a daemon that died (its load markers, or its active flag left dangling):
+    # probe again the devices its death may have left unbound (loader/reprobe.py);
+    # returns the devices bound then. None: not done (tests).
+    reprobe: Callable[[], list[str]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,6 +500,9 @@ class Service:
 
     def recover(self) -> None:
         """Clean up after a daemon that was killed mid-load (see loader/recovery.py)."""
+        flag = self.settings.active_flag
+        # A killed daemon's flag names its /proc entry, gone now (or, reused, another).
+        dead_flag = flag is not None and flag.is_symlink() and not flag.exists()
         recovery = self.markers.recover()
         self.pending_init.extend(recovery.pending_init)
         for name in recovery.removed_cores:
@@ -506,6 +513,11 @@ class Service:
         if recovery.pending_init:
             self.reporter.log(6, f"recovered {len(recovery.pending_init)} init modules pending "
                                  "deletion")
+        if (recovery.found_markers or dead_flag) and self.settings.reprobe is not None:
+            bound = self.settings.reprobe()
+            if bound:
+                self.reporter.log(4, f"probed {len(bound)} devices again that a killed initsplitd "
+                                     f"left without a driver: {', '.join(bound)}")
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [now + 3600.0]

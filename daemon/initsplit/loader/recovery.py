@@ -74,6 +74,8 @@ class Recovery:
     pending_init: list[tuple[str, str]] = field(default_factory=list)
     removed_cores: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # Markers of a dead daemon were found: it was killed in the middle of loads.
+    found_markers: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +203,7 @@ class LoadMarkers:
             if is_leftover_temp(name):
                 self._path(name).unlink(missing_ok=True)
             elif not name.startswith("."):
+                result.found_markers = True
                 try:
                     self._recover_one(name, loaded, result, deadline)
                 except OSError as exc:
