@@ -444,6 +444,16 @@ def test_external_sigkill_mid_coldplug(matrix: BootResult) -> None:
     assert_devices_work(part(case, "devices"))
 
 
+# The kernel's own WARN for a module init killed in the middle of registering a
+# crypto algorithm: crypto/api.c crypto_wait_for_test() does WARN_ON() on the result
+# of wait_for_completion_killable(), which a dying task gets at once. The SIGKILL
+# cases kill the daemon mid-coldplug, where the crypto modules load; modprobe
+# killed there (udev's event timeout) meets the same WARN.
+KILLED_CRYPTO_INIT = re.compile(r"WARNING: .* at crypto/api\.c:\d+ crypto_wait_for_test\b")
+
+
 def test_boot_clean(matrix: BootResult) -> None:
-    problems = dmesg_problems(matrix.dmesg, tainted=matrix.tainted, allowed_taint="E")
+    accepted = KILLED_CRYPTO_INIT.search(matrix.dmesg) is not None
+    problems = dmesg_problems(matrix.dmesg, tainted=matrix.tainted, allow=(KILLED_CRYPTO_INIT,),
+                              allowed_taint="EW" if accepted else "E")
     assert not problems, "\n".join(problems) + "\n" + matrix.report()
