@@ -174,10 +174,14 @@ class LoadMarkers:
         except OSError:
             self.finish(name)
 
+    def _read(self, name: str) -> _Marker:
+        """NAME's marker; OSError or Untrusted when it cannot be used."""
+        with open_checked(self._path(name)) as f:
+            return _Marker.parse(read_fd(f.fileno(), limit=_MARKER_LIMIT).decode(errors="replace"))
+
     def _state(self, name: str) -> str:
         try:
-            with open_checked(self._path(name)) as f:
-                return _Marker.parse(read_fd(f.fileno(), limit=_MARKER_LIMIT).decode(errors="replace")).state
+            return self._read(name).state
         except (OSError, Untrusted):
             return ""
 
@@ -222,8 +226,7 @@ class LoadMarkers:
                      deadline: float) -> None:
         path = self._path(name)
         try:
-            with open_checked(path) as f:
-                marker = _Marker.parse(read_fd(f.fileno(), limit=_MARKER_LIMIT).decode(errors="replace"))
+            marker = self._read(name)
         except Untrusted as exc:
             result.problems.append(f"{name}: marker not used: {exc}")
             return
@@ -263,8 +266,7 @@ class LoadMarkers:
         inert core (the marker says so and the identity check agrees), then drop the
         marker; it stays when the core module cannot be deleted."""
         try:
-            with open_checked(self._path(name)) as f:
-                marker = _Marker.parse(read_fd(f.fileno(), limit=_MARKER_LIMIT).decode(errors="replace"))
+            marker = self._read(name)
         except (OSError, Untrusted) as exc:
             result.problems.append(f"{name}: marker not used: {exc}")
             return
