@@ -576,7 +576,11 @@ def test_plain_load_waits_for_a_namesake_being_deleted(monkeypatch) -> None:
     assert load.mode == "plain", load
 
 
-def test_plain_load_refused_busy_is_tried_a_bounded_number_of_times(monkeypatch) -> None:
+@pytest.mark.parametrize(("namesake", "tries"), [
+    (None, 1 + twostage.BUSY_RETRIES),  # gone (or its own load failed): a bounded number
+    ("coming", 1),                      # still loading: the kernel means "not again now"
+])
+def test_plain_load_refused_busy_is_tried_a_bounded_number_of_times(monkeypatch, namesake, tries) -> None:
     calls: list[str] = []
 
     def finit_module_path(path: Path, params: str = "") -> int:
@@ -584,25 +588,11 @@ def test_plain_load_refused_busy_is_tried_a_bounded_number_of_times(monkeypatch)
         raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
 
     monkeypatch.setattr(twostage, "finit_module_path", finit_module_path)
-    monkeypatch.setattr(twostage, "module_state", lambda name: None)
+    monkeypatch.setattr(twostage, "module_state", lambda name: namesake)
     monkeypatch.setattr(twostage, "BUSY_RETRY_SEC", 0.0)
     load = twostage.load_plain("dummy", Path("/lib/modules/dummy.ko"))
     assert load.mode == "failed" and load.errno == errno.EBUSY, load
-    assert len(calls) == 1 + twostage.BUSY_RETRIES
-
-
-def test_plain_load_busy_behind_a_loading_namesake_is_not_repeated(monkeypatch) -> None:
-    calls: list[str] = []
-
-    def finit_module_path(path: Path, params: str = "") -> int:
-        calls.append(str(path))
-        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
-
-    monkeypatch.setattr(twostage, "finit_module_path", finit_module_path)
-    monkeypatch.setattr(twostage, "module_state", lambda name: "coming")
-    monkeypatch.setattr(twostage, "BUSY_RETRY_SEC", 0.0)
-    assert twostage.load_plain("dummy", Path("/lib/modules/dummy.ko")).mode == "failed"
-    assert len(calls) == 1
+    assert len(calls) == tries
 
 
 def test_main_loop_does_not_spin_while_a_load_runs_past_the_quiet_period(tmp_path, monkeypatch) -> None:
