@@ -236,3 +236,32 @@ def test_settle_signals_a_daemon_that_came_up_while_it_asked_systemd(
         assert fake_udevadm.read_text().splitlines()[-1] == "USR1"
     finally:
         daemon.kill()
+
+
+def test_settle_asks_again_while_a_settle_made_loads(tmp_path: Path, fake_udevadm: Path) -> None:
+    # The first settle loaded the disk driver; the disk it added asks for its file
+    # system's driver only once udev has processed its event. So: udev settled,
+    # the daemon asked again, until a settle made no load.
+    fake = tmp_path / "initsplitd"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"n=0\ntrap 'n=$((n + 1)); echo USR1 >> {fake_udevadm}; "
+        f"if [ $n -lt 3 ]; then echo \"$$ 2\" > {tmp_path}/run/settled; "
+        f"else echo \"$$ 0\" > {tmp_path}/run/settled; fi' USR1\n"
+        f"touch {tmp_path}/trap-ready\nwhile :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    daemon = subprocess.Popen([str(fake)])
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "trap-ready").exists():
+            assert time.monotonic() < deadline and daemon.poll() is None
+            time.sleep(0.01)
+        os.symlink(f"/proc/{daemon.pid}", tmp_path / "run/active")
+        result = run(tmp_path, script(tmp_path, "initsplitd-settle"), "10")
+        assert result.returncode == 0, result
+        lines = fake_udevadm.read_text().splitlines()
+        assert [l.split("=")[0] for l in lines] == [
+            "settle --timeout", "USR1", "settle --timeout", "USR1", "settle --timeout", "USR1"], lines
+        assert daemon.poll() is None  # answered three times, still there
+    finally:
+        daemon.kill()

@@ -355,15 +355,23 @@ class Service:
         loaded to modprobe: a mount that makes the kernel ask for its file system
         driver right then would find none. initsplitd-settle (run before the root
         is mounted, after `udevadm settle`) sends SIGUSR1 and waits for the flag.
+
+        The flag says "PID LOADS": how many loads this settle waited for. A load
+        can add devices (a disk driver's probe adds the disk) whose events udev
+        only then processes, the root disk's request for its file system's driver
+        among them: initsplitd-settle settles udev and asks again until a settle
+        made no load.
         """
+        before = len(self.stats.loads)
         for request in self.source.read_ready():
             self.handle_request(request)
         self._drain()
         flag = self.settings.settled_flag
         if flag is None:
             return
+        loads = len(self.stats.loads) - before
         try:
-            atomic_write(flag, f"{os.getpid()}\n".encode(), make_parents=True)
+            atomic_write(flag, f"{os.getpid()} {loads}\n".encode(), make_parents=True)
         except OSError as exc:
             self.reporter.log(4, f"cannot create {flag}: {exc.strerror}")
 
