@@ -51,6 +51,23 @@ def run(tmp_path: Path, path: Path, *args: str, **env: str) -> subprocess.Comple
                           text=True, timeout=30)
 
 
+def start_fake_daemon(tmp_path: Path, trap: str, *, prelude: str = "") -> subprocess.Popen[bytes]:
+    """A stand-in daemon: a #! script named initsplitd (its comm) that runs *trap* on
+    SIGUSR1, returned once the trap is in place (SIGUSR1 before it would kill it)."""
+    fake = tmp_path / "initsplitd"
+    fake.write_text(f"#!/bin/sh\n{prelude}trap '{trap}' USR1\ntouch {tmp_path}/trap-ready\n"
+                    "while :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    daemon = subprocess.Popen([str(fake)])
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "trap-ready").exists():
+        if time.monotonic() >= deadline or daemon.poll() is not None:
+            daemon.kill()
+            raise AssertionError("the stand-in daemon did not set its trap")
+        time.sleep(0.01)
+    return daemon
+
+
 def dead_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
@@ -94,19 +111,10 @@ def test_settle_with_a_dead_daemons_flag_signals_nobody(tmp_path: Path, fake_ude
 
 
 def test_settle_signals_a_live_initsplitd_and_waits_for_it(tmp_path: Path, fake_udevadm: Path) -> None:
-    # A stand-in daemon: a #! script named initsplitd (its comm), which answers
-    # SIGUSR1 by writing the settled flag after a moment, as the daemon does.
-    fake = tmp_path / "initsplitd"
-    fake.write_text(f"#!/bin/sh\ntrap 'sleep 0.3; echo $$ > {tmp_path}/run/settled; exit 0' USR1\n"
-                    f"touch {tmp_path}/trap-ready\nwhile :; do sleep 0.05; done\n")
-    fake.chmod(0o755)
-    daemon = subprocess.Popen([str(fake)])
+    # It answers SIGUSR1 by writing the settled flag after a moment, as the daemon does.
+    daemon = start_fake_daemon(tmp_path, f"sleep 0.3; echo $$ > {tmp_path}/run/settled; exit 0")
     try:
         os.symlink(f"/proc/{daemon.pid}", tmp_path / "run/active")
-        deadline = time.monotonic() + 10
-        while not (tmp_path / "trap-ready").exists():  # SIGUSR1 before the trap would kill it
-            assert time.monotonic() < deadline and daemon.poll() is None
-            time.sleep(0.01)
         result = run(tmp_path, script(tmp_path, "initsplitd-settle"), "5")
         assert result.returncode == 0, result
         assert (tmp_path / "run/settled").read_text().strip() == str(daemon.pid)
@@ -138,19 +146,11 @@ def test_settle_waits_for_recovery_when_the_daemon_dies_while_it_waits(
         tmp_path: Path, fake_udevadm: Path) -> None:
     # The daemon dies (as on SIGKILL) after settle signalled it, leaving a marker:
     # settle must not return before the recovery has removed it.
-    fake = tmp_path / "initsplitd"
-    fake.write_text(f"#!/bin/sh\ntrap 'exit 9' USR1\ntouch {tmp_path}/trap-ready\n"
-                    "while :; do sleep 0.05; done\n")
-    fake.chmod(0o755)
-    daemon = subprocess.Popen([str(fake)])
+    daemon = start_fake_daemon(tmp_path, "exit 9")
     (tmp_path / "run/loading").mkdir()
     (tmp_path / "run/loading/ext4").write_text("core ext4__init\n")
     try:
         os.symlink(f"/proc/{daemon.pid}", tmp_path / "run/active")
-        deadline = time.monotonic() + 10
-        while not (tmp_path / "trap-ready").exists():
-            assert time.monotonic() < deadline and daemon.poll() is None
-            time.sleep(0.01)
         settle = subprocess.Popen(["/bin/sh", str(script(tmp_path, "initsplitd-settle")), "10"],
                                   env=dict(os.environ, PATH=f"{tmp_path}/bin:{os.environ['PATH']}"))
         assert daemon.wait(timeout=5) == 9
@@ -170,18 +170,11 @@ def test_settle_waits_while_systemd_restarts_the_daemon(tmp_path: Path, fake_ude
     (tmp_path / "unit-state").write_text("activating\n")
     settle = subprocess.Popen(["/bin/sh", str(script(tmp_path, "initsplitd-settle")), "10"],
                               env=dict(os.environ, PATH=f"{tmp_path}/bin:{os.environ['PATH']}"))
-    fake = tmp_path / "initsplitd"
-    fake.write_text(f"#!/bin/sh\ntrap 'echo USR1 >> {fake_udevadm}; echo $$ > {tmp_path}/run/settled; exit 0' USR1\n"
-                    f"touch {tmp_path}/trap-ready\nwhile :; do sleep 0.05; done\n")
-    fake.chmod(0o755)
     try:
         time.sleep(0.5)
         assert settle.poll() is None, "settle returned while systemd was restarting the daemon"
-        daemon = subprocess.Popen([str(fake)])
-        deadline = time.monotonic() + 10
-        while not (tmp_path / "trap-ready").exists():
-            assert time.monotonic() < deadline and daemon.poll() is None
-            time.sleep(0.01)
+        daemon = start_fake_daemon(
+            tmp_path, f"echo USR1 >> {fake_udevadm}; echo $$ > {tmp_path}/run/settled; exit 0")
         # The flag is replaced in one step, and only then does the unit say
         # "active" (systemd does so on READY=1, after the daemon set the flag).
         os.symlink(f"/proc/{daemon.pid}", tmp_path / "run/active.new")
@@ -217,16 +210,9 @@ def test_settle_signals_a_daemon_that_came_up_while_it_asked_systemd(
     # systemd, the restarted daemon set its flag and said READY=1: the unit is
     # "active". Returning then would mount the root while that daemon loads.
     # systemctl here does what the new daemon did in that moment.
-    fake = tmp_path / "initsplitd"
-    fake.write_text(f"#!/bin/sh\ntrap 'echo USR1 >> {fake_udevadm}; echo $$ > {tmp_path}/run/settled; exit 0' USR1\n"
-                    f"touch {tmp_path}/trap-ready\nwhile :; do sleep 0.05; done\n")
-    fake.chmod(0o755)
-    daemon = subprocess.Popen([str(fake)])
+    daemon = start_fake_daemon(
+        tmp_path, f"echo USR1 >> {fake_udevadm}; echo $$ > {tmp_path}/run/settled; exit 0")
     try:
-        deadline = time.monotonic() + 10
-        while not (tmp_path / "trap-ready").exists():
-            assert time.monotonic() < deadline and daemon.poll() is None
-            time.sleep(0.01)
         (tmp_path / "bin/systemctl").write_text(
             f"#!/bin/sh\nln -sfn /proc/{daemon.pid} {tmp_path}/run/active\necho active\n")
         os.symlink(f"/proc/{dead_pid()}", tmp_path / "run/active")
@@ -242,20 +228,11 @@ def test_settle_asks_again_while_a_settle_made_loads(tmp_path: Path, fake_udevad
     # The first settle loaded the disk driver; the disk it added asks for its file
     # system's driver only once udev has processed its event. So: udev settled,
     # the daemon asked again, until a settle made no load.
-    fake = tmp_path / "initsplitd"
-    fake.write_text(
-        "#!/bin/sh\n"
-        f"n=0\ntrap 'n=$((n + 1)); echo USR1 >> {fake_udevadm}; "
+    daemon = start_fake_daemon(
+        tmp_path, f"n=$((n + 1)); echo USR1 >> {fake_udevadm}; "
         f"if [ $n -lt 3 ]; then echo \"$$ 2\" > {tmp_path}/run/settled; "
-        f"else echo \"$$ 0\" > {tmp_path}/run/settled; fi' USR1\n"
-        f"touch {tmp_path}/trap-ready\nwhile :; do sleep 0.05; done\n")
-    fake.chmod(0o755)
-    daemon = subprocess.Popen([str(fake)])
+        f"else echo \"$$ 0\" > {tmp_path}/run/settled; fi", prelude="n=0\n")
     try:
-        deadline = time.monotonic() + 10
-        while not (tmp_path / "trap-ready").exists():
-            assert time.monotonic() < deadline and daemon.poll() is None
-            time.sleep(0.01)
         os.symlink(f"/proc/{daemon.pid}", tmp_path / "run/active")
         result = run(tmp_path, script(tmp_path, "initsplitd-settle"), "10")
         assert result.returncode == 0, result
