@@ -18,15 +18,8 @@ from pathlib import Path
 import pytest
 
 from initsplit import cli
-from initsplit.analyze import (
-    CORE_GROUPS,
-    INIT_GROUPS,
-    LayoutRules,
-    analyze_module,
-    histogram,
-    layout_of,
-    rules_for_tree,
-)
+from initsplit.analyze import analyze_module, histogram
+from initsplit.layout import CORE_GROUPS, INIT_GROUPS, LayoutRules, layout_of, rules_for_tree
 from initsplit.elf import ObjectBuilder
 from initsplit.elf.constants import (
     SHF_ALLOC,

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from initsplit.analyze import LayoutRules, ModuleAnalysis, ModuleLayout, analyze_module, rules_for_tree
+from initsplit.analyze import ModuleAnalysis, analyze_module
+from initsplit.layout import LayoutRules, ModuleLayout, rules_for_tree
 from initsplit.split import split_module
 from tests.testbed import BootResult, DebianKernel, boot, dmesg_problems
 from tests.testbed.fixtures import kernel  # noqa: F401  (pytest fixture)

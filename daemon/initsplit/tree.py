@@ -260,7 +260,7 @@ class Decision:
 
 def layout_figures(original: ElfObject | None, split: SplitModule) -> dict[str, int]:
     """What the daemon reports per module beside the kernel's own sizes (cache manifest)."""
-    from .analyze import layout_of, module_layout  # only when writing a cache
+    from .layout import layout_of, module_layout
 
     if original is None:
         raise ValueError("layout figures need the parsed original")
