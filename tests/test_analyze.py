@@ -19,6 +19,7 @@ import pytest
 
 from initsplit import cli
 from initsplit.analyze import analyze_module, histogram
+from initsplit.split.policy import SplitOptions
 from initsplit.layout import CORE_GROUPS, INIT_GROUPS, LayoutRules, layout_of, rules_for_tree
 from initsplit.elf import ObjectBuilder
 from initsplit.elf.constants import (
@@ -152,8 +153,14 @@ def test_analyze_module_savings(modules_dir: Path, rules: LayoutRules) -> None:
     jbd2 = analyze_module(modules_dir / "kernel/fs/jbd2/jbd2.ko", "kernel/fs/jbd2/jbd2.ko", rules)
     assert jbd2.outcome == "split" and jbd2.name == "jbd2" and jbd2.init_name == "jbd2__init"
     assert (jbd2.saving_today, jbd2.saving_resident, jbd2.saving_flat_2002) == (0, 0, 0)
+    # C's anchors push .rodata over a page boundary: by default it loads plain.
     cp857 = analyze_module(modules_dir / "kernel/fs/nls/nls_cp857.ko", "nls_cp857.ko", rules)
-    assert cp857.saving_today == -1  # C's anchors push .rodata over a page boundary
+    assert cp857.outcome == "plain" and "TwoStage=when-not-worse" in cp857.reason, cp857
+    assert cp857.detail == "core layout 5 pages two-stage, 4 plain"
+    assert cp857.saving_today == 0 and cp857.saving_if_split == -1
+    forced = analyze_module(modules_dir / "kernel/fs/nls/nls_cp857.ko", "nls_cp857.ko", rules,
+                            SplitOptions(two_stage="always"))
+    assert forced.outcome == "split" and forced.saving_today == -1
     common = analyze_module(modules_dir / "kernel/drivers/scsi/scsi_common.ko", "x.ko", rules)
     assert common.outcome == "nothing" and common.saving_today == 0 and common.after_core.pages == 4
     assert json.loads(json.dumps(jbd2.as_dict()))["saving_pages"]["today"] == 0
@@ -285,13 +292,18 @@ def test_cli_text(small_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "layout rules applied:" in out and "CONFIG_STRICT_MODULE_RWX=y" in out
     assert f"kernel configuration: {small_tree.parent.parent.parent}/boot/config-" in out
     assert "modules: 6; with init sections: 5; non-init size above one page (4096 bytes): 3" in out
-    assert "splitter: split 4, nothing to split 1, refused 1, invalid 0, errors 0" in out
+    assert ("splitter: two-stage 3, plain by policy 1, nothing to split 1, refused 1, invalid 0, "
+            "errors 0 (TwoStage=when-not-worse, WritableRoAfterInit=no)") in out
+    assert "  plain       1  two-stage would take more core pages (TwoStage=when-not-worse)" in out
     bins = [line for line in out.splitlines() if line.startswith("  0") or line.startswith("  1")
             or line.startswith("  2") or line.startswith("  3")]
     assert len(bins) == 8 and bins[0].startswith("  0000...0511")
-    # dummy 0, jbd2 0, configfs 0, nls_cp857 -1 (its anchors push .rodata over a page).
+    # dummy 0, jbd2 0, configfs 0, nls_cp857 -1 (its anchors push .rodata over a page):
+    # by default nls_cp857 loads plain, and no module costs a page.
     assert "(b) against today's kernel" in out
-    assert "-1 pages = -4,096 bytes over 4 split modules (0 save pages, 1 need more)" in out
+    assert "0 pages = 0 bytes over 3 split modules (0 save pages, 0 need more)" in out
+    assert ("every module that splits loaded two-stage (TwoStage=always): -1 pages over 4 "
+            "modules (0 save pages, 1 need more)") in out
     assert "(a) against init kept resident" in out
     assert "dummy" not in out  # no per-module table unless asked
 
@@ -302,24 +314,34 @@ def test_cli_per_module(small_tree: Path, capsys: pytest.CaptureFixture[str]) ->
     rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line.split() and line.split()[0] in ("jbd2", "pci_stub", "nls_cp857")}
     assert rows["jbd2"][1:] == ["split", "116186", "549", "41", "14", "41", "4", "0", "0"]
-    assert rows["nls_cp857"][-1] == "-1"
+    assert rows["nls_cp857"][1] == "plain" and rows["nls_cp857"][-1] == "0"
     assert rows["pci_stub"][1] == "refused"
+    assert cli.main(["analyze", str(small_tree), "--per-module", "--two-stage", "always"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    cp857 = next(line.split() for line in out.splitlines() if line.startswith("nls_cp857 "))
+    assert cp857[1] == "split" and cp857[-1] == "-1"
 
 
 def test_cli_json(small_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["analyze", str(small_tree), "--json"]) == cli.EXIT_OK
     doc = json.loads(capsys.readouterr().out)
     assert doc["modules"] == 6 and doc["kernel"] == small_tree.name
-    assert doc["outcomes"] == {"split": 4, "nothing": 1, "refused": 1, "invalid": 0, "error": 0}
+    assert doc["outcomes"] == {"split": 3, "plain": 1, "nothing": 1, "refused": 1, "invalid": 0,
+                               "error": 0}
+    assert doc["options"] == {"two_stage": "when-not-worse", "writable_ro_after_init": False}
     assert doc["rules"]["strict_module_rwx"] and doc["rules"]["applied"]
     per = {m["name"]: m for m in doc["per_module"]}
     assert per["jbd2"]["plain_core"]["size"] == 167936
     assert per["jbd2"]["split_core"]["size"] == 167936
     assert per["jbd2"]["init_module_core"]["size"] == 16384
     today = doc["savings"]["today"]
-    assert today["pages"] == sum(m["saving_pages"]["today"] for m in doc["per_module"]) == -1
-    assert today["bytes"] == -1 * PAGE
-    assert sum(g["saving"] for g in today["by_group"].values()) == -1
+    assert today["pages"] == sum(m["saving_pages"]["today"] for m in doc["per_module"]) == 0
+    assert today["bytes"] == 0 and today["modules_costing"] == 0
+    assert sum(g["saving"] for g in today["by_group"].values()) == 0
+    assert per["nls_cp857"]["saving_pages"]["if_split"] == -1
+    assert per["nls_cp857"]["detail"] == "core layout 5 pages two-stage, 4 plain"
+    every = doc["savings"]["every_split"]
+    assert (every["pages"], every["modules"], every["modules_costing"]) == (-1, 4, 1)
     assert doc["histogram"]["over_one_page"] == [
         sum(1 for m in doc["per_module"] if m["non_init_bytes"] > PAGE
             and m["non_init_bytes"] % PAGE // 512 == n) for n in range(8)]

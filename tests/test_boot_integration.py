@@ -33,7 +33,8 @@ from initsplit.daemon.journal import (
     SYSLOG_IDENTIFIER,
 )
 from initsplit.daemon.udev_source import valid_alias
-from initsplit.tree import decide
+from initsplit.split.decide import decide
+from initsplit.tree import manifest_reason
 from tests.testbed import debian_kernel
 from tests.testbed.install import install_initsplit
 from tests.testbed.rootfs import RootFS, debian_rootfs
@@ -205,9 +206,7 @@ def expected_mode(rootfs: RootFS, module: str) -> tuple[str, str]:
     decision = decide(path.read_bytes())
     if decision.outcome == "split":
         return "two-stage", ""
-    if decision.outcome == "nothing":
-        return "plain", "nothing to split"
-    return "plain", f"refused: {decision.reason}"
+    return "plain", manifest_reason(decision)
 
 
 def read_initramfs(path: Path) -> dict[str, bytes | str]:

@@ -18,6 +18,7 @@ import pytest
 from initsplit.cache import MANIFEST_SUFFIX, BadEntry, CacheHit, read_entry
 
 from initsplit import cli, tree
+from initsplit.split import decide as decide_module
 from initsplit.elf import read_elf
 from initsplit.split.modinfo import first, parse_modinfo
 from initsplit.validate import ValidationError, validate_split
@@ -41,7 +42,7 @@ MODULES = {
     "kernel/drivers/platform/x86/intel/pmc/intel_pmc_core_pltdrv.ko": ("refused", None),
 }
 SUMMARY = re.compile(
-    r"^split 6, nothing to split 2, refused 2, invalid 0, errors 0 in \d+\.\d s$", re.M)
+    r"^split 6, plain by policy 0, nothing to split 2, refused 2, invalid 0, errors 0 in \d+\.\d s$", re.M)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,7 @@ def test_split_reports_broken_module_and_goes_on(small_tree: Path, tmp_path: Pat
     out = tmp_path / "out"
     assert cli.main(["split", str(src), "-o", str(out)]) == 1
     stdout, stderr = capsys.readouterr()
-    assert "errors 2 in" in stdout and stdout.startswith("split 6, nothing to split 2, refused 2,")
+    assert "errors 2 in" in stdout and stdout.startswith("split 6, plain by policy 0, nothing to split 2, refused 2,")
     assert re.search(r"^initsplit: error: kernel/broken\.ko: malformed ELF: ", stderr, re.M), stderr
     assert re.search(r"^initsplit: error: kernel/short\.ko: malformed ELF: ", stderr, re.M), stderr
     assert _files(out) == _expected_files()
@@ -181,18 +182,18 @@ def test_split_invalid_module_writes_nothing(small_tree: Path, tmp_path: Path,
     No real module fails validation (that is the point of the corpus test), so the
     validator is made to reject dummy; -j 1 keeps the run in this process.
     """
-    real = tree.validate_split
+    real = decide_module.validate_split
 
     def reject_dummy(original: bytes, core: bytes, init: bytes):
         if b"name=dummy\0" in original:
             raise ValidationError("rejected for the test")
         return real(original, core, init)
 
-    monkeypatch.setattr(tree, "validate_split", reject_dummy)
+    monkeypatch.setattr(decide_module, "validate_split", reject_dummy)
     out = tmp_path / "out"
     assert cli.main(["split", str(small_tree), "-o", str(out), "-j", "1"]) == 1
     stdout, stderr = capsys.readouterr()
-    assert "split 5, nothing to split 2, refused 2, invalid 1, errors 0" in stdout
+    assert "split 5, plain by policy 0, nothing to split 2, refused 2, invalid 1, errors 0" in stdout
     assert "initsplit: invalid: kernel/drivers/net/dummy.ko: rejected for the test" in stderr
     assert _files(out) == _expected_files() - {"kernel/drivers/net/dummy.ko",
                                                 "kernel/drivers/net/dummy__init.ko"}
@@ -251,10 +252,18 @@ def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
 def test_check_decisions(small_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["check", str(small_tree / "kernel/drivers/net/dummy.ko")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 4
     assert re.fullmatch(r"split: dummy -> dummy \+ dummy__init \(anchors \d+, init bytes \d+\)",
                         lines[0]), lines
     assert re.fullmatch(r"validation: ok \(\d+ allocated bytes, \d+ relocations, .*\)", lines[1]), lines
+    assert lines[2:] == ["core layout: 4 pages two-stage, 4 plain",
+                         "load: two-stage (TwoStage=when-not-worse)"], lines
+    # The policy that only splits where a page comes back loads it plain.
+    assert cli.main(["check", "--two-stage", "when-it-saves",
+                     str(small_tree / "kernel/drivers/net/dummy.ko")]) == 0
+    assert capsys.readouterr().out.splitlines()[3] == (
+        "load: plain: two-stage would free no core page (TwoStage=when-it-saves): "
+        "core layout 4 pages two-stage, 4 plain")
 
     assert cli.main(["check", str(small_tree / "kernel/lib/crc7.ko")]) == 0
     assert capsys.readouterr().out == "nothing to split\n"
@@ -269,7 +278,7 @@ def test_check_validation_failure(small_tree: Path, monkeypatch: pytest.MonkeyPa
     def reject(original: bytes, core: bytes, init: bytes):
         raise ValidationError("rejected for the test")
 
-    monkeypatch.setattr(tree, "validate_split", reject)
+    monkeypatch.setattr(decide_module, "validate_split", reject)
     assert cli.main(["check", str(small_tree / "kernel/drivers/net/dummy.ko")]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("split: dummy -> dummy + dummy__init (")

@@ -50,12 +50,32 @@ def test_whole_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         print(f"\n{modules_dir}: {summary_line(results, seconds)}")
         for reason, count in refusal_reasons(results):
             print(f"  refused {count:3d}  {reason}")
+        for reason, count in refusal_reasons(results, "plain"):
+            print(f"  plain   {count:3d}  {reason}")
 
     problems = [f"{r.outcome}: {r.path}: {r.reason}" for r in results if not r.ok]
     assert not problems, "\n".join(problems[:50])
     assert len(results) >= MIN_MODULES
     assert counts["split"] > MIN_SPLIT
     assert counts["refused"] < MAX_REFUSED
+
+    # Never worse than plain (split/decide.py, the default TwoStage=when-not-worse):
+    # no module loaded two-stage keeps more core pages than its plain load, and
+    # every one turned down for its pages would have kept more.
+    two_stage = [r for r in results if r.outcome == "split"]
+    worse = [f"{r.path}: {r.split_core_pages} > {r.plain_core_pages}" for r in two_stage
+             if r.split_core_pages > r.plain_core_pages or not r.plain_core_pages]
+    assert not worse, "\n".join(worse[:50])
+    by_pages = [r for r in results if r.outcome == "plain" and "more core pages" in r.reason]
+    assert by_pages and all(r.split_core_pages > r.plain_core_pages for r in by_pages)
+    # Hardening: no module with .data..ro_after_init is loaded two-stage.
+    sealed = [r for r in results if r.outcome == "plain" and "ro_after_init" in r.reason]
+    assert len(sealed) >= 20, len(sealed)
+    saved = sum(r.plain_core_pages - r.split_core_pages for r in two_stage)
+    with capsys.disabled():
+        print(f"  two-stage {len(two_stage)} modules: {saved} core pages fewer than plain, none more; "
+              f"plain for their pages {len(by_pages)}, for .data..ro_after_init {len(sealed)}")
+    assert saved >= 0
     for result in results:
         if result.outcome == "refused":
             assert result.reason.strip(), result
@@ -68,7 +88,7 @@ def test_whole_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     expected |= {str(r.init_path) for r in results if r.outcome == "split"}
     # A manifest for every decided module (the daemon's cache reads them).
     expected |= {f"{r.path}{MANIFEST_SUFFIX}" for r in results
-                 if r.outcome in ("split", "nothing", "refused")}
+                 if r.outcome in ("split", "plain", "nothing", "refused")}
     assert written == expected  # no module files for unsplit modules, no temp files left
 
     for relative, name in SPOT_CHECKS:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from initsplit.layout import LayoutRules
 from initsplit.daemon.config import (
     COMMAND_LINE,
     Config,
@@ -80,11 +81,31 @@ def test_shipped_file_documents_the_real_defaults(tmp_path: Path) -> None:
     keys = re.findall(r"(?m)^([A-Za-z]+)=", uncommented)
     assert sorted(keys) == sorted(
         ["QuietPeriodSec", "BatchSize", "Workers", "ExitAfterQuietSec", "Exclude", "CacheDir",
-         "RuntimeDir", "LogLevel", "LoadTimeoutSec", "InstallCommandTimeoutSec"]
+         "RuntimeDir", "LogLevel", "LoadTimeoutSec", "InstallCommandTimeoutSec", "TwoStage",
+         "WritableRoAfterInit"]
     )
     path = write(tmp_path, "initsplitd.conf", uncommented)
     config, errors = load_config(paths=[path])
     assert errors == [] and config == Config()
+
+
+def test_two_stage_policy_and_ro_after_init(tmp_path: Path) -> None:
+    path = write(tmp_path, "initsplitd.conf", "[Daemon]\nTwoStage=always\nWritableRoAfterInit=yes\n")
+    config, errors = load_config(paths=[path])
+    assert errors == [] and (config.two_stage, config.writable_ro_after_init) == ("always", True)
+    options = config.split_options(LayoutRules(kernel="6.1.0-57-amd64"))
+    assert options.two_stage == "always" and options.writable_ro_after_init
+    assert options.rules.kernel == "6.1.0-57-amd64"
+    assert options.tag == "two-stage=always writable-ro-after-init=yes"
+    # A bad value keeps what was there, and says so; an empty one resets.
+    path = write(tmp_path, "initsplitd.conf",
+                 "[Daemon]\nTwoStage=when-it-saves\nTwoStage=sometimes\nWritableRoAfterInit=maybe\n")
+    config, errors = load_config(paths=[path])
+    assert config.two_stage == "when-it-saves" and not config.writable_ro_after_init
+    assert [e.line for e in errors] == [3, 4], errors
+    assert "not one of when-not-worse, when-it-saves, always" in errors[0].message
+    path = write(tmp_path, "initsplitd.conf", "[Daemon]\nTwoStage=always\nTwoStage=\n")
+    assert load_config(paths=[path])[0].two_stage == "when-not-worse"
 
 
 # --- main file and drop-ins ---

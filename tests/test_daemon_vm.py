@@ -281,7 +281,7 @@ def prepare_share(share: Path, kernel: DebianKernel) -> Path:  # noqa: F811
 def make_bad_cache(cache: Path, tree: Path) -> None:
     """Real cache entries of BAD_CACHE's modules, each damaged as BAD_CACHE says."""
     from initsplit.cache import write_entry
-    from initsplit.tree import decide, layout_figures
+    from initsplit.split.decide import decide, layout_figures
 
     for module in BAD_CACHE:
         # The file may spell the name with "-" (virtio-rng.ko for virtio_rng).

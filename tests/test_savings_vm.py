@@ -25,6 +25,7 @@ Run with -s to see the figures.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ import pytest
 from initsplit.analyze import ModuleAnalysis, analyze_module
 from initsplit.layout import LayoutRules, ModuleLayout, rules_for_tree
 from initsplit.split import split_module
+from initsplit.split.policy import SplitOptions
 from tests.testbed import BootResult, DebianKernel, boot, dmesg_problems
 from tests.testbed.fixtures import kernel  # noqa: F401  (pytest fixture)
 
@@ -50,6 +52,7 @@ TARGETS = (
     "l2tp_netlink", "vfat",
 )
 TRACING = "/sys/kernel/tracing"
+EVERY_SPLIT = SplitOptions(two_stage="always", writable_ro_after_init=True)
 
 GUEST_LIB = rf"""
 # Real addresses in /proc/vmallocinfo and /proc/modules (root has CAP_SYSLOG).
@@ -119,6 +122,9 @@ class Prepared:
     analyses: dict[str, ModuleAnalysis]  # what `initsplit analyze` computes per module
     files: dict[str, bytes | Path]
     not_split: dict[str, str]  # name -> why
+    # The same analysis with the default options (TwoStage=when-not-worse,
+    # WritableRoAfterInit=no): what the daemon would load.
+    defaults: dict[str, ModuleAnalysis] = dataclasses.field(default_factory=dict)
 
 
 def parse_snapshot(output: str, tag: str) -> Snapshot:
@@ -163,8 +169,11 @@ def prepared(kernel: DebianKernel) -> Prepared:  # noqa: F811
                 paths.append(ko)
     prep = Prepared(rules, [], {}, {}, {}, {}, {}, {}, {})
     for ko in paths:
-        # The analysis `initsplit analyze` prints: split and validated like `initsplit split`.
-        analysis = analyze_module(ko, ko.relative_to(kernel.modules_dir), rules)
+        # The analysis `initsplit analyze` prints: split and validated like `initsplit split`,
+        # every module that splits (the model is checked on all of them; what the
+        # default policy makes of them is test_default_policy_is_never_worse's).
+        analysis = analyze_module(ko, ko.relative_to(kernel.modules_dir), rules, EVERY_SPLIT)
+        prep.defaults[analysis.name] = analyze_module(ko, ko.relative_to(kernel.modules_dir), rules)
         name = analysis.name
         assert analysis.plain is not None, analysis
         prep.order.append(name)
@@ -294,6 +303,36 @@ def test_saving_against_today_matches(prepared: Prepared, plain_boot: BootResult
     _print_figures(prepared, rows, plain, after, total_plain, total_after)
     assert not mismatches, "\n".join(mismatches)
     assert (total_plain - total_after) // PAGE == sum(r[3] for r in rows)
+
+
+def test_default_policy_is_never_worse(prepared: Prepared, plain_boot: BootResult,
+                                       split_boot: BootResult) -> None:
+    """With the defaults, no module takes more core pages than its plain load, as
+    the kernel counts them: each module the policy loads two-stage has C no larger
+    in /proc/modules than the original, and each one it turned down for its pages
+    would indeed have cost more."""
+    plain = parse_snapshot(plain_boot.script_output, "plain")
+    after = parse_snapshot(split_boot.script_output, "after")
+    wrong, turned_down = [], []
+    for name in prepared.order:
+        default = prepared.defaults[name]
+        if name not in prepared.core:
+            assert default.outcome != "split", default
+            continue
+        pages_plain = -(-plain.modules[name][0] // PAGE)
+        pages_split = -(-after.modules[name][0] // PAGE)
+        if default.outcome == "split" and pages_split > pages_plain:
+            wrong.append(f"{name}: loaded two-stage, {pages_split} pages against {pages_plain} plain")
+        if default.outcome == "plain" and "more core pages" in default.reason:
+            turned_down.append(name)
+            if pages_split <= pages_plain:
+                wrong.append(f"{name}: loaded plain for its pages, but C took {pages_split} "
+                             f"against {pages_plain}")
+    assert not wrong, "\n".join(wrong)
+    # The set holds modules whose split costs a page (see TARGETS): the check bites.
+    assert turned_down, "no module of the set was turned down for its pages"
+    print(f"\ndefault policy: {len(turned_down)} modules loaded plain for their pages "
+          f"({', '.join(turned_down)}), as the kernel confirms")
 
 
 def test_batch_delete_frees_what_vmallocinfo_loses(prepared: Prepared, split_boot: BootResult) -> None:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from initsplit.cache import manifest_path, write_entry
+from initsplit.cache import CacheHit, manifest_path, read_entry, write_entry
 from initsplit.daemon.service import Service, Settings
 from initsplit.daemon.splits import NotSplit, SplitProvider
+from initsplit.split.policy import DEFAULT_OPTIONS, SplitOptions
 from initsplit.loader import twostage
 from initsplit.loader.recovery import LoadMarkers
 from initsplit.loader.twostage import SplitPair, load_two_stage
@@ -78,8 +79,9 @@ class Tree:
     def module(self) -> Path:
         return self.modules / DUMMY
 
-    def provider(self) -> SplitProvider:
-        return SplitProvider(modules_dir=self.modules, cache_dir=self.cache, runtime_dir=self.runtime)
+    def provider(self, options: SplitOptions = DEFAULT_OPTIONS) -> SplitProvider:
+        return SplitProvider(modules_dir=self.modules, cache_dir=self.cache, runtime_dir=self.runtime,
+                             options=options)
 
 
 @pytest.fixture
@@ -341,6 +343,30 @@ def test_nothing_and_refused_entries_still_answer(presplit: Tree, dummy_source: 
                 reason="refused: .rodata points into init")
     result = presplit.provider().get(presplit.module)
     assert result == NotSplit("refused: .rodata points into init")
+
+
+def test_a_policy_plain_entry_answers_with_its_reason(presplit: Tree, dummy_source: bytes) -> None:
+    why = "two-stage would take more core pages (TwoStage=when-not-worse): core layout 5 pages two-stage, 4 plain"
+    write_entry(presplit.cache, DUMMY, source=dummy_source, decision="plain", reason=why)
+    assert presplit.provider().get(presplit.module) == NotSplit(why)
+
+
+def test_an_entry_made_under_other_options_is_decided_again(presplit: Tree) -> None:
+    # The pre-split cache says two-stage (made with the defaults); a daemon told to
+    # load two-stage only where a page comes back weighs dummy itself: C takes as
+    # many core pages as the plain load (4), so it loads plain, and keeps that
+    # decision, under its own options, for the next daemon.
+    saves = SplitOptions(two_stage="when-it-saves")
+    result = presplit.provider(saves).get(presplit.module)
+    assert result == NotSplit("two-stage would free no core page (TwoStage=when-it-saves): "
+                              "core layout 4 pages two-stage, 4 plain"), result
+    kept = read_entry(presplit.runtime, DUMMY, source=presplit.module.read_bytes(), options=saves.tag)
+    assert isinstance(kept, CacheHit) and kept.manifest.decision == "plain", kept
+    assert kept.manifest.options == "two-stage=when-it-saves writable-ro-after-init=no"
+    # The defaults still use the cache's pair.
+    pair = presplit.provider().get(presplit.module)
+    assert isinstance(pair, SplitPair), pair
+    pair.close()
 
 
 # ------------------------------------------------- a Service around the provider

@@ -27,6 +27,7 @@ the kernel function by function); `initsplit analyze` prints which rules it appl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import struct
@@ -40,7 +41,9 @@ from .elf import MalformedElf, read_elf
 from .layout import (CORE_GROUPS, PAGE_SIZE, Layout, LayoutRules, ModuleLayout, layout_of, module_layout,
                      rules_for_tree)
 from .split.modinfo import first, parse_modinfo
-from .tree import MODULE_SUFFIX, ModuleJob, decide, find_modules, run_jobs
+from .split.decide import OUTCOMES, decide
+from .split.policy import DEFAULT_OPTIONS, SplitOptions
+from .tree import MODULE_SUFFIX, ModuleJob, find_modules, run_jobs
 
 HISTOGRAM_BIN = 512  # the bins of the 2002 table
 
@@ -51,13 +54,14 @@ HISTOGRAM_BIN = 512  # the bins of the 2002 table
 class ModuleAnalysis:
     path: str  # relative to its input root
     name: str
-    outcome: str  # split, nothing, refused, invalid, error (initsplit.tree.Outcome)
+    outcome: str  # split, plain, nothing, refused, invalid, error (split.decide.Outcome)
     reason: str = ""
     plain: ModuleLayout | None = None
     resident: Layout | None = None  # core layout if the kernel kept init (baseline a)
-    core: ModuleLayout | None = None  # C, when split
-    init: ModuleLayout | None = None  # I, when split
+    core: ModuleLayout | None = None  # C, when split (also when the policy loads it plain)
+    init: ModuleLayout | None = None  # I, likewise
     init_name: str = ""
+    detail: str = ""  # the figures behind a policy's "plain"
 
     @property
     def split(self) -> bool:
@@ -69,16 +73,26 @@ class ModuleAnalysis:
 
     @property
     def after_core(self) -> Layout | None:
-        """The core layout that stays for the module's life under initsplit."""
-        if self.core is not None:
+        """The core layout that stays for the module's life under initsplit (C's
+        for a module loaded two-stage, the original's for one loaded plain)."""
+        if self.split:
             return self.core.core
         return self.plain.core if self.plain is not None else None
 
     @property
     def saving_today(self) -> int:
-        """Pages saved against today's kernel (baseline b); may be negative."""
+        """Pages saved against today's kernel (baseline b) by the load the options
+        choose: 0 for a module loaded plain."""
         if not self.split:
             return 0
+        return self.plain.core.pages - self.core.core.pages
+
+    @property
+    def saving_if_split(self) -> int | None:
+        """Pages a two-stage load would save against today's kernel whatever the
+        policy (TwoStage=always; may be negative); None when the module does not split."""
+        if self.core is None or self.plain is None:
+            return None
         return self.plain.core.pages - self.core.core.pages
 
     @property
@@ -105,19 +119,22 @@ class ModuleAnalysis:
                        plain_core=self.plain.core.as_dict(), plain_init=self.plain.init.as_dict(),
                        resident_core=self.resident.as_dict(),
                        flat_2002={"non_init": self.plain.flat_core, "all": self.plain.flat_all})
-        if self.split:
+        if self.detail:
+            out["detail"] = self.detail
+        if self.core is not None and self.init is not None:
             out.update(init_name=self.init_name,
                        split_core=self.core.core.as_dict(), split_core_init=self.core.init.as_dict(),
                        init_module_core=self.init.core.as_dict(),
                        init_module_init=self.init.init.as_dict())
         out["saving_pages"] = {"init_resident": self.saving_resident, "today": self.saving_today,
-                               "flat_2002": self.saving_flat_2002}
+                               "if_split": self.saving_if_split, "flat_2002": self.saving_flat_2002}
         return out
 
 
-def analyze_module(source: Path, relative: Path | str, rules: LayoutRules = LayoutRules()
-                   ) -> ModuleAnalysis:
-    """Lay out one module plain, and its two halves when the splitter splits it."""
+def analyze_module(source: Path, relative: Path | str, rules: LayoutRules = LayoutRules(),
+                   options: SplitOptions = DEFAULT_OPTIONS) -> ModuleAnalysis:
+    """Lay out one module plain, and its two halves when the splitter splits it;
+    the outcome is the load the options choose (split/decide.py)."""
     relative = str(relative)
     fallback_name = Path(relative).name.removesuffix(MODULE_SUFFIX).replace("-", "_")
     try:
@@ -128,12 +145,12 @@ def analyze_module(source: Path, relative: Path | str, rules: LayoutRules = Layo
             or fallback_name
         plain = module_layout(obj, rules)
         resident = module_layout(obj, rules, init_resident=True).core
-        decision = decide(data)
+        decision = decide(data, dataclasses.replace(options, rules=rules))
     except (OSError, MalformedElf) as exc:
         return ModuleAnalysis(relative, fallback_name, "error", f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # one module's surprise must not end a tree's analysis
         return ModuleAnalysis(relative, fallback_name, "error", f"{type(exc).__name__}: {exc}")
-    if decision.outcome != "split":
+    if decision.outcome not in ("split", "plain") or decision.split is None:
         return ModuleAnalysis(relative, name, decision.outcome, decision.reason, plain, resident)
     split = decision.split
     try:
@@ -141,31 +158,34 @@ def analyze_module(source: Path, relative: Path | str, rules: LayoutRules = Layo
         init = layout_of(split.init, rules)
     except MalformedElf as exc:
         return ModuleAnalysis(relative, name, "error", f"split output: {exc}", plain, resident)
-    return ModuleAnalysis(relative, name, "split", "", plain, resident, core, init, split.init_name)
+    return ModuleAnalysis(relative, name, decision.outcome, decision.reason, plain, resident, core,
+                          init, split.init_name, decision.detail)
 
 
-def _analyze_job(job: ModuleJob, rules: LayoutRules) -> ModuleAnalysis:
-    return analyze_module(job.source, job.relative, rules)
+def _analyze_job(job: ModuleJob, rules: LayoutRules, options: SplitOptions) -> ModuleAnalysis:
+    return analyze_module(job.source, job.relative, rules, options)
 
 
 def analyze_jobs(jobs: Sequence[ModuleJob], rules: LayoutRules, *, workers: int | None = None,
-                 progress: Callable[[ModuleAnalysis], None] | None = None) -> list[ModuleAnalysis]:
+                 progress: Callable[[ModuleAnalysis], None] | None = None,
+                 options: SplitOptions = DEFAULT_OPTIONS) -> list[ModuleAnalysis]:
     """analyze_module() for every job, on every core; results in job order."""
 
     def pool_error(job: ModuleJob, exc: Exception) -> ModuleAnalysis:
         return ModuleAnalysis(str(job.relative), job.relative.name, "error",
                               f"{type(exc).__name__}: {exc}")
 
-    return run_jobs(jobs, functools.partial(_analyze_job, rules=rules), workers=workers,
+    return run_jobs(jobs, functools.partial(_analyze_job, rules=rules, options=options), workers=workers,
                     progress=progress, on_pool_error=pool_error)
 
 
 def analyze_paths(paths: Iterable[Path], *, rules: LayoutRules | None = None,
-                  workers: int | None = None) -> tuple[LayoutRules, list[ModuleAnalysis]]:
+                  workers: int | None = None, options: SplitOptions = DEFAULT_OPTIONS
+                  ) -> tuple[LayoutRules, list[ModuleAnalysis]]:
     paths = [Path(p) for p in paths]
     if rules is None:
         rules = rules_for_tree(paths[0] if len(paths) == 1 else None)
-    return rules, analyze_jobs(find_modules(paths), rules, workers=workers)
+    return rules, analyze_jobs(find_modules(paths), rules, workers=workers, options=options)
 
 
 # ---------------------------------------------------------------- summary
@@ -178,13 +198,16 @@ def histogram(sizes: Iterable[int], page_size: int = PAGE_SIZE, bin_size: int = 
     return counts
 
 
-def summarize(results: Sequence[ModuleAnalysis], rules: LayoutRules, tree: str = "") -> dict:
+def summarize(results: Sequence[ModuleAnalysis], rules: LayoutRules, tree: str = "",
+              options: SplitOptions = DEFAULT_OPTIONS) -> dict:
     """Everything `analyze` prints, as plain data (the --json document without per_module)."""
     page = rules.page_size
     laid = [r for r in results if r.plain is not None]
     split = [r for r in laid if r.split]
+    every = [s for r in laid if (s := r.saving_if_split) is not None]
     outcomes = Counter(r.outcome for r in results)
     reasons = Counter(r.reason for r in results if r.outcome == "refused")
+    policy = Counter(r.reason for r in results if r.outcome == "plain")
     over = [r for r in laid if r.plain.core_bytes > page]
     with_init = [r for r in laid if r.has_init]
 
@@ -217,8 +240,11 @@ def summarize(results: Sequence[ModuleAnalysis], rules: LayoutRules, tree: str =
         "laid_out": len(laid),
         "with_init_sections": len(with_init),
         "over_one_page": len(over),
-        "outcomes": {k: outcomes.get(k, 0) for k in ("split", "nothing", "refused", "invalid", "error")},
+        "options": {"two_stage": options.two_stage,
+                    "writable_ro_after_init": options.writable_ro_after_init},
+        "outcomes": {k: outcomes.get(k, 0) for k in OUTCOMES},
         "refusal_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "policy_reasons": dict(sorted(policy.items(), key=lambda kv: (-kv[1], kv[0]))),
         "histogram": {
             "bin_bytes": HISTOGRAM_BIN,
             "of": "non-init allocated bytes (text+data+bss, as in 2002) modulo the page size",
@@ -249,6 +275,11 @@ def summarize(results: Sequence[ModuleAnalysis], rules: LayoutRules, tree: str =
                 "by_group": by_group,
                 "modules_by_saving": {str(k): v for k, v in sorted(Counter(today).items())},
             },
+            "every_split": {
+                "pages": sum(every), "bytes": sum(every) * page, "modules": len(every),
+                "modules_saving": sum(1 for s in every if s > 0),
+                "modules_costing": sum(1 for s in every if s < 0),
+            },
         },
         "problems": [{"path": r.path, "outcome": r.outcome, "reason": r.reason}
                      for r in results if r.outcome in ("invalid", "error")],
@@ -271,10 +302,15 @@ def render_text(summary: dict, results: Sequence[ModuleAnalysis] = (), *,
     o = summary["outcomes"]
     add(f"modules: {summary['modules']}; with init sections: {summary['with_init_sections']}; "
         f"non-init size above one page ({page} bytes): {summary['over_one_page']}")
-    add(f"splitter: split {o['split']}, nothing to split {o['nothing']}, refused {o['refused']}, "
-        f"invalid {o['invalid']}, errors {o['error']}")
+    opts = summary["options"]
+    add(f"splitter: two-stage {o['split']}, plain by policy {o['plain']}, nothing to split "
+        f"{o['nothing']}, refused {o['refused']}, invalid {o['invalid']}, errors {o['error']} "
+        f"(TwoStage={opts['two_stage']}, "
+        f"WritableRoAfterInit={'yes' if opts['writable_ro_after_init'] else 'no'})")
     for reason, count in summary["refusal_reasons"].items():
         add(f"  refused {count:5d}  {reason}")
+    for reason, count in summary["policy_reasons"].items():
+        add(f"  plain   {count:5d}  {reason}")
     add("")
     hist = summary["histogram"]
     add(f"non-init size modulo {page} (text+data+bss, as in the 2002 table), "
@@ -312,6 +348,10 @@ def render_text(summary: dict, results: Sequence[ModuleAnalysis] = (), *,
         add(f"      {group:<14} {g['plain']:>7} {g['split']:>7} {g['saving']:>7}")
     dist = ", ".join(f"{k:>s}: {v}" for k, v in b["modules_by_saving"].items()) or "-"
     add(f"      split modules per pages saved: {dist}")
+    e = s["every_split"]
+    add(f"      every module that splits loaded two-stage (TwoStage=always): {e['pages']} pages "
+        f"over {e['modules']} modules ({e['modules_saving']} save pages, "
+        f"{e['modules_costing']} need more)")
     if summary["problems"]:
         add("")
         add(f"problems: {len(summary['problems'])} (see stderr)")

@@ -22,15 +22,19 @@ from typing import Literal
 
 from .fsio import (OpenFile, Untrusted, atomic_write, make_dirs, open_checked, ownership_problem,
                    read_fd, sha256_fd)
+from .split.policy import DEFAULT_OPTIONS
 
 MANIFEST_SUFFIX = ".initsplit"
 # 2: the init module reports a failed init biased (split/initresult.py) and C hides
 # its exports until init succeeded. 3: the init wrapper carries the name of the
 # original's init routine, so initcall_blacklist= applies (splitter._initcall_name).
-# Pairs of an older format are split again.
-FORMAT = 3
+# 4: decisions weigh the layouts (split/decide.py): "plain" entries, and the
+# options they were made under. Entries of an older format are not used.
+FORMAT = 4
 
-Decision = Literal["split", "nothing", "refused"]
+# "plain": the module splits, but the options load it plain (the reason says why).
+Decision = Literal["split", "plain", "nothing", "refused"]
+DECISIONS: tuple[Decision, ...] = ("split", "plain", "nothing", "refused")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,8 @@ class Manifest:
     # which the kernel frees right after the init routine ran.
     plain_core_bytes: int = 0
     init_layout_pages: int = 0
+    # split.decide.SplitOptions.tag of the options the decision was made under.
+    options: str = ""
 
 
 def digest(data: bytes) -> str:
@@ -60,8 +66,10 @@ def digest(data: bytes) -> str:
 
 def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision, reason: str = "",
                 name: str = "", init_name: str = "", core: bytes = b"", init: bytes = b"",
-                plain_core_bytes: int = 0, init_layout_pages: int = 0) -> Manifest:
-    """Write one cache entry (files first, manifest last)."""
+                plain_core_bytes: int = 0, init_layout_pages: int = 0,
+                options: str = DEFAULT_OPTIONS.tag) -> Manifest:
+    """Write one cache entry (files first, manifest last), decided under *options*
+    (split.policy.SplitOptions.tag)."""
     core_path = root / relpath
     manifest_path(root, relpath).unlink(missing_ok=True)
     # Never group- or world-writable, whatever the umask: the daemon refuses
@@ -74,7 +82,7 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision,
         atomic_write(core_path.with_name(init_file), init)
     manifest = Manifest(FORMAT, digest(source), len(source), decision, reason, name, init_name,
                         init_file, len(core), len(init), digest(core) if core else "",
-                        digest(init) if init else "", plain_core_bytes, init_layout_pages)
+                        digest(init) if init else "", plain_core_bytes, init_layout_pages, options)
     atomic_write(manifest_path(root, relpath), json.dumps(asdict(manifest), sort_keys=True).encode())
     return manifest
 
@@ -122,11 +130,13 @@ class CacheHit:
 _MANIFEST_LIMIT = 1 << 16
 
 
-def read_entry(root: Path, relpath: Path, *, source: bytes) -> CacheHit | BadEntry | None:
-    """The entry for *relpath* if it exists, is complete, and was made from *source*.
+def read_entry(root: Path, relpath: Path, *, source: bytes,
+               options: str | None = None) -> CacheHit | BadEntry | None:
+    """The entry for *relpath* if it exists, is complete, and was made from *source*
+    (and, given *options*, under those options: split.decide.SplitOptions.tag).
 
-    None: there is no entry (no manifest). BadEntry: there is one, but it must not
-    be used. Every file is opened once (fsio.open_checked) and checked, hashed and
+    None: there is no entry (no manifest), or it was made under other options,
+    which the caller decides afresh. BadEntry: there is one, but it must not be used. Every file is opened once (fsio.open_checked) and checked, hashed and
     returned as that descriptor, so the bytes checked here are the bytes the kernel
     is given; nothing is opened again by path.
 
@@ -154,6 +164,8 @@ def read_entry(root: Path, relpath: Path, *, source: bytes) -> CacheHit | BadEnt
     problem = _manifest_problem(manifest, source)
     if problem:
         return BadEntry(f"cache entry {path} {problem}")
+    if options is not None and manifest.options != options:
+        return None
     if manifest.decision != "split":
         return CacheHit(manifest)
     return _open_split(root / relpath, manifest)
@@ -196,7 +208,7 @@ def parse_manifest(raw: bytes) -> Manifest:
         wanted = int if field.type == "int" else str
         if type(value) is not wanted:  # noqa: E721  (bool is an int, and no field is one)
             raise ValueError(f"{field.name} is {type(value).__name__}, not {wanted.__name__}")
-    if manifest.decision not in ("split", "nothing", "refused"):
+    if manifest.decision not in DECISIONS:
         raise ValueError(f"unknown decision {manifest.decision!r}")
     return manifest
 

@@ -24,15 +24,10 @@ from typing import Callable, Iterator, Sequence, TextIO
 from . import __version__
 from .elf import MalformedElf
 from .split import SplitModule
-from .tree import (
-    MODULE_SUFFIX,
-    TreeError,
-    decide,
-    find_modules,
-    refusal_reasons,
-    split_jobs,
-    summary_line,
-)
+from .layout import rules_for_tree
+from .split.decide import decide
+from .split.policy import TWO_STAGE_POLICIES, SplitOptions
+from .tree import MODULE_SUFFIX, TreeError, find_modules, refusal_reasons, split_jobs, summary_line
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -73,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("-q", "--quiet", action="store_true",
                        help="no progress and no summary; problems are still reported")
     split.add_argument("--list-refused", action="store_true",
-                       help="print the refusal reasons with how many modules each")
+                       help="print the refusal reasons (and the policy's) with how many modules each")
+    _add_policy_options(split)
 
     check = commands.add_parser(
         "check",
@@ -83,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("module", metavar="FILE.ko", type=Path)
+    _add_policy_options(check)
 
     analyze = commands.add_parser(
         "analyze",
@@ -102,7 +99,33 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also list every module in the text output")
     analyze.add_argument("-j", "--jobs", metavar="N", type=_positive_int, default=None,
                          help="worker processes (default: number of CPUs)")
+    _add_policy_options(analyze)
     return parser
+
+
+def _add_policy_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--two-stage", metavar="POLICY", choices=TWO_STAGE_POLICIES, default=None,
+                         help="which modules that split load two-stage: "
+                         f"{', '.join(TWO_STAGE_POLICIES)} (default: TwoStage= of "
+                         "/etc/initsplit/initsplitd.conf, else when-not-worse)")
+    command.add_argument("--writable-ro-after-init", choices=("yes", "no"), default=None,
+                         help="split modules with .data..ro_after_init too, which leaves it "
+                         "writable (default: WritableRoAfterInit= of the configuration, else no)")
+
+
+def _split_options(args: argparse.Namespace, tree: Path | None) -> SplitOptions:
+    """The daemon's own TwoStage= and WritableRoAfterInit= unless the command line
+    says otherwise, and the layout rules of the tree's kernel: the cache must hold
+    what the daemon would load."""
+    from .daemon.config import load_config
+
+    config, _errors = load_config()  # the daemon reports the errors; here defaults stand
+    options = config.split_options(rules_for_tree(tree))
+    return SplitOptions(
+        two_stage=args.two_stage or options.two_stage,
+        writable_ro_after_init=(options.writable_ro_after_init if args.writable_ro_after_init is None
+                                else args.writable_ro_after_init == "yes"),
+        rules=options.rules)
 
 
 def _positive_int(text: str) -> int:
@@ -127,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _split(args)
     if args.command == "analyze":
         return _analyze(args)
-    return _check(args.module)
+    return _check(args.module, _split_options(args, args.module))
 
 
 # -------------------------------------------------------------------- split
@@ -138,8 +161,10 @@ def _split(args: argparse.Namespace) -> int:
         jobs = find_modules(args.paths, exclude=args.output)
         if not jobs:
             raise TreeError(f"no {MODULE_SUFFIX} files in {' '.join(map(str, args.paths))}")
+        options = _split_options(args, args.paths[0])
         with _progress(len(jobs), sys.stderr, enabled=not args.quiet) as tick:
-            results = split_jobs(jobs, args.output, workers=args.jobs, progress=lambda _: tick())
+            results = split_jobs(jobs, args.output, workers=args.jobs, progress=lambda _: tick(),
+                                 options=options)
     except TreeError as exc:
         print(f"initsplit: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -152,6 +177,8 @@ def _split(args: argparse.Namespace) -> int:
     if args.list_refused:
         for reason, count in refusal_reasons(results):
             print(f"{count:6d}  {reason}")
+        for reason, count in refusal_reasons(results, "plain"):
+            print(f"{count:6d}  plain: {reason}")
     return EXIT_FAILED if problems else EXIT_OK
 
 
@@ -202,10 +229,12 @@ def _analyze(args: argparse.Namespace) -> int:
     except TreeError as exc:
         print(f"initsplit: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    rules = analyze.rules_for_tree(tree)
+    options = _split_options(args, tree)
+    rules = options.rules
     with _progress(len(jobs), sys.stderr, enabled=not args.json) as tick:
-        results = analyze.analyze_jobs(jobs, rules, workers=args.jobs, progress=lambda _: tick())
-    summary = analyze.summarize(results, rules, str(tree))
+        results = analyze.analyze_jobs(jobs, rules, workers=args.jobs, progress=lambda _: tick(),
+                                       options=options)
+    summary = analyze.summarize(results, rules, str(tree), options)
     for problem in summary["problems"]:
         print(f"initsplit: {problem['outcome']}: {problem['path']}: {problem['reason']}",
               file=sys.stderr)
@@ -224,14 +253,14 @@ def _analyze(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------- check
 
-def _check(path: Path) -> int:
+def _check(path: Path, options: SplitOptions) -> int:
     try:
         data = path.read_bytes()
     except OSError as exc:
         print(f"initsplit: {path}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        decision = decide(data)
+        decision = decide(data, options)
     except MalformedElf as exc:
         print(f"initsplit: {path}: not an ELF kernel module: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -255,6 +284,12 @@ def _check(path: Path) -> int:
         print(f"validation: ok ({report.allocated_bytes} allocated bytes, "
               f"{report.relocations} relocations, {report.records_moved} records moved, "
               f"{report.anchors} anchors, {report.synthesized_relocations} synthesized relocations)")
+        print(f"core layout: {decision.split_core_pages} pages two-stage, "
+              f"{decision.plain_core_pages} plain")
+        if decision.outcome == "plain":
+            print(f"load: plain: {decision.reason}: {decision.detail}")
+        else:
+            print(f"load: two-stage (TwoStage={options.two_stage})")
     return EXIT_OK
 
 

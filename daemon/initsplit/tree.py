@@ -2,9 +2,10 @@
 
 For every NAME.ko found under the inputs, the output tree gets, at the same
 relative path, the core module (under the original file name, so modules.dep and
-friends still point at it) and the init module <init_name>.ko beside it. A module
-that is not split (nothing to split, refused, invalid, error) gets no output at
-all: its absence is what tells the caller to load the original instead.
+friends still point at it) and the init module <init_name>.ko beside it, and a
+manifest (cache.py). A module loaded plain (nothing to split, refused, or turned
+down by the policy, split/decide.py) gets its manifest only, which says why; an
+invalid split or an error gets nothing, and the daemon decides again at boot.
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar
 
 from .cache import remove_entry, write_entry
-from .elf import ElfObject, MalformedElf, read_elf
-from .split import NothingToSplit, SplitModule, SplitRefused, init_module_name, split_object
-from .validate import ValidationError, ValidationReport, validate_split
-
-Outcome = Literal["split", "nothing", "refused", "invalid", "error"]
-OUTCOMES: tuple[Outcome, ...] = ("split", "nothing", "refused", "invalid", "error")
+from .elf import MalformedElf
+from .split import init_module_name
+from .split.decide import OUTCOMES, Decision, Outcome, decide, layout_figures
+from .split.policy import DEFAULT_OPTIONS, SplitOptions
 
 MODULE_SUFFIX = ".ko"
 
@@ -48,6 +47,10 @@ class ModuleResult:
     seconds: float = 0.0
     input_size: int = 0
     init_path: Path | None = None  # relative, only for "split"
+    # Core layout pages of the plain load and of C, for "split" and "plain"
+    # (split.decide.Decision).
+    plain_core_pages: int = 0
+    split_core_pages: int = 0
 
     @property
     def ok(self) -> bool:
@@ -101,6 +104,7 @@ def split_tree(
     *,
     workers: int | None = None,
     progress: Callable[[ModuleResult], None] | None = None,
+    options: SplitOptions = DEFAULT_OPTIONS,
 ) -> list[ModuleResult]:
     """Split and validate every module under *paths*, writing to *output* (None: do not write).
 
@@ -108,7 +112,7 @@ def split_tree(
     raises for a module's sake: whatever goes wrong becomes that module's outcome.
     """
     return split_jobs(find_modules(paths, exclude=output), output, workers=workers,
-                      progress=progress)
+                      progress=progress, options=options)
 
 
 def split_jobs(
@@ -117,6 +121,7 @@ def split_jobs(
     *,
     workers: int | None = None,
     progress: Callable[[ModuleResult], None] | None = None,
+    options: SplitOptions = DEFAULT_OPTIONS,
 ) -> list[ModuleResult]:
     """split_tree() for jobs already found, so a caller can count them first.
 
@@ -124,7 +129,7 @@ def split_jobs(
     """
     if output is not None:
         _check_output(jobs, output)
-    return run_jobs(jobs, functools.partial(split_one, output=output), workers=workers,
+    return run_jobs(jobs, functools.partial(split_one, output=output, options=options), workers=workers,
                     progress=progress, on_pool_error=lambda job, exc: _error(job, exc, 0.0))
 
 
@@ -190,11 +195,12 @@ def _size(path: Path) -> int:
         return 0
 
 
-def split_one(job: ModuleJob, output: Path | None) -> ModuleResult:
-    """Read, split, validate and write one module; runs in a worker process."""
+def split_one(job: ModuleJob, output: Path | None,
+              options: SplitOptions = DEFAULT_OPTIONS) -> ModuleResult:
+    """Read, split, validate, weigh and write one module; runs in a worker process."""
     start = time.perf_counter()
     try:
-        return _split_one(job, output, start)
+        return _split_one(job, output, start, options)
     except Exception as exc:
         if output is not None:
             try:
@@ -204,10 +210,11 @@ def split_one(job: ModuleJob, output: Path | None) -> ModuleResult:
         return _error(job, exc, time.perf_counter() - start)
 
 
-def _split_one(job: ModuleJob, output: Path | None, start: float) -> ModuleResult:
+def _split_one(job: ModuleJob, output: Path | None, start: float,
+               options: SplitOptions) -> ModuleResult:
     data = job.source.read_bytes()
     try:
-        decision = decide(data)
+        decision = decide(data, options)
     except MalformedElf as exc:
         decision = Decision("error", reason=f"malformed ELF: {exc}")
 
@@ -222,15 +229,14 @@ def _split_one(job: ModuleJob, output: Path | None, start: float) -> ModuleResul
                 raise TreeError(f"init module {split.init_name} would replace the core")
             write_entry(output, job.relative, source=data, decision="split", name=split.name,
                         init_name=split.init_name, core=split.core, init=split.init,
-                        **layout_figures(decision.original, split))
+                        options=options.tag, **layout_figures(decision.original, split, options.rules))
         else:
             # A previous run may have split this module; a stale core left behind
             # would be loaded instead of the original.
             _remove_outputs(output, job.relative, None)
-            if decision.outcome in ("nothing", "refused"):
+            if decision.outcome in ("nothing", "refused", "plain"):
                 write_entry(output, job.relative, source=data, decision=decision.outcome,
-                            reason=decision.reason if decision.outcome == "refused"
-                            else "nothing to split")
+                            reason=manifest_reason(decision), options=options.tag)
     return ModuleResult(
         path=job.relative,
         source=job.source,
@@ -242,51 +248,18 @@ def _split_one(job: ModuleJob, output: Path | None, start: float) -> ModuleResul
         seconds=time.perf_counter() - start,
         input_size=len(data),
         init_path=job.relative.with_name(split.init_name + MODULE_SUFFIX) if split else None,
+        plain_core_pages=decision.plain_core_pages,
+        split_core_pages=decision.split_core_pages,
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What to do with one module; split is set for "split" and "invalid"."""
-
-    outcome: Outcome
-    reason: str = ""
-    detail: str = ""
-    split: SplitModule | None = None
-    report: ValidationReport | None = None
-    # The original as read for the split (for layout figures without reading it again).
-    original: ElfObject | None = None
-
-
-def layout_figures(original: ElfObject | None, split: SplitModule) -> dict[str, int]:
-    """What the daemon reports per module beside the kernel's own sizes (cache manifest)."""
-    from .layout import layout_of, module_layout
-
-    if original is None:
-        raise ValueError("layout figures need the parsed original")
-    return {"plain_core_bytes": module_layout(original).core.size,
-            "init_layout_pages": layout_of(split.init).init.pages}
-
-
-def decide(data: bytes) -> Decision:
-    """Split the module in *data* and validate the result, all in memory.
-
-    MalformedElf propagates: for one module named on the command line it is a
-    usage error, in a tree it is that module's error.
-    """
-    original = read_elf(data)
-    try:
-        split = split_object(original)
-    except NothingToSplit:
-        return Decision("nothing")
-    except SplitRefused as exc:
-        return Decision("refused", reason=exc.reason, detail=exc.detail)
-    # Nothing is written that the validator has not checked against the original.
-    try:
-        report = validate_split(data, split.core, split.init)
-    except ValidationError as exc:
-        return Decision("invalid", reason=str(exc) or type(exc).__name__, split=split)
-    return Decision("split", split=split, report=report, original=original)
+def manifest_reason(decision: Decision) -> str:
+    """What a manifest (and the journal, for the daemon's plain load) says of a
+    module that is not loaded two-stage."""
+    if decision.outcome == "nothing":
+        return "nothing to split"
+    prefix = "refused: " if decision.outcome == "refused" else ""
+    return prefix + decision.reason + (f": {decision.detail}" if decision.detail else "")
 
 
 def _error(job: ModuleJob, exc: BaseException, seconds: float) -> ModuleResult:
@@ -308,13 +281,15 @@ def count_outcomes(results: Iterable[ModuleResult]) -> dict[Outcome, int]:
     return {outcome: counts.get(outcome, 0) for outcome in OUTCOMES}
 
 
-def refusal_reasons(results: Iterable[ModuleResult]) -> list[tuple[str, int]]:
-    """Refusal reasons with how many modules each, most frequent first."""
-    counts = collections.Counter(r.reason for r in results if r.outcome == "refused")
+def refusal_reasons(results: Iterable[ModuleResult], outcome: Outcome = "refused"
+                    ) -> list[tuple[str, int]]:
+    """Refusal reasons (or, for "plain", the policy's) with how many modules each,
+    most frequent first."""
+    counts = collections.Counter(r.reason for r in results if r.outcome == outcome)
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
 def summary_line(results: Sequence[ModuleResult], seconds: float) -> str:
     c = count_outcomes(results)
-    return (f"split {c['split']}, nothing to split {c['nothing']}, refused {c['refused']}, "
-            f"invalid {c['invalid']}, errors {c['error']} in {seconds:.1f} s")
+    return (f"split {c['split']}, plain by policy {c['plain']}, nothing to split {c['nothing']}, "
+            f"refused {c['refused']}, invalid {c['invalid']}, errors {c['error']} in {seconds:.1f} s")

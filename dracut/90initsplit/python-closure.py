@@ -48,9 +48,13 @@ ENTRY_POINTS = (
     "initsplit.daemon.notify",
     "initsplit.daemon.udev_source",
     "initsplit.kmod.resolver",
-    # Splitting a module at boot when the pre-split cache lacks it.
+    # Splitting a module at boot when the pre-split cache lacks it (imported on
+    # first use: initsplit.split and initsplit.layout import these lazily).
     "initsplit.tree",
     "initsplit.split",
+    "initsplit.split.decide",
+    "initsplit.split.splitter",
+    "initsplit.layout.linux61",
     "initsplit.validate",
     "initsplit.elf",
 )

@@ -57,6 +57,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..layout.rules import LayoutRules
+from ..split.policy import TWO_STAGE_POLICIES, SplitOptions
+
 MAIN_CONFIG = Path("etc/initsplit/initsplitd.conf")
 # Highest priority first: an earlier directory's file masks a same-named later one.
 DROPIN_DIRS = (
@@ -123,6 +126,12 @@ class Config:
     runtime_dir: Path = Path("/run/initsplit")
     # Highest syslog priority number still reported (6 = info).
     log_level: int = LOG_LEVELS["info"]
+    # Which modules that split are loaded two-stage (split/decide.py):
+    # when-not-worse, when-it-saves or always.
+    two_stage: str = "when-not-worse"
+    # Split modules with .data..ro_after_init too, leaving that data writable for
+    # the module's life (a plain load makes it read-only after init).
+    writable_ro_after_init: bool = False
 
     def default_load_timeout(self, *, in_initrd: bool) -> float:
         """LoadTimeoutSec= as configured, or the stage's default.
@@ -146,6 +155,12 @@ class Config:
     @property
     def log_level_name(self) -> str:
         return LOG_LEVEL_NAMES[self.log_level]
+
+    def split_options(self, rules: LayoutRules) -> SplitOptions:
+        """TwoStage= and WritableRoAfterInit= for the kernel with these layout rules."""
+        two_stage = self.two_stage if self.two_stage in TWO_STAGE_POLICIES else "when-not-worse"
+        return SplitOptions(two_stage=two_stage,  # type: ignore[arg-type]  # checked above
+                            writable_ro_after_init=self.writable_ro_after_init, rules=rules)
 
 
 DEFAULTS = Config()
@@ -273,6 +288,16 @@ def _log_level(text: str, _current: Any) -> int:
     return parse_log_level(text)
 
 
+def _two_stage(text: str, _current: Any) -> str:
+    if text not in TWO_STAGE_POLICIES:
+        raise ValueError(f"not one of {', '.join(TWO_STAGE_POLICIES)}")
+    return text
+
+
+def _boolean(text: str, _current: Any) -> bool:
+    return parse_boolean(text)
+
+
 # key -> (Config field, parser)
 _KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "QuietPeriodSec": ("quiet_period_sec", _quiet_period),
@@ -285,6 +310,8 @@ _KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "CacheDir": ("cache_dir", _directory),
     "RuntimeDir": ("runtime_dir", _directory),
     "LogLevel": ("log_level", _log_level),
+    "TwoStage": ("two_stage", _two_stage),
+    "WritableRoAfterInit": ("writable_ro_after_init", _boolean),
 }
 
 

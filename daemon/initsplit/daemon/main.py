@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .. import faults
+from ..layout.rules import rules_for_tree
 from ..loader.kernel_state import probe_capabilities
 from ..loader.recovery import LoadMarkers, delete_init_modules
 from ..loader.reprobe import reprobe_unbound
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     provider = SplitProvider(modules_dir=modules_dir, cache_dir=config.cache_dir / kver,
                              runtime_dir=config.runtime_dir / kver,
-                             report=lambda message: reporter.log(4, message))
+                             report=lambda message: reporter.log(4, message),
+                             options=config.split_options(rules_for_tree(modules_dir)))
     leftovers = provider.remove_leftover_temps()
     if leftovers:
         reporter.log(5, f"removed {leftovers} temp files a killed initsplitd left in "

@@ -27,6 +27,7 @@ from typing import Any
 from ..cache import BadEntry, CacheHit, read_entry, write_entry
 from ..fsio import directory_problem, is_leftover_temp, sealed_memfd
 from ..loader.twostage import SplitPair
+from ..split.policy import DEFAULT_OPTIONS, SplitOptions
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,14 @@ class SplitProvider:
     """Finds or makes the split of a module, refusing anything outside the module tree."""
 
     def __init__(self, *, modules_dir: Path, cache_dir: Path, runtime_dir: Path,
-                 report: Callable[[str], None] | None = None) -> None:
+                 report: Callable[[str], None] | None = None,
+                 options: SplitOptions = DEFAULT_OPTIONS) -> None:
         self.modules_dir = modules_dir.resolve()
         self.cache_dir = cache_dir
         self.runtime_dir = runtime_dir
+        # Which splits are loaded two-stage; an entry decided under other options
+        # is decided again here (split/decide.py).
+        self.options = options
         # Where a directory's problem is said once (the daemon's stderr goes to the journal).
         self._report = report or log.warning
         self._reported: set[str] = set()
@@ -90,7 +95,7 @@ class SplitProvider:
             problem = self._directory_problem(root, kind)
             if problem:
                 return NotSplit(problem)
-            found = read_entry(root, relpath, source=source)
+            found = read_entry(root, relpath, source=source, options=self.options.tag)
             if isinstance(found, BadEntry):
                 return NotSplit(found.reason)
             if found is not None:
@@ -115,26 +120,25 @@ class SplitProvider:
         # Imported here: pyelftools costs most of a second in a slow VM, and with a
         # pre-split cache the daemon never needs it.
         from ..elf import MalformedElf
-        from ..tree import decide, layout_figures
+        from ..split.decide import decide, layout_figures
+        from ..tree import manifest_reason
 
+        options = self.options
         try:
-            decision = decide(source)
+            decision = decide(source, options)
         except MalformedElf as exc:
             return NotSplit(f"cannot split: {exc}")
         except Exception as exc:  # a splitter bug must cost a plain load, not the boot
             log.exception("splitting %s failed", relpath)
             return NotSplit(f"splitter error: {type(exc).__name__}: {exc}")
-        if decision.outcome == "nothing":
-            self._keep(relpath, source=source, decision="nothing", reason="nothing to split")
-            return NotSplit("nothing to split")
-        if decision.outcome == "refused":
-            why = f"refused: {decision.reason}" + (f": {decision.detail}" if decision.detail else "")
-            self._keep(relpath, source=source, decision="refused", reason=why)
+        if decision.outcome in ("nothing", "refused", "plain"):
+            why = manifest_reason(decision)
+            self._keep(relpath, source=source, decision=decision.outcome, reason=why)
             return NotSplit(why)
         if decision.outcome != "split" or decision.split is None:
             return NotSplit(f"split failed validation: {decision.reason}")
         result = decision.split
-        figures = layout_figures(decision.original, result)
+        figures = layout_figures(decision.original, result, options.rules)
         self._keep(relpath, source=source, decision="split", name=result.name,
                    init_name=result.init_name, core=result.core, init=result.init, **figures)
         # Loaded from the bytes the validator checked, not from the copy just written.
@@ -152,7 +156,7 @@ class SplitProvider:
     def _keep(self, relpath: Path, **entry: Any) -> None:
         """Write a decision to the runtime directory for the next daemon (after switch-root)."""
         try:
-            write_entry(self.runtime_dir, relpath, **entry)
+            write_entry(self.runtime_dir, relpath, options=self.options.tag, **entry)
         except OSError as exc:
             log.warning("cannot keep the split of %s in %s: %s", relpath, self.runtime_dir,
                         exc.strerror)

@@ -12,9 +12,21 @@ figures and `initsplit analyze` all use them; nothing here knows about splitting
     linux61  module_layout() for Linux 6.1
 """
 
-from .linux61 import layout_of, module_layout
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .records import CORE_GROUPS, INIT_GROUPS, PAGE_SIZE, Layout, ModuleLayout
 from .rules import LayoutRules, rules_for_tree
 
 __all__ = ["CORE_GROUPS", "INIT_GROUPS", "PAGE_SIZE", "Layout", "LayoutRules", "ModuleLayout",
            "layout_of", "module_layout", "rules_for_tree"]
+
+
+def __getattr__(name: str) -> Any:
+    # The models read ELF files (pyelftools): imported on first use, so that the
+    # daemon can take LayoutRules without them (see initsplit/split/__init__.py).
+    if name in ("layout_of", "module_layout"):
+        return getattr(importlib.import_module(".linux61", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,116 @@
+"""Whether to load a module two-stage or plain: split, validate, then weigh the layouts.
+
+A two-stage load is worth it only where it costs the kernel no more than a plain
+load of the same module. The kernel frees a module's init layout by itself, so a
+split can only win the core-layout records that describe init code; C's anchors
+and export tables can cost more than that. decide() asks the layout model
+(initsplit.layout) for both core layouts, page-exact as /proc/modules shows them,
+and applies the configured policy (``TwoStage=``):
+
+* ``when-not-worse`` (the default): two-stage unless C would take more core pages
+  than the plain load;
+* ``when-it-saves``: two-stage only where C takes at least one page fewer;
+* ``always``: every module that splits and validates (for testing).
+
+Hardening is never traded: C cannot keep ``.data..ro_after_init`` read-only after
+init (the kernel seals a module's section when *that module's* init returns, and
+C's returns before I runs the original init that writes it), so by default a
+module with such data loads plain. ``WritableRoAfterInit=yes`` allows the rename
+to ordinary data (split/splitter.py RO_AFTER_INIT_RENAMED), which leaves that data
+writable for the module's life.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..elf import ElfObject, read_elf
+from ..layout import LayoutRules, layout_of, module_layout
+from ..validate import ValidationError, ValidationReport, validate_split
+from .errors import NothingToSplit, SplitRefused
+from .policy import DEFAULT_OPTIONS, SplitOptions
+from .splitter import RO_AFTER_INIT, SplitModule, split_object
+
+# "plain": the module splits, but the options load it plain (Decision.reason says why).
+Outcome = Literal["split", "plain", "nothing", "refused", "invalid", "error"]
+OUTCOMES: tuple[Outcome, ...] = ("split", "plain", "nothing", "refused", "invalid", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one module; split is set for "split", "plain" (the split the
+    policy turned down, when one was made) and "invalid"."""
+
+    outcome: Outcome
+    reason: str = ""
+    detail: str = ""
+    split: SplitModule | None = None
+    report: ValidationReport | None = None
+    # The original as read for the split (for layout figures without reading it again).
+    original: ElfObject | None = None
+    # Core layout pages, as the layout model computes them: the original loaded
+    # plain, and C (0 when no split was weighed).
+    plain_core_pages: int = 0
+    split_core_pages: int = 0
+
+
+def ro_after_init_bytes(obj: ElfObject) -> int:
+    """Bytes of .data..ro_after_init that a plain load makes read-only after init.
+
+    kernel/module/main.c layout_and_allocate() flags the first allocated section
+    of exactly that name (find_sec()) SHF_RO_AFTER_INIT.
+    """
+    section = next((s for s in obj.sections if s.is_alloc and s.name == RO_AFTER_INIT), None)
+    return section.size if section is not None else 0
+
+
+def decide(data: bytes, options: SplitOptions = DEFAULT_OPTIONS) -> Decision:
+    """Split the module in *data*, validate the result and weigh it, all in memory.
+
+    MalformedElf propagates: for one module named on the command line it is a
+    usage error, in a tree it is that module's error.
+    """
+    original = read_elf(data)
+    try:
+        split = split_object(original)
+    except NothingToSplit:
+        return Decision("nothing")
+    except SplitRefused as exc:
+        return Decision("refused", reason=exc.reason, detail=exc.detail)
+    # Nothing is loaded that the validator has not checked against the original.
+    try:
+        report = validate_split(data, split.core, split.init)
+    except ValidationError as exc:
+        return Decision("invalid", reason=str(exc) or type(exc).__name__, split=split)
+    plain_pages = module_layout(original, options.rules).core.pages
+    core_pages = layout_of(split.core, options.rules).core.pages
+    refusal = _policy_refusal(original, options, plain_pages=plain_pages, core_pages=core_pages)
+    reason, detail = refusal if refusal else ("", "")
+    return Decision("plain" if refusal else "split", reason=reason, detail=detail, split=split,
+                    report=report, original=original, plain_core_pages=plain_pages,
+                    split_core_pages=core_pages)
+
+
+def _policy_refusal(original: ElfObject, options: SplitOptions, *, plain_pages: int,
+                    core_pages: int) -> tuple[str, str] | None:
+    """(reason, detail) when the options load this split module plain, else None."""
+    sealed = ro_after_init_bytes(original)
+    if sealed and not options.writable_ro_after_init:
+        return ("two-stage would leave .data..ro_after_init writable (WritableRoAfterInit=no)",
+                f"{sealed} bytes that a plain load makes read-only after init")
+    figures = f"core layout {core_pages} pages two-stage, {plain_pages} plain"
+    if options.two_stage == "when-not-worse" and core_pages > plain_pages:
+        return "two-stage would take more core pages (TwoStage=when-not-worse)", figures
+    if options.two_stage == "when-it-saves" and core_pages >= plain_pages:
+        return "two-stage would free no core page (TwoStage=when-it-saves)", figures
+    return None
+
+
+def layout_figures(original: ElfObject | None, split: SplitModule,
+                   rules: LayoutRules = LayoutRules()) -> dict[str, int]:
+    """What the daemon reports per module beside the kernel's own sizes (cache manifest)."""
+    if original is None:
+        raise ValueError("layout figures need the parsed original")
+    return {"plain_core_bytes": module_layout(original, rules).core.size,
+            "init_layout_pages": layout_of(split.init, rules).init.pages}
