@@ -1,0 +1,148 @@
+"""Drop sections the kernel keeps for a module's life but the module does not need.
+
+A rewritten copy of a .ko, byte for byte the original except that the named
+sections are emptied: their bytes leave the file and their section headers stay,
+with size 0, so that no section index changes (the symbol table, the relocation
+tables and every sh_link/sh_info stay valid as they are). The kernel then finds
+the section (kernel/module/main.c find_module_sections(): any_section_objs(info,
+".BTF", 1, &mod->btf_data_size) reads sh_size) with nothing in it, and
+kernel/bpf/btf.c btf_module_notify() returns early for btf_data_size == 0.
+
+Only sections that are not loaded may go (no SHF_ALLOC: the kernel copies them
+from the temporary image, and nothing points into them) and that no relocation
+table patches. The appended module signature goes too: it signs the original's
+bytes and no longer matches (kernel/module/signing.c mod_verify_sig()).
+
+Plain struct parsing, no pyelftools: the daemon rewrites modules at boot.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from .constants import ELF64_SHDR_SIZE, ELFCLASS64, ELFDATA2LSB, ET_REL, SHF_ALLOC, SHT_NOBITS, SHT_REL, SHT_RELA
+from .model import MalformedElf
+
+# include/linux/module_signature.h: the marker at the very end of a signed module,
+# after a struct module_signature whose last field is the big-endian sig_len.
+MODULE_SIG_STRING = b"~Module signature appended~\n"
+_MODULE_SIGNATURE = struct.Struct(">BBBBB3xI")
+
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_SHDR = struct.Struct("<IIQQQQIIQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class RawSection:
+    """One section header as the file has it."""
+
+    index: int
+    name: str
+    type: int
+    flags: int
+    offset: int
+    size: int
+    link: int
+    info: int
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes the section occupies in the file (none for SHT_NOBITS)."""
+        return 0 if self.type == SHT_NOBITS else self.size
+
+
+def signature_length(data: bytes) -> int:
+    """Bytes of the appended module signature at the end of *data*, 0 if unsigned.
+
+    kernel/module/signing.c module_sig_check(): the marker, then mod_verify_sig()
+    reads struct module_signature just before it and sig_len bytes before that.
+    """
+    if not data.endswith(MODULE_SIG_STRING):
+        return 0
+    end = len(data) - len(MODULE_SIG_STRING)
+    if end < _MODULE_SIGNATURE.size:
+        raise MalformedElf("module signature marker without a signature")
+    *_, sig_len = _MODULE_SIGNATURE.unpack_from(data, end - _MODULE_SIGNATURE.size)
+    total = sig_len + _MODULE_SIGNATURE.size + len(MODULE_SIG_STRING)
+    if total > len(data):
+        raise MalformedElf(f"module signature of {sig_len} bytes is longer than the file")
+    return total
+
+
+def sections(data: bytes) -> list[RawSection]:
+    """The section headers of the ELF64 little-endian relocatable object in *data*."""
+    if len(data) < _EHDR.size:
+        raise MalformedElf("shorter than an ELF header")
+    (ident, e_type, _machine, _version, _entry, _phoff, e_shoff, _flags, _ehsize, _phentsize,
+     _phnum, e_shentsize, e_shnum, e_shstrndx) = _EHDR.unpack_from(data)
+    if ident[:4] != b"\x7fELF" or ident[4] != ELFCLASS64 or ident[5] != ELFDATA2LSB:
+        raise MalformedElf("not an ELF64 little-endian file")
+    if e_type != ET_REL:
+        raise MalformedElf("not a relocatable object")
+    if e_shentsize != ELF64_SHDR_SIZE or not e_shnum or e_shstrndx >= e_shnum:
+        raise MalformedElf("unusable section header table")
+    if e_shoff + e_shnum * ELF64_SHDR_SIZE > len(data):
+        raise MalformedElf("section header table beyond the end of the file")
+    headers = [_SHDR.unpack_from(data, e_shoff + i * ELF64_SHDR_SIZE) for i in range(e_shnum)]
+    for i, (_, sh_type, _, _, offset, size, *_) in enumerate(headers):
+        if sh_type != SHT_NOBITS and offset + size > len(data):
+            raise MalformedElf(f"section {i} extends beyond the end of the file")
+    _, _, _, _, str_offset, str_size, *_ = headers[e_shstrndx]
+    strtab = data[str_offset:str_offset + str_size]
+    out = []
+    for i, (name, sh_type, flags, _addr, offset, size, link, info, _align, _entsize) in enumerate(headers):
+        end = strtab.find(b"\0", name)
+        if name >= len(strtab) or end < 0:
+            raise MalformedElf(f"section {i} has a name outside the section name table")
+        out.append(RawSection(i, strtab[name:end].decode(errors="replace"), sh_type, flags,
+                              offset, size, link, info))
+    return out
+
+
+def without_sections(data: bytes, names: Collection[str]) -> bytes:
+    """*data* with the named sections emptied and its signature dropped.
+
+    Raises MalformedElf for a file this cannot rewrite safely: a named section
+    that is loaded (SHF_ALLOC), patched by a relocation table, or shares bytes
+    with another section. Returns *data* unchanged when none of the names is there
+    with bytes in it (and then keeps the signature too).
+    """
+    table = sections(data)
+    drop = [s for s in table if s.name in names and s.index and s.file_bytes]
+    if not drop:
+        return data
+    for section in drop:
+        if section.flags & SHF_ALLOC:
+            raise MalformedElf(f"{section.name} is loaded (SHF_ALLOC): not dropped")
+        if any(s.type in (SHT_REL, SHT_RELA) and s.info == section.index for s in table):
+            raise MalformedElf(f"{section.name} has relocations: not dropped")
+        for other in table:
+            if other is not section and other.file_bytes and \
+                    other.offset < section.offset + section.size and section.offset < other.offset + other.file_bytes:
+                raise MalformedElf(f"{section.name} shares bytes with {other.name}")
+    body = data[:len(data) - signature_length(data)]
+    ranges = sorted((s.offset, s.offset + s.size) for s in drop)
+
+    def moved(offset: int) -> int:
+        """Where a byte at *offset* of the original lands in the rewritten file."""
+        return offset - sum(min(end, offset) - start for start, end in ranges if start < offset)
+
+    out = bytearray()
+    previous = 0
+    for start, end in ranges:
+        out += body[previous:start]
+        previous = end
+    out += body[previous:]
+    e_shoff = _EHDR.unpack_from(body)[6]
+    new_shoff = moved(e_shoff)
+    struct.pack_into("<Q", out, 0x28, new_shoff)  # e_shoff
+    dropped = {s.index for s in drop}
+    for section in table:
+        at = new_shoff + section.index * ELF64_SHDR_SIZE
+        # sh_offset is at byte 24 of an Elf64_Shdr, sh_size at byte 32.
+        struct.pack_into("<Q", out, at + 24, moved(section.offset))
+        if section.index in dropped:
+            struct.pack_into("<Q", out, at + 32, 0)
+    return bytes(out)
