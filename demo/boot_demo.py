@@ -81,13 +81,14 @@ def print_journal(boot: SystemBoot) -> None:
         if not mine:
             print("    (no entries)")
             continue
-        print(f"    {'module':<22} {'mode':<10} {'core':>9} {'init module':>11} {'load':>8}  reason")
+        print(f"    {'module':<22} {'mode':<10} {'core':>9} {'init module':>11} {'BTF back':>9} {'load':>8}  reason")
         for e in mine:
             mid = e.get("MESSAGE_ID")
             if mid in (MESSAGE_ID_LOADED_TWO_STAGE, MESSAGE_ID_LOADED_PLAIN, MESSAGE_ID_LOAD_FAILED):
                 seconds = int(e.get("INITSPLIT_LOAD_USEC", "0")) / 1e6
                 print(f"    {e['INITSPLIT_MODULE']:<22} {e['INITSPLIT_MODE']:<10} "
                       f"{kib(e.get('INITSPLIT_CORE_BYTES'))} {kib(e.get('INITSPLIT_INIT_BYTES')):>11} "
+                      f"{kib(e.get('INITSPLIT_BTF_BYTES')):>9} "
                       f"{seconds:>7.2f}s  {e.get('INITSPLIT_REASON', '')}")
         if any(e.get("MESSAGE_ID") == MESSAGE_ID_LOAD_FAILED and e.get("ERRNO") == "19" for e in mine):
             print("    (\"No such device\": the driver's init found no hardware for it in this VM;"

@@ -328,7 +328,13 @@ def test_cli_json(small_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert doc["modules"] == 6 and doc["kernel"] == small_tree.name
     assert doc["outcomes"] == {"split": 3, "plain": 1, "nothing": 1, "refused": 1, "invalid": 0,
                                "error": 0}
-    assert doc["options"] == {"two_stage": "when-not-worse", "writable_ro_after_init": False}
+    assert doc["options"] == {"two_stage": "when-not-worse", "writable_ro_after_init": False,
+                              "discard": ["btf"], "keep_btf": []}
+    btf = doc["savings"]["btf"]
+    # Every module of the small tree has BTF, none BTF ids: all of it is given back.
+    assert btf["modules_dropped"] == 6 and btf["modules_kept"] == 0
+    assert btf["given_back_bytes"] == btf["cost_bytes"] == sum(
+        m["btf_bytes"]["cost"] for m in doc["per_module"]) > 0
     assert doc["rules"]["strict_module_rwx"] and doc["rules"]["applied"]
     per = {m["name"]: m for m in doc["per_module"]}
     assert per["jbd2"]["plain_core"]["size"] == 167936
@@ -390,3 +396,17 @@ def test_cli_as_a_program(small_tree: Path) -> None:
     doc = json.loads(done.stdout)
     assert {m["name"] for m in doc["per_module"]} == {"jbd2", "nls_cp857", "configfs"}
     assert doc["rules"]["config"]  # found from a subdirectory of the tree
+
+
+def test_loaded_modules_are_found_in_the_tree(small_tree: Path, tmp_path: Path) -> None:
+    from initsplit.analyze import loaded_jobs
+    from initsplit.tree import find_modules
+
+    proc = tmp_path / "modules"
+    proc.write_text("jbd2 167936 1 ext4, Live 0x0000000000000000\n"
+                    "dummy__init 16384 0 - Live 0x0000000000000000\n"
+                    "nls_cp857 16384 0 - Live 0x0000000000000000\n"
+                    "e1000 163840 0 - Live 0x0000000000000000\n")
+    jobs, missing = loaded_jobs(find_modules([small_tree]), proc_modules=proc)
+    assert sorted(j.source.name for j in jobs) == ["jbd2.ko", "nls_cp857.ko"]
+    assert missing == ["e1000"]  # not in this tree; an init module is not counted

@@ -33,8 +33,7 @@ from initsplit.daemon.journal import (
     SYSLOG_IDENTIFIER,
 )
 from initsplit.daemon.udev_source import valid_alias
-from initsplit.split.decide import decide
-from initsplit.tree import manifest_reason
+from initsplit.split.decide import decide, manifest_reason
 from tests.testbed import debian_kernel
 from tests.testbed.install import install_initsplit
 from tests.testbed.rootfs import RootFS, debian_rootfs

@@ -55,7 +55,9 @@ def test_kept_bytes_of_real_modules(modules: Path) -> None:
 
 def test_no_or_unparsable_btf_keeps_nothing() -> None:
     assert btf_kept_bytes(b"", "x") == 0
-    assert btf_kept_bytes(b"\x9f\xeb\x01\x00" + bytes(20), "x") == 0  # wrong byte order
+    assert btf_kept_bytes(b"\xeb\x9f\x01\x00" + bytes(20), "x") == 0  # big-endian magic
+    assert btf_kept_bytes(b"\x9f\xeb\x01\x00\x18" + bytes(3) + b"\x00\x00\x00\x00\xff" + bytes(11),
+                          "x") == 0  # a type section beyond the end
     with pytest.raises(ValueError):
         btf_type_count(b"\x9f\xeb")
 
@@ -67,8 +69,13 @@ def test_rewritten_module_is_the_original_without_btf(modules: Path) -> None:
     signature = signature_length(original)
     assert signature > 0 and original.endswith(MODULE_SIG_STRING)  # Debian signs its modules
     rewritten = without_sections(original, {".BTF", ".BTF.base"})
-    assert len(rewritten) == len(original) - len(btf_of(original)) - signature
+    # The BTF's bytes go but for what keeps the later sections aligned.
+    cut = len(original) - signature - len(rewritten)
+    assert len(btf_of(original)) - 64 < cut <= len(btf_of(original)), cut
     assert signature_length(rewritten) == 0
+    for old, new in zip(sections(original), sections(rewritten)):
+        if old.name != ".BTF":
+            assert (new.offset - old.offset) % 8 == 0, old.name
     before, after = read_elf(original), read_elf(rewritten)
     assert [s.name for s in before.sections] == [s.name for s in after.sections]
     for old, new in zip(before.sections, after.sections):
@@ -100,10 +107,31 @@ def test_synthetic_module_loses_only_the_btf_bytes() -> None:
     original = _synthetic()
     signed = original + b"S" * 100 + bytes([0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 100]) + MODULE_SIG_STRING
     rewritten = without_sections(signed, {".BTF"})
-    assert len(rewritten) == len(original) - 40
+    assert len(rewritten) == len(original) - 40  # a multiple of 8: all of it goes
     obj = read_elf(rewritten)
     assert obj.section(".BTF").size == 0 and obj.section(".data").data == b"D" * 16
     assert obj.section(".modinfo").data == b"name=x\0"
+
+
+def test_hostile_files_raise_malformed_elf_only(modules: Path) -> None:
+    # A signature length that reaches back over the section headers, a dropped
+    # section that overlaps them, truncations: MalformedElf, never struct.error.
+    original = (modules / "kernel/lib/crc7.ko").read_bytes()
+    body = original[:len(original) - signature_length(original)]
+    e_shoff = int.from_bytes(body[0x28:0x30], "little")
+    hostile = [
+        body + (len(body) - 40).to_bytes(4, "big").rjust(12, b"\0") + MODULE_SIG_STRING,
+        body[:e_shoff + 100],
+        body[:0x28] + (len(body) - 8).to_bytes(8, "little") + body[0x30:],
+    ]
+    btf = next(s for s in sections(body) if s.name == ".BTF")
+    overlapping = bytearray(body)  # .BTF claims the section header table's bytes too
+    at = e_shoff + btf.index * 64
+    overlapping[at + 32:at + 40] = (len(body) - btf.offset).to_bytes(8, "little")
+    hostile.append(bytes(overlapping))
+    for data in hostile:
+        with pytest.raises(MalformedElf):
+            without_sections(data, {".BTF"})
 
 
 def test_what_cannot_be_dropped_is_refused() -> None:

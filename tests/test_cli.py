@@ -20,6 +20,7 @@ from initsplit.cache import MANIFEST_SUFFIX, BadEntry, CacheHit, read_entry
 from initsplit import cli, tree
 from initsplit.split import decide as decide_module
 from initsplit.elf import read_elf
+from initsplit.elf.discard import without_sections
 from initsplit.split.modinfo import first, parse_modinfo
 from initsplit.validate import ValidationError, validate_split
 from tests.testbed.kernel import debian_kernel
@@ -57,10 +58,12 @@ def small_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _expected_files() -> set[str]:
+    # Every module has BTF and none BTF ids (Discard=btf, the default): a split
+    # module gets its C and I, every other one its original without the BTF.
     files = set()
     for relative, (outcome, init) in MODULES.items():
+        files.add(relative)
         if outcome == "split":
-            files.add(relative)
             files.add(str(Path(relative).with_name(init)))
     return files
 
@@ -105,6 +108,8 @@ def test_split_writes_pairs_for_split_modules_only(small_tree: Path, tmp_path: P
 
     for relative, (outcome, init_file) in MODULES.items():
         if outcome != "split":
+            rewritten = (out / relative).read_bytes()
+            assert rewritten == without_sections((small_tree / relative).read_bytes(), {".BTF"})
             continue
         core_path = out / relative
         init_path = core_path.with_name(init_file)
@@ -144,7 +149,13 @@ def test_split_single_files(small_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     files = [small_tree / "kernel/drivers/net/dummy.ko", small_tree / "kernel/lib/crc7.ko"]
     assert cli.main(["split", *map(str, files), "-o", str(out), "-q"]) == 0
+    assert _files(out) == {"dummy.ko", "dummy__init.ko", "crc7.ko"}
+    # Without discard classes a module loaded plain is loaded as it is: nothing written.
+    out = tmp_path / "kept"
+    assert cli.main(["split", *map(str, files), "-o", str(out), "-q", "--discard", ""]) == 0
     assert _files(out) == {"dummy.ko", "dummy__init.ko"}
+    entry = read_entry(out, Path("crc7.ko"), source=files[1].read_bytes())
+    assert isinstance(entry, CacheHit) and entry.core is None and entry.manifest.discarded == ""
 
 
 def test_split_removes_stale_outputs(small_tree: Path, tmp_path: Path) -> None:
@@ -157,6 +168,7 @@ def test_split_removes_stale_outputs(small_tree: Path, tmp_path: Path) -> None:
         path.write_bytes(b"stale")
     assert cli.main(["split", str(small_tree), "-o", str(out), "-q"]) == 0
     assert _files(out) == _expected_files()
+    assert all(path.read_bytes() != b"stale" for path in stale if path.exists())
 
 
 def test_split_reports_broken_module_and_goes_on(small_tree: Path, tmp_path: Path,

@@ -17,6 +17,7 @@ import pytest
 from initsplit.cache import MANIFEST_SUFFIX
 
 from initsplit.elf import read_elf
+from initsplit.elf.discard import without_sections
 from initsplit.split.modinfo import parse_modinfo
 from initsplit.split.splitter import NAMESPACE
 from initsplit.tree import count_outcomes, refusal_reasons, split_tree, summary_line
@@ -72,9 +73,17 @@ def test_whole_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sealed = [r for r in results if r.outcome == "plain" and "ro_after_init" in r.reason]
     assert len(sealed) >= 20, len(sealed)
     saved = sum(r.plain_core_pages - r.split_core_pages for r in two_stage)
+    # Discard=btf: every module loses its BTF but those with BTF ids (they register
+    # kfuncs): in 6.1.0-57 nf_conntrack, nf_nat, tcp_bbr and tcp_dctcp.
+    kept_btf = sorted(r.path.name for r in results if "btf" not in r.discarded)
+    assert kept_btf == ["nf_conntrack.ko", "nf_nat.ko", "tcp_bbr.ko", "tcp_dctcp.ko"], kept_btf
+    assert all(r.btf_bytes > 0 for r in results if r.discarded)
+    btf_bytes = sum(r.btf_bytes for r in results)
     with capsys.disabled():
         print(f"  two-stage {len(two_stage)} modules: {saved} core pages fewer than plain, none more; "
-              f"plain for their pages {len(by_pages)}, for .data..ro_after_init {len(sealed)}")
+              f"plain for their pages {len(by_pages)}, for .data..ro_after_init {len(sealed)}; "
+              f"BTF dropped from {len(results) - len(kept_btf)} modules ({btf_bytes:,} bytes the "
+              f"kernel would keep), kept by {len(kept_btf)}")
     assert saved >= 0
     for result in results:
         if result.outcome == "refused":
@@ -84,7 +93,7 @@ def test_whole_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     by_path = {str(r.path): r for r in results}
     written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    expected = {str(r.path) for r in results if r.outcome == "split"}
+    expected = {str(r.path) for r in results if r.outcome == "split" or r.rewritten}
     expected |= {str(r.init_path) for r in results if r.outcome == "split"}
     # A manifest for every decided module (the daemon's cache reads them).
     expected |= {f"{r.path}{MANIFEST_SUFFIX}" for r in results
@@ -95,7 +104,9 @@ def test_whole_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         result = by_path[relative]
         core = out / relative
         if name is None:
-            assert result.outcome == "refused" and not core.exists()
+            # Loaded plain, as the original without its BTF.
+            assert result.outcome == "refused" and result.rewritten, result
+            assert core.read_bytes() == without_sections((modules_dir / relative).read_bytes(), {".BTF"})
             continue
         assert result.outcome == "split", result
         init = core.with_name(f"{name}__init.ko")

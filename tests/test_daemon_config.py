@@ -82,7 +82,7 @@ def test_shipped_file_documents_the_real_defaults(tmp_path: Path) -> None:
     assert sorted(keys) == sorted(
         ["QuietPeriodSec", "BatchSize", "Workers", "ExitAfterQuietSec", "Exclude", "CacheDir",
          "RuntimeDir", "LogLevel", "LoadTimeoutSec", "InstallCommandTimeoutSec", "TwoStage",
-         "WritableRoAfterInit"]
+         "WritableRoAfterInit", "Discard", "KeepBTF"]
     )
     path = write(tmp_path, "initsplitd.conf", uncommented)
     config, errors = load_config(paths=[path])
@@ -106,6 +106,28 @@ def test_two_stage_policy_and_ro_after_init(tmp_path: Path) -> None:
     assert "not one of when-not-worse, when-it-saves, always" in errors[0].message
     path = write(tmp_path, "initsplitd.conf", "[Daemon]\nTwoStage=always\nTwoStage=\n")
     assert load_config(paths=[path])[0].two_stage == "when-not-worse"
+
+
+def test_discard_classes_and_modules_that_keep_their_btf(tmp_path: Path) -> None:
+    assert Config().discard == ("btf",)  # on by default
+    path = write(tmp_path, "initsplitd.conf", "[Daemon]\nKeepBTF=nf_tables\nKeepBTF=bridge xfs\n")
+    config, errors = load_config(paths=[path])
+    assert errors == [] and config.keep_btf == ("nf_tables", "bridge", "xfs")
+    options = config.split_options(LayoutRules())
+    assert options.drops("btf", "ext4") and not options.drops("btf", "nf_tables")
+    assert options.accepts("btf", "ext4") and not options.accepts("btf", "nf_tables")
+    assert options.accepts("", "nf_tables")
+    # An empty Discard= drops nothing; an unknown class is an error that keeps the value.
+    path = write(tmp_path, "initsplitd.conf", "[Daemon]\nDiscard=\nDiscard=kallsyms\n")
+    config, errors = load_config(paths=[path])
+    assert config.discard == () and "unknown class 'kallsyms'" in errors[0].message
+    assert not config.split_options(LayoutRules()).drops("btf", "ext4")
+    # initsplit.btf=keep on the kernel command line keeps every module's BTF.
+    overrides, errors = kernel_command_line_overrides("quiet initsplit.btf=keep")
+    assert errors == [] and overrides.keep_btf
+    assert overrides.apply(Config()).discard == ()
+    _, errors = kernel_command_line_overrides("initsplit.btf=maybe")
+    assert "must be keep or discard" in errors[0].message
 
 
 # --- main file and drop-ins ---

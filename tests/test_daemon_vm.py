@@ -179,6 +179,7 @@ check_devices() {
         d=$(basename $(readlink $n/device/driver 2>/dev/null) 2>/dev/null); echo "net $(basename $n) driver=$d"
     done
     echo "rng: $(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)"
+    echo "btf: $(ls /sys/kernel/btf 2>/dev/null | tr '\n' ' ')"
     dd if=/dev/hwrng of=/tmp/rng bs=16 count=1 2>/dev/null && echo "rng read $(wc -c < /tmp/rng) bytes"
     # SCSI disks are probed asynchronously (sd_mod), a USB stick after usb-storage's
     # delay_use (1 s): give both a moment after the daemon returned. A driver that
@@ -293,6 +294,7 @@ def make_bad_cache(cache: Path, tree: Path) -> None:
         result = decision.split
         write_entry(cache, relpath, source=data, decision="split", name=result.name,
                     init_name=result.init_name, core=result.core, init=result.init,
+                    discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
                     **layout_figures(decision.original, result))
         core = cache / relpath
         if module == "e1000":      # the core module is a symlink to a copy of itself
@@ -377,18 +379,33 @@ def test_matrix_boot_completed(matrix: BootResult) -> None:
     assert "== end" in matrix.script_output, matrix.report()
 
 
-def test_daemon_loads_every_driver_two_stage(matrix: BootResult) -> None:
+def test_daemon_loads_every_driver_two_stage(matrix: BootResult, kernel: DebianKernel) -> None:  # noqa: F811
     out = section(matrix, "case normal")
     assert "daemon rc=0" in out, out
     sizes = dict(re.findall(r"^size (\S+) (\d+)$", out, re.M))
+    btf = set(re.search(r"^btf: (.*)$", out, re.M).group(1).split())
+    assert "vmlinux" in btf, btf  # the kernel has BTF; the modules' is what went
     for driver in DRIVERS:
         line = re.search(rf"{driver}: loaded two-stage \(core (\d+) bytes, init module \d+ bytes, "
-                         rf"[+-]\d+ pages against a plain load\)", out)
+                         rf"[+-]\d+ pages against a plain load, BTF (\d+) bytes given back\)", out)
         assert line, f"{driver} not two-stage with its figures:\n{out}"
         # The journal's figure is the kernel's own.
         assert line.group(1) == sizes[driver], (driver, line.group(0), sizes[driver])
+        # Discard=btf: the kernel holds no BTF for it, and the journal says what the
+        # original's would have kept (layout/btf.py).
+        assert driver not in btf, (driver, btf)
+        assert int(line.group(2)) == original_btf_bytes(kernel, driver), line.group(0)
     assert "initsplitd exiting: boot quiet" in out, out
     assert re.search(r"freed \d+ init modules?", out), out
+
+
+def original_btf_bytes(kernel: DebianKernel, module: str) -> int:  # noqa: F811
+    from initsplit.elf.discard import sections
+    from initsplit.layout.btf import btf_kept_bytes
+
+    data = kernel.module_deps(module)[-1].read_bytes()
+    btf = next(s for s in sections(data) if s.name == ".BTF")
+    return btf_kept_bytes(data[btf.offset:btf.offset + btf.size], module)
 
 
 def test_devices_work_and_no_init_module_remains(matrix: BootResult) -> None:

@@ -63,3 +63,44 @@ def test_refusals_and_nothing_come_before_the_policy(modules: Path) -> None:
     refused = decide((modules / "kernel/drivers/pci/pci-stub.ko").read_bytes(),
                      SplitOptions(two_stage="always"))
     assert refused.outcome == "refused" and refused.reason == ".rodata points into init"
+
+
+# ------------------------------------------------------------ Discard=btf
+
+def test_btf_leaves_c_and_the_rewritten_original(modules: Path) -> None:
+    from initsplit.elf.discard import sections, without_sections
+
+    def btf_size(data: bytes) -> int:
+        return next(s.size for s in sections(data) if s.name == ".BTF")
+
+    split = decide((modules / DUMMY).read_bytes())
+    assert split.outcome == "split" and split.discarded == ("btf",) and split.btf_bytes == 1160
+    assert btf_size(split.split.core) == 0 and split.rewritten is None
+    crc7 = (modules / "kernel/lib/crc7.ko").read_bytes()
+    nothing = decide(crc7)
+    assert nothing.outcome == "nothing" and nothing.discarded == ("btf",)
+    assert nothing.rewritten == without_sections(crc7, {".BTF", ".BTF.base"})
+    assert btf_size(nothing.rewritten) == 0 and nothing.btf_bytes > 0
+
+
+def test_modules_with_btf_ids_or_named_keep_their_btf(modules: Path) -> None:
+    conntrack = decide((modules / "kernel/net/netfilter/nf_conntrack.ko").read_bytes())
+    assert conntrack.discarded == () and conntrack.btf_bytes == 0 and conntrack.rewritten is None
+    data = (modules / DUMMY).read_bytes()
+    for keep in (SplitOptions(keep_btf=frozenset({"dummy"})), SplitOptions(discard=frozenset())):
+        kept = decide(data, keep)
+        assert kept.outcome == "split" and kept.discarded == () and kept.btf_bytes == 0
+        assert kept.split.core == decide(data, SplitOptions(discard=frozenset())).split.core
+
+
+def test_a_module_the_rewriter_cannot_handle_is_loaded_as_it_is(modules: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from initsplit.elf import MalformedElf
+    from initsplit.split import decide as decide_module
+
+    def refuse(data: bytes, names: object) -> bytes:
+        raise MalformedElf("cannot rewrite")
+
+    monkeypatch.setattr(decide_module, "without_sections", refuse)
+    decision = decide((modules / "kernel/lib/crc7.ko").read_bytes())
+    assert decision.outcome == "nothing" and decision.discarded == () and decision.rewritten is None

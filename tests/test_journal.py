@@ -16,6 +16,8 @@ The Notifier tests are here too: they talk to real AF_UNIX datagram sockets.
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 import os
@@ -196,7 +198,8 @@ def test_summary() -> None:
                UnloadBatch(tuple(f"s{i}__init" for i in range(30, 34)), 65536, trigger="stop")]
     reporter.summary(loads=loads, batches=batches, elapsed=12.5)
     entry = rec.last
-    assert entry["MESSAGE"] == "initsplit: 40 modules, 34 two-stage, 6 plain; init modules freed 557056 bytes (136 pages)"
+    assert entry["MESSAGE"] == ("initsplit: 40 modules, 34 two-stage, 6 plain; init modules freed 557056 "
+                                "bytes (136 pages); given back for good: 0 bytes (BTF 0, core layouts 0)")
     assert entry["MESSAGE_ID"] == MESSAGE_ID_SUMMARY
     assert entry["PRIORITY"] == str(LOG_NOTICE)
     totals = {k: v for k, v in entry.items() if k.startswith("INITSPLIT_")}
@@ -212,9 +215,33 @@ def test_summary() -> None:
         "INITSPLIT_TOTAL_FREED_BYTES": "557056",
         "INITSPLIT_TOTAL_FREED_PAGES": "136",
         "INITSPLIT_TOTAL_UNLOAD_FAILED": "0",
+        "INITSPLIT_TOTAL_BTF_BYTES": "0",
+        "INITSPLIT_TOTAL_SAVED_CORE_BYTES": "0",
+        "INITSPLIT_TOTAL_GIVEN_BACK_BYTES": "0",
         "INITSPLIT_TOTAL_LOAD_USEC": str(34 * 12500 + 6 * 2000),
         "INITSPLIT_ELAPSED_USEC": "12500000",
     }
+
+
+def test_summary_counts_what_is_given_back_for_good() -> None:
+    # BTF dropped from a two-stage and a plain load, a page of core layout won by
+    # one split and one lost by none (the policy loads those plain); a failed
+    # load's figures count for nothing.
+    reporter, rec = recorded()
+    loads = [dataclasses.replace(two_stage("a"), btf_bytes=18952, plain_core_bytes=20480),
+             dataclasses.replace(plain("b"), btf_bytes=41488),
+             dataclasses.replace(plain("c"), mode="failed", btf_bytes=999)]
+    reporter.summary(loads=loads, batches=[], elapsed=1.0)
+    entry = rec.last
+    assert entry["MESSAGE"].endswith("; given back for good: 64536 bytes (BTF 60440, core layouts 4096)")
+    assert (entry["INITSPLIT_TOTAL_BTF_BYTES"], entry["INITSPLIT_TOTAL_SAVED_CORE_BYTES"],
+            entry["INITSPLIT_TOTAL_GIVEN_BACK_BYTES"]) == ("60440", "4096", "64536")
+    reporter.module_loaded(loads[0])
+    assert rec.last["INITSPLIT_BTF_BYTES"] == "18952"
+    assert rec.last["MESSAGE"] == ("a: loaded two-stage (core 16384 bytes, init module 16384 bytes, "
+                                   "+1 pages against a plain load, BTF 18952 bytes given back)")
+    reporter.module_loaded(loads[1])
+    assert rec.last["MESSAGE"].endswith("; without its BTF: 41488 bytes given back)")
 
 
 def test_summary_mentions_failures_and_skips() -> None:
@@ -224,7 +251,8 @@ def test_summary_mentions_failures_and_skips() -> None:
     reporter.summary(loads=loads, batches=[batch], elapsed=1.0)
     assert rec.last["MESSAGE"] == (
         "initsplit: 2 modules, 1 two-stage, 0 plain, 1 failed, 1 skipped; "
-        "init modules freed 0 bytes (0 pages), 1 could not be deleted"
+        "init modules freed 0 bytes (0 pages), 1 could not be deleted; given back for good: "
+        "0 bytes (BTF 0, core layouts 0)"
     )
 
 

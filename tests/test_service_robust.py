@@ -142,6 +142,13 @@ class Provider:
         name = path.name.removesuffix(".ko")
         return SplitPair(name, f"{name}__init", FakeFile(f"{name}.core.ko"), FakeFile(f"{name}__init.ko"))
 
+    released = 0
+    runtime_dir = Path("/run/initsplit-test")
+
+    def release_runtime_splits(self) -> int:
+        self.released += 1
+        return 0
+
 
 class FakeFile:
     """A checked, open split module (fsio.OpenFile) as far as the loader uses one:
@@ -657,6 +664,26 @@ def test_an_inert_core_removed_by_the_final_batch_is_loaded_before_exit(tmp_path
     assert service.run() == 0
     assert [(l.module, l.mode) for l in reporter.loads] == [("dummy", "two-stage")], reporter.loads
     assert batches == ["stop", "stop"]
+    assert service.provider.released == 1  # a clean exit gives /run's splits back
+
+
+def test_a_failed_daemon_keeps_the_splits_for_its_restart(tmp_path, monkeypatch) -> None:
+    # The restarted daemon's recovery and coldplug use them again.
+    from initsplit.loader.recovery import Recovery
+
+    class NoMarkers(Markers):
+        def recover(self) -> Recovery:
+            return Recovery()
+
+    def broken(**_kwargs):
+        raise RuntimeError("journal gone")
+
+    service, reporter = make_service(tmp_path, monkeypatch, markers=NoMarkers())
+    monkeypatch.setattr(reporter, "summary", broken)
+    service.stop_requested = True
+    with pytest.raises(RuntimeError, match="journal gone"):
+        service.run()
+    assert service.provider.released == 0
 
 
 def test_an_unsettled_init_module_is_tried_for_a_while_not_a_number_of_times(tmp_path, monkeypatch) -> None:

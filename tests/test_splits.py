@@ -19,6 +19,7 @@ import pytest
 from initsplit.cache import CacheHit, manifest_path, read_entry, write_entry
 from initsplit.daemon.service import Service, Settings
 from initsplit.daemon.splits import NotSplit, SplitProvider
+from initsplit.split.decide import decide
 from initsplit.split.policy import DEFAULT_OPTIONS, SplitOptions
 from initsplit.loader import twostage
 from initsplit.loader.recovery import LoadMarkers
@@ -66,7 +67,10 @@ def dummy_source() -> bytes:
 
 @pytest.fixture(scope="module")
 def dummy_split(dummy_source: bytes):
-    return split_module(dummy_source)
+    # What the daemon loads: the split as decide() makes it (C without its BTF).
+    decision = decide(dummy_source)
+    assert decision.outcome == "split" and decision.discarded == ("btf",), decision
+    return decision.split
 
 
 @dataclass
@@ -94,8 +98,10 @@ def tree(trusted_tmp: Path, dummy_source: bytes) -> Tree:  # noqa: F811
 
 @pytest.fixture
 def presplit(tree: Tree, dummy_source: bytes, dummy_split) -> Tree:
+    # As `initsplit split` writes it: C without its BTF, and the manifest says so.
     write_entry(tree.cache, DUMMY, source=dummy_source, decision="split", name=dummy_split.name,
-                init_name=dummy_split.init_name, core=dummy_split.core, init=dummy_split.init)
+                init_name=dummy_split.init_name, core=dummy_split.core, init=dummy_split.init,
+                discarded="btf", btf_bytes=1160)
     return tree
 
 
@@ -358,15 +364,106 @@ def test_an_entry_made_under_other_options_is_decided_again(presplit: Tree) -> N
     # decision, under its own options, for the next daemon.
     saves = SplitOptions(two_stage="when-it-saves")
     result = presplit.provider(saves).get(presplit.module)
-    assert result == NotSplit("two-stage would free no core page (TwoStage=when-it-saves): "
-                              "core layout 4 pages two-stage, 4 plain"), result
+    assert isinstance(result, NotSplit) and result.reason == (
+        "two-stage would free no core page (TwoStage=when-it-saves): "
+        "core layout 4 pages two-stage, 4 plain"), result
+    # Loaded plain, as the original without its BTF (what the kernel would keep for it).
+    assert result.rewritten is not None and result.btf_bytes == 1160
+    result.close()
     kept = read_entry(presplit.runtime, DUMMY, source=presplit.module.read_bytes(), options=saves.tag)
     assert isinstance(kept, CacheHit) and kept.manifest.decision == "plain", kept
     assert kept.manifest.options == "two-stage=when-it-saves writable-ro-after-init=no"
+    assert kept.manifest.discarded == "btf"
     # The defaults still use the cache's pair.
     pair = presplit.provider().get(presplit.module)
     assert isinstance(pair, SplitPair), pair
     pair.close()
+
+
+def test_a_module_that_keeps_its_btf_is_not_loaded_from_an_entry_without(presplit: Tree) -> None:
+    # The pre-split cache dropped dummy's BTF (the default); a daemon told to keep
+    # it (KeepBTF=dummy, or initsplit.btf=keep) loads the original plain rather
+    # than splitting again at boot.
+    for keep in (SplitOptions(keep_btf=frozenset({"dummy"})), SplitOptions(discard=frozenset())):
+        result = presplit.provider(keep).get(presplit.module)
+        assert result == NotSplit("keeps its BTF; the cache entry lacks it "
+                                  "(KeepBTF= or initsplit.btf=keep)"), result
+    pair = presplit.provider(SplitOptions(keep_btf=frozenset({"e1000"}))).get(presplit.module)
+    assert isinstance(pair, SplitPair) and pair.btf_bytes == 1160, pair
+    pair.close()
+
+
+def test_a_runtime_entry_of_a_plain_load_keeps_no_copy_in_run(tree: Tree) -> None:
+    # /run is memory: the daemon keeps the decision, and makes the rewritten
+    # original again from the module when the next daemon needs it.
+    plain_only = SplitOptions(two_stage="when-it-saves")  # dummy: plain, 4 pages either way
+    first = tree.provider(plain_only).get(tree.module)
+    assert isinstance(first, NotSplit) and first.rewritten is not None, first
+    made = _read_all(first.rewritten.fileno())
+    first.close()
+    assert not (tree.runtime / DUMMY).exists()  # only the manifest
+    again = tree.provider(plain_only).get(tree.module)
+    assert isinstance(again, NotSplit) and again.rewritten is not None and again.btf_bytes == 1160
+    assert os.readlink(f"/proc/self/fd/{again.rewritten.fileno()}").startswith("/memfd:")
+    assert _read_all(again.rewritten.fileno()) == made
+    again.close()
+
+
+@pytest.mark.parametrize("where", ["inside", "around"])
+def test_a_directory_overlapping_the_module_tree_is_not_used(tree: Tree, where: str) -> None:
+    # RuntimeDir= pointing into /lib/modules would have the daemon write over the
+    # originals it falls back to.
+    if where == "inside":
+        tree.runtime = tree.modules / "kernel" / "initsplit"
+    else:
+        tree.cache = tree.modules.parent
+    result = tree.provider().get(tree.module)
+    assert isinstance(result, NotSplit) and "overlaps the kernel's module tree" in result.reason, result
+    assert tree.module.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_splits_made_at_boot_leave_run_after_a_clean_exit(tree: Tree, dummy_source: bytes) -> None:
+    # Kept for a restarted daemon while it runs, gone once it exited cleanly: /run is
+    # memory. Decisions without module bytes stay.
+    tree.provider().get(tree.module).close()
+    core = tree.runtime / DUMMY
+    init = core.with_name("dummy__init.ko")
+    manifest = manifest_path(tree.runtime, DUMMY)
+    assert core.exists() and init.exists() and manifest.exists()
+    crc7 = Path("kernel/lib/crc7.ko")
+    write_entry(tree.runtime, crc7, source=b"x", decision="nothing", reason="nothing to split")
+    freed = tree.provider().release_runtime_splits()
+    assert freed > len(dummy_source) and not core.exists() and not init.exists() and not manifest.exists()
+    assert manifest_path(tree.runtime, crc7).exists()
+    # The next daemon splits again (in memory), as if there had been none.
+    pair = tree.provider().get(tree.module)
+    assert isinstance(pair, SplitPair), pair
+    pair.close()
+
+
+def test_release_leaves_what_it_must_not_touch(tree: Tree, dummy_source: bytes, dummy_split) -> None:
+    # A split entry overwritten by a plain decision: its stray module files go too.
+    write_entry(tree.runtime, DUMMY, source=dummy_source, decision="split", name="dummy",
+                init_name="dummy__init", core=dummy_split.core, init=dummy_split.init)
+    write_entry(tree.runtime, DUMMY, source=dummy_source, decision="plain", reason="policy")
+    core = tree.runtime / DUMMY
+    assert core.exists()
+    tree.provider().release_runtime_splits()
+    assert not core.exists() and not core.with_name("dummy__init.ko").exists()
+    assert manifest_path(tree.runtime, DUMMY).exists()
+    # A manifest naming a file elsewhere is left alone, and the exit stays clean.
+    other = Path("kernel/drivers/net/other.ko")
+    write_entry(tree.runtime, other, source=b"y", decision="split", name="other",
+                init_name="other__init", core=b"c", init=b"i")
+    raw = manifest_path(tree.runtime, other)
+    raw.write_text(raw.read_text().replace('"other__init.ko"', '"../../../../x__init.ko"'))
+    assert tree.provider().release_runtime_splits() == 0
+    assert raw.exists() and (tree.runtime / other).exists()
+    # Never the pre-split cache, even when RuntimeDir= names it.
+    tree.runtime = tree.cache
+    write_entry(tree.cache, DUMMY, source=dummy_source, decision="split", name="dummy",
+                init_name="dummy__init", core=dummy_split.core, init=dummy_split.init)
+    assert tree.provider().release_runtime_splits() == 0 and (tree.cache / DUMMY).exists()
 
 
 # ------------------------------------------------- a Service around the provider

@@ -7,6 +7,7 @@ each case; nothing here needs root or a VM.
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,66 @@ def test_successful_init_is_two_stage(kernel_for) -> None:
     kernel = kernel_for(Kernel(0))
     assert load_two_stage(PAIR, original=ORIGINAL).mode == "two-stage"
     assert kernel.calls == [("finit", "/c.ko"), ("finit", "/i.ko")]
+
+
+# ----------------------------------------------- loads without the module's BTF
+
+REWRITTEN = FakeFile(103, "/rewritten.ko")
+FILES[REWRITTEN.fd] = REWRITTEN.name
+
+
+@pytest.mark.parametrize("failure", [errno.ENODEV, errno.ENXIO, errno.EINVAL, errno.ENOMEM])
+def test_an_init_that_failed_without_its_btf_runs_once(kernel_for, failure: int) -> None:
+    # A missing BTF cannot make an init fail (REWRITE_REFUSED_ERRNOS): the init's
+    # failure is the module's, reported as modprobe reports it, as with its BTF.
+    kernel = kernel_for(Kernel(encode(-failure)))
+    pair = SplitPair(PAIR.name, PAIR.init_name, CORE, INIT, btf_bytes=18952)
+    load = load_two_stage(pair, original=ORIGINAL)
+    assert (load.mode, load.errno) == ("failed", failure), load
+    assert kernel.calls == [("finit", "/c.ko"), ("finit", "/i.ko"), ("delete", "isplit_initfail")]
+
+
+def test_a_two_stage_load_without_btf_says_what_it_gave_back(kernel_for) -> None:
+    kernel_for(Kernel(0))
+    pair = SplitPair(PAIR.name, PAIR.init_name, CORE, INIT, btf_bytes=18952)
+    load = load_two_stage(pair, original=ORIGINAL)
+    assert load.mode == "two-stage" and load.btf_bytes == 18952, load
+
+
+def test_rewritten_original_loads_plain(kernel_for) -> None:
+    kernel = kernel_for(Kernel(0))
+    kernel.answers[REWRITTEN.name] = 0
+    load = twostage.load_rewritten("isplit_initfail", REWRITTEN, original=ORIGINAL,
+                                   reason="nothing to split", btf_bytes=1160)
+    assert (load.mode, load.reason, load.btf_bytes) == ("plain", "nothing to split", 1160)
+    assert kernel.calls == [("finit", "/rewritten.ko")]
+
+
+@pytest.mark.parametrize("failure", [errno.ENODEV, errno.ENXIO, errno.ENOMEM, errno.ENOENT, errno.EINVAL])
+def test_rewritten_original_whose_init_fails_runs_it_once(kernel_for, failure: int) -> None:
+    kernel = kernel_for(Kernel(0))
+    kernel.answers[REWRITTEN.name] = OSError(failure, "failed")
+    load = twostage.load_rewritten("isplit_initfail", REWRITTEN, original=ORIGINAL,
+                                   reason="nothing to split")
+    assert (load.mode, load.errno) == ("failed", failure), load
+    assert load.reason == f"nothing to split; could not insert 'isplit_initfail': {os.strerror(failure)}"
+    assert kernel.calls == [("finit", "/rewritten.ko")]
+
+
+@pytest.mark.parametrize("refusal", sorted(twostage.REWRITE_REFUSED_ERRNOS))
+def test_rewritten_original_the_kernel_refuses_is_loaded_as_the_original(kernel_for, refusal: int) -> None:
+    # A kernel that insists on signatures, say: the original goes in, with its BTF.
+    kernel = kernel_for(Kernel(0))
+    kernel.answers[REWRITTEN.name] = OSError(refusal, "refused")
+    load = twostage.load_rewritten("isplit_initfail", REWRITTEN, original=ORIGINAL,
+                                   reason="nothing to split", btf_bytes=1160)
+    assert load.mode == "plain" and load.btf_bytes is None, load
+    assert load.reason == f"nothing to split; without its BTF: {os.strerror(refusal)}; loaded with it"
+    assert kernel.calls == [("finit", "/rewritten.ko"), ("finit", "/orig.ko")]
+
+
+def test_rewritten_original_loaded_by_someone_else(kernel_for) -> None:
+    kernel = kernel_for(Kernel(0))
+    kernel.answers[REWRITTEN.name] = OSError(errno.EEXIST, "exists")
+    load = twostage.load_rewritten("isplit_initfail", REWRITTEN, original=ORIGINAL)
+    assert load.mode == "already-loaded" and kernel.calls == [("finit", "/rewritten.ko")]

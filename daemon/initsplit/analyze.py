@@ -40,6 +40,7 @@ from typing import Callable, Iterable, Sequence
 from .elf import MalformedElf, read_elf
 from .layout import (CORE_GROUPS, PAGE_SIZE, Layout, LayoutRules, ModuleLayout, layout_of, module_layout,
                      rules_for_tree)
+from .layout.btf import btf_kept_bytes, kernel_model
 from .split.modinfo import first, parse_modinfo
 from .split.decide import OUTCOMES, decide
 from .split.policy import DEFAULT_OPTIONS, SplitOptions
@@ -62,6 +63,10 @@ class ModuleAnalysis:
     init: ModuleLayout | None = None  # I, likewise
     init_name: str = ""
     detail: str = ""  # the figures behind a policy's "plain"
+    # Unreclaimable slab the kernel keeps for the original's BTF (layout/btf.py),
+    # and how much of it the load the options choose gives back (Discard=btf).
+    btf_cost: int = 0
+    btf_given_back: int = 0
 
     @property
     def split(self) -> bool:
@@ -126,6 +131,7 @@ class ModuleAnalysis:
                        split_core=self.core.core.as_dict(), split_core_init=self.core.init.as_dict(),
                        init_module_core=self.init.core.as_dict(),
                        init_module_init=self.init.init.as_dict())
+        out["btf_bytes"] = {"cost": self.btf_cost, "given_back": self.btf_given_back}
         out["saving_pages"] = {"init_resident": self.saving_resident, "today": self.saving_today,
                                "if_split": self.saving_if_split, "flat_2002": self.saving_flat_2002}
         return out
@@ -146,12 +152,16 @@ def analyze_module(source: Path, relative: Path | str, rules: LayoutRules = Layo
         plain = module_layout(obj, rules)
         resident = module_layout(obj, rules, init_resident=True).core
         decision = decide(data, dataclasses.replace(options, rules=rules))
+        btf = obj.section(".BTF")
+        btf_cost = btf_kept_bytes(btf.data, name, kernel=kernel_model(rules.kernel)) if btf else 0
     except (OSError, MalformedElf) as exc:
         return ModuleAnalysis(relative, fallback_name, "error", f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # one module's surprise must not end a tree's analysis
         return ModuleAnalysis(relative, fallback_name, "error", f"{type(exc).__name__}: {exc}")
+    btf_fields = {"btf_cost": btf_cost, "btf_given_back": decision.btf_bytes}
     if decision.outcome not in ("split", "plain") or decision.split is None:
-        return ModuleAnalysis(relative, name, decision.outcome, decision.reason, plain, resident)
+        return ModuleAnalysis(relative, name, decision.outcome, decision.reason, plain, resident,
+                              **btf_fields)
     split = decision.split
     try:
         core = layout_of(split.core, rules)
@@ -159,7 +169,7 @@ def analyze_module(source: Path, relative: Path | str, rules: LayoutRules = Layo
     except MalformedElf as exc:
         return ModuleAnalysis(relative, name, "error", f"split output: {exc}", plain, resident)
     return ModuleAnalysis(relative, name, decision.outcome, decision.reason, plain, resident, core,
-                          init, split.init_name, decision.detail)
+                          init, split.init_name, decision.detail, **btf_fields)
 
 
 def _analyze_job(job: ModuleJob, rules: LayoutRules, options: SplitOptions) -> ModuleAnalysis:
@@ -177,6 +187,19 @@ def analyze_jobs(jobs: Sequence[ModuleJob], rules: LayoutRules, *, workers: int 
 
     return run_jobs(jobs, functools.partial(_analyze_job, rules=rules, options=options), workers=workers,
                     progress=progress, on_pool_error=pool_error)
+
+
+def loaded_jobs(jobs: Sequence[ModuleJob], *, proc_modules: Path = Path("/proc/modules")
+                ) -> tuple[list[ModuleJob], list[str]]:
+    """The jobs of the modules loaded now, and the loaded modules not among them.
+
+    A module's name is its file's, "-" read as "_" (Kbuild's KBUILD_MODNAME); an
+    init module of initsplit's (NAME__init, between the two stages) is not one.
+    """
+    loaded = [line.split()[0] for line in proc_modules.read_text().splitlines() if line.strip()]
+    by_name = {job.source.name.removesuffix(MODULE_SUFFIX).replace("-", "_"): job for job in jobs}
+    wanted = [name for name in loaded if not name.endswith("__init")]
+    return ([by_name[n] for n in wanted if n in by_name], [n for n in wanted if n not in by_name])
 
 
 def analyze_paths(paths: Iterable[Path], *, rules: LayoutRules | None = None,
@@ -241,7 +264,8 @@ def summarize(results: Sequence[ModuleAnalysis], rules: LayoutRules, tree: str =
         "with_init_sections": len(with_init),
         "over_one_page": len(over),
         "options": {"two_stage": options.two_stage,
-                    "writable_ro_after_init": options.writable_ro_after_init},
+                    "writable_ro_after_init": options.writable_ro_after_init,
+                    "discard": sorted(options.discard), "keep_btf": sorted(options.keep_btf)},
         "outcomes": {k: outcomes.get(k, 0) for k in OUTCOMES},
         "refusal_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "policy_reasons": dict(sorted(policy.items(), key=lambda kv: (-kv[1], kv[0]))),
@@ -274,6 +298,13 @@ def summarize(results: Sequence[ModuleAnalysis], rules: LayoutRules, tree: str =
                 "modules_costing": sum(1 for s in today if s < 0),
                 "by_group": by_group,
                 "modules_by_saving": {str(k): v for k, v in sorted(Counter(today).items())},
+            },
+            "btf": {
+                "cost_bytes": sum(r.btf_cost for r in laid),
+                "given_back_bytes": sum(r.btf_given_back for r in laid),
+                "modules_dropped": sum(1 for r in laid if r.btf_given_back),
+                "modules_kept": sum(1 for r in laid if r.btf_cost and not r.btf_given_back),
+                "kept_bytes": sum(r.btf_cost for r in laid if not r.btf_given_back),
             },
             "every_split": {
                 "pages": sum(every), "bytes": sum(every) * page, "modules": len(every),
@@ -348,6 +379,11 @@ def render_text(summary: dict, results: Sequence[ModuleAnalysis] = (), *,
         add(f"      {group:<14} {g['plain']:>7} {g['split']:>7} {g['saving']:>7}")
     dist = ", ".join(f"{k:>s}: {v}" for k, v in b["modules_by_saving"].items()) or "-"
     add(f"      split modules per pages saved: {dist}")
+    k = s["btf"]
+    add(f"  BTF (Discard={' '.join(opts['discard']) or '-'}): the kernel keeps {k['cost_bytes']:,} bytes "
+        f"of unreclaimable memory for the modules' BTF; {k['given_back_bytes']:,} given back by "
+        f"dropping it from {k['modules_dropped']} modules, {k['kept_bytes']:,} kept by "
+        f"{k['modules_kept']} (.BTF_ids or KeepBTF=)")
     e = s["every_split"]
     add(f"      every module that splits loaded two-stage (TwoStage=always): {e['pages']} pages "
         f"over {e['modules']} modules ({e['modules_saving']} save pages, "

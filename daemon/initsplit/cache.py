@@ -29,8 +29,10 @@ MANIFEST_SUFFIX = ".initsplit"
 # its exports until init succeeded. 3: the init wrapper carries the name of the
 # original's init routine, so initcall_blacklist= applies (splitter._initcall_name).
 # 4: decisions weigh the layouts (split/decide.py): "plain" entries, and the
-# options they were made under. Entries of an older format are not used.
-FORMAT = 4
+# options they were made under. 5: Discard= classes: C without its BTF, and for
+# a module loaded plain the rewritten original at RELPATH. Entries of an older
+# format are not used.
+FORMAT = 5
 
 # "plain": the module splits, but the options load it plain (the reason says why).
 Decision = Literal["split", "plain", "nothing", "refused"]
@@ -58,6 +60,12 @@ class Manifest:
     init_layout_pages: int = 0
     # split.decide.SplitOptions.tag of the options the decision was made under.
     options: str = ""
+    # The Discard= classes dropped ("btf"), from C or, for a plain load, from the
+    # original rewritten at RELPATH (then core_size and core_sha256 describe it).
+    discarded: str = ""
+    # What the kernel would keep for the original's BTF (layout/btf.py): what
+    # dropping it gives back.
+    btf_bytes: int = 0
 
 
 def digest(data: bytes) -> str:
@@ -67,9 +75,11 @@ def digest(data: bytes) -> str:
 def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision, reason: str = "",
                 name: str = "", init_name: str = "", core: bytes = b"", init: bytes = b"",
                 plain_core_bytes: int = 0, init_layout_pages: int = 0,
-                options: str = DEFAULT_OPTIONS.tag) -> Manifest:
+                options: str = DEFAULT_OPTIONS.tag, discarded: str = "", btf_bytes: int = 0,
+                rewritten: bytes | None = None) -> Manifest:
     """Write one cache entry (files first, manifest last), decided under *options*
-    (split.policy.SplitOptions.tag)."""
+    (split.policy.SplitOptions.tag). *rewritten*: for a module loaded plain, the
+    original without the *discarded* classes, loaded instead of it."""
     core_path = root / relpath
     manifest_path(root, relpath).unlink(missing_ok=True)
     # Never group- or world-writable, whatever the umask: the daemon refuses
@@ -80,9 +90,15 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision,
         init_file = f"{init_name}.ko"
         atomic_write(core_path, core)
         atomic_write(core_path.with_name(init_file), init)
+    elif rewritten is not None:
+        core = rewritten
+        atomic_write(core_path, core)
+    # Nothing else is removed: a file at RELPATH that this manifest does not name
+    # (with its hash) is never opened (read_entry).
     manifest = Manifest(FORMAT, digest(source), len(source), decision, reason, name, init_name,
                         init_file, len(core), len(init), digest(core) if core else "",
-                        digest(init) if init else "", plain_core_bytes, init_layout_pages, options)
+                        digest(init) if init else "", plain_core_bytes, init_layout_pages, options,
+                        discarded, btf_bytes)
     atomic_write(manifest_path(root, relpath), json.dumps(asdict(manifest), sort_keys=True).encode())
     return manifest
 
@@ -108,7 +124,8 @@ class BadEntry:
 
 @dataclass(frozen=True, slots=True)
 class CacheHit:
-    """A usable entry. For a split, core and init are open: the caller loads from them and closes."""
+    """A usable entry. For a split, core and init are open; for a plain load of a
+    rewritten original, core is: the caller loads from them and closes."""
 
     manifest: Manifest
     core: OpenFile | None = None
@@ -164,10 +181,13 @@ def read_entry(root: Path, relpath: Path, *, source: bytes,
     problem = _manifest_problem(manifest, source)
     if problem:
         return BadEntry(f"cache entry {path} {problem}")
-    if options is not None and manifest.options != options:
+    # "nothing" and "refused" do not depend on the options.
+    if options is not None and manifest.options != options and manifest.decision in ("split", "plain"):
         return None
     if manifest.decision != "split":
-        return CacheHit(manifest)
+        if not manifest.core_sha256:
+            return CacheHit(manifest)  # the original is loaded as it is
+        return _open_files(manifest, ((root / relpath, manifest.core_size, manifest.core_sha256),))
     return _open_split(root / relpath, manifest)
 
 
@@ -230,8 +250,13 @@ def _manifest_problem(manifest: Manifest, source: bytes) -> str | None:
 
 
 def _open_split(core_path: Path, manifest: Manifest) -> CacheHit | BadEntry:
-    wanted = ((core_path, manifest.core_size, manifest.core_sha256),
-              (core_path.with_name(manifest.init_file), manifest.init_size, manifest.init_sha256))
+    return _open_files(manifest, (
+        (core_path, manifest.core_size, manifest.core_sha256),
+        (core_path.with_name(manifest.init_file), manifest.init_size, manifest.init_sha256)))
+
+
+def _open_files(manifest: Manifest, wanted: tuple[tuple[Path, int, str], ...]) -> CacheHit | BadEntry:
+    """The entry's files opened and checked against the manifest: (core[, init])."""
     with ExitStack() as opened:  # closes what was opened unless the hit is returned
         files: list[OpenFile] = []
         for path, size, sha256 in wanted:
@@ -246,4 +271,4 @@ def _open_split(core_path: Path, manifest: Manifest) -> CacheHit | BadEntry:
                 return BadEntry(f"cache entry {path}: {exc.strerror}")
             files.append(f)
         opened.pop_all()
-        return CacheHit(manifest, files[0], files[1])
+        return CacheHit(manifest, *files)

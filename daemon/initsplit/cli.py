@@ -26,7 +26,7 @@ from .elf import MalformedElf
 from .split import SplitModule
 from .layout import rules_for_tree
 from .split.decide import decide
-from .split.policy import TWO_STAGE_POLICIES, SplitOptions
+from .split.policy import DISCARD_CLASSES, TWO_STAGE_POLICIES, SplitOptions
 from .tree import MODULE_SUFFIX, TreeError, find_modules, refusal_reasons, split_jobs, summary_line
 
 EXIT_OK = 0
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("tree", metavar="TREE", nargs="?", type=Path, default=None,
                          help="a module tree or .ko file (default: /lib/modules/$(uname -r))")
+    analyze.add_argument("--loaded", action="store_true",
+                         help="only the modules loaded now (/proc/modules), from the running "
+                         "kernel's tree: what initsplit would give back on this system")
     analyze.add_argument("--json", action="store_true", help="print JSON, with every module")
     analyze.add_argument("--plot", metavar="FILE.png", type=Path,
                          help="also draw the size histogram and the savings into a PNG")
@@ -111,6 +114,18 @@ def _add_policy_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--writable-ro-after-init", choices=("yes", "no"), default=None,
                          help="split modules with .data..ro_after_init too, which leaves it "
                          "writable (default: WritableRoAfterInit= of the configuration, else no)")
+    command.add_argument("--discard", metavar="CLASSES", type=_discard_classes, default=None,
+                         help="what to drop from every module, space- or comma-separated: "
+                         f"{', '.join(DISCARD_CLASSES)}, or '' for nothing (default: Discard= "
+                         "of the configuration, else btf)")
+
+
+def _discard_classes(text: str) -> frozenset[str]:
+    names = frozenset(n for n in text.replace(",", " ").split())
+    unknown = names - set(DISCARD_CLASSES)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown class {', '.join(sorted(unknown))}")
+    return names
 
 
 def _split_options(args: argparse.Namespace, tree: Path | None) -> SplitOptions:
@@ -125,7 +140,9 @@ def _split_options(args: argparse.Namespace, tree: Path | None) -> SplitOptions:
         two_stage=args.two_stage or options.two_stage,
         writable_ro_after_init=(options.writable_ro_after_init if args.writable_ro_after_init is None
                                 else args.writable_ro_after_init == "yes"),
-        rules=options.rules)
+        rules=options.rules,
+        discard=options.discard if args.discard is None else args.discard,
+        keep_btf=options.keep_btf)
 
 
 def _positive_int(text: str) -> int:
@@ -224,9 +241,13 @@ def _analyze(args: argparse.Namespace) -> int:
     tree = args.tree if args.tree is not None else Path("/lib/modules") / os.uname().release
     try:
         jobs = find_modules([tree])
+        if args.loaded:
+            jobs, missing = analyze.loaded_jobs(jobs)
+            for name in missing:
+                print(f"initsplit: {name} is loaded but not in {tree}", file=sys.stderr)
         if not jobs:
-            raise TreeError(f"no {MODULE_SUFFIX} files in {tree}")
-    except TreeError as exc:
+            raise TreeError(f"no {MODULE_SUFFIX} files in {tree}" + (" loaded now" if args.loaded else ""))
+    except (TreeError, OSError) as exc:
         print(f"initsplit: {exc}", file=sys.stderr)
         return EXIT_USAGE
     options = _split_options(args, tree)

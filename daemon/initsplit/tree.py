@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence, TypeVar
 from .cache import remove_entry, write_entry
 from .elf import MalformedElf
 from .split import init_module_name
-from .split.decide import OUTCOMES, Decision, Outcome, decide, layout_figures
+from .split.decide import OUTCOMES, Decision, Outcome, decide, layout_figures, manifest_reason
 from .split.policy import DEFAULT_OPTIONS, SplitOptions
 
 MODULE_SUFFIX = ".ko"
@@ -51,6 +51,11 @@ class ModuleResult:
     # (split.decide.Decision).
     plain_core_pages: int = 0
     split_core_pages: int = 0
+    # Discard= classes dropped from what is loaded (C, or the original rewritten at
+    # the module's path for a plain load), and the BTF bytes that gives back.
+    discarded: tuple[str, ...] = ()
+    rewritten: bool = False
+    btf_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -229,14 +234,18 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
                 raise TreeError(f"init module {split.init_name} would replace the core")
             write_entry(output, job.relative, source=data, decision="split", name=split.name,
                         init_name=split.init_name, core=split.core, init=split.init,
-                        options=options.tag, **layout_figures(decision.original, split, options.rules))
+                        options=options.tag, discarded=",".join(decision.discarded),
+                        btf_bytes=decision.btf_bytes,
+                        **layout_figures(decision.original, split, options.rules))
         else:
             # A previous run may have split this module; a stale core left behind
             # would be loaded instead of the original.
             _remove_outputs(output, job.relative, None)
             if decision.outcome in ("nothing", "refused", "plain"):
                 write_entry(output, job.relative, source=data, decision=decision.outcome,
-                            reason=manifest_reason(decision), options=options.tag)
+                            reason=manifest_reason(decision), options=options.tag,
+                            discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
+                            rewritten=decision.rewritten)
     return ModuleResult(
         path=job.relative,
         source=job.source,
@@ -250,16 +259,10 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
         init_path=job.relative.with_name(split.init_name + MODULE_SUFFIX) if split else None,
         plain_core_pages=decision.plain_core_pages,
         split_core_pages=decision.split_core_pages,
+        discarded=decision.discarded,
+        rewritten=decision.rewritten is not None,
+        btf_bytes=decision.btf_bytes,
     )
-
-
-def manifest_reason(decision: Decision) -> str:
-    """What a manifest (and the journal, for the daemon's plain load) says of a
-    module that is not loaded two-stage."""
-    if decision.outcome == "nothing":
-        return "nothing to split"
-    prefix = "refused: " if decision.outcome == "refused" else ""
-    return prefix + decision.reason + (f": {decision.detail}" if decision.detail else "")
 
 
 def _error(job: ModuleJob, exc: BaseException, seconds: float) -> ModuleResult:

@@ -31,6 +31,8 @@ Kernel command line (:func:`kernel_command_line_overrides`), applied after the f
   would end the parameter), so a module that misbehaves when split can be loaded
   plain without rebuilding the initramfs.
 * ``initsplit.log_level=LEVEL``: overrides ``LogLevel=``, for debugging a boot.
+* ``initsplit.btf=keep``: every module keeps its BTF (``Discard=`` without ``btf``), for
+  BPF tracing against a module's types; ``initsplit.btf=discard`` undoes an earlier one.
 
 Each also exists with an ``rd.`` prefix that is honoured only in the initramfs, and
 ``-``/``_`` are interchangeable in the names, both as with systemd's own switches.
@@ -58,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from ..layout.rules import LayoutRules
-from ..split.policy import TWO_STAGE_POLICIES, SplitOptions
+from ..split.policy import DISCARD_CLASSES, TWO_STAGE_POLICIES, SplitOptions
 
 MAIN_CONFIG = Path("etc/initsplit/initsplitd.conf")
 # Highest priority first: an earlier directory's file masks a same-named later one.
@@ -132,6 +134,10 @@ class Config:
     # Split modules with .data..ro_after_init too, leaving that data writable for
     # the module's life (a plain load makes it read-only after init).
     writable_ro_after_init: bool = False
+    # What is dropped from every module loaded (split/policy.py DISCARD_CLASSES).
+    discard: tuple[str, ...] = ("btf",)
+    # Modules that keep their BTF anyway.
+    keep_btf: tuple[str, ...] = ()
 
     def default_load_timeout(self, *, in_initrd: bool) -> float:
         """LoadTimeoutSec= as configured, or the stage's default.
@@ -160,7 +166,8 @@ class Config:
         """TwoStage= and WritableRoAfterInit= for the kernel with these layout rules."""
         two_stage = self.two_stage if self.two_stage in TWO_STAGE_POLICIES else "when-not-worse"
         return SplitOptions(two_stage=two_stage,  # type: ignore[arg-type]  # checked above
-                            writable_ro_after_init=self.writable_ro_after_init, rules=rules)
+                            writable_ro_after_init=self.writable_ro_after_init, rules=rules,
+                            discard=frozenset(self.discard), keep_btf=frozenset(self.keep_btf))
 
 
 DEFAULTS = Config()
@@ -298,6 +305,15 @@ def _boolean(text: str, _current: Any) -> bool:
     return parse_boolean(text)
 
 
+def _discard(text: str, current: Any) -> tuple[str, ...]:
+    # A list setting, as Exclude=: each line adds.
+    names = text.split()
+    for name in names:
+        if name not in DISCARD_CLASSES:
+            raise ValueError(f"unknown class {name!r} (known: {', '.join(DISCARD_CLASSES)})")
+    return tuple(dict.fromkeys((*current, *names)))
+
+
 # key -> (Config field, parser)
 _KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "QuietPeriodSec": ("quiet_period_sec", _quiet_period),
@@ -312,7 +328,11 @@ _KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "LogLevel": ("log_level", _log_level),
     "TwoStage": ("two_stage", _two_stage),
     "WritableRoAfterInit": ("writable_ro_after_init", _boolean),
+    "Discard": ("discard", _discard),
+    "KeepBTF": ("keep_btf", _exclude),
 }
+# Settings whose lines accumulate; "Key=" empties them.
+_LIST_FIELDS = {"exclude", "discard", "keep_btf"}
 
 
 # --- files ---
@@ -462,7 +482,8 @@ def _apply_file(path: Path, values: dict[str, Any], errors: list[ConfigError]) -
             continue
         field, parse = _KEYS[key]
         if value == "":
-            values[field] = getattr(DEFAULTS, field)
+            # systemd's rule: an empty assignment resets a setting, and empties a list.
+            values[field] = () if field in _LIST_FIELDS else getattr(DEFAULTS, field)
             continue
         try:
             values[field] = parse(value, values[field])
@@ -500,9 +521,13 @@ class CommandLineOverrides:
     quiet_period_sec: float | None = None
     exclude: tuple[str, ...] = ()
     log_level: int | None = None
+    # initsplit.btf=keep: no module loses its BTF (Discard= without "btf").
+    keep_btf: bool = False
 
     def apply(self, config: Config) -> Config:
         changes: dict[str, Any] = {}
+        if self.keep_btf:
+            changes["discard"] = tuple(c for c in config.discard if c != "btf")
         if self.enabled is not None:
             changes["enabled"] = self.enabled
         if self.quiet_period_sec is not None:
@@ -564,6 +589,7 @@ def kernel_command_line_overrides(
     quiet: float | None = None
     exclude: dict[str, None] = {}
     log_level: int | None = None
+    keep_btf = False
 
     for word in split_kernel_command_line(cmdline):
         if word == "--":
@@ -586,11 +612,16 @@ def kernel_command_line_overrides(
                 exclude.update(dict.fromkeys(_module_names(value, r",\s")))
             elif key == "initsplit.log_level":
                 log_level = parse_log_level(value)
+            elif key == "initsplit.btf":
+                if value not in ("keep", "discard"):
+                    raise ValueError("must be keep or discard")
+                keep_btf = value == "keep"
             else:
                 errors.append(ConfigError(COMMAND_LINE, None, f"unknown parameter {word!r}, ignoring"))
         except ValueError as exc:
             errors.append(ConfigError(COMMAND_LINE, None, f"invalid {word!r}: {exc}, ignoring"))
     overrides = CommandLineOverrides(
-        enabled=enabled, quiet_period_sec=quiet, exclude=tuple(exclude), log_level=log_level
+        enabled=enabled, quiet_period_sec=quiet, exclude=tuple(exclude), log_level=log_level,
+        keep_btf=keep_btf,
     )
     return overrides, errors

@@ -104,6 +104,8 @@ class Reporter:
             "INITSPLIT_INIT_PAGES": load.init_pages,
             "INITSPLIT_PLAIN_CORE_BYTES": load.plain_core_bytes,
             "INITSPLIT_SAVED_BYTES": load.saved_bytes,
+            # Unreclaimable slab the module's BTF would have kept (Discard=btf).
+            "INITSPLIT_BTF_BYTES": load.btf_bytes,
             "INITSPLIT_LOAD_USEC": _usec(load.seconds),
             # ERRNO= is the journal's standard field for an errno (systemd.journal-fields(7)).
             "ERRNO": load.errno,
@@ -117,11 +119,16 @@ class Reporter:
                 sizes.append(f"init module {load.init_bytes} bytes")
             if load.saved_bytes is not None:
                 sizes.append(f"{load.saved_bytes // 4096:+d} pages against a plain load")
+            if load.btf_bytes:
+                sizes.append(f"BTF {load.btf_bytes} bytes given back")
             detail = f" ({', '.join(sizes)})" if sizes else ""
             self.log(LOG_INFO, f"{name}: loaded two-stage{detail}",
                      message_id=MESSAGE_ID_LOADED_TWO_STAGE, **fields)
         elif load.mode == "plain":
-            detail = f" ({load.reason})" if load.reason else ""
+            parts = [load.reason] if load.reason else []
+            if load.btf_bytes:
+                parts.append(f"without its BTF: {load.btf_bytes} bytes given back")
+            detail = f" ({'; '.join(parts)})" if parts else ""
             self.log(LOG_INFO, f"{name}: loaded plain{detail}",
                      message_id=MESSAGE_ID_LOADED_PLAIN, **fields)
         elif load.mode == "failed":
@@ -180,6 +187,9 @@ class Reporter:
         skipped = len(loads) - modules
         freed_bytes = sum(batch.freed_bytes for batch in batches)
         freed_pages = sum(batch.freed_pages for batch in batches)
+        loaded = [load for load in loads if load.mode in ("two-stage", "plain")]
+        btf_bytes = sum(load.btf_bytes or 0 for load in loaded)
+        saved_core = sum(load.saved_bytes or 0 for load in loaded if load.mode == "two-stage")
 
         text = f"initsplit: {_plural(modules, 'module')}, {count['two-stage']} two-stage, {count['plain']} plain"
         if count["failed"]:
@@ -190,6 +200,9 @@ class Reporter:
         unload_failed = sum(len(batch.failed) for batch in batches)
         if unload_failed:
             text += f", {unload_failed} could not be deleted"
+        # What stays given back for the modules' life, by class.
+        text += (f"; given back for good: {btf_bytes + saved_core} bytes (BTF {btf_bytes}, "
+                 f"core layouts {saved_core})")
 
         self.log(
             LOG_NOTICE,
@@ -210,6 +223,9 @@ class Reporter:
             INITSPLIT_TOTAL_FREED_BYTES=freed_bytes,
             INITSPLIT_TOTAL_FREED_PAGES=freed_pages,
             INITSPLIT_TOTAL_UNLOAD_FAILED=unload_failed,
+            INITSPLIT_TOTAL_BTF_BYTES=btf_bytes,
+            INITSPLIT_TOTAL_SAVED_CORE_BYTES=saved_core,
+            INITSPLIT_TOTAL_GIVEN_BACK_BYTES=btf_bytes + saved_core,
             INITSPLIT_TOTAL_LOAD_USEC=sum(_usec(load.seconds) for load in loads),
             INITSPLIT_ELAPSED_USEC=_usec(elapsed),
         )

@@ -21,7 +21,7 @@ from .. import faults
 from ..fsio import atomic_write
 from ..loader.recovery import LoadMarkers, delete_init_modules
 from ..loader.results import ModuleLoad, UnloadBatch, UnloadTrigger
-from ..loader.twostage import load_plain, load_two_stage
+from ..loader.twostage import load_plain, load_rewritten, load_two_stage
 from .scheduler import LoadScheduler
 from .splits import NotSplit, SplitProvider
 
@@ -218,6 +218,9 @@ class Service:
         faults.hit("worker", name)
         split = self.provider.get(path)
         if isinstance(split, NotSplit):
+            if split.rewritten is not None:
+                return load_rewritten(name, split.rewritten, original=path, params=options,
+                                      reason=split.reason, btf_bytes=split.btf_bytes)
             return load_plain(name, path, params=options, reason=split.reason)
         return load_two_stage(split, original=path, params=options, markers=self.markers)
 
@@ -468,6 +471,11 @@ class Service:
             self.unload_batch("stop", reload=False)
         self.reporter.summary(loads=self.stats.loads, batches=self.stats.batches,
                               elapsed=self.clock() - started)
+        # A clean exit: no restarted daemon needs the splits made at boot (/run is memory).
+        released = self.provider.release_runtime_splits()
+        if released:
+            self.reporter.log(6, f"removed the splits made at boot from {self.provider.runtime_dir}: "
+                                 f"{released} bytes of memory back", INITSPLIT_RUNTIME_FREED_BYTES=released)
         # The daemon's own cost, as the kernel counted it (ru_maxrss is in KiB on Linux).
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self.reporter.log(6, f"initsplitd exiting: {exit_reason} (peak RSS {peak_kib / 1024:.1f} MiB)",

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import BadEntry, CacheHit, read_entry, write_entry
-from ..fsio import directory_problem, is_leftover_temp, sealed_memfd
+from ..cache import MANIFEST_SUFFIX, BadEntry, CacheHit, parse_manifest, read_entry, write_entry
+from ..fsio import OpenFile, Untrusted, directory_problem, is_leftover_temp, open_checked, read_fd, sealed_memfd
 from ..loader.twostage import SplitPair
+from ..split.names import init_module_name
 from ..split.policy import DEFAULT_OPTIONS, SplitOptions
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class NotSplit:
-    """Load the original plain, for this reason."""
+    """Load the module plain, for this reason: the original, or *rewritten*."""
 
     reason: str
+    # The original without the Discard= classes (open, from the cache or a sealed
+    # memfd), loaded instead of it; whoever holds it closes it.
+    rewritten: OpenFile | None = None
+    # What the kernel would keep for the original's BTF: given back by *rewritten*.
+    btf_bytes: int = 0
+
+    def close(self) -> None:
+        if self.rewritten is not None:
+            self.rewritten.close()
 
 
 class SplitProvider:
@@ -77,6 +87,57 @@ class SplitProvider:
                         pass
         return removed
 
+    def release_runtime_splits(self) -> int:
+        """Remove the splits made at boot from the runtime directory; the bytes freed.
+
+        They are kept there for a daemon that systemd restarts after a failure
+        (its recovery and coldplug need them again), but /run is memory: after a
+        clean exit nobody does, and each split would cost its module's size again
+        until the machine reboots. The decisions of modules loaded plain stay (a
+        manifest each, no module bytes), without any module file an earlier split
+        entry left under their name. Manifest first, as remove_entry() does, so a
+        half-removed entry is never used; symlinks are not followed, nothing outside
+        the entry's own directory is touched, and never the pre-split cache.
+        """
+        if not self.runtime_dir.is_dir() or self._directory_problem(self.runtime_dir, "runtime"):
+            return 0
+        try:
+            runtime, cache = self.runtime_dir.resolve(), self.cache_dir.resolve()
+        except OSError:
+            return 0
+        if runtime == cache or cache in runtime.parents or runtime in cache.parents:
+            return 0
+        freed = 0
+        for parent, _, files in os.walk(runtime):
+            for name in files:
+                if name.endswith(MANIFEST_SUFFIX):
+                    freed += self._release_entry(Path(parent) / name)
+        return freed
+
+    @staticmethod
+    def _release_entry(manifest: Path) -> int:
+        try:
+            with open_checked(manifest) as f:
+                entry = parse_manifest(read_fd(f.fileno(), limit=1 << 16))
+        except (OSError, Untrusted, ValueError):
+            return 0
+        core = manifest.with_name(manifest.name.removesuffix(MANIFEST_SUFFIX))
+        init_file = entry.init_file or f"{init_module_name(core.name.removesuffix('.ko').replace('-', '_'))}.ko"
+        if "/" in init_file or not init_file.endswith("__init.ko"):
+            return 0
+        doomed = [core, core.with_name(init_file)]
+        if entry.decision == "split":
+            doomed.insert(0, manifest)
+        freed = 0
+        for path in doomed:
+            try:
+                size = path.lstat().st_size
+                path.unlink()
+            except OSError:
+                continue
+            freed += size
+        return freed
+
     def get(self, module_path: Path) -> SplitPair | NotSplit:
         """The split of *module_path*; a SplitPair must be closed (load_two_stage does)."""
         try:
@@ -90,6 +151,8 @@ class SplitProvider:
             source = real.read_bytes()
         except OSError as exc:
             return NotSplit(f"cannot read {real}: {exc.strerror}")
+        # Kbuild names a module after its file, "-" read as "_" (KBUILD_MODNAME).
+        module_name = real.name.removesuffix(".ko").replace("-", "_")
         for root, kind in ((self.cache_dir, "cache"), (self.runtime_dir, "runtime")):
             # Checked at every use, not once: a directory can change while we run.
             problem = self._directory_problem(root, kind)
@@ -99,13 +162,46 @@ class SplitProvider:
             if isinstance(found, BadEntry):
                 return NotSplit(found.reason)
             if found is not None:
+                if not self.options.accepts(found.manifest.discarded, found.manifest.name or module_name):
+                    found.close()
+                    return NotSplit(f"keeps its BTF; the {kind} entry lacks it "
+                                    "(KeepBTF= or initsplit.btf=keep)")
                 if found.init is None:
-                    return NotSplit(found.manifest.reason or found.manifest.decision)
+                    reason = found.manifest.reason or found.manifest.decision
+                    if found.core is None and found.manifest.discarded:
+                        # A runtime entry: the rewritten original is made again
+                        # (no copy is kept in /run, which is memory).
+                        return self._rewritten(reason, relpath, source, found.manifest.discarded,
+                                               found.manifest.btf_bytes)
+                    return NotSplit(reason, rewritten=found.core,
+                                    btf_bytes=found.manifest.btf_bytes if found.core else 0)
                 return _pair(found)
         return self._split_now(relpath, source)
 
+    def _rewritten(self, reason: str, relpath: Path, source: bytes, discarded: str,
+                   btf_bytes: int) -> NotSplit:
+        """The original without the *discarded* classes, made now (no pyelftools)."""
+        from ..elf import MalformedElf
+        from ..elf.discard import without_sections
+        from ..split.policy import DISCARD_SECTIONS
+
+        names = [name for what in discarded.split(",") if what for name in DISCARD_SECTIONS.get(what, ())]
+        try:
+            rewritten = without_sections(source, names)
+        except MalformedElf:
+            return NotSplit(reason)  # the original, as it is
+        return self._hold(reason, relpath, rewritten, btf_bytes)
+
+    @staticmethod
+    def _hold(reason: str, relpath: Path, rewritten: bytes, btf_bytes: int) -> NotSplit:
+        try:
+            held = sealed_memfd(relpath.name, rewritten)
+        except OSError:
+            return NotSplit(reason)  # the original, as it is
+        return NotSplit(reason, rewritten=held, btf_bytes=btf_bytes)
+
     def _directory_problem(self, root: Path, kind: str) -> str | None:
-        problem = directory_problem(root)
+        problem = directory_problem(root) or self._overlap(root)
         if problem is None:
             return None
         message = f"{kind} directory {root} is not trusted for kernel code: {problem}"
@@ -116,12 +212,22 @@ class SplitProvider:
             self._report(f"{message}; modules are loaded plain instead")
         return message
 
+    def _overlap(self, root: Path) -> str | None:
+        """A cache or runtime directory inside the module tree (or around it) would
+        have the daemon write over the originals it falls back to."""
+        try:
+            real = root.resolve()
+        except OSError:
+            return None
+        if real == self.modules_dir or self.modules_dir in real.parents or real in self.modules_dir.parents:
+            return f"it overlaps the kernel's module tree {self.modules_dir}"
+        return None
+
     def _split_now(self, relpath: Path, source: bytes) -> SplitPair | NotSplit:
         # Imported here: pyelftools costs most of a second in a slow VM, and with a
         # pre-split cache the daemon never needs it.
         from ..elf import MalformedElf
-        from ..split.decide import decide, layout_figures
-        from ..tree import manifest_reason
+        from ..split.decide import decide, layout_figures, manifest_reason
 
         options = self.options
         try:
@@ -133,14 +239,20 @@ class SplitProvider:
             return NotSplit(f"splitter error: {type(exc).__name__}: {exc}")
         if decision.outcome in ("nothing", "refused", "plain"):
             why = manifest_reason(decision)
-            self._keep(relpath, source=source, decision=decision.outcome, reason=why)
-            return NotSplit(why)
+            # The decision only: the rewritten original is made again from the
+            # module when it is needed, rather than kept in /run.
+            self._keep(relpath, source=source, decision=decision.outcome, reason=why,
+                       discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes)
+            if decision.rewritten is None:
+                return NotSplit(why)
+            return self._hold(why, relpath, decision.rewritten, decision.btf_bytes)
         if decision.outcome != "split" or decision.split is None:
             return NotSplit(f"split failed validation: {decision.reason}")
         result = decision.split
         figures = layout_figures(decision.original, result, options.rules)
         self._keep(relpath, source=source, decision="split", name=result.name,
-                   init_name=result.init_name, core=result.core, init=result.init, **figures)
+                   init_name=result.init_name, core=result.core, init=result.init,
+                   discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes, **figures)
         # Loaded from the bytes the validator checked, not from the copy just written.
         try:
             with ExitStack() as opened:
@@ -151,7 +263,8 @@ class SplitProvider:
             return NotSplit(f"cannot hold the split in memory: {exc.strerror}")
         return SplitPair(result.name, result.init_name, core, init,
                          init_pages=figures["init_layout_pages"] or None,
-                         plain_core_bytes=figures["plain_core_bytes"] or None)
+                         plain_core_bytes=figures["plain_core_bytes"] or None,
+                         btf_bytes=decision.btf_bytes)
 
     def _keep(self, relpath: Path, **entry: Any) -> None:
         """Write a decision to the runtime directory for the next daemon (after switch-root)."""
@@ -167,4 +280,5 @@ def _pair(hit: CacheHit) -> SplitPair:
     assert hit.core is not None and hit.init is not None
     return SplitPair(manifest.name, manifest.init_name, hit.core, hit.init,
                      init_pages=manifest.init_layout_pages or None,
-                     plain_core_bytes=manifest.plain_core_bytes or None)
+                     plain_core_bytes=manifest.plain_core_bytes or None,
+                     btf_bytes=manifest.btf_bytes)

@@ -106,36 +106,62 @@ def without_sections(data: bytes, names: Collection[str]) -> bytes:
 
     Raises MalformedElf for a file this cannot rewrite safely: a named section
     that is loaded (SHF_ALLOC), patched by a relocation table, or shares bytes
-    with another section. Returns *data* unchanged when none of the names is there
-    with bytes in it (and then keeps the signature too).
+    with another section or the section header table. Returns *data* unchanged
+    when none of the names is there with bytes in it (and then keeps the
+    signature too). The result is checked against *data* before it is returned:
+    every other section's header and bytes are the same.
     """
+    try:
+        return _without_sections(data, names)
+    except struct.error as exc:  # a header that points outside the file
+        raise MalformedElf(f"cannot rewrite: {exc}") from None
+
+
+def _without_sections(data: bytes, names: Collection[str]) -> bytes:
     table = sections(data)
     drop = [s for s in table if s.name in names and s.index and s.file_bytes]
     if not drop:
         return data
+    body_end = len(data) - signature_length(data)
+    e_shoff = _EHDR.unpack_from(data)[6]
+    shdr_end = e_shoff + len(table) * ELF64_SHDR_SIZE
+    if shdr_end > body_end:
+        raise MalformedElf("the section header table overlaps the module signature")
     for section in drop:
         if section.flags & SHF_ALLOC:
             raise MalformedElf(f"{section.name} is loaded (SHF_ALLOC): not dropped")
         if any(s.type in (SHT_REL, SHT_RELA) and s.info == section.index for s in table):
             raise MalformedElf(f"{section.name} has relocations: not dropped")
+        if any(s.link == section.index for s in table):
+            raise MalformedElf(f"another section links to {section.name}: not dropped")
+        end = section.offset + section.size
+        if end > body_end or (section.offset < shdr_end and e_shoff < end) or section.offset < _EHDR.size:
+            raise MalformedElf(f"{section.name} overlaps the ELF header, the section headers "
+                               "or the signature")
         for other in table:
             if other is not section and other.file_bytes and \
-                    other.offset < section.offset + section.size and section.offset < other.offset + other.file_bytes:
+                    other.offset < end and section.offset < other.offset + other.file_bytes:
                 raise MalformedElf(f"{section.name} shares bytes with {other.name}")
-    body = data[:len(data) - signature_length(data)]
-    ranges = sorted((s.offset, s.offset + s.size) for s in drop)
+    # What is cut keeps every later offset where it was modulo the largest
+    # alignment that follows (8 at least: the symbol, relocation and section
+    # header tables are read in place), so nothing ends up misaligned.
+    cuts = []
+    for section in sorted(drop, key=lambda s: s.offset):
+        later = [s.addralign for s in _aligns(data, table) if s.offset >= section.offset + section.size]
+        align = min(max([8, *later]), 4096)
+        length = section.size - section.size % align
+        cuts.append((section.offset, section.offset + length))
 
     def moved(offset: int) -> int:
         """Where a byte at *offset* of the original lands in the rewritten file."""
-        return offset - sum(min(end, offset) - start for start, end in ranges if start < offset)
+        return offset - sum(min(end, offset) - start for start, end in cuts if start < offset)
 
     out = bytearray()
     previous = 0
-    for start, end in ranges:
-        out += body[previous:start]
+    for start, end in cuts:
+        out += data[previous:start]
         previous = end
-    out += body[previous:]
-    e_shoff = _EHDR.unpack_from(body)[6]
+    out += data[previous:body_end]
     new_shoff = moved(e_shoff)
     struct.pack_into("<Q", out, 0x28, new_shoff)  # e_shoff
     dropped = {s.index for s in drop}
@@ -145,4 +171,52 @@ def without_sections(data: bytes, names: Collection[str]) -> bytes:
         struct.pack_into("<Q", out, at + 24, moved(section.offset))
         if section.index in dropped:
             struct.pack_into("<Q", out, at + 32, 0)
-    return bytes(out)
+    result = bytes(out)
+    _check_rewrite(data, table, result, dropped)
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class _Aligned:
+    offset: int
+    addralign: int
+
+
+def _aligns(data: bytes, table: list[RawSection]) -> list[_Aligned]:
+    e_shoff = _EHDR.unpack_from(data)[6]
+    out = [_Aligned(e_shoff, 8)]
+    for s in table:
+        if s.file_bytes:
+            align = struct.unpack_from("<Q", data, e_shoff + s.index * ELF64_SHDR_SIZE + 48)[0]
+            out.append(_Aligned(s.offset, align or 1))
+    return out
+
+
+def _addr_align_entsize(data: bytes, index: int) -> tuple[int, int, int]:
+    """sh_addr, sh_addralign and sh_entsize of section *index*."""
+    at = _EHDR.unpack_from(data)[6] + index * ELF64_SHDR_SIZE
+    (addr,) = struct.unpack_from("<Q", data, at + 16)
+    align, entsize = struct.unpack_from("<QQ", data, at + 48)
+    return addr, align, entsize
+
+
+def _check_rewrite(data: bytes, before: list[RawSection], result: bytes, dropped: set[int]) -> None:
+    """The rewrite changed nothing but the dropped sections: the same headers (but
+    for the offsets) and the same bytes for every other section. What a validator
+    proved of *data* then holds for *result*, which the kernel loads instead."""
+    after = sections(result)
+    if len(after) != len(before):
+        raise MalformedElf("rewrite check: the section count changed")
+    for old, new in zip(before, after):
+        if (old.name, old.type, old.flags, old.link, old.info) != (new.name, new.type, new.flags, new.link, new.info) \
+                or _addr_align_entsize(data, old.index) != _addr_align_entsize(result, new.index):
+            raise MalformedElf(f"rewrite check: {old.name}'s header changed")
+        if old.index in dropped:
+            if new.size:
+                raise MalformedElf(f"rewrite check: {old.name} still has bytes")
+            continue
+        if new.size != old.size or (old.file_bytes and
+                                    result[new.offset:new.offset + new.size] != data[old.offset:old.offset + old.size]):
+            raise MalformedElf(f"rewrite check: {old.name}'s bytes changed")
+    if result[:0x28] != data[:0x28] or result[0x30:_EHDR.size] != data[0x30:_EHDR.size]:
+        raise MalformedElf("rewrite check: the ELF header changed")

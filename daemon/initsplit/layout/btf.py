@@ -96,6 +96,12 @@ STRUCT_COSTS = {
 }
 
 
+def kernel_model(release: str) -> str:
+    """The STRUCT_COSTS key for a kernel release ("6.12.57+deb13-amd64" -> "6.12");
+    6.1 for anything else, including an unknown release."""
+    return "6.12" if release.startswith("6.12.") else "6.1"
+
+
 class MalformedBtf(ValueError):
     """A .BTF section the kernel would not parse either (it then keeps none)."""
 

@@ -33,6 +33,9 @@ class ModuleLoad:
     # The load failed and left the inert core module in the kernel (it could not be
     # deleted): its crash marker must stay so that a later recovery removes it.
     core_left: bool = False
+    # Unreclaimable slab the kernel would have kept for the module's BTF, which the
+    # loaded module (C, or the rewritten original) did not have (layout/btf.py).
+    btf_bytes: int | None = None
 
 
     @property

@@ -37,6 +37,9 @@ class SplitPair:
     # kernel after init) and the original's core layout in bytes if loaded plain.
     init_pages: int | None = None
     plain_core_bytes: int | None = None
+    # C lacks the original's BTF (Discard=btf): what the kernel would have kept for
+    # it; 0 when C has it.
+    btf_bytes: int = 0
 
     def close(self) -> None:
         try:
@@ -95,6 +98,48 @@ def load_plain(name: str, path: Path, *, params: str = "", reason: str = "") -> 
     sizes = _sizes()
     return ModuleLoad(name, "plain", reason=reason, core_bytes=sizes.get(name),
                       seconds=time.monotonic() - started)
+
+
+# Why a rewritten original (Discard=) is loaded again as the original: the
+# kernel refused the file itself. Its signature is gone (module_sig_check():
+# EKEYREJECTED, ENOKEY, EBADMSG, ENOPKG; EPERM under lockdown), a security module
+# refused the copy (EACCES: IMA appraisal, an LSM), or it rejected the ELF
+# (ENOEXEC); or a namesake is being deleted (EBUSY), which load_plain() waits out.
+# An init's own failure is not among the reasons: a missing BTF cannot make an
+# init fail. Only a module with BTF ids can ask for its BTF from its init
+# (register_btf_kfunc_id_set(), and in 6.1.192 even that only warns), and such a
+# module keeps its BTF (split/decide.py). So a failing init runs once, as with
+# modprobe, unless it fails with one of these codes, which an init hardly returns.
+REWRITE_REFUSED_ERRNOS = frozenset({errno.EKEYREJECTED, errno.ENOKEY, errno.EBADMSG, errno.ENOPKG,
+                                    errno.EPERM, errno.EACCES, errno.ENOEXEC, errno.EBUSY})
+
+
+def load_rewritten(name: str, rewritten: OpenFile, *, original: Path, params: str = "",
+                   reason: str = "", btf_bytes: int = 0) -> ModuleLoad:
+    """Load the original without its Discard= classes plain, from the open *rewritten*.
+
+    A module the kernel refuses this way (REWRITE_REFUSED_ERRNOS) is loaded again as
+    the original: no load may fail that the original would pass. Any other failure
+    is the module's own and is reported, as modprobe reports it. Closes *rewritten*.
+    """
+    with closing(rewritten):
+        started = time.monotonic()
+        try:
+            finit_module(rewritten.fileno(), params)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                return ModuleLoad(name, "already-loaded", reason="loaded by someone else",
+                                  seconds=time.monotonic() - started)
+            if exc.errno not in REWRITE_REFUSED_ERRNOS:
+                return ModuleLoad(name, "failed", errno=exc.errno,
+                                  reason=f"{reason + '; ' if reason else ''}"
+                                  f"could not insert '{name}': {os.strerror(exc.errno or 0)}",
+                                  seconds=time.monotonic() - started)
+            why = f"{reason + '; ' if reason else ''}without its BTF: {os.strerror(exc.errno or 0)}"
+            return _retry_plain(name, original, params, started, f"{why}; loaded with it")
+    sizes = _sizes()
+    return ModuleLoad(name, "plain", reason=reason, core_bytes=sizes.get(name),
+                      seconds=time.monotonic() - started, btf_bytes=btf_bytes or None)
 
 
 def load_two_stage(pair: SplitPair, *, original: Path, params: str = "",
@@ -202,6 +247,7 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
         return _remove_core_then_plain(pair, original, params, started, why, markers,
                                        getattr(exc, "errno", None))
     if init_errno is not None:
+        # Run once, with its BTF or without (see REWRITE_REFUSED_ERRNOS).
         return _init_failed(pair.name, init_errno, started)
     markers.init_done(pair.name, pair.init_name)
     faults.hit("after-init", pair.name)
@@ -209,7 +255,7 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
     return ModuleLoad(pair.name, "two-stage", init_module=pair.init_name,
                       core_bytes=sizes.get(pair.name), init_bytes=sizes.get(pair.init_name),
                       init_pages=pair.init_pages, plain_core_bytes=pair.plain_core_bytes,
-                      seconds=time.monotonic() - started)
+                      seconds=time.monotonic() - started, btf_bytes=pair.btf_bytes or None)
 
 
 def _init_failed(name: str, init_errno: int, started: float) -> ModuleLoad:

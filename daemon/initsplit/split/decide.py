@@ -25,11 +25,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..elf import ElfObject, read_elf
+import dataclasses
+
+from ..elf import ElfObject, MalformedElf, read_elf
+from ..elf.discard import without_sections
 from ..layout import LayoutRules, layout_of, module_layout
+from ..layout.btf import btf_kept_bytes, kernel_model
 from ..validate import ValidationError, ValidationReport, validate_split
 from .errors import NothingToSplit, SplitRefused
-from .policy import DEFAULT_OPTIONS, SplitOptions
+from .modinfo import first, parse_modinfo
+from .policy import BTF_IDS, DEFAULT_OPTIONS, DISCARD_SECTIONS, SplitOptions
 from .splitter import RO_AFTER_INIT, SplitModule, split_object
 
 # "plain": the module splits, but the options load it plain (Decision.reason says why).
@@ -53,6 +58,14 @@ class Decision:
     # plain, and C (0 when no split was weighed).
     plain_core_pages: int = 0
     split_core_pages: int = 0
+    # Discard= classes dropped from what is loaded (C, or the rewritten original).
+    discarded: tuple[str, ...] = ()
+    # For a plain load with classes discarded: the original without them, which
+    # is loaded instead of the original (None: the original as it is).
+    rewritten: bytes | None = None
+    # What the kernel would keep for the original's BTF (layout/btf.py), given
+    # back by discarding it; 0 when it is kept.
+    btf_bytes: int = 0
 
 
 def ro_after_init_bytes(obj: ElfObject) -> int:
@@ -66,12 +79,51 @@ def ro_after_init_bytes(obj: ElfObject) -> int:
 
 
 def decide(data: bytes, options: SplitOptions = DEFAULT_OPTIONS) -> Decision:
-    """Split the module in *data*, validate the result and weigh it, all in memory.
+    """Split the module in *data*, validate the result and weigh it, then drop the
+    Discard= classes from what will be loaded; all in memory.
 
     MalformedElf propagates: for one module named on the command line it is a
     usage error, in a tree it is that module's error.
     """
     original = read_elf(data)
+    return _discard(data, original, _decide_load(data, original, options), options)
+
+
+def module_name(obj: ElfObject) -> str:
+    """The module's name from .modinfo (Kbuild writes name=KBUILD_MODNAME), or ""."""
+    modinfo = obj.section(".modinfo")
+    return (first(parse_modinfo(modinfo.data), "name") or "") if modinfo is not None else ""
+
+
+def _discard(data: bytes, original: ElfObject, decision: Decision, options: SplitOptions) -> Decision:
+    """*decision* with the classes that apply dropped from what it loads.
+
+    The validator has checked C before: the rewrite touches no loaded byte
+    (elf/discard.py), so what it proved still holds. A file the rewriter cannot
+    handle is loaded as it is.
+    """
+    if decision.outcome in ("invalid", "error"):
+        return decision
+    name = module_name(original)
+    btf = original.section(".BTF")
+    if not (btf is not None and btf.size and options.drops("btf", name)
+            and original.section(BTF_IDS) is None):
+        return decision
+    names = DISCARD_SECTIONS["btf"]
+    kept = btf_kept_bytes(btf.data, name, kernel=kernel_model(options.rules.kernel))
+    try:
+        if decision.outcome == "split" and decision.split is not None:
+            core = without_sections(decision.split.core, names)
+            return dataclasses.replace(decision, split=dataclasses.replace(decision.split, core=core),
+                                       discarded=("btf",), btf_bytes=kept)
+        return dataclasses.replace(decision, rewritten=without_sections(data, names),
+                                   discarded=("btf",), btf_bytes=kept)
+    except MalformedElf:
+        return decision
+
+
+def _decide_load(data: bytes, original: ElfObject, options: SplitOptions) -> Decision:
+    """Two-stage or plain, and why."""
     try:
         split = split_object(original)
     except NothingToSplit:
@@ -105,6 +157,15 @@ def _policy_refusal(original: ElfObject, options: SplitOptions, *, plain_pages: 
     if options.two_stage == "when-it-saves" and core_pages >= plain_pages:
         return "two-stage would free no core page (TwoStage=when-it-saves)", figures
     return None
+
+
+def manifest_reason(decision: Decision) -> str:
+    """What a manifest (and the journal, for the daemon's plain load) says of a
+    module that is not loaded two-stage."""
+    if decision.outcome == "nothing":
+        return "nothing to split"
+    prefix = "refused: " if decision.outcome == "refused" else ""
+    return prefix + decision.reason + (f": {decision.detail}" if decision.detail else "")
 
 
 def layout_figures(original: ElfObject | None, split: SplitModule,

@@ -14,6 +14,15 @@ from ..layout.rules import LayoutRules
 
 TwoStagePolicy = Literal["when-not-worse", "when-it-saves", "always"]
 TWO_STAGE_POLICIES: tuple[TwoStagePolicy, ...] = ("when-not-worse", "when-it-saves", "always")
+# Discard= classes: what is dropped from every module the daemon loads, core
+# modules and plain loads alike (elf/discard.py). "btf": .BTF (and .BTF.base),
+# which the kernel copies and keeps for the module's life (layout/btf.py).
+DISCARD_CLASSES = ("btf",)
+# The sections of each class.
+DISCARD_SECTIONS = {"btf": (".BTF", ".BTF.base")}
+# A module with BTF ids registers kfuncs or BTF-typed hooks from its init
+# (register_btf_kfunc_id_set()): it keeps its BTF.
+BTF_IDS = ".BTF_ids"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,12 +38,34 @@ class SplitOptions:
     # The target kernel's layout rules (its configuration); not part of the tag:
     # a cache is made for one kernel, whose configuration does not change.
     rules: LayoutRules = LayoutRules()
+    # Discard=: the classes dropped (DISCARD_CLASSES).
+    discard: frozenset[str] = frozenset({"btf"})
+    # KeepBTF=: modules (kernel spelling, "_") that keep their BTF.
+    keep_btf: frozenset[str] = frozenset()
+
+    def drops(self, what: str, module: str) -> bool:
+        """Whether class *what* is dropped from *module*."""
+        if what not in self.discard:
+            return False
+        return not (what == "btf" and module.replace("-", "_") in self.keep_btf)
 
     @property
     def tag(self) -> str:
-        """The options a decision depends on, as cache manifests record them: an
-        entry made under other options is decided afresh (cache.read_entry)."""
-        return f"two-stage={self.two_stage} writable-ro-after-init={'yes' if self.writable_ro_after_init else 'no'}"
+        """The options the two-stage decision depends on, as cache manifests record
+        them: an entry made under others is decided afresh (cache.read_entry).
+
+        The discard classes are not part of it: a manifest says what its files
+        lack (Manifest.discarded), and a daemon that wants a module's BTF kept
+        (KeepBTF=, initsplit.btf=keep) loads the original plain instead of an entry
+        without it (daemon/splits.py), rather than splitting again at boot.
+        """
+        return (f"two-stage={self.two_stage} "
+                f"writable-ro-after-init={'yes' if self.writable_ro_after_init else 'no'}")
+
+    def accepts(self, discarded: str, module: str) -> bool:
+        """Whether files that lack the classes in *discarded* ("btf", "") may be loaded
+        for *module*: none of them is one these options keep."""
+        return all(self.drops(what, module) for what in discarded.split(",") if what)
 
 
 DEFAULT_OPTIONS = SplitOptions()
