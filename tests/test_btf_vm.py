@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import statistics
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,7 @@ for m in $(cat /m/order); do insmod /m/$m.ko || echo "FAILED insmod $m"; done
 snapshot after
 echo "btf: $(ls /sys/kernel/btf | tr '\n' ' ')"
 # Every module of the set at work.
-check ext4-on-loop 'truncate -s 8M /tmp/img && mke2fs -q /tmp/img && losetup /dev/loop0 /tmp/img && mkdir -p /mnt/e && mount -t ext4 /dev/loop0 /mnt/e && echo x > /mnt/e/f && umount /mnt/e && losetup -d /dev/loop0'
+check ext4-on-loop 'cp /img/ext4.img /tmp/img && losetup /dev/loop0 /tmp/img && mkdir -p /mnt/e && mount -t ext4 /dev/loop0 /mnt/e && echo x > /mnt/e/f && umount /mnt/e && losetup -d /dev/loop0'
 check overlay 'mkdir -p /tmp/o/l /tmp/o/u /tmp/o/w /tmp/o/m && mount -t overlay o -o lowerdir=/tmp/o/l,upperdir=/tmp/o/u,workdir=/tmp/o/w /tmp/o/m && touch /tmp/o/m/f && umount /tmp/o/m'
 check filesystems 'grep -q xfs /proc/filesystems && grep -q btrfs /proc/filesystems && grep -q fuse /proc/filesystems'
 check bridge 'brctl addbr br0 && ip link set br0 up'
@@ -121,8 +122,20 @@ def modules(kernel: DebianKernel) -> list[Module]:  # noqa: F811
     return out
 
 
-def run(kernel: DebianKernel, modules: list[Module], *, drop_btf: bool) -> BootResult:  # noqa: F811
-    files: dict[str, Path | bytes] = {"/m/order": " ".join(m.name for m in modules).encode()}
+@pytest.fixture(scope="module")
+def ext4_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # busybox has no mke2fs: the host makes the file system (e2fsprogs).
+    image = tmp_path_factory.mktemp("img") / "ext4.img"
+    with image.open("wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    return image
+
+
+def run(kernel: DebianKernel, modules: list[Module], ext4_image: Path, *,  # noqa: F811
+        drop_btf: bool) -> BootResult:
+    files: dict[str, Path | bytes] = {"/m/order": " ".join(m.name for m in modules).encode(),
+                                      "/img/ext4.img": ext4_image}
     for m in modules:
         data = m.path.read_bytes()
         files[f"/m/{m.name}.ko"] = (without_sections(data, DISCARD_SECTIONS["btf"])
@@ -144,13 +157,13 @@ def figures(result: BootResult) -> Figures:
 
 
 @pytest.fixture(scope="module")
-def plain(kernel: DebianKernel, modules: list[Module]) -> list[Figures]:  # noqa: F811
-    return [figures(run(kernel, modules, drop_btf=False)) for _ in range(BOOTS)]
+def plain(kernel: DebianKernel, modules: list[Module], ext4_image: Path) -> list[Figures]:  # noqa: F811
+    return [figures(run(kernel, modules, ext4_image, drop_btf=False)) for _ in range(BOOTS)]
 
 
 @pytest.fixture(scope="module")
-def without_btf(kernel: DebianKernel, modules: list[Module]) -> list[Figures]:  # noqa: F811
-    return [figures(run(kernel, modules, drop_btf=True)) for _ in range(BOOTS)]
+def without_btf(kernel: DebianKernel, modules: list[Module], ext4_image: Path) -> list[Figures]:  # noqa: F811
+    return [figures(run(kernel, modules, ext4_image, drop_btf=True)) for _ in range(BOOTS)]
 
 
 def test_btf_files_say_who_kept_it(modules: list[Module], plain: list[Figures],

@@ -15,7 +15,7 @@ from initsplit.elf import read_elf
 from tests.testbed.kernel import debian_kernel
 
 WIREGUARD = "kernel/drivers/net/wireguard/wireguard.ko"
-CP857 = "kernel/fs/nls/nls_cp857.ko"
+ISO8859_2 = "kernel/fs/nls/nls_iso8859-2.ko"
 DUMMY = "kernel/drivers/net/dummy.ko"
 
 
@@ -40,7 +40,7 @@ def test_ro_after_init_loads_plain_unless_allowed(modules: Path) -> None:
 
 
 def test_a_split_that_costs_pages_loads_plain(modules: Path) -> None:
-    data = (modules / CP857).read_bytes()
+    data = (modules / ISO8859_2).read_bytes()
     decision = decide(data)
     assert decision.outcome == "plain"
     assert (decision.split_core_pages, decision.plain_core_pages) == (5, 4)

@@ -17,7 +17,8 @@ from initsplit.cache import write_entry
 from initsplit.elf import read_elf
 from initsplit.elf.constants import SHN_UNDEF
 from initsplit.split import split_module
-from initsplit.split.tables import MODVERSION_RECORD_SIZE
+from initsplit.split.splitter import WRAPPER_SECTION
+from initsplit.split.tables import KNOWN_STRUCT_MODULE_LAYOUTS, MODULE_LAYOUT_FIELDS, MODVERSION_RECORD_SIZE
 from tests.testbed import (
     HOST_ROOT_SETUP,
     BootResult,
@@ -109,6 +110,16 @@ good.init.close()
 badcrc = sealed_memfd("badcrc__init.ko", Path(os.environ["ISPLIT_BADCRC"]).read_bytes())
 record("bad_crc", load_two_stage(SplitPair("dummy", "dummy__init", good.core, badcrc), original=dummy))
 out["bad_crc_del"] = try_delete("dummy")
+
+# 3c. An init module whose wrapper expects C laid out otherwise (one of its
+# core_layout checks one page off): it refuses with ENOEXEC before running
+# anything, so C is removed and the original loaded plain.
+good = fresh.get(dummy)
+good.init.close()
+badlayout = sealed_memfd("badlayout__init.ko", Path(os.environ["ISPLIT_BADLAYOUT"]).read_bytes())
+record("bad_layout", load_two_stage(SplitPair("dummy", "dummy__init", good.core, badlayout),
+                                    original=dummy))
+out["bad_layout_del"] = try_delete("dummy")
 
 # 5. A genuine init failure: reported like modprobe (ENODEV), nothing left loaded,
 # and the original init ran once (the kernel log counts its printk).
@@ -230,6 +241,23 @@ def corrupt_import_crc(init: bytes) -> bytes:
     return init.replace(record, struct.pack("<Q", crc) + record[8:])
 
 
+def expect_another_layout(init: bytes) -> bytes:
+    """*init* with its wrapper's check of C's core_layout.size one page off."""
+    obj = read_elf(init)
+    wrapper = obj.section(WRAPPER_SECTION).data
+    layout = next(iter(KNOWN_STRUCT_MODULE_LAYOUTS.values()))
+    # cmpl $imm32,disp32(%rip): 81 3d, the displacement (relocated), the immediate.
+    relocs = obj.relocations_for(obj.section(WRAPPER_SECTION))
+    size_field = layout.core_layout + MODULE_LAYOUT_FIELDS.size
+    at = next(r.offset - 2 for r in relocs if r.addend == size_field - 8)
+    assert wrapper[at:at + 2] == b"\x81\x3d", wrapper[at:at + 2].hex()
+    value = struct.unpack_from("<I", wrapper, at + 6)[0]
+    patched = bytearray(wrapper)
+    patched[at + 6:at + 10] = struct.pack("<I", value + 4096)
+    assert init.count(wrapper) == 1
+    return init.replace(wrapper, bytes(patched))
+
+
 @pytest.fixture(scope="module")
 def loader_boot(kernel: DebianKernel, kmods: dict[str, Path], vmshare: Path) -> BootResult:  # noqa: F811
     shared = vmshare
@@ -246,6 +274,8 @@ def loader_boot(kernel: DebianKernel, kmods: dict[str, Path], vmshare: Path) -> 
     badcrc = shared / "badcrc__init.ko"
     dummy_init = split_module(kernel.module("dummy").read_bytes()).init
     badcrc.write_bytes(corrupt_import_crc(dummy_init))
+    badlayout = shared / "badlayout__init.ko"
+    badlayout.write_bytes(expect_another_layout(dummy_init))
     kmoddir = shared / "kmods"
     kmoddir.mkdir()
     for name, path in kmods.items():
@@ -254,7 +284,8 @@ def loader_boot(kernel: DebianKernel, kmods: dict[str, Path], vmshare: Path) -> 
     program.write_text(GUEST_PROGRAM)
     script = HOST_ROOT_SETUP + (
         f"ISPLIT_REPO={REPO} ISPLIT_MODDIR={kernel.modules_dir} ISPLIT_KMODDIR={kmoddir} "
-        f"ISPLIT_CACHE={cache} ISPLIT_BADCRC={badcrc} PYTHONDONTWRITEBYTECODE=1 "
+        f"ISPLIT_CACHE={cache} ISPLIT_BADCRC={badcrc} ISPLIT_BADLAYOUT={badlayout} "
+        f"PYTHONDONTWRITEBYTECODE=1 "
         f"hostrun /usr/bin/python3 {program}\n")
     # ifb's init is blacklisted (case 5b); ifb is not loaded otherwise here.
     return boot(kernel, script=script, files=host_root_files(kernel), host_root=True, timeout=300,
@@ -309,6 +340,16 @@ def test_init_module_with_a_bad_import_crc_falls_back_to_plain(result: dict, loa
     assert "dummy__init: disagrees about version of symbol __fentry__" in loader_boot.dmesg
     assert "dummy__init" not in result["bad_crc_modules"] and "dummy" in result["bad_crc_modules"]
     assert result["bad_crc_del"] == "ok"
+
+
+def test_init_module_expecting_another_layout_refuses_before_init(result: dict) -> None:
+    # -ENOEXEC is in the kernel's error range: the original init did not run
+    # (initresult.py), and the daemon loaded the original plain.
+    load = result["bad_layout"]
+    assert load["mode"] == "plain", load
+    assert load["reason"] == "init module failed: Exec format error", load
+    assert "dummy__init" not in result["bad_layout_modules"] and "dummy" in result["bad_layout_modules"]
+    assert result["bad_layout_del"] == "ok"
 
 
 def test_rejected_core_module_falls_back_to_plain(result: dict) -> None:

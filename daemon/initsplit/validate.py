@@ -7,12 +7,15 @@ splitter computed. It proves that:
   section of the same name and flags (per-record tables record by record);
 * every relocation of the original appears exactly once at the corresponding
   place, with an equivalent target: the same undefined symbol, the same absolute
-  value, or the same byte of the same section after the move (for I, reached
-  through an anchor that C exports with value = section start);
+  value, or the same byte of the same section after the move. Places in C are
+  compared as offsets in C's core layout, which the layout model computes from
+  C's own section headers (initsplit.layout): I reaches C only through C's one
+  anchor, its struct module, plus such an offset;
 * everything else in the outputs is the synthesized glue and exactly that: the
   anchors (sorted, namespaced, with CRCs I's __versions agrees on), I's struct
   module, .modinfo and __versions, the init wrapper and exit stub (byte for byte
-  what codegen produces, calling the original init, arming C's struct module and
+  what codegen produces, checking C's core_layout sizes against the model's
+  before anything else, calling the original init, arming C's struct module and
   publishing C's exports with the counts and struct module offsets derived here),
   their ORC and return-thunk records, and C's copies of trace eval maps;
 * before I's init has run, C exports the anchors and nothing else, and the
@@ -27,6 +30,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .elf import ElfObject, MalformedElf, read_elf
+from .layout import LayoutRules
+from .layout.linux61 import module_layout
 from .elf.constants import (
     R_X86_64_64,
     R_X86_64_PC32,
@@ -61,6 +66,7 @@ from .split.splitter import (
     WRAPPER_SECTION,
     anchor_crc,
     init_module_name,
+    layout_checks,
 )
 from .split.tables import (
     KNOWN_STRUCT_MODULE_LAYOUTS,
@@ -76,7 +82,11 @@ C, I = "C", "I"
 _MODVERSION = struct.Struct(f"<Q{MODULE_NAME_LEN}s")
 _NOT_LOADED = (".modinfo", "__versions")
 
-# A canonical relocation target: ("sym", name, addend) | ("abs", value) | ("loc", side, section, offset)
+# A canonical relocation target: ("sym", name, addend) | ("abs", value) |
+# ("loc", side, section, offset) | ("core", offset in C's core layout). C's own
+# relocations name C's sections, as the original's do; I's reach C through the
+# anchor, so what they are compared with is first turned into "core" offsets
+# (_as_seen_from).
 Target = tuple
 
 
@@ -94,13 +104,15 @@ class ValidationReport:
     synthesized_relocations: int
 
 
-def validate_split(original: bytes, core: bytes, init: bytes) -> ValidationReport:
+def validate_split(original: bytes, core: bytes, init: bytes,
+                   rules: LayoutRules = LayoutRules()) -> ValidationReport:
+    """Prove the pair (core, init) equivalent to *original* on a kernel of *rules*."""
     try:
         objects = read_elf(original), read_elf(core), read_elf(init)
     except MalformedElf as exc:
         raise ValidationError(f"unreadable object: {exc}") from exc
     try:
-        return _Validator(*objects).run()
+        return _Validator(*objects, rules).run()
     except ValidationError:
         raise
     except (IndexError, KeyError, ValueError, struct.error, UnicodeError, TypeError) as exc:
@@ -112,8 +124,11 @@ def _fail(message: str) -> None:
 
 
 class _Validator:
-    def __init__(self, orig: ElfObject, core: ElfObject, init: ElfObject) -> None:
+    def __init__(self, orig: ElfObject, core: ElfObject, init: ElfObject, rules: LayoutRules) -> None:
         self.orig, self.out = orig, {C: core, I: init}
+        self.rules = rules
+        # Where the kernel puts each of C's sections (C's section index -> offset).
+        self.c_offsets = module_layout(core, rules).core_offsets
         self.init_secs = {s.index for s in orig.sections
                           if s.flags & SHF_ALLOC and s.name.startswith(".init")}
         self.bytes_checked = 0
@@ -209,12 +224,22 @@ class _Validator:
                   "which has no single home after the split")
         return ("loc", home[0], home[1], sym.value + addend)
 
+    def _as_seen_from(self, side: str, target: Target) -> Target:
+        """*target* as a relocation of *side* names it: from I, a place in C is an
+        offset in C's core layout (I reaches it from the anchor)."""
+        if side == I and target[0] == "loc" and target[1] == C:
+            offset = self.c_offsets.get(target[2])
+            if offset is None:
+                _fail(f"I refers to C's {self.out[C].sections[target[2]].name}, "
+                      "outside C's core layout")
+            return ("core", offset + target[3])
+        return target
+
     def _out_target(self, side: str, symbol: int, addend: int) -> Target:
         sym = self.out[side].symbols[symbol]
         if sym.shndx == SHN_UNDEF:
             if side == I and self.anchors is not None and sym.name in self.anchors:
-                c_index, offset = self.anchors[sym.name]
-                return ("loc", C, c_index, offset + addend)
+                return ("core", self.anchors[sym.name] + addend)
             return ("sym", sym.name, addend)
         if sym.shndx == SHN_ABS:
             return ("abs", sym.value + addend)
@@ -230,16 +255,17 @@ class _Validator:
     def _expect(self, side: str, section: int, offset: int, type_: int, target: Target,
                 what: str) -> None:
         got = self._take(side, section, offset)
+        target = self._as_seen_from(side, target)
         if got != (type_, target):
             _fail(f"{what}: relocation at {side}:{self.out[side].sections[section].name}"
                   f"+{offset:#x} is {got}, expected {(type_, target)}")
 
     # ---------------------------------------------------------------- exports
-    def _check_exports(self) -> dict[str, tuple[int, int]]:
-        """Check C's export tables; return anchor name -> (C section index, offset).
+    def _check_exports(self) -> dict[str, int]:
+        """Check C's export tables; return anchor name -> offset in C's core layout.
 
-        __ksymtab must hold exactly the anchors (INITSPLIT namespace, section
-        starts, their CRCs), sorted. For each export table of the original, the
+        __ksymtab must hold exactly one anchor (INITSPLIT namespace, C's struct
+        module, its CRC). For each export table of the original, the
         hidden table behind it holds exactly the original's records (name, value,
         namespace, CRC), sorted, every name after the last anchor; the visible
         GPL tables are empty. _check_adjacent proves that each hidden table is
@@ -249,15 +275,18 @@ class _Validator:
         core = self.out[C]
         strings = self._section(core, KSYMTAB_STRINGS)
         visible = self._c_export_records(KSYMTAB, KCRCTAB, strings)
-        anchors: dict[str, tuple[int, int]] = {}
+        anchors: dict[str, int] = {}
+        module = self._section(core, THIS_MODULE)
         for name, value, namespace, crc in visible:
             if namespace != NAMESPACE.encode():
                 _fail(f"C's __ksymtab exports {name!r} before init")
-            if value[0] != "loc" or value[3] != 0:
-                _fail(f"anchor {name!r} is not a section start")
+            if value != ("loc", C, module.index, 0) or module.index not in self.c_offsets:
+                _fail(f"anchor {name!r} is not C's struct module")
             if crc != anchor_crc(name.decode()):
                 _fail(f"anchor {name!r} has the wrong CRC")
-            anchors[name.decode()] = (value[2], 0)
+            anchors[name.decode()] = self.c_offsets[module.index]
+        if len(visible) != 1:
+            _fail(f"C exports {len(visible)} anchors, not one")
         names = [record[0] for record in visible]
         if names != sorted(names) or len(set(names)) != len(names):
             _fail("C's __ksymtab is not sorted by name, or names one anchor twice")
@@ -432,6 +461,11 @@ class _Validator:
         return [(data[n * size:(n + 1) * size], tuple(sorted(by_record.get(n, ()))),
                  parallel[n * psize:(n + 1) * psize]) for n in range(section.size // size)]
 
+    def _record_seen_from_i(self, record: tuple[bytes, tuple, bytes]) -> tuple[bytes, tuple, bytes]:
+        data, relocs, parallel = record
+        return (data, tuple(sorted((inner, type_, self._as_seen_from(I, target))
+                                   for inner, type_, target in relocs)), parallel)
+
     def _check_table(self, table, src) -> int:
         size = table.record_size
         if src.size % size:
@@ -452,7 +486,7 @@ class _Validator:
                     parallel[n * psize:(n + 1) * psize])
             if ci < len(core) and core[ci] == want:
                 ci += 1
-            elif ii < len(init) and init[ii] == want:
+            elif ii < len(init) and init[ii] == self._record_seen_from_i(want):
                 ii += 1
             else:
                 _fail(f"{src.name} record {n} has no exact copy in order in C or I")
@@ -472,7 +506,11 @@ class _Validator:
     def _synthesized_routines(self):
         rethunk = any(n == RETURN_THUNK for _, n in self._versions(self.orig))
         slot = self.exit_field if self.has_cleanup else self.init_field
-        return (codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, publish=self._publish()),
+        if self.layout is None:
+            _fail("struct module layout unknown (the wrapper checks C's core_layout)")
+        checks = layout_checks(self.out[C], self.rules, self.layout.core_layout)
+        return (codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, publish=self._publish(),
+                                     checks=checks),
                 codegen.exit_stub(rethunk=rethunk))
 
     def _publish(self) -> tuple[codegen.Publish, ...]:

@@ -144,7 +144,10 @@ def module_layout(obj: ElfObject, rules: LayoutRules = LayoutRules(), *,
 
     core = _groups(CORE_GROUPS, [*core_marks, core_size], rules.page_size)
     init = _groups(INIT_GROUPS, [*init_marks, init_size], rules.page_size)
-    return ModuleLayout(core, init, core_bytes, init_bytes, flat_core, flat_all)
+    core_offsets = {i: entsize[i] for i in range(1, shnum)
+                    if entsize[i] != _NOT_PLACED and not entsize[i] & INIT_OFFSET_MASK
+                    and i != obj.symtab_index}
+    return ModuleLayout(core, init, core_bytes, init_bytes, flat_core, flat_all, core_offsets)
 
 
 def _groups(names: Sequence[str], marks: Sequence[int], page_size: int) -> Layout:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 PAGE_SIZE = 4096
 
@@ -48,4 +49,16 @@ class ModuleLayout:
     init_bytes: int  # the same for the .init* sections (not the symbol tables)
     flat_core: int  # the same sections in one unpadded run, as in 2002
     flat_all: int  # core and init sections together in one unpadded run
+    # Section index -> offset from the start of the core layout (the sh_entsize
+    # layout_sections() gives it), for every section placed there. On 6.1 the core
+    # layout is one allocation, so these offsets hold between any two of them.
+    core_offsets: Mapping[int, int] = field(default_factory=dict)
+
+    def core_marks(self) -> tuple[int, int, int, int]:
+        """What the kernel stores in core_layout: (text_size, ro_size,
+        ro_after_init_size, size), each the end of its group (layout_sections())."""
+        text = self.core.group("text")
+        ro = text + self.core.group("rodata")
+        ro_after_init = ro + self.core.group("ro_after_init")
+        return text, ro, ro_after_init, self.core.size
 

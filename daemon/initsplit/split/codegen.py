@@ -3,7 +3,11 @@
 Two routines, each with the relocations, ORC unwind entries and return-thunk
 sites objtool would have produced for them:
 
-* the init wrapper, I's ->init, in three steps:
+* the init wrapper, I's ->init, in four steps:
+  (0) check that C lies in memory as the layout model put it: I reaches C
+      through one anchor and offsets from it (splitter.py), so each of C's
+      core_layout sizes must be the model's, or the wrapper returns -ENOEXEC
+      at once, having run nothing (the daemon then loads the original plain);
   (a) call the original init routine;
   (b) if it failed, report that through the return value (initresult.py: an
       error -E becomes -(INIT_FAILED_BIAS + E), which the daemon tells apart
@@ -62,6 +66,20 @@ class Publish:
     count: int
 
 
+@dataclass(frozen=True, slots=True)
+class Check:
+    """The unsigned int at *field* of C's struct module must be *value*."""
+
+    field: int
+    value: int
+
+
+# include/uapi/asm-generic/errno-base.h: "Exec format error"; what the wrapper
+# returns when C's layout is not the model's. In the kernel's error range, so the
+# daemon knows the original init did not run (initresult.py).
+ENOEXEC = 8
+
+
 @dataclass(slots=True)
 class Routine:
     code: bytes
@@ -84,7 +102,8 @@ def _terminator(offset: int) -> OrcEntry:
     return OrcEntry(offset, 0, ORC_REG_UNDEFINED)
 
 
-def init_wrapper(*, slot_addend: int, rethunk: bool, publish: tuple[Publish, ...] = ()) -> Routine:
+def init_wrapper(*, slot_addend: int, rethunk: bool, publish: tuple[Publish, ...] = (),
+                 checks: tuple[Check, ...] = ()) -> Routine:
     """Build I's init routine.
 
     The arm step stores "arm_value" into the core module's struct module at
@@ -99,6 +118,8 @@ def init_wrapper(*, slot_addend: int, rethunk: bool, publish: tuple[Publish, ...
 
         endbr64
         sub   $8,%rsp                 keep the stack 16-byte aligned at the call
+        cmpl  $value,field(%rip)      once per Check
+        jne   .Lrefuse
         call  <original init>
         test  %eax,%eax
         jns   .Lok
@@ -110,6 +131,9 @@ def init_wrapper(*, slot_addend: int, rethunk: bool, publish: tuple[Publish, ...
         lea   arm_value(%rip),%rdx
         mov   %rdx,slot(%rip)
         movl  $count,field(%rip)      once per Publish
+        jmp   .Lout                   (only when there are checks)
+    .Lrefuse:
+        mov   $-ENOEXEC,%eax
     .Lout:
         add   $8,%rsp
         ret                           (or jmp __x86_return_thunk)
@@ -120,6 +144,14 @@ def init_wrapper(*, slot_addend: int, rethunk: bool, publish: tuple[Publish, ...
     orc = [OrcEntry(0, 8, ORC_REG_SP)]
     code += bytes.fromhex("4883ec08")  # sub $8,%rsp
     orc.append(OrcEntry(len(code), 16, ORC_REG_SP))
+    refuse_jumps = []
+    for check in checks:
+        # cmpl $imm32,disp32(%rip): the displacement, like a store's, is relative to
+        # the end of the instruction, 4 immediate bytes after the displacement field.
+        relocs.append(CodeReloc(len(code) + 2, R_X86_64_PC32, "core_module", check.field - 8))
+        code += bytes.fromhex("813d") + bytes(4) + struct.pack("<I", check.value)
+        refuse_jumps.append(len(code))
+        code += bytes.fromhex("0f85") + bytes(4)  # jne .Lrefuse (rel32, patched below)
     relocs.append(CodeReloc(len(code) + 1, R_X86_64_PLT32, "init", -4))
     code += b"\xe8" + bytes(4)  # call <original init>
     code += bytes.fromhex("85c0")  # test %eax,%eax
@@ -141,7 +173,16 @@ def init_wrapper(*, slot_addend: int, rethunk: bool, publish: tuple[Publish, ...
         # instruction, 4 immediate bytes after the displacement field.
         relocs.append(CodeReloc(len(code) + 2, R_X86_64_PC32, "core_module", store.field - 8))
         code += bytes.fromhex("c705") + bytes(4) + struct.pack("<I", store.count)
+    skip_at = -1
+    if checks:
+        skip_at = len(code)
+        code += b"\xeb\x00"  # jmp .Lout (patched below)
+        for at in refuse_jumps:
+            code[at + 2:at + 6] = struct.pack("<i", len(code) - (at + 6))
+        code += b"\xb8" + struct.pack("<i", -ENOEXEC)  # mov $-ENOEXEC,%eax
     out = len(code)
+    if skip_at >= 0:
+        _patch_jump(code, skip_at, out)
     _patch_jump(code, jl_at, out)
     _patch_jump(code, jmp_at, out)
     code += bytes.fromhex("4883c408")  # add $8,%rsp

@@ -125,14 +125,14 @@ def _discard(data: bytes, original: ElfObject, decision: Decision, options: Spli
 def _decide_load(data: bytes, original: ElfObject, options: SplitOptions) -> Decision:
     """Two-stage or plain, and why."""
     try:
-        split = split_object(original)
+        split = split_object(original, options.rules)
     except NothingToSplit:
         return Decision("nothing")
     except SplitRefused as exc:
         return Decision("refused", reason=exc.reason, detail=exc.detail)
     # Nothing is loaded that the validator has not checked against the original.
     try:
-        report = validate_split(data, split.core, split.init)
+        report = validate_split(data, split.core, split.init, options.rules)
     except ValidationError as exc:
         return Decision("invalid", reason=str(exc) or type(exc).__name__, split=split)
     plain_pages = module_layout(original, options.rules).core.pages

@@ -4,9 +4,17 @@ The method (verified on Debian 6.1.0-56-amd64, see README and the issue tracker)
 
 * C is the original without its .init* sections. Its struct module keeps the
   original name, with ->init and ->exit left NULL, so it loads and runs nothing.
-* C exports one "anchor" symbol per C section that I refers to (value: section
-  start) in the INITSPLIT symbol namespace, with CRCs, so the kernel's own linker
-  (kernel/module/main.c, simplify_symbols) resolves I's references to C.
+* C exports one "anchor" symbol, its own struct module (the start of
+  .gnu.linkonce.this_module), in the INITSPLIT symbol namespace with a CRC, so
+  the kernel's own linker (kernel/module/main.c, simplify_symbols) resolves it in
+  I. I reaches every other part of C by an offset from the anchor: on 6.1 the
+  whole core layout is one allocation (module_alloc() of core_layout.size) in
+  which layout_sections() places each section deterministically, and the layout
+  model (initsplit.layout) computes where, from C's own section headers. The
+  validator recomputes every offset; I's init wrapper compares C's core_layout
+  sizes with the model's before it runs anything and refuses (ENOEXEC) where the
+  kernel laid C out otherwise. No export of C can serve as the anchor: C's
+  exports stay hidden until I's init has succeeded (see _emit_exports).
 * I holds the .init* sections, the per-record table entries describing them, a
   struct module named NAME__init whose ->init is a synthesized wrapper (see
   codegen.py) and whose ->exit is a stub.
@@ -47,6 +55,8 @@ from ..elf.constants import (
     STT_SECTION,
     X86_64_RELOC_WIDTH,
 )
+from ..layout import LayoutRules
+from ..layout.linux61 import module_layout
 from . import codegen
 from .errors import NothingToSplit, SplitRefused
 from .modinfo import first, parse_modinfo, render_modinfo
@@ -59,6 +69,7 @@ from .tables import (
     PARALLEL_SECTIONS,
     TABLES_BY_SECTION,
     KNOWN_STRUCT_MODULE_LAYOUTS,
+    MODULE_LAYOUT_FIELDS,
     TRACE_EVAL_MAP_SIZE,
     RecordTable,
 )
@@ -145,19 +156,35 @@ class _TableSplit:
     relocs: dict[int, list[Relocation]] = field(default_factory=dict)  # record -> relocs (offset in record)
 
 
-def split_module(data: bytes) -> SplitModule:
-    """Split the module in *data*. Raises NothingToSplit, SplitRefused or MalformedElf."""
-    return split_object(read_elf(data))
+def split_module(data: bytes, rules: LayoutRules = LayoutRules()) -> SplitModule:
+    """Split the module in *data* for a kernel of *rules*.
+
+    Raises NothingToSplit, SplitRefused or MalformedElf.
+    """
+    return split_object(read_elf(data), rules)
 
 
-def split_object(obj: ElfObject) -> SplitModule:
+def split_object(obj: ElfObject, rules: LayoutRules = LayoutRules()) -> SplitModule:
     """split_module() for a module already read with read_elf() (it is not modified)."""
-    return _Splitter(obj).run()
+    return _Splitter(obj, rules).run()
+
+
+def layout_checks(core: ElfObject, rules: LayoutRules, module_layout_field: int
+                  ) -> tuple[codegen.Check, ...]:
+    """What I's wrapper compares in C's struct module before it runs anything:
+    each core_layout size the kernel computes (layout_sections(), layout_symtab())
+    against the model's for C. Equal sizes at every group boundary mean the
+    kernel ran the placement the model mirrors, over the same section headers."""
+    marks = module_layout(core, rules).core_marks()
+    f = MODULE_LAYOUT_FIELDS
+    fields = (f.text_size, f.ro_size, f.ro_after_init_size, f.size)
+    return tuple(codegen.Check(module_layout_field + off, value) for off, value in zip(fields, marks))
 
 
 class _Splitter:
-    def __init__(self, obj: ElfObject) -> None:
+    def __init__(self, obj: ElfObject, rules: LayoutRules) -> None:
         self.obj = obj
+        self.rules = rules
         self.sections = obj.sections
         self.symbols = obj.symbols
 
@@ -198,8 +225,15 @@ class _Splitter:
         self.versions = self._parse_versions()
         self._complete_module_fields()
 
-        init_bytes = self._build_init()
+        if self.layout is None:
+            raise SplitRefused("struct module layout unknown (needed to check C's layout)")
+        # One anchor, C's struct module: I's wrapper reaches it anyway.
+        self.anchor_names = [f"{anchor_prefix(self.name)}0"]
+        self._anchor_sections = [self.this_module.index]
+        # C first: I's offsets into C come from C's layout.
         core_bytes = self._build_core()
+        self._place_core(core_bytes)
+        init_bytes = self._build_init()
         return SplitModule(
             name=name,
             init_name=self.init_name,
@@ -266,6 +300,17 @@ class _Splitter:
         if syms.size % KSYMTAB_RECORD_SIZE or crc.size * 3 != syms.size:
             raise SplitRefused("export tables do not match")
         return syms.size // KSYMTAB_RECORD_SIZE
+
+    def _place_core(self, core_bytes: bytes) -> None:
+        """Where the kernel will put each of C's sections, relative to the anchor."""
+        core = read_elf(core_bytes)
+        placed = module_layout(core, self.rules)
+        anchor_at = placed.core_offsets.get(self._c_index[self.this_module.index])
+        if anchor_at is None:
+            raise SplitRefused("C's struct module is not in its core layout")
+        self._anchor_delta = {orig: placed.core_offsets[out] - anchor_at
+                              for orig, out in self._c_index.items() if out in placed.core_offsets}
+        self._checks = layout_checks(core, self.rules, self.layout.core_layout)
 
     def _publish(self) -> tuple[codegen.Publish, ...]:
         """The wrapper's stores: the full count of each export table that has hidden records."""
@@ -364,9 +409,6 @@ class _Splitter:
     def _build_init(self) -> bytes:
         obj = self.obj
         builder = ObjectBuilder(machine=EM_X86_64, flags=obj.flags)
-        self.anchor_names: list[str] = []
-        self._anchor_of_section: dict[int, int] = {}  # C section (orig index) -> I symbol handle
-        self._anchor_sections: list[int] = []
         self._i_undefined: dict[str, int] = {}
         self._i_builder = builder
 
@@ -399,9 +441,8 @@ class _Splitter:
         rethunk = any(n == RETURN_THUNK for _, n in self.versions)
         arm_exit = self.exit_symbol is not None
         slot = self.exit_field if arm_exit else self.init_field
-        # The counts are known once every anchor is (after step 5); the code's
-        # length and relocations do not depend on them, so it is patched then.
-        wrapper = codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, publish=self._publish())
+        wrapper = codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, publish=self._publish(),
+                                       checks=self._checks)
         stub = codegen.exit_stub(rethunk=rethunk)
         wrapper_sec = builder.add_section(WRAPPER_SECTION, type=SHT_PROGBITS,
                                           flags=SHF_ALLOC | SHF_EXECINSTR, data=wrapper.code,
@@ -412,7 +453,7 @@ class _Splitter:
                                          bind=STB_LOCAL, type=STT_FUNC, shndx=wrapper_sec)
         stub_sym = builder.add_symbol("initsplit_exit", size=len(stub.code), bind=STB_LOCAL,
                                       type=STT_FUNC, shndx=stub_sec)
-        this_module_anchor = self._anchor(self.this_module.index)
+        this_module_anchor, _ = self._anchor(self.this_module.index)
         roles: dict[str, tuple[int, int]] = {
             "init": self._i_target(self.init_sym_index),
             "return_thunk": (self._i_undefined_symbol(RETURN_THUNK), 0) if rethunk else (0, 0),
@@ -449,10 +490,6 @@ class _Splitter:
                 builder.add_relocation(sec, 4 * n, R_X86_64_PC32, section_symbol(target_sec), off)
         if ".orc_unwind_ip" not in self.tables:
             raise SplitRefused("no ORC unwind tables")
-        final = codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, publish=self._publish())
-        if final.relocs != wrapper.relocs or final.orc != wrapper.orc:
-            raise AssertionError("wrapper layout changed with the export counts")
-        builder.replace_section_data(wrapper_sec, final.code)
 
         # 6. struct module, .modinfo and __versions of I.
         mod = bytearray(self.this_module.data)
@@ -484,15 +521,14 @@ class _Splitter:
                 name, bind=STB_GLOBAL, type=STT_NOTYPE, shndx=SHN_UNDEF)
         return handle
 
-    def _anchor(self, core_section: int) -> int:
-        """I's undefined symbol naming the anchor C exports for *core_section*."""
-        handle = self._anchor_of_section.get(core_section)
-        if handle is None:
-            name = f"{anchor_prefix(self.name)}{len(self.anchor_names)}"
-            self.anchor_names.append(name)
-            self._anchor_sections.append(core_section)
-            handle = self._anchor_of_section[core_section] = self._i_undefined_symbol(name)
-        return handle
+    def _anchor(self, core_section: int) -> tuple[int, int]:
+        """(I's undefined symbol naming C's anchor, the offset of *core_section*
+        from it in C's core layout)."""
+        delta = self._anchor_delta.get(core_section)
+        if delta is None:
+            raise SplitRefused("init refers to a part of C outside its core layout",
+                               self.sections[core_section].name)
+        return self._i_undefined_symbol(self.anchor_names[0]), delta
 
     def _i_target(self, index: int) -> tuple[int, int]:
         """Map an original symbol to (I symbol handle, addend correction)."""
@@ -518,7 +554,8 @@ class _Splitter:
             raise SplitRefused("init refers to per-cpu data")
         if section.name in NOT_LOADED:
             raise SplitRefused("init refers to a section the kernel does not load", section.name)
-        return self._anchor(sym.shndx), sym.value
+        handle, delta = self._anchor(sym.shndx)
+        return handle, sym.value + delta
 
     def _emit_init_relocs(self, out: int, table, where: str) -> None:
         offsets, types, handles, addends = [], [], [], []
@@ -691,6 +728,7 @@ class _Splitter:
         else:
             strings_out = c_index[strings.index]
         self._emit_exports(builder, ksym_sections, c_index, c_symbol, section_symbol(strings_out))
+        self._c_index = c_index
         return builder.build()
 
     def _emit_core_relocs(self, builder, out, section, table, c_symbol, eval_copies, eval_sec,

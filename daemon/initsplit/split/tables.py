@@ -92,6 +92,9 @@ class StructModuleLayout:
     __ksymtab, __kcrctab, __ksymtab_gpl and __kcrctab_gpl; find_symbol() searches
     syms[0..num_syms) and gpl_syms[0..num_gpl_syms). The init wrapper publishes
     C's exports by storing the full counts into num_syms and num_gpl_syms.
+
+    core_layout is C's struct module_layout (below); the wrapper compares it with
+    the layout model before it runs anything (see splitter.py, one anchor).
     """
 
     kernel: str
@@ -104,6 +107,7 @@ class StructModuleLayout:
     num_gpl_syms: int
     gpl_syms: int
     gpl_crcs: int
+    core_layout: int
 
 
 # Keyed by the CRC of "module_layout" in __versions, which genksyms derives from
@@ -115,8 +119,35 @@ class StructModuleLayout:
 KNOWN_STRUCT_MODULE_LAYOUTS: dict[int, StructModuleLayout] = {
     0x9060323F: StructModuleLayout("Debian 6.1.0-56/57-amd64 (6.1.192)", size=896, init=312, exit=848,
                                    syms=208, crcs=216, num_syms=224, num_gpl_syms=276,
-                                   gpl_syms=280, gpl_crcs=288),
+                                   gpl_syms=280, gpl_crcs=288, core_layout=320),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleLayoutFields:
+    """Offsets in struct module_layout (include/linux/module.h, 6.1):
+
+        struct module_layout {
+                void *base;                     /* The actual code + data. */
+                unsigned int size;              /* Total size. */
+                unsigned int text_size;         /* The size of the executable code. */
+                unsigned int ro_size;           /* Size of RO section (text+rodata) */
+                unsigned int ro_after_init_size;/* Size of RO after init section */
+                struct mod_tree_node mtn;       /* CONFIG_MODULES_TREE_LOOKUP */
+        };
+
+    layout_sections() (kernel/module/main.c) sets text_size, ro_size and
+    ro_after_init_size to the end of their groups and size to the whole, and
+    layout_symtab() (kernel/module/kallsyms.c) adds the core symbol tables to size.
+    """
+
+    size: int = 8
+    text_size: int = 12
+    ro_size: int = 16
+    ro_after_init_size: int = 20
+
+
+MODULE_LAYOUT_FIELDS = ModuleLayoutFields()
 
 # include/linux/err.h: the kernel's error returns are -MAX_ERRNO..-1; the x86-64
 # syscall() of glibc treats exactly those as errors (errno = -value, result -1).
