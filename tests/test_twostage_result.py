@@ -139,7 +139,7 @@ def test_rewritten_original_the_kernel_refuses_is_loaded_as_the_original(kernel_
     load = twostage.load_rewritten("isplit_initfail", REWRITTEN, original=ORIGINAL,
                                    reason="nothing to split", btf_bytes=1160)
     assert load.mode == "plain" and load.btf_bytes is None, load
-    assert load.reason == f"nothing to split; without its BTF: {os.strerror(refusal)}; loaded with it"
+    assert load.reason == f"nothing to split; without what Discard= drops: {os.strerror(refusal)}; loaded with it"
     assert kernel.calls == [("finit", "/rewritten.ko"), ("finit", "/orig.ko")]
 
 

@@ -67,6 +67,16 @@ class ModuleAnalysis:
     # and how much of it the load the options choose gives back (Discard=btf).
     btf_cost: int = 0
     btf_given_back: int = 0
+    # Core layout bytes of the data symbols' kallsyms (CONFIG_KALLSYMS_ALL), and
+    # what the chosen load gives back of them (Discard=kallsyms-data).
+    kallsyms_cost: int = 0
+    kallsyms_given_back: int = 0
+
+    @property
+    def _class_pages(self) -> int:
+        """Core pages the kallsyms-data class takes off C as off the plain load: not
+        the two-stage load's doing, so left out of its savings."""
+        return self.kallsyms_given_back // PAGE_SIZE
 
     @property
     def split(self) -> bool:
@@ -90,7 +100,7 @@ class ModuleAnalysis:
         choose: 0 for a module loaded plain."""
         if not self.split:
             return 0
-        return self.plain.core.pages - self.core.core.pages
+        return self.plain.core.pages - self._class_pages - self.core.core.pages
 
     @property
     def saving_if_split(self) -> int | None:
@@ -98,14 +108,14 @@ class ModuleAnalysis:
         policy (TwoStage=always; may be negative); None when the module does not split."""
         if self.core is None or self.plain is None:
             return None
-        return self.plain.core.pages - self.core.core.pages
+        return self.plain.core.pages - self._class_pages - self.core.core.pages
 
     @property
     def saving_resident(self) -> int:
         """Pages saved against a kernel that keeps init resident (baseline a)."""
         if not self.split:
             return 0
-        return self.resident.pages - self.core.core.pages
+        return self.resident.pages - self._class_pages - self.core.core.pages
 
     @property
     def saving_flat_2002(self) -> int:
@@ -132,6 +142,7 @@ class ModuleAnalysis:
                        init_module_core=self.init.core.as_dict(),
                        init_module_init=self.init.init.as_dict())
         out["btf_bytes"] = {"cost": self.btf_cost, "given_back": self.btf_given_back}
+        out["kallsyms_data_bytes"] = {"cost": self.kallsyms_cost, "given_back": self.kallsyms_given_back}
         out["saving_pages"] = {"init_resident": self.saving_resident, "today": self.saving_today,
                                "if_split": self.saving_if_split, "flat_2002": self.saving_flat_2002}
         return out
@@ -154,11 +165,16 @@ def analyze_module(source: Path, relative: Path | str, rules: LayoutRules = Layo
         decision = decide(data, dataclasses.replace(options, rules=rules))
         btf = obj.section(".BTF")
         btf_cost = btf_kept_bytes(btf.data, name, kernel=kernel_model(rules.kernel)) if btf else 0
+        # What the data symbols take: the core layout with and without them, as a
+        # kernel without CONFIG_KALLSYMS_ALL would lay it out.
+        kallsyms_cost = (plain.core.size - module_layout(obj, dataclasses.replace(
+            rules, kallsyms_all=False)).core.size) if rules.kallsyms_all else 0
     except (OSError, MalformedElf) as exc:
         return ModuleAnalysis(relative, fallback_name, "error", f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # one module's surprise must not end a tree's analysis
         return ModuleAnalysis(relative, fallback_name, "error", f"{type(exc).__name__}: {exc}")
-    btf_fields = {"btf_cost": btf_cost, "btf_given_back": decision.btf_bytes}
+    btf_fields = {"btf_cost": btf_cost, "btf_given_back": decision.btf_bytes,
+                  "kallsyms_cost": kallsyms_cost, "kallsyms_given_back": decision.kallsyms_bytes}
     if decision.outcome not in ("split", "plain") or decision.split is None:
         return ModuleAnalysis(relative, name, decision.outcome, decision.reason, plain, resident,
                               **btf_fields)
@@ -306,6 +322,11 @@ def summarize(results: Sequence[ModuleAnalysis], rules: LayoutRules, tree: str =
                 "modules_kept": sum(1 for r in laid if r.btf_cost and not r.btf_given_back),
                 "kept_bytes": sum(r.btf_cost for r in laid if not r.btf_given_back),
             },
+            "kallsyms_data": {
+                "cost_bytes": sum(r.kallsyms_cost for r in laid),
+                "given_back_bytes": sum(r.kallsyms_given_back for r in laid),
+                "modules_dropped": sum(1 for r in laid if r.kallsyms_given_back),
+            },
             "every_split": {
                 "pages": sum(every), "bytes": sum(every) * page, "modules": len(every),
                 "modules_saving": sum(1 for s in every if s > 0),
@@ -384,6 +405,11 @@ def render_text(summary: dict, results: Sequence[ModuleAnalysis] = (), *,
         f"of unreclaimable memory for the modules' BTF; {k['given_back_bytes']:,} given back by "
         f"dropping it from {k['modules_dropped']} modules, {k['kept_bytes']:,} kept by "
         f"{k['modules_kept']} (.BTF_ids or KeepBTF=)")
+    d = s["kallsyms_data"]
+    dropped = "kallsyms-data" in opts["discard"]
+    add(f"  data symbols in kallsyms (CONFIG_KALLSYMS_ALL): {d['cost_bytes']:,} bytes of core "
+        f"layout; " + (f"{d['given_back_bytes']:,} given back from {d['modules_dropped']} modules"
+                       if dropped else "kept (Discard=kallsyms-data would drop them)"))
     e = s["every_split"]
     add(f"      every module that splits loaded two-stage (TwoStage=always): {e['pages']} pages "
         f"over {e['modules']} modules ({e['modules_saving']} save pages, "

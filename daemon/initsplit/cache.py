@@ -30,9 +30,9 @@ MANIFEST_SUFFIX = ".initsplit"
 # original's init routine, so initcall_blacklist= applies (splitter._initcall_name).
 # 4: decisions weigh the layouts (split/decide.py): "plain" entries, and the
 # options they were made under. 5: Discard= classes: C without its BTF, and for
-# a module loaded plain the rewritten original at RELPATH. Entries of an older
-# format are not used.
-FORMAT = 5
+# a module loaded plain the rewritten original at RELPATH. 6: the kallsyms-data
+# class and what it gives back. Entries of an older format are not used.
+FORMAT = 6
 
 # "plain": the module splits, but the options load it plain (the reason says why).
 Decision = Literal["split", "plain", "nothing", "refused"]
@@ -66,6 +66,9 @@ class Manifest:
     # What the kernel would keep for the original's BTF (layout/btf.py): what
     # dropping it gives back.
     btf_bytes: int = 0
+    # Core layout bytes of the data symbols' kallsyms in a plain load: what
+    # Discard=kallsyms-data gives back.
+    kallsyms_bytes: int = 0
 
 
 def digest(data: bytes) -> str:
@@ -76,7 +79,7 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision,
                 name: str = "", init_name: str = "", core: bytes = b"", init: bytes = b"",
                 plain_core_bytes: int = 0, init_layout_pages: int = 0,
                 options: str = DEFAULT_OPTIONS.tag, discarded: str = "", btf_bytes: int = 0,
-                rewritten: bytes | None = None) -> Manifest:
+                kallsyms_bytes: int = 0, rewritten: bytes | None = None) -> Manifest:
     """Write one cache entry (files first, manifest last), decided under *options*
     (split.policy.SplitOptions.tag). *rewritten*: for a module loaded plain, the
     original without the *discarded* classes, loaded instead of it."""
@@ -98,7 +101,7 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision,
     manifest = Manifest(FORMAT, digest(source), len(source), decision, reason, name, init_name,
                         init_file, len(core), len(init), digest(core) if core else "",
                         digest(init) if init else "", plain_core_bytes, init_layout_pages, options,
-                        discarded, btf_bytes)
+                        discarded, btf_bytes, kallsyms_bytes)
     atomic_write(manifest_path(root, relpath), json.dumps(asdict(manifest), sort_keys=True).encode())
     return manifest
 

@@ -52,10 +52,11 @@ class ModuleResult:
     plain_core_pages: int = 0
     split_core_pages: int = 0
     # Discard= classes dropped from what is loaded (C, or the original rewritten at
-    # the module's path for a plain load), and the BTF bytes that gives back.
+    # the module's path for a plain load), and what each class gives back.
     discarded: tuple[str, ...] = ()
     rewritten: bool = False
     btf_bytes: int = 0
+    kallsyms_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -235,7 +236,7 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
             write_entry(output, job.relative, source=data, decision="split", name=split.name,
                         init_name=split.init_name, core=split.core, init=split.init,
                         options=options.tag, discarded=",".join(decision.discarded),
-                        btf_bytes=decision.btf_bytes,
+                        btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
                         **layout_figures(decision.original, split, options.rules))
         else:
             # A previous run may have split this module; a stale core left behind
@@ -245,7 +246,7 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
                 write_entry(output, job.relative, source=data, decision=decision.outcome,
                             reason=manifest_reason(decision), options=options.tag,
                             discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
-                            rewritten=decision.rewritten)
+                            kallsyms_bytes=decision.kallsyms_bytes, rewritten=decision.rewritten)
     return ModuleResult(
         path=job.relative,
         source=job.source,
@@ -262,6 +263,7 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
         discarded=decision.discarded,
         rewritten=decision.rewritten is not None,
         btf_bytes=decision.btf_bytes,
+        kallsyms_bytes=decision.kallsyms_bytes,
     )
 
 

@@ -106,6 +106,9 @@ class Reporter:
             "INITSPLIT_SAVED_BYTES": load.saved_bytes,
             # Unreclaimable slab the module's BTF would have kept (Discard=btf).
             "INITSPLIT_BTF_BYTES": load.btf_bytes,
+            # Core layout bytes its data symbols' kallsyms would have kept
+            # (Discard=kallsyms-data), page-exact as /proc/modules counts them.
+            "INITSPLIT_KALLSYMS_BYTES": load.kallsyms_bytes,
             "INITSPLIT_LOAD_USEC": _usec(load.seconds),
             # ERRNO= is the journal's standard field for an errno (systemd.journal-fields(7)).
             "ERRNO": load.errno,
@@ -121,6 +124,8 @@ class Reporter:
                 sizes.append(f"{load.saved_bytes // 4096:+d} pages against a plain load")
             if load.btf_bytes:
                 sizes.append(f"BTF {load.btf_bytes} bytes given back")
+            if load.kallsyms_bytes:
+                sizes.append(f"data symbols {load.kallsyms_bytes} bytes given back")
             detail = f" ({', '.join(sizes)})" if sizes else ""
             self.log(LOG_INFO, f"{name}: loaded two-stage{detail}",
                      message_id=MESSAGE_ID_LOADED_TWO_STAGE, **fields)
@@ -128,6 +133,8 @@ class Reporter:
             parts = [load.reason] if load.reason else []
             if load.btf_bytes:
                 parts.append(f"without its BTF: {load.btf_bytes} bytes given back")
+            if load.kallsyms_bytes:
+                parts.append(f"without its data symbols' names: {load.kallsyms_bytes} bytes given back")
             detail = f" ({'; '.join(parts)})" if parts else ""
             self.log(LOG_INFO, f"{name}: loaded plain{detail}",
                      message_id=MESSAGE_ID_LOADED_PLAIN, **fields)
@@ -189,6 +196,7 @@ class Reporter:
         freed_pages = sum(batch.freed_pages for batch in batches)
         loaded = [load for load in loads if load.mode in ("two-stage", "plain")]
         btf_bytes = sum(load.btf_bytes or 0 for load in loaded)
+        kallsyms_bytes = sum(load.kallsyms_bytes or 0 for load in loaded)
         saved_core = sum(load.saved_bytes or 0 for load in loaded if load.mode == "two-stage")
 
         text = f"initsplit: {_plural(modules, 'module')}, {count['two-stage']} two-stage, {count['plain']} plain"
@@ -201,8 +209,11 @@ class Reporter:
         if unload_failed:
             text += f", {unload_failed} could not be deleted"
         # What stays given back for the modules' life, by class.
-        text += (f"; given back for good: {btf_bytes + saved_core} bytes (BTF {btf_bytes}, "
-                 f"core layouts {saved_core})")
+        given_back = btf_bytes + kallsyms_bytes + saved_core
+        text += f"; given back for good: {given_back} bytes (BTF {btf_bytes}, "
+        if kallsyms_bytes:
+            text += f"data symbols {kallsyms_bytes}, "
+        text += f"core layouts {saved_core})"
 
         self.log(
             LOG_NOTICE,
@@ -224,8 +235,9 @@ class Reporter:
             INITSPLIT_TOTAL_FREED_PAGES=freed_pages,
             INITSPLIT_TOTAL_UNLOAD_FAILED=unload_failed,
             INITSPLIT_TOTAL_BTF_BYTES=btf_bytes,
+            INITSPLIT_TOTAL_KALLSYMS_BYTES=kallsyms_bytes,
             INITSPLIT_TOTAL_SAVED_CORE_BYTES=saved_core,
-            INITSPLIT_TOTAL_GIVEN_BACK_BYTES=btf_bytes + saved_core,
+            INITSPLIT_TOTAL_GIVEN_BACK_BYTES=given_back,
             INITSPLIT_TOTAL_LOAD_USEC=sum(_usec(load.seconds) for load in loads),
             INITSPLIT_ELAPSED_USEC=_usec(elapsed),
         )

@@ -220,7 +220,8 @@ class Service:
         if isinstance(split, NotSplit):
             if split.rewritten is not None:
                 return load_rewritten(name, split.rewritten, original=path, params=options,
-                                      reason=split.reason, btf_bytes=split.btf_bytes)
+                                      reason=split.reason, btf_bytes=split.btf_bytes,
+                                      kallsyms_bytes=split.kallsyms_bytes)
             return load_plain(name, path, params=options, reason=split.reason)
         return load_two_stage(split, original=path, params=options, markers=self.markers)
 

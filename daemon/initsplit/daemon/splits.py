@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import MANIFEST_SUFFIX, BadEntry, CacheHit, parse_manifest, read_entry, write_entry
+from ..cache import MANIFEST_SUFFIX, BadEntry, CacheHit, Manifest, parse_manifest, read_entry, write_entry
 from ..fsio import OpenFile, Untrusted, directory_problem, is_leftover_temp, open_checked, read_fd, sealed_memfd
 from ..loader.twostage import SplitPair
 from ..split.names import init_module_name
@@ -41,8 +41,10 @@ class NotSplit:
     # The original without the Discard= classes (open, from the cache or a sealed
     # memfd), loaded instead of it; whoever holds it closes it.
     rewritten: OpenFile | None = None
-    # What the kernel would keep for the original's BTF: given back by *rewritten*.
+    # What the kernel would keep for the original's BTF, and the core layout
+    # bytes of its data symbols' kallsyms: given back by *rewritten*.
     btf_bytes: int = 0
+    kallsyms_bytes: int = 0
 
     def close(self) -> None:
         if self.rewritten is not None:
@@ -171,34 +173,33 @@ class SplitProvider:
                     if found.core is None and found.manifest.discarded:
                         # A runtime entry: the rewritten original is made again
                         # (no copy is kept in /run, which is memory).
-                        return self._rewritten(reason, relpath, source, found.manifest.discarded,
-                                               found.manifest.btf_bytes)
-                    return NotSplit(reason, rewritten=found.core,
-                                    btf_bytes=found.manifest.btf_bytes if found.core else 0)
+                        return self._rewritten(reason, relpath, source, found.manifest)
+                    if found.core is None:
+                        return NotSplit(reason)
+                    return NotSplit(reason, rewritten=found.core, btf_bytes=found.manifest.btf_bytes,
+                                    kallsyms_bytes=found.manifest.kallsyms_bytes)
                 return _pair(found)
         return self._split_now(relpath, source)
 
-    def _rewritten(self, reason: str, relpath: Path, source: bytes, discarded: str,
-                   btf_bytes: int) -> NotSplit:
-        """The original without the *discarded* classes, made now (no pyelftools)."""
+    def _rewritten(self, reason: str, relpath: Path, source: bytes, manifest: Manifest) -> NotSplit:
+        """The original without the manifest's discarded classes, made now (no pyelftools)."""
         from ..elf import MalformedElf
-        from ..elf.discard import without_sections
-        from ..split.policy import DISCARD_SECTIONS
+        from ..split.discarding import without_classes
 
-        names = [name for what in discarded.split(",") if what for name in DISCARD_SECTIONS.get(what, ())]
         try:
-            rewritten = without_sections(source, names)
+            rewritten = without_classes(source, [c for c in manifest.discarded.split(",") if c])
         except MalformedElf:
             return NotSplit(reason)  # the original, as it is
-        return self._hold(reason, relpath, rewritten, btf_bytes)
+        return self._hold(reason, relpath, rewritten, manifest.btf_bytes, manifest.kallsyms_bytes)
 
     @staticmethod
-    def _hold(reason: str, relpath: Path, rewritten: bytes, btf_bytes: int) -> NotSplit:
+    def _hold(reason: str, relpath: Path, rewritten: bytes, btf_bytes: int,
+              kallsyms_bytes: int) -> NotSplit:
         try:
             held = sealed_memfd(relpath.name, rewritten)
         except OSError:
             return NotSplit(reason)  # the original, as it is
-        return NotSplit(reason, rewritten=held, btf_bytes=btf_bytes)
+        return NotSplit(reason, rewritten=held, btf_bytes=btf_bytes, kallsyms_bytes=kallsyms_bytes)
 
     def _directory_problem(self, root: Path, kind: str) -> str | None:
         problem = directory_problem(root) or self._overlap(root)
@@ -242,17 +243,20 @@ class SplitProvider:
             # The decision only: the rewritten original is made again from the
             # module when it is needed, rather than kept in /run.
             self._keep(relpath, source=source, decision=decision.outcome, reason=why,
-                       discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes)
+                       discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
+                       kallsyms_bytes=decision.kallsyms_bytes)
             if decision.rewritten is None:
                 return NotSplit(why)
-            return self._hold(why, relpath, decision.rewritten, decision.btf_bytes)
+            return self._hold(why, relpath, decision.rewritten, decision.btf_bytes,
+                              decision.kallsyms_bytes)
         if decision.outcome != "split" or decision.split is None:
             return NotSplit(f"split failed validation: {decision.reason}")
         result = decision.split
         figures = layout_figures(decision.original, result, options.rules)
         self._keep(relpath, source=source, decision="split", name=result.name,
                    init_name=result.init_name, core=result.core, init=result.init,
-                   discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes, **figures)
+                   discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
+                   kallsyms_bytes=decision.kallsyms_bytes, **figures)
         # Loaded from the bytes the validator checked, not from the copy just written.
         try:
             with ExitStack() as opened:
@@ -264,7 +268,7 @@ class SplitProvider:
         return SplitPair(result.name, result.init_name, core, init,
                          init_pages=figures["init_layout_pages"] or None,
                          plain_core_bytes=figures["plain_core_bytes"] or None,
-                         btf_bytes=decision.btf_bytes)
+                         btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes)
 
     def _keep(self, relpath: Path, **entry: Any) -> None:
         """Write a decision to the runtime directory for the next daemon (after switch-root)."""
@@ -281,4 +285,4 @@ def _pair(hit: CacheHit) -> SplitPair:
     return SplitPair(manifest.name, manifest.init_name, hit.core, hit.init,
                      init_pages=manifest.init_layout_pages or None,
                      plain_core_bytes=manifest.plain_core_bytes or None,
-                     btf_bytes=manifest.btf_bytes)
+                     btf_bytes=manifest.btf_bytes, kallsyms_bytes=manifest.kallsyms_bytes)

@@ -22,7 +22,19 @@ import struct
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from .constants import ELF64_SHDR_SIZE, ELFCLASS64, ELFDATA2LSB, ET_REL, SHF_ALLOC, SHT_NOBITS, SHT_REL, SHT_RELA
+from .constants import (
+    ELF64_SHDR_SIZE,
+    ELF64_SYM_SIZE,
+    ELFCLASS64,
+    ELFDATA2LSB,
+    ET_REL,
+    SHF_ALLOC,
+    SHF_EXECINSTR,
+    SHT_NOBITS,
+    SHT_REL,
+    SHT_RELA,
+    SHT_SYMTAB,
+)
 from .model import MalformedElf
 
 # include/linux/module_signature.h: the marker at the very end of a signed module,
@@ -220,3 +232,59 @@ def _check_rewrite(data: bytes, before: list[RawSection], result: bytes, dropped
             raise MalformedElf(f"rewrite check: {old.name}'s bytes changed")
     if result[:0x28] != data[:0x28] or result[0x30:_EHDR.size] != data[0x30:_EHDR.size]:
         raise MalformedElf("rewrite check: the ELF header changed")
+
+
+# Sections whose symbols never reach the core kallsyms whatever their flags:
+# kernel/module/main.c rewrite_section_headers() clears SHF_ALLOC of these.
+_NEVER_LOADED = (".modinfo", "__versions")
+PERCPU = ".data..percpu"
+
+
+def data_symbols(data: bytes) -> list[int]:
+    """Indices of the symbols the core kallsyms keeps only under CONFIG_KALLSYMS_ALL.
+
+    kernel/module/kallsyms.c is_core_symbol() (6.1) keeps a named, defined symbol
+    of a core section when the section is executable, or, with KALLSYMS_ALL,
+    allocated at all, and the per-cpu section's symbols with KALLSYMS_ALL. These
+    are the others: named symbols of allocated, non-executable sections outside
+    the init layout (names starting ".init"), and of .data..percpu.
+    """
+    table = sections(data)
+    symtab = next((s for s in table if s.type == SHT_SYMTAB), None)
+    if symtab is None or symtab.size % ELF64_SYM_SIZE:
+        raise MalformedElf("no usable symbol table")
+    out = []
+    for i in range(1, symtab.size // ELF64_SYM_SIZE):
+        st_name, _info, _other, st_shndx = struct.unpack_from("<IBBH", data, symtab.offset + i * ELF64_SYM_SIZE)
+        if not st_name or not 0 < st_shndx < len(table):
+            continue
+        section = table[st_shndx]
+        if section.name == PERCPU or (section.flags & SHF_ALLOC and not section.flags & SHF_EXECINSTR
+                                      and not section.name.startswith(".init")
+                                      and section.name not in _NEVER_LOADED):
+            out.append(i)
+    return out
+
+
+def without_data_symbol_names(data: bytes) -> bytes:
+    """*data* with the names of its data symbols (data_symbols()) cleared, and its
+    signature dropped: is_core_symbol() skips a symbol without a name, so the core
+    kallsyms keeps only the code symbols, as without CONFIG_KALLSYMS_ALL.
+
+    Only st_name changes, in the symbol table (not loaded): every relocation still
+    names the same symbol index, every loaded byte is the same. Returns *data*
+    unchanged when it has no such symbol. Raises MalformedElf for a file this cannot
+    rewrite.
+    """
+    try:
+        indices = data_symbols(data)
+        if not indices:
+            return data
+        table = sections(data)
+        symtab = next(s for s in table if s.type == SHT_SYMTAB)
+        out = bytearray(data[:len(data) - signature_length(data)])
+        for i in indices:
+            struct.pack_into("<I", out, symtab.offset + i * ELF64_SYM_SIZE, 0)
+    except struct.error as exc:
+        raise MalformedElf(f"cannot rewrite: {exc}") from None
+    return bytes(out)

@@ -36,6 +36,9 @@ class ModuleLoad:
     # Unreclaimable slab the kernel would have kept for the module's BTF, which the
     # loaded module (C, or the rewritten original) did not have (layout/btf.py).
     btf_bytes: int | None = None
+    # Core layout bytes the data symbols' kallsyms would have taken in a plain load
+    # (Discard=kallsyms-data; layout/linux61.py).
+    kallsyms_bytes: int | None = None
 
 
     @property

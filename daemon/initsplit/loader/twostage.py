@@ -40,6 +40,9 @@ class SplitPair:
     # C lacks the original's BTF (Discard=btf): what the kernel would have kept for
     # it; 0 when C has it.
     btf_bytes: int = 0
+    # C lacks its data symbols' names (Discard=kallsyms-data): the core layout
+    # bytes a plain load would have kept for them.
+    kallsyms_bytes: int = 0
 
     def close(self) -> None:
         try:
@@ -115,7 +118,7 @@ REWRITE_REFUSED_ERRNOS = frozenset({errno.EKEYREJECTED, errno.ENOKEY, errno.EBAD
 
 
 def load_rewritten(name: str, rewritten: OpenFile, *, original: Path, params: str = "",
-                   reason: str = "", btf_bytes: int = 0) -> ModuleLoad:
+                   reason: str = "", btf_bytes: int = 0, kallsyms_bytes: int = 0) -> ModuleLoad:
     """Load the original without its Discard= classes plain, from the open *rewritten*.
 
     A module the kernel refuses this way (REWRITE_REFUSED_ERRNOS) is loaded again as
@@ -135,11 +138,13 @@ def load_rewritten(name: str, rewritten: OpenFile, *, original: Path, params: st
                                   reason=f"{reason + '; ' if reason else ''}"
                                   f"could not insert '{name}': {os.strerror(exc.errno or 0)}",
                                   seconds=time.monotonic() - started)
-            why = f"{reason + '; ' if reason else ''}without its BTF: {os.strerror(exc.errno or 0)}"
+            why = (f"{reason + '; ' if reason else ''}without what Discard= drops: "
+                   f"{os.strerror(exc.errno or 0)}")
             return _retry_plain(name, original, params, started, f"{why}; loaded with it")
     sizes = _sizes()
     return ModuleLoad(name, "plain", reason=reason, core_bytes=sizes.get(name),
-                      seconds=time.monotonic() - started, btf_bytes=btf_bytes or None)
+                      seconds=time.monotonic() - started, btf_bytes=btf_bytes or None,
+                      kallsyms_bytes=kallsyms_bytes or None)
 
 
 def load_two_stage(pair: SplitPair, *, original: Path, params: str = "",
@@ -255,7 +260,8 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
     return ModuleLoad(pair.name, "two-stage", init_module=pair.init_name,
                       core_bytes=sizes.get(pair.name), init_bytes=sizes.get(pair.init_name),
                       init_pages=pair.init_pages, plain_core_bytes=pair.plain_core_bytes,
-                      seconds=time.monotonic() - started, btf_bytes=pair.btf_bytes or None)
+                      seconds=time.monotonic() - started, btf_bytes=pair.btf_bytes or None,
+                      kallsyms_bytes=pair.kallsyms_bytes or None)
 
 
 def _init_failed(name: str, init_errno: int, started: float) -> ModuleLoad:

@@ -28,12 +28,14 @@ from typing import Literal
 import dataclasses
 
 from ..elf import ElfObject, MalformedElf, read_elf
-from ..elf.discard import without_sections
-from ..layout import LayoutRules, layout_of, module_layout
+from ..elf.discard import sections as raw_sections
+from ..elf.discard import without_data_symbol_names, without_sections
+from ..layout import PAGE_SIZE, LayoutRules, layout_of, module_layout
 from ..layout.btf import btf_kept_bytes, kernel_model
 from ..validate import ValidationError, ValidationReport, validate_split
 from .errors import NothingToSplit, SplitRefused
 from .modinfo import first, parse_modinfo
+from .discarding import KALLSYMS_DATA
 from .policy import BTF_IDS, DEFAULT_OPTIONS, DISCARD_SECTIONS, SplitOptions
 from .splitter import RO_AFTER_INIT, SplitModule, split_object
 
@@ -66,6 +68,10 @@ class Decision:
     # What the kernel would keep for the original's BTF (layout/btf.py), given
     # back by discarding it; 0 when it is kept.
     btf_bytes: int = 0
+    # Core layout bytes the data symbols' kallsyms entries would take in a plain
+    # load (layout/linux61.py, page-rounded as /proc/modules counts them), given
+    # back by Discard=kallsyms-data; 0 when they are kept.
+    kallsyms_bytes: int = 0
 
 
 def ro_after_init_bytes(obj: ElfObject) -> int:
@@ -85,8 +91,37 @@ def decide(data: bytes, options: SplitOptions = DEFAULT_OPTIONS) -> Decision:
     MalformedElf propagates: for one module named on the command line it is a
     usage error, in a tree it is that module's error.
     """
+    source = data
+    kallsyms_bytes = 0
+    if options.drops(KALLSYMS_DATA, _raw_module_name(data)):
+        # Before the split: C then lacks the names too, and the validator, the
+        # layout checks in I's wrapper and the policy all see what is loaded.
+        try:
+            data = without_data_symbol_names(source)
+        except MalformedElf:
+            data = source
+        if data is not source:
+            kallsyms_bytes = (layout_of(source, options.rules).core.pages
+                              - layout_of(data, options.rules).core.pages) * PAGE_SIZE
     original = read_elf(data)
-    return _discard(data, original, _decide_load(data, original, options), options)
+    decision = _discard(data, original, _decide_load(data, original, options), options)
+    if data is source or decision.outcome in ("invalid", "error"):
+        # (An invalid split is not loaded: the daemon loads the original as it is.)
+        return decision
+    return dataclasses.replace(
+        decision, discarded=(*decision.discarded, KALLSYMS_DATA), kallsyms_bytes=kallsyms_bytes,
+        rewritten=(decision.rewritten or data) if decision.outcome != "split" else None)
+
+
+def _raw_module_name(data: bytes) -> str:
+    """The module's name from .modinfo, read without pyelftools ("" if none)."""
+    try:
+        modinfo = next((s for s in raw_sections(data) if s.name == ".modinfo"), None)
+    except MalformedElf:
+        return ""
+    if modinfo is None:
+        return ""
+    return first(parse_modinfo(data[modinfo.offset:modinfo.offset + modinfo.size]), "name") or ""
 
 
 def module_name(obj: ElfObject) -> str:

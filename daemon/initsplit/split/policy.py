@@ -15,9 +15,12 @@ from ..layout.rules import LayoutRules
 TwoStagePolicy = Literal["when-not-worse", "when-it-saves", "always"]
 TWO_STAGE_POLICIES: tuple[TwoStagePolicy, ...] = ("when-not-worse", "when-it-saves", "always")
 # Discard= classes: what is dropped from every module the daemon loads, core
-# modules and plain loads alike (elf/discard.py). "btf": .BTF (and .BTF.base),
-# which the kernel copies and keeps for the module's life (layout/btf.py).
-DISCARD_CLASSES = ("btf",)
+# modules and plain loads alike (elf/discard.py). "btf" (the default): .BTF (and
+# .BTF.base), which the kernel copies and keeps for the module's life
+# (layout/btf.py). "kallsyms-data" (opt-in): the names of the module's data
+# symbols, which CONFIG_KALLSYMS_ALL keeps in the core layout for the module's
+# life; /proc/kallsyms then lists its code symbols only (see README).
+DISCARD_CLASSES = ("btf", "kallsyms-data")
 # The sections of each class.
 DISCARD_SECTIONS = {"btf": (".BTF", ".BTF.base")}
 # A module with BTF ids registers kfuncs or BTF-typed hooks from its init
