@@ -166,8 +166,13 @@ class SplitProvider:
             if found is not None:
                 if not self.options.accepts(found.manifest.discarded, found.manifest.name or module_name):
                     found.close()
-                    return NotSplit(f"keeps its BTF; the {kind} entry lacks it "
-                                    "(KeepBTF= or initsplit.btf=keep)")
+                    lacking = [c for c in found.manifest.discarded.split(",")
+                               if c and not self.options.drops(c, found.manifest.name or module_name)]
+                    if lacking == ["btf"]:
+                        return NotSplit(f"keeps its BTF; the {kind} entry lacks it "
+                                        "(KeepBTF= or initsplit.btf=keep)")
+                    return NotSplit(f"the {kind} entry lacks what the options keep "
+                                    f"({', '.join(lacking)})")
                 if found.init is None:
                     reason = found.manifest.reason or found.manifest.decision
                     if found.core is None and found.manifest.discarded:
