@@ -295,7 +295,7 @@ def make_bad_cache(cache: Path, tree: Path) -> None:
         write_entry(cache, relpath, source=data, decision="split", name=result.name,
                     init_name=result.init_name, core=result.core, init=result.init,
                     discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
-                    **layout_figures(decision.original, result))
+                    reached=result.reached, **layout_figures(decision.original, result))
         core = cache / relpath
         if module == "e1000":      # the core module is a symlink to a copy of itself
             core.rename(core.with_name("e1000.real"))

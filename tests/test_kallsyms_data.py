@@ -102,3 +102,34 @@ def test_kept_by_default(modules: Path) -> None:
     decision = decide(data)
     assert decision.discarded == ("btf",) and decision.kallsyms_bytes == 0
     assert data_symbols(decision.rewritten)
+
+
+def test_an_entry_made_without_the_class_is_decided_again() -> None:
+    # The class changes C (it is applied before the split): the options tag says so.
+    assert SplitOptions().tag == "two-stage=when-not-worse writable-ro-after-init=no"
+    assert DROP.tag == "two-stage=when-not-worse writable-ro-after-init=no discard=kallsyms-data"
+
+
+def test_a_live_patch_module_keeps_its_names(modules: Path) -> None:
+    from initsplit.split.modinfo import parse_modinfo, render_modinfo
+
+    data = (modules / "kernel/lib/crc7.ko").read_bytes()
+    raw = next(s for s in sections(data) if s.name == ".modinfo")
+    info = parse_modinfo(data[raw.offset:raw.offset + raw.size])
+    patched = render_modinfo([("livepatch", "Y"), *info])[:raw.size]
+    if len(patched) < raw.size:
+        patched += bytes(raw.size - len(patched))
+    livepatch = data[:raw.offset] + patched + data[raw.offset + raw.size:]
+    # (The renamed field takes the place of the tail of the last one: same size.)
+    decision = decide(livepatch, DROP)
+    assert "kallsyms-data" not in decision.discarded and decision.kallsyms_bytes == 0
+
+
+def test_a_module_a_live_patch_refers_to_is_loaded_as_the_original(tmp_path: Path) -> None:
+    from initsplit.loader.kernel_state import livepatch_targets
+
+    (tmp_path / "kernel/livepatch/kpatch_1/ext4").mkdir(parents=True)
+    (tmp_path / "kernel/livepatch/kpatch_1/vmlinux").mkdir()
+    assert livepatch_targets("ext4", sys_root=tmp_path)
+    assert not livepatch_targets("jbd2", sys_root=tmp_path)
+    assert not livepatch_targets("ext4", sys_root=tmp_path / "none")

@@ -121,6 +121,16 @@ record("bad_layout", load_two_stage(SplitPair("dummy", "dummy__init", good.core,
                                     original=dummy))
 out["bad_layout_del"] = try_delete("dummy")
 
+# 3d. The layout model wrong about C: one section I reaches expected 8 bytes off.
+# The daemon compares /sys/module/dummy/sections with the model before it loads I:
+# I is never loaded, C is removed, and the original loaded plain.
+import dataclasses
+good = fresh.get(dummy)
+assert any(n == ".text" for n, _ in good.reached), good.reached
+moved = dataclasses.replace(good, reached=tuple((n, o + 8 if n == ".text" else o) for n, o in good.reached))
+record("misplaced", load_two_stage(moved, original=dummy))
+out["misplaced_del"] = try_delete("dummy")
+
 # 5. A genuine init failure: reported like modprobe (ENODEV), nothing left loaded,
 # and the original init ran once (the kernel log counts its printk).
 def init_calls():
@@ -268,7 +278,8 @@ def loader_boot(kernel: DebianKernel, kmods: dict[str, Path], vmshare: Path) -> 
         source = (kernel.modules_dir / rel).read_bytes()
         result = split_module(source)
         write_entry(cache, Path(rel), source=source, decision="split", name=result.name,
-                    init_name=result.init_name, core=result.core, init=result.init)
+                    init_name=result.init_name, core=result.core, init=result.init,
+                    reached=result.reached)
     tampered = cache / "kernel/drivers/watchdog/softdog.ko"
     tampered.write_bytes(tampered.read_bytes()[:-1] + b"\x01")
     badcrc = shared / "badcrc__init.ko"
@@ -350,6 +361,19 @@ def test_init_module_expecting_another_layout_refuses_before_init(result: dict) 
     assert load["reason"] == "init module failed: Exec format error", load
     assert "dummy__init" not in result["bad_layout_modules"] and "dummy" in result["bad_layout_modules"]
     assert result["bad_layout_del"] == "ok"
+
+
+def test_c_not_where_the_model_put_it_keeps_the_init_module_out(result: dict,
+                                                                 loader_boot: BootResult) -> None:
+    load = result["misplaced"]
+    assert load["mode"] == "plain", load
+    assert re.fullmatch(r"init module not loaded: C's \.text is at [-+]0x[0-9a-f]+ from its struct "
+                        r"module, not at [-+]0x[0-9a-f]+ as the layout model has it", load["reason"]), load
+    assert "dummy__init" not in result["misplaced_modules"] and "dummy" in result["misplaced_modules"]
+    assert result["misplaced_del"] == "ok"
+    # Every other two-stage load of this boot passed the same check against the
+    # kernel's own section addresses (case 1 among them).
+    assert result["dummy"]["mode"] == "two-stage", result["dummy"]
 
 
 def test_rejected_core_module_falls_back_to_plain(result: dict) -> None:

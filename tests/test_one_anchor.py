@@ -1,10 +1,12 @@
 """One anchor: C exports its struct module and nothing else before init, and I
 reaches every other part of C by an offset the layout model computes, which the
-validator recomputes and I's wrapper checks against C's core_layout at run time.
+validator recomputes; the daemon checks the sections I reaches against the
+kernel's addresses before it loads I, and I's wrapper C's core_layout sizes.
 
 On real Debian 6.1 modules; that the kernel lays C out as the model says is
-proved in QEMU by every two-stage load (the wrapper refuses otherwise) and by
-tests/test_loader_vm.py, where a wrapper expecting another layout refuses.
+proved in QEMU by every two-stage load (the daemon loads plain otherwise) and by
+tests/test_loader_vm.py, where a placement or a wrapper expecting another layout
+keeps I out or refuses.
 """
 
 from __future__ import annotations
@@ -106,3 +108,24 @@ def test_the_wrapper_checks_cs_core_layout_against_the_model(modules: Path, rel:
             validate_split(data, split.core, split.init.replace(wrapper, bytes(patched)))
     # The refusal is -ENOEXEC, in the kernel's error range: "init did not run".
     assert b"\xb8" + struct.pack("<i", -ENOEXEC) in wrapper
+
+
+@pytest.mark.parametrize("rel", MODULES)
+def test_what_the_daemon_checks_is_what_the_validator_proved(modules: Path, rel: str) -> None:
+    from initsplit.split.decide import decide
+    from initsplit.split.policy import SplitOptions
+
+    data = (modules / rel).read_bytes()
+    decision = decide(data, SplitOptions(two_stage="always", writable_ro_after_init=True))
+    assert decision.outcome == "split", decision.reason
+    reached = dict(decision.split.reached)
+    assert decision.report.reached == decision.split.reached
+    # C's struct module is the anchor; every section is named as C has it, at the
+    # model's offset from it.
+    assert reached[".gnu.linkonce.this_module"] == 0
+    core = read_elf(decision.split.core)
+    layout = module_layout(core)
+    base = layout.core_offsets[core.section(".gnu.linkonce.this_module").index]
+    for name, offset in reached.items():
+        section = core.section(name)
+        assert section.size and layout.core_offsets[section.index] - base == offset, name

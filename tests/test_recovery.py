@@ -209,7 +209,9 @@ def test_two_stage_load_records_the_core_address_before_loading_the_init_module(
         return 0  # the raw result of a load whose init succeeded
 
     monkeypatch.setattr(twostage, "finit_module", finit_module)
-    pair = SplitPair("dummy", "dummy__init", sealed_memfd("c", b"CORE"), sealed_memfd("i", b"INIT"))
+    monkeypatch.setattr(twostage, "SYS_ROOT", kernel.root / "sys")
+    pair = SplitPair("dummy", "dummy__init", sealed_memfd("c", b"CORE"), sealed_memfd("i", b"INIT"),
+                     reached=((".gnu.linkonce.this_module", 0),))
     load = load_two_stage(pair, original=Path("/nonexistent"), markers=markers)
     assert load.mode == "two-stage", load
     assert seen == [f"core-loaded dummy__init {CORE_ADDRESS:#x}\n"]

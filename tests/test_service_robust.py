@@ -212,6 +212,8 @@ def make_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, kernel: Ker
     monkeypatch.setattr(twostage, "finit_module_path", kernel.finit_module)
     monkeypatch.setattr(twostage, "delete_module", kernel.delete_module)
     monkeypatch.setattr(twostage, "_sizes", lambda: {})
+    # The fake kernel places C where the layout model says (kernel_state.placement_problem).
+    monkeypatch.setattr(twostage, "placement_problem", lambda name, expected, **_: None)
     reporter = Reporter()
     service = Service(settings=Settings(**settings), resolver=Resolver(tmp_path), source=Source(),
                       provider=provider or Provider(tmp_path), reporter=reporter,
@@ -727,3 +729,25 @@ def test_a_daemon_that_died_has_its_unbound_devices_probed_again(tmp_path, monke
     service.recover()
     assert calls == ([True] if dead else [])
     assert any("probed 1 devices again" in m for m in reporter.messages) == bool(dead)
+
+
+def test_a_module_a_live_patch_refers_to_keeps_its_data_symbols(tmp_path, monkeypatch) -> None:
+    # Discard=kallsyms-data took its data symbols' names (kallsyms_bytes): a live
+    # patch that refers to the module would find none and the kernel would refuse
+    # the module. The original goes in, plain.
+    from initsplit.daemon import service as service_module
+
+    class WithoutNames(Provider):
+        def get(self, path: Path) -> SplitPair:
+            pair = super().get(path)
+            return SplitPair(pair.name, pair.init_name, pair.core, pair.init, kallsyms_bytes=8192)
+
+    kernel = Kernel()
+    patched: list[str] = []
+    monkeypatch.setattr(service_module, "livepatch_targets", lambda name: patched.append(name) or True)
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel, provider=WithoutNames(tmp_path))
+    serve(service, "virtio_blk")
+    load = only_load(reporter)
+    assert load.mode == "plain" and load.reason == "a live patch refers to it: loaded with its data symbols"
+    assert kernel.loaded == {"virtio_blk": "virtio_blk.ko"} and patched == ["virtio_blk"]
+    service.scheduler.shutdown()

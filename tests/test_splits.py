@@ -101,7 +101,7 @@ def presplit(tree: Tree, dummy_source: bytes, dummy_split) -> Tree:
     # As `initsplit split` writes it: C without its BTF, and the manifest says so.
     write_entry(tree.cache, DUMMY, source=dummy_source, decision="split", name=dummy_split.name,
                 init_name=dummy_split.init_name, core=dummy_split.core, init=dummy_split.init,
-                discarded="btf", btf_bytes=1160)
+                discarded="btf", btf_bytes=1160, reached=dummy_split.reached)
     return tree
 
 
@@ -110,6 +110,8 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
     fake = FakeKernel()
     monkeypatch.setattr(twostage, "finit_module", fake.finit_module)
     monkeypatch.setattr(twostage, "delete_module", fake.delete_module)
+    # The fake kernel places C where the layout model says (kernel_state.placement_problem).
+    monkeypatch.setattr(twostage, "placement_problem", lambda name, expected, **_: None)
     return fake
 
 
@@ -444,7 +446,8 @@ def test_splits_made_at_boot_leave_run_after_a_clean_exit(tree: Tree, dummy_sour
 def test_release_leaves_what_it_must_not_touch(tree: Tree, dummy_source: bytes, dummy_split) -> None:
     # A split entry overwritten by a plain decision: its stray module files go too.
     write_entry(tree.runtime, DUMMY, source=dummy_source, decision="split", name="dummy",
-                init_name="dummy__init", core=dummy_split.core, init=dummy_split.init)
+                init_name="dummy__init", core=dummy_split.core, init=dummy_split.init,
+                reached=dummy_split.reached)
     write_entry(tree.runtime, DUMMY, source=dummy_source, decision="plain", reason="policy")
     core = tree.runtime / DUMMY
     assert core.exists()
@@ -454,7 +457,8 @@ def test_release_leaves_what_it_must_not_touch(tree: Tree, dummy_source: bytes, 
     # A manifest naming a file elsewhere is left alone, and the exit stays clean.
     other = Path("kernel/drivers/net/other.ko")
     write_entry(tree.runtime, other, source=b"y", decision="split", name="other",
-                init_name="other__init", core=b"c", init=b"i")
+                init_name="other__init", core=b"c", init=b"i",
+                reached=((".gnu.linkonce.this_module", 0),))
     raw = manifest_path(tree.runtime, other)
     raw.write_text(raw.read_text().replace('"other__init.ko"', '"../../../../x__init.ko"'))
     assert tree.provider().release_runtime_splits() == 0
@@ -462,7 +466,8 @@ def test_release_leaves_what_it_must_not_touch(tree: Tree, dummy_source: bytes, 
     # Never the pre-split cache, even when RuntimeDir= names it.
     tree.runtime = tree.cache
     write_entry(tree.cache, DUMMY, source=dummy_source, decision="split", name="dummy",
-                init_name="dummy__init", core=dummy_split.core, init=dummy_split.init)
+                init_name="dummy__init", core=dummy_split.core, init=dummy_split.init,
+                reached=dummy_split.reached)
     assert tree.provider().release_runtime_splits() == 0 and (tree.cache / DUMMY).exists()
 
 
@@ -492,7 +497,8 @@ def test_temp_files_of_a_killed_daemon_are_removed_at_start(tree: Tree, dummy_sp
     # A daemon killed while keeping a split leaves its temp file in /run, which is
     # memory; a daemon restarted after every kill would pile them up.
     write_entry(tree.runtime, DUMMY, source=dummy_source, decision="split", name=dummy_split.name,
-                init_name=dummy_split.init_name, core=dummy_split.core, init=dummy_split.init)
+                init_name=dummy_split.init_name, core=dummy_split.core, init=dummy_split.init,
+                reached=dummy_split.reached)
     kept = sorted(p.relative_to(tree.runtime) for p in tree.runtime.rglob("*") if p.is_file())
     left = tree.runtime / DUMMY.parent / ".dummy__init.ko.5f1c0e2a9b3d.tmp"
     left.write_bytes(dummy_split.init)

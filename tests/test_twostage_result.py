@@ -59,6 +59,8 @@ def kernel_for(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(twostage, "finit_module_path", kernel.finit_module)
         monkeypatch.setattr(twostage, "delete_module", kernel.delete_module)
         monkeypatch.setattr(twostage, "_sizes", lambda: {})
+        # The fake kernel places C where the layout model says (kernel_state.placement_problem).
+        monkeypatch.setattr(twostage, "placement_problem", lambda name, expected, **_: None)
         return kernel
     return install
 
@@ -148,3 +150,44 @@ def test_rewritten_original_loaded_by_someone_else(kernel_for) -> None:
     kernel.answers[REWRITTEN.name] = OSError(errno.EEXIST, "exists")
     load = twostage.load_rewritten("isplit_initfail", REWRITTEN, original=ORIGINAL)
     assert load.mode == "already-loaded" and kernel.calls == [("finit", "/rewritten.ko")]
+
+
+# ------------------------------------------- C where the layout model put it
+
+def _fake_sections(root: Path, name: str, addresses: dict[str, int]) -> Path:
+    sections = root / "module" / name / "sections"
+    sections.mkdir(parents=True)
+    for section, address in addresses.items():
+        (sections / section).write_text(f"{address:#018x}\n")
+    return root
+
+
+def test_placement_is_checked_against_the_kernels_section_addresses(tmp_path: Path) -> None:
+    from initsplit.loader.kernel_state import placement_problem
+
+    base = 0xFFFFFFFFC0A01040
+    sys_root = _fake_sections(tmp_path, "dummy", {".gnu.linkonce.this_module": base,
+                                                  ".text": base - 8448, ".bss": base + 896})
+    assert placement_problem("dummy", ((".text", -8448), (".bss", 896)), sys_root=sys_root) is None
+    assert placement_problem("dummy", ((".text", -8448), (".bss", 900)), sys_root=sys_root) == \
+        "C's .bss is at +0x380 from its struct module, not at +0x384 as the layout model has it"
+    assert placement_problem("dummy", ((".data", 0),), sys_root=sys_root) == \
+        "the kernel does not list C's .data"
+    assert placement_problem("dummy", (), sys_root=sys_root) == \
+        "no placement of C to check I's offsets against"
+    # A reader the kernel shows no addresses to (module_sect_read() prints 0).
+    hidden = _fake_sections(tmp_path / "hidden", "dummy", {".gnu.linkonce.this_module": 0, ".text": 0})
+    assert "does not show C's section addresses" in placement_problem(
+        "dummy", ((".text", -8448),), sys_root=hidden)
+
+
+def test_c_placed_otherwise_costs_a_plain_load_before_i_is_loaded(
+        kernel_for, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = kernel_for(Kernel(0))
+    monkeypatch.setattr(twostage, "placement_problem",
+                        lambda name, expected, **_: "C's .text is at -0x2100, not at -0x2000")
+    load = load_two_stage(PAIR, original=ORIGINAL)
+    assert load.mode == "plain", load
+    assert load.reason == "init module not loaded: C's .text is at -0x2100, not at -0x2000"
+    # C went in, I never did: C was deleted and the original loaded plain.
+    assert kernel.calls == [("finit", "/c.ko"), ("delete", "isplit_initfail"), ("finit", "/orig.ko")]

@@ -30,8 +30,10 @@ MANIFEST_SUFFIX = ".initsplit"
 # original's init routine, so initcall_blacklist= applies (splitter._initcall_name).
 # 4: decisions weigh the layouts (split/decide.py): "plain" entries, and the
 # options they were made under. 5: Discard= classes: C without its BTF, and for
-# a module loaded plain the rewritten original at RELPATH. 6: the kallsyms-data
-# class and what it gives back. Entries of an older format are not used.
+# a module loaded plain the rewritten original at RELPATH. 6: one anchor (I
+# reaches C by offsets, checked against the kernel before I is loaded: reached),
+# the kallsyms-data class and what it gives back. Entries of an older format are
+# not used.
 FORMAT = 6
 
 # "plain": the module splits, but the options load it plain (the reason says why).
@@ -69,6 +71,9 @@ class Manifest:
     # Core layout bytes of the data symbols' kallsyms in a plain load: what
     # Discard=kallsyms-data gives back.
     kallsyms_bytes: int = 0
+    # For a split: "SECTION=OFFSET ..." for each section of C that I reaches, its
+    # offset from C's struct module by the layout model (SplitModule.reached).
+    reached: str = ""
 
 
 def digest(data: bytes) -> str:
@@ -79,7 +84,8 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision,
                 name: str = "", init_name: str = "", core: bytes = b"", init: bytes = b"",
                 plain_core_bytes: int = 0, init_layout_pages: int = 0,
                 options: str = DEFAULT_OPTIONS.tag, discarded: str = "", btf_bytes: int = 0,
-                kallsyms_bytes: int = 0, rewritten: bytes | None = None) -> Manifest:
+                kallsyms_bytes: int = 0, reached: tuple[tuple[str, int], ...] = (),
+                rewritten: bytes | None = None) -> Manifest:
     """Write one cache entry (files first, manifest last), decided under *options*
     (split.policy.SplitOptions.tag). *rewritten*: for a module loaded plain, the
     original without the *discarded* classes, loaded instead of it."""
@@ -101,7 +107,7 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision,
     manifest = Manifest(FORMAT, digest(source), len(source), decision, reason, name, init_name,
                         init_file, len(core), len(init), digest(core) if core else "",
                         digest(init) if init else "", plain_core_bytes, init_layout_pages, options,
-                        discarded, btf_bytes, kallsyms_bytes)
+                        discarded, btf_bytes, kallsyms_bytes, render_reached(reached))
     atomic_write(manifest_path(root, relpath), json.dumps(asdict(manifest), sort_keys=True).encode())
     return manifest
 
@@ -214,6 +220,21 @@ def _entry_directory_problem(root: Path, relpath: Path) -> str | None:
     return None
 
 
+def render_reached(reached: tuple[tuple[str, int], ...]) -> str:
+    return " ".join(f"{name}={offset}" for name, offset in reached)
+
+
+def parse_reached(text: str) -> tuple[tuple[str, int], ...]:
+    """Manifest.reached back as pairs; ValueError for anything else."""
+    out = []
+    for item in text.split():
+        name, sep, offset = item.rpartition("=")
+        if not sep or not name or "/" in name:
+            raise ValueError(f"reached: bad item {item!r}")
+        out.append((name, int(offset)))
+    return tuple(out)
+
+
 def parse_manifest(raw: bytes) -> Manifest:
     """The manifest in *raw*; ValueError says what is wrong with it."""
     try:
@@ -233,6 +254,9 @@ def parse_manifest(raw: bytes) -> Manifest:
             raise ValueError(f"{field.name} is {type(value).__name__}, not {wanted.__name__}")
     if manifest.decision not in DECISIONS:
         raise ValueError(f"unknown decision {manifest.decision!r}")
+    parse_reached(manifest.reached)
+    if manifest.decision == "split" and not manifest.reached:
+        raise ValueError("a split without the placement of C that I reaches")
     return manifest
 
 

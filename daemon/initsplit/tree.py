@@ -237,7 +237,7 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
                         init_name=split.init_name, core=split.core, init=split.init,
                         options=options.tag, discarded=",".join(decision.discarded),
                         btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
-                        **layout_figures(decision.original, split, options.rules))
+                        reached=split.reached, **layout_figures(decision.original, split, options.rules))
         else:
             # A previous run may have split this module; a stale core left behind
             # would be loaded instead of the original.

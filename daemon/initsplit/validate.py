@@ -102,6 +102,9 @@ class ValidationReport:
     records_moved: int
     anchors: int
     synthesized_relocations: int
+    # (C's name, offset from C's struct module) of each non-empty section of C that
+    # I reaches, by this validator's run of the layout model (SplitModule.reached).
+    reached: tuple[tuple[str, int], ...] = ()
 
 
 def validate_split(original: bytes, core: bytes, init: bytes,
@@ -129,6 +132,7 @@ class _Validator:
         self.rules = rules
         # Where the kernel puts each of C's sections (C's section index -> offset).
         self.c_offsets = module_layout(core, rules).core_offsets
+        self.reached: set[int] = set()  # C's sections I's relocations land in
         self.init_secs = {s.index for s in orig.sections
                           if s.flags & SHF_ALLOC and s.name.startswith(".init")}
         self.bytes_checked = 0
@@ -156,8 +160,12 @@ class _Validator:
         self._check_modinfo_and_versions(modinfo)
         self._check_headers()
         self._check_all_accounted()
+        module = self._section(self.out[C], THIS_MODULE).index
+        base = self.c_offsets[module]
+        reached = tuple(sorted((self.out[C].sections[i].name, self.c_offsets[i] - base)
+                               for i in self.reached | {module} if self.out[C].sections[i].size))
         return ValidationReport(self.name, self.bytes_checked, self.relocs_checked, moved,
-                                len(self.anchors), self.synthesized)
+                                len(self.anchors), self.synthesized, reached)
 
     # ------------------------------------------------------------- structure
     @staticmethod
@@ -232,6 +240,7 @@ class _Validator:
             if offset is None:
                 _fail(f"I refers to C's {self.out[C].sections[target[2]].name}, "
                       "outside C's core layout")
+            self.reached.add(target[2])
             return ("core", offset + target[3])
         return target
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from .. import faults
 from ..fsio import atomic_write
+from ..loader.kernel_state import livepatch_targets
 from ..loader.recovery import LoadMarkers, delete_init_modules
 from ..loader.results import ModuleLoad, UnloadBatch, UnloadTrigger
 from ..loader.twostage import load_plain, load_rewritten, load_two_stage
@@ -217,6 +218,14 @@ class Service:
     def _load_split(self, name: str, path: Path, options: str) -> ModuleLoad:
         faults.hit("worker", name)
         split = self.provider.get(path)
+        if split.kallsyms_bytes and livepatch_targets(name):
+            # A live patch resolves its references to this module's variables through
+            # the module's kallsyms (kernel/livepatch/core.c klp_find_object_symbol()),
+            # which Discard=kallsyms-data would have emptied of them: the kernel would
+            # refuse the module. The original, then.
+            split.close()
+            return load_plain(name, path, params=options,
+                              reason="a live patch refers to it: loaded with its data symbols")
         if isinstance(split, NotSplit):
             if split.rewritten is not None:
                 return load_rewritten(name, split.rewritten, original=path, params=options,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import MANIFEST_SUFFIX, BadEntry, CacheHit, Manifest, parse_manifest, read_entry, write_entry
+from ..cache import MANIFEST_SUFFIX, BadEntry, CacheHit, Manifest, parse_manifest, parse_reached, read_entry, write_entry
 from ..fsio import OpenFile, Untrusted, directory_problem, is_leftover_temp, open_checked, read_fd, sealed_memfd
 from ..loader.twostage import SplitPair
 from ..split.names import init_module_name
@@ -261,7 +261,7 @@ class SplitProvider:
         self._keep(relpath, source=source, decision="split", name=result.name,
                    init_name=result.init_name, core=result.core, init=result.init,
                    discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
-                   kallsyms_bytes=decision.kallsyms_bytes, **figures)
+                   kallsyms_bytes=decision.kallsyms_bytes, reached=result.reached, **figures)
         # Loaded from the bytes the validator checked, not from the copy just written.
         try:
             with ExitStack() as opened:
@@ -273,7 +273,8 @@ class SplitProvider:
         return SplitPair(result.name, result.init_name, core, init,
                          init_pages=figures["init_layout_pages"] or None,
                          plain_core_bytes=figures["plain_core_bytes"] or None,
-                         btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes)
+                         btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
+                         reached=result.reached)
 
     def _keep(self, relpath: Path, **entry: Any) -> None:
         """Write a decision to the runtime directory for the next daemon (after switch-root)."""
@@ -290,4 +291,5 @@ def _pair(hit: CacheHit) -> SplitPair:
     return SplitPair(manifest.name, manifest.init_name, hit.core, hit.init,
                      init_pages=manifest.init_layout_pages or None,
                      plain_core_bytes=manifest.plain_core_bytes or None,
-                     btf_bytes=manifest.btf_bytes, kallsyms_bytes=manifest.kallsyms_bytes)
+                     btf_bytes=manifest.btf_bytes, kallsyms_bytes=manifest.kallsyms_bytes,
+                     reached=parse_reached(manifest.reached))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,58 @@ def module_sections(name: str, *, sys_root: Path = Path("/sys")) -> frozenset[st
         return frozenset(os.listdir(sys_root / "module" / name / "sections"))
     except OSError:
         return None
+
+
+def section_address(name: str, section: str, *, sys_root: Path = Path("/sys")) -> int | None:
+    """Where the kernel put section *section* of module *name*, or None when it does
+    not say (not listed, or shown as 0: module_sect_read() in kernel/module/sysfs.c
+    prints the address only to a reader that kallsyms_show_value() admits, root
+    with CAP_SYSLOG under kptr_restrict 0 or 1)."""
+    if "/" in section or section in ("", ".", ".."):
+        return None
+    text = _read(sys_root / "module" / name / "sections" / section)
+    try:
+        address = int(text or "0", 16)
+    except ValueError:
+        return None
+    return address or None
+
+
+def placement_problem(name: str, expected: Sequence[tuple[str, int]], *,
+                      sys_root: Path = Path("/sys")) -> str | None:
+    """None when each (section, offset) of *expected* lies at that offset from the
+    module's struct module as the kernel placed it; otherwise what differs.
+
+    For a split's core module C: kernel/module/main.c move_module() puts each
+    section at core_layout.base + sh_entsize, layout_sections() having chosen the
+    sh_entsize; the splitter computed the same offsets (initsplit.layout) for
+    every section of C that I reaches, so this compares the model with the kernel
+    exactly, before anything of I is loaded.
+    """
+    if not expected:
+        return "no placement of C to check I's offsets against"
+    base = section_address(name, ".gnu.linkonce.this_module", sys_root=sys_root)
+    if base is None:
+        return "the kernel does not show C's section addresses (kptr_restrict=2, or no CAP_SYSLOG)"
+    for section, offset in expected:
+        address = section_address(name, section, sys_root=sys_root)
+        if address is None:
+            return f"the kernel does not list C's {section}"
+        if address - base != offset:
+            return (f"C's {section} is at {address - base:+#x} from its struct module, "
+                    f"not at {offset:+#x} as the layout model has it")
+    return None
+
+
+def livepatch_targets(name: str, *, sys_root: Path = Path("/sys")) -> bool:
+    """Whether an enabled or loaded live patch patches module *name*: the livepatch
+    core lists each patched object as /sys/kernel/livepatch/PATCH/OBJECT
+    (kernel/livepatch/core.c klp_init_object(), the object's name)."""
+    try:
+        patches = os.listdir(sys_root / "kernel" / "livepatch")
+    except OSError:
+        return False
+    return any(os.path.isdir(sys_root / "kernel" / "livepatch" / patch / name) for patch in patches)
 
 
 def module_address(name: str, *, sys_root: Path = Path("/sys")) -> int | None:

@@ -14,12 +14,14 @@ from pathlib import Path
 from .. import faults
 from ..fsio import OpenFile
 from ..split.initresult import init_failure_errno
-from .kernel_state import module_state, proc_modules
+from .kernel_state import module_state, placement_problem, proc_modules
 from .recovery import LoadMarkers
 from .results import ModuleLoad
 from .syscalls import delete_module, finit_module, finit_module_path
 
 log = logging.getLogger(__name__)
+# Where the kernel lists a loaded module's sections (/sys/module/NAME/sections).
+SYS_ROOT = Path("/sys")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,10 @@ class SplitPair:
     # C lacks its data symbols' names (Discard=kallsyms-data): the core layout
     # bytes a plain load would have kept for them.
     kallsyms_bytes: int = 0
+    # (section, offset from C's struct module) of each section of C that I reaches,
+    # by the layout model (SplitModule.reached): checked against where the kernel
+    # put C before I is loaded. Empty: nothing to check against, no two-stage load.
+    reached: tuple[tuple[str, int], ...] = ()
 
     def close(self) -> None:
         try:
@@ -243,6 +249,14 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
         # someone else loads under the same name once C is gone (recovery.py).
         markers.core_loaded(pair.name, pair.init_name)
         faults.hit("after-core", pair.name)
+        # I reaches C by offsets from C's struct module, and the kernel follows some
+        # of I's pointers into C while it loads I (jump_label_add_module() writes to a
+        # static key of C that I's jump entries name), before I's init can check
+        # anything: C must lie where the layout model put it, or I stays out.
+        misplaced = placement_problem(pair.name, pair.reached, sys_root=SYS_ROOT)
+        if misplaced is not None:
+            return _remove_core_then_plain(pair, original, params, started,
+                                           f"init module not loaded: {misplaced}", markers, None)
         init_errno = init_failure_errno(finit_module(pair.init.fileno(), ""))
     except Exception as exc:  # noqa: BLE001 - OSError from the kernel, or a bug
         if isinstance(exc, OSError) and exc.errno is not None:

@@ -4,10 +4,14 @@ Two routines, each with the relocations, ORC unwind entries and return-thunk
 sites objtool would have produced for them:
 
 * the init wrapper, I's ->init, in four steps:
-  (0) check that C lies in memory as the layout model put it: I reaches C
-      through one anchor and offsets from it (splitter.py), so each of C's
-      core_layout sizes must be the model's, or the wrapper returns -ENOEXEC
-      at once, having run nothing (the daemon then loads the original plain);
+  (0) a coarse check that C lies in memory as the layout model put it: I
+      reaches C through one anchor and offsets from it (splitter.py), so each
+      of C's core_layout sizes (page-rounded) must be the model's, or the
+      wrapper returns -ENOEXEC before the original init runs. The exact check
+      is the daemon's, before I is loaded at all (loader/kernel_state.py
+      placement_problem()): the kernel follows some of I's pointers into C
+      while it loads I, before this code runs. This one is for an I loaded by
+      hand;
   (a) call the original init routine;
   (b) if it failed, report that through the return value (initresult.py: an
       error -E becomes -(INIT_FAILED_BIAS + E), which the daemon tells apart

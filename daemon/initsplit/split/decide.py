@@ -93,7 +93,11 @@ def decide(data: bytes, options: SplitOptions = DEFAULT_OPTIONS) -> Decision:
     """
     source = data
     kallsyms_bytes = 0
-    if options.drops(KALLSYMS_DATA, _raw_module_name(data)):
+    modinfo = _raw_modinfo(data)
+    # A live patch module keeps every symbol in its core kallsyms
+    # (kernel/module/kallsyms.c layout_symtab(): is_livepatch_module()); the class
+    # is not for it.
+    if options.drops(KALLSYMS_DATA, first(modinfo, "name") or "") and not first(modinfo, "livepatch"):
         # Before the split: C then lacks the names too, and the validator, the
         # layout checks in I's wrapper and the policy all see what is loaded.
         try:
@@ -113,15 +117,15 @@ def decide(data: bytes, options: SplitOptions = DEFAULT_OPTIONS) -> Decision:
         rewritten=(decision.rewritten or data) if decision.outcome != "split" else None)
 
 
-def _raw_module_name(data: bytes) -> str:
-    """The module's name from .modinfo, read without pyelftools ("" if none)."""
+def _raw_modinfo(data: bytes) -> list[tuple[str, str]]:
+    """The module's .modinfo, read without pyelftools (empty if none)."""
     try:
         modinfo = next((s for s in raw_sections(data) if s.name == ".modinfo"), None)
     except MalformedElf:
-        return ""
+        return []
     if modinfo is None:
-        return ""
-    return first(parse_modinfo(data[modinfo.offset:modinfo.offset + modinfo.size]), "name") or ""
+        return []
+    return parse_modinfo(data[modinfo.offset:modinfo.offset + modinfo.size])
 
 
 def module_name(obj: ElfObject) -> str:
@@ -170,6 +174,11 @@ def _decide_load(data: bytes, original: ElfObject, options: SplitOptions) -> Dec
         report = validate_split(data, split.core, split.init, options.rules)
     except ValidationError as exc:
         return Decision("invalid", reason=str(exc) or type(exc).__name__, split=split)
+    if report.reached != split.reached:
+        # What the daemon checks against the kernel before it loads I must be what
+        # the validator proved I reaches.
+        return Decision("invalid", reason="the sections I reaches differ from the validator's",
+                        split=split)
     plain_pages = module_layout(original, options.rules).core.pages
     core_pages = layout_of(split.core, options.rules).core.pages
     refusal = _policy_refusal(original, options, plain_pages=plain_pages, core_pages=core_pages)

@@ -57,13 +57,18 @@ class SplitOptions:
         """The options the two-stage decision depends on, as cache manifests record
         them: an entry made under others is decided afresh (cache.read_entry).
 
-        The discard classes are not part of it: a manifest says what its files
-        lack (Manifest.discarded), and a daemon that wants a module's BTF kept
-        (KeepBTF=, initsplit.btf=keep) loads the original plain instead of an entry
-        without it (daemon/splits.py), rather than splitting again at boot.
+        The BTF class is not part of it: a manifest says what its files lack
+        (Manifest.discarded), and a daemon that wants a module's BTF kept (KeepBTF=,
+        initsplit.btf=keep) loads the original plain instead of an entry without it
+        (daemon/splits.py), rather than splitting again at boot. kallsyms-data is:
+        it is applied before the split, so an entry made without it would be used
+        without it.
         """
-        return (f"two-stage={self.two_stage} "
-                f"writable-ro-after-init={'yes' if self.writable_ro_after_init else 'no'}")
+        tag = (f"two-stage={self.two_stage} "
+               f"writable-ro-after-init={'yes' if self.writable_ro_after_init else 'no'}")
+        if "kallsyms-data" in self.discard:
+            tag += " discard=kallsyms-data"
+        return tag
 
     def accepts(self, discarded: str, module: str) -> bool:
         """Whether files that lack the classes in *discarded* ("btf", "") may be loaded

@@ -11,10 +11,13 @@ The method (verified on Debian 6.1.0-56-amd64, see README and the issue tracker)
   whole core layout is one allocation (module_alloc() of core_layout.size) in
   which layout_sections() places each section deterministically, and the layout
   model (initsplit.layout) computes where, from C's own section headers. The
-  validator recomputes every offset; I's init wrapper compares C's core_layout
-  sizes with the model's before it runs anything and refuses (ENOEXEC) where the
-  kernel laid C out otherwise. No export of C can serve as the anchor: C's
-  exports stay hidden until I's init has succeeded (see _emit_exports).
+  validator recomputes every offset. Before it loads I, the daemon compares the
+  offset of each section of C that I reaches (SplitModule.reached) with the
+  address the kernel lists for it in /sys/module/NAME/sections, and loads plain
+  where they differ; I's init wrapper also compares C's core_layout sizes with
+  the model's, a coarser check for an I loaded by hand. No export of C can serve
+  as the anchor: C's exports stay hidden until I's init has succeeded (see
+  _emit_exports).
 * I holds the .init* sections, the per-record table entries describing them, a
   struct module named NAME__init whose ->init is a synthesized wrapper (see
   codegen.py) and whose ->exit is a stub.
@@ -145,6 +148,12 @@ class SplitModule:
     init: bytes
     anchors: tuple[str, ...]
     moved_records: dict[str, int]
+    # Each non-empty section of C that I reaches, with its offset from C's struct
+    # module in the layout model: what the daemon compares with the addresses the
+    # kernel lists in /sys/module/NAME/sections before it loads I (the kernel
+    # follows some of I's pointers into C as soon as I is loaded, before I's own
+    # checks run: jump_label_add_module() on a key in C, for one).
+    reached: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -171,10 +180,11 @@ def split_object(obj: ElfObject, rules: LayoutRules = LayoutRules()) -> SplitMod
 
 def layout_checks(core: ElfObject, rules: LayoutRules, module_layout_field: int
                   ) -> tuple[codegen.Check, ...]:
-    """What I's wrapper compares in C's struct module before it runs anything:
-    each core_layout size the kernel computes (layout_sections(), layout_symtab())
-    against the model's for C. Equal sizes at every group boundary mean the
-    kernel ran the placement the model mirrors, over the same section headers."""
+    """What I's wrapper compares in C's struct module before the original init
+    runs: each core_layout size the kernel computes (layout_sections(),
+    layout_symtab()) against the model's for C. Page-rounded sizes: a coarse
+    check (a section placed otherwise within its group passes it); the daemon's
+    check of each section's address before it loads I is the exact one."""
     marks = module_layout(core, rules).core_marks()
     f = MODULE_LAYOUT_FIELDS
     fields = (f.text_size, f.ro_size, f.ro_after_init_size, f.size)
@@ -241,6 +251,7 @@ class _Splitter:
             init=init_bytes,
             anchors=tuple(self.anchor_names),
             moved_records={t.section.name: len(t.init) for t in self.tables.values() if t.init},
+            reached=self._reached_sections(),
         )
 
     def _find_module_fields(self) -> None:
@@ -310,6 +321,9 @@ class _Splitter:
             raise SplitRefused("C's struct module is not in its core layout")
         self._anchor_delta = {orig: placed.core_offsets[out] - anchor_at
                               for orig, out in self._c_index.items() if out in placed.core_offsets}
+        self._c_names = {orig: core.sections[out].name for orig, out in self._c_index.items()}
+        self._c_sizes = {orig: core.sections[out].size for orig, out in self._c_index.items()}
+        self._reached = {self.this_module.index}
         self._checks = layout_checks(core, self.rules, self.layout.core_layout)
 
     def _publish(self) -> tuple[codegen.Publish, ...]:
@@ -528,7 +542,14 @@ class _Splitter:
         if delta is None:
             raise SplitRefused("init refers to a part of C outside its core layout",
                                self.sections[core_section].name)
+        self._reached.add(core_section)
         return self._i_undefined_symbol(self.anchor_names[0]), delta
+
+    def _reached_sections(self) -> tuple[tuple[str, int], ...]:
+        """(C's name, offset from the anchor) of each non-empty section I reaches;
+        sysfs lists no empty section (sect_empty()), and none holds a byte."""
+        return tuple(sorted((self._c_names[s], self._anchor_delta[s]) for s in self._reached
+                            if self._c_sizes[s]))
 
     def _i_target(self, index: int) -> tuple[int, int]:
         """Map an original symbol to (I symbol handle, addend correction)."""
