@@ -94,7 +94,8 @@ if not isinstance(pair, NotSplit):
 good = fresh.get(dummy)
 bad = sealed_memfd("bad__init.ko", os.pread(good.init.fileno(), 200, 0))
 good.init.close()
-record("bad_init", load_two_stage(SplitPair("dummy", "dummy__init", good.core, bad), original=dummy))
+record("bad_init", load_two_stage(SplitPair("dummy", "dummy__init", good.core, bad,
+                                            reached=good.reached), original=dummy))
 out["bad_init_del"] = try_delete("dummy")
 
 # 4. A core module the kernel rejects: original loaded plain.
@@ -108,7 +109,8 @@ out["bad_core_del"] = try_delete("dummy")
 good = fresh.get(dummy)
 good.init.close()
 badcrc = sealed_memfd("badcrc__init.ko", Path(os.environ["ISPLIT_BADCRC"]).read_bytes())
-record("bad_crc", load_two_stage(SplitPair("dummy", "dummy__init", good.core, badcrc), original=dummy))
+record("bad_crc", load_two_stage(SplitPair("dummy", "dummy__init", good.core, badcrc,
+                                           reached=good.reached), original=dummy))
 out["bad_crc_del"] = try_delete("dummy")
 
 # 3c. An init module whose wrapper expects C laid out otherwise (one of its
@@ -117,8 +119,8 @@ out["bad_crc_del"] = try_delete("dummy")
 good = fresh.get(dummy)
 good.init.close()
 badlayout = sealed_memfd("badlayout__init.ko", Path(os.environ["ISPLIT_BADLAYOUT"]).read_bytes())
-record("bad_layout", load_two_stage(SplitPair("dummy", "dummy__init", good.core, badlayout),
-                                    original=dummy))
+record("bad_layout", load_two_stage(SplitPair("dummy", "dummy__init", good.core, badlayout,
+                                              reached=good.reached), original=dummy))
 out["bad_layout_del"] = try_delete("dummy")
 
 # 3d. The layout model wrong about C: one section I reaches expected 8 bytes off.
