@@ -131,7 +131,8 @@ class _Validator:
         self.orig, self.out = orig, {C: core, I: init}
         self.rules = rules
         # Where the kernel puts each of C's sections (C's section index -> offset).
-        self.c_offsets = module_layout(core, rules).core_offsets
+        self.c_layout = module_layout(core, rules)
+        self.c_offsets = self.c_layout.core_offsets
         self.reached: set[int] = set()  # C's sections I's relocations land in
         self.init_secs = {s.index for s in orig.sections
                           if s.flags & SHF_ALLOC and s.name.startswith(".init")}
@@ -517,7 +518,7 @@ class _Validator:
         slot = self.exit_field if self.has_cleanup else self.init_field
         if self.layout is None:
             _fail("struct module layout unknown (the wrapper checks C's core_layout)")
-        checks = layout_checks(self.out[C], self.rules, self.layout.core_layout)
+        checks = layout_checks(self.c_layout, self.rules, self.layout.core_layout)
         return (codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, publish=self._publish(),
                                      checks=checks),
                 codegen.exit_stub(rethunk=rethunk))

@@ -180,7 +180,7 @@ def _decide_load(data: bytes, original: ElfObject, options: SplitOptions) -> Dec
         return Decision("invalid", reason="the sections I reaches differ from the validator's",
                         split=split)
     plain_pages = module_layout(original, options.rules).core.pages
-    core_pages = layout_of(split.core, options.rules).core.pages
+    core_pages = (split.core_layout or layout_of(split.core, options.rules)).core.pages
     refusal = _policy_refusal(original, options, plain_pages=plain_pages, core_pages=core_pages)
     reason, detail = refusal if refusal else ("", "")
     return Decision("plain" if refusal else "split", reason=reason, detail=detail, split=split,

@@ -58,7 +58,7 @@ from ..elf.constants import (
     STT_SECTION,
     X86_64_RELOC_WIDTH,
 )
-from ..layout import LayoutRules
+from ..layout import LayoutRules, ModuleLayout
 from ..layout.linux61 import module_layout
 from . import codegen
 from .errors import NothingToSplit, SplitRefused
@@ -154,6 +154,9 @@ class SplitModule:
     # follows some of I's pointers into C as soon as I is loaded, before I's own
     # checks run: jump_label_add_module() on a key in C, for one).
     reached: tuple[tuple[str, int], ...] = ()
+    # C's layout by the model (what the splitter placed I's offsets by), so that
+    # the decision need not read C again.
+    core_layout: ModuleLayout | None = None
 
 
 @dataclass(slots=True)
@@ -178,14 +181,15 @@ def split_object(obj: ElfObject, rules: LayoutRules = LayoutRules()) -> SplitMod
     return _Splitter(obj, rules).run()
 
 
-def layout_checks(core: ElfObject, rules: LayoutRules, module_layout_field: int
+def layout_checks(core: ElfObject | ModuleLayout, rules: LayoutRules, module_layout_field: int
                   ) -> tuple[codegen.Check, ...]:
     """What I's wrapper compares in C's struct module before the original init
     runs: each core_layout size the kernel computes (layout_sections(),
     layout_symtab()) against the model's for C. Page-rounded sizes: a coarse
     check (a section placed otherwise within its group passes it); the daemon's
     check of each section's address before it loads I is the exact one."""
-    marks = module_layout(core, rules).core_marks()
+    placed = core if isinstance(core, ModuleLayout) else module_layout(core, rules)
+    marks = placed.core_marks()
     f = MODULE_LAYOUT_FIELDS
     fields = (f.text_size, f.ro_size, f.ro_after_init_size, f.size)
     return tuple(codegen.Check(module_layout_field + off, value) for off, value in zip(fields, marks))
@@ -252,6 +256,7 @@ class _Splitter:
             anchors=tuple(self.anchor_names),
             moved_records={t.section.name: len(t.init) for t in self.tables.values() if t.init},
             reached=self._reached_sections(),
+            core_layout=self._core_layout,
         )
 
     def _find_module_fields(self) -> None:
@@ -324,7 +329,8 @@ class _Splitter:
         self._c_names = {orig: core.sections[out].name for orig, out in self._c_index.items()}
         self._c_sizes = {orig: core.sections[out].size for orig, out in self._c_index.items()}
         self._reached = {self.this_module.index}
-        self._checks = layout_checks(core, self.rules, self.layout.core_layout)
+        self._checks = layout_checks(placed, self.rules, self.layout.core_layout)
+        self._core_layout = placed
 
     def _publish(self) -> tuple[codegen.Publish, ...]:
         """The wrapper's stores: the full count of each export table that has hidden records."""
