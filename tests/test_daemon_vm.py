@@ -58,10 +58,13 @@ RuntimeDir=/run/initsplit
 
 # The same with no quiet batch before the daemon stops: every init module is still
 # pending when it stops (as at switch-root) and in its final batch.
-CONFIG_HOLD = CONFIG.replace("QuietPeriodSec=1", "QuietPeriodSec=600")
+# (BatchSize= too: 32 pending init modules would start a batch of their own.)
+CONFIG_HOLD = CONFIG.replace("QuietPeriodSec=1", "QuietPeriodSec=600") + "BatchSize=100000\n"
 
-# The same, with a stuck load given up on after 5 s (a worker that hangs).
-CONFIG_HANG = CONFIG + "LoadTimeoutSec=5s\n"
+# The same, with a stuck load given up on after 30 s (a worker that hangs): long
+# enough that no load but the hung one lasts it, splits made at boot under TCG on
+# a busy host included (5 s did not, once).
+CONFIG_HANG = CONFIG + "LoadTimeoutSec=30s\n"
 # An install command that hangs is killed after 3 s.
 CONFIG_INSTALL = CONFIG + "InstallCommandTimeoutSec=3s\n"
 # The pre-split cache of some drivers, damaged by prepare_share() in every way the
