@@ -89,15 +89,23 @@ snapshot() {{
     done
     # /proc/vmallocinfo is read in page-sized chunks by position in an address-sorted
     # list; a vmap stack allocated or freed meanwhile (below the module area) shifts
-    # the positions and a chunk boundary can skip or repeat a line. Read until two
-    # reads agree.
+    # the positions and a chunk boundary can skip or repeat a line. Two reads can
+    # agree and both miss a line: the stack of the process that exited just before
+    # each read is freed late (delayed_put_task_struct() -> vfree_atomic(), a
+    # workqueue), at the same point of each read. So read until two reads agree and
+    # hold as many areas as settle() saw modules, pausing between tries; a count that
+    # stays wrong is printed as read and fails the test.
+    m=$(grep -c . /proc/modules)
     module_areas > /tmp/areas.1
     i=0
-    while [ $i -lt 20 ]; do
+    while [ $i -lt 50 ]; do
         module_areas > /tmp/areas.2
-        cmp -s /tmp/areas.1 /tmp/areas.2 && break
-        mv /tmp/areas.2 /tmp/areas.1; i=$((i+1))
+        if cmp -s /tmp/areas.1 /tmp/areas.2 && [ "$(grep -c . /tmp/areas.2)" = "$m" ]; then
+            break
+        fi
+        mv /tmp/areas.2 /tmp/areas.1; i=$((i+1)); sleep 0.1
     done
+    [ $i -lt 50 ] || echo "FAILED to read /proc/vmallocinfo twice alike with $m areas"
     sed 's/^/vmalloc /' /tmp/areas.1
     echo "--- end $1"
 }}
