@@ -33,6 +33,8 @@ from pathlib import Path
 import pytest
 
 from initsplit.analyze import ModuleAnalysis, analyze_module
+from initsplit.elf import read_elf
+from initsplit.layout.twostage_slab import listed_sections
 from initsplit.layout import LayoutRules, ModuleLayout, rules_for_tree
 from initsplit.split import split_module
 from initsplit.split.policy import SplitOptions
@@ -107,6 +109,11 @@ snapshot() {{
     done
     [ $i -lt 50 ] || echo "FAILED to read /proc/vmallocinfo twice alike with $m areas"
     sed 's/^/vmalloc /' /tmp/areas.1
+    # What the two-stage slab model counts (layout/twostage_slab.py): the sections
+    # each module lists in sysfs.
+    for d in /sys/module/*/sections; do
+        m=${{d%/sections}}; echo "sections ${{m##*/}}" $(ls -A $d)
+    done
     echo "--- end $1"
 }}
 """
@@ -118,6 +125,7 @@ class Snapshot:
     coresize: dict[str, int]
     meminfo: dict[str, int]  # kB
     vmalloc: dict[int, tuple[int, int]]  # start address -> (area size, pages)
+    sections: dict[str, list[str]]  # name -> what /sys/module/NAME/sections lists
 
 
 @dataclass
@@ -148,7 +156,9 @@ def parse_snapshot(output: str, tag: str) -> Snapshot:
     vmalloc = {int(m.group(1), 16): (int(m.group(2)), int(m.group(3)))
                for m in re.finditer(r"^vmalloc 0x([0-9a-f]+)-0x[0-9a-f]+\s+(\d+) .*pages=(\d+)",
                                     block, re.M)}
-    return Snapshot(modules, coresize, meminfo, vmalloc)
+    sections = {m.group(1): sorted(m.group(2).split())
+                for m in re.finditer(r"^sections (\S+)(.*)$", block, re.M)}
+    return Snapshot(modules, coresize, meminfo, vmalloc, sections)
 
 
 def module_allocs(trace: str) -> dict[str, list[int]]:
@@ -391,3 +401,26 @@ def _print_figures(prepared: Prepared, rows, plain: Snapshot, after: Snapshot,
           f"{(total_plain - total_after) // PAGE} pages less")
     print(f"VmallocUsed: plain {plain.meminfo['VmallocUsed']} kB, two-stage after the batch "
           f"{after.meminfo['VmallocUsed']} kB")
+
+
+def test_sysfs_sections_are_the_slab_models(prepared: Prepared, plain_boot: BootResult,
+                                            split_boot: BootResult) -> None:
+    """The sections layout/twostage_slab.py counts for each module (each one a
+    kernfs node, an attribute and two copies of its name) are the ones the kernel
+    lists in /sys/module/NAME/sections: the originals, C and I."""
+    assert_ran(plain_boot)
+    assert_ran(split_boot)
+    checked, wrong = 0, []
+    for kind, result, tag in (("plain", plain_boot, "plain"), ("split", split_boot, "loaded")):
+        listed = parse_snapshot(result.script_output, tag).sections
+        for path, data in prepared.files.items():
+            if not path.startswith(f"/m/{kind}/"):
+                continue
+            name = path.rsplit("/", 1)[1].removesuffix(".ko")
+            raw = data.read_bytes() if isinstance(data, Path) else data
+            model = sorted(listed_sections(read_elf(raw), kallsyms=prepared.rules.kallsyms))
+            if listed.get(name) != model:
+                wrong.append(f"{kind} {name}: kernel {listed.get(name)}, model {model}")
+            checked += 1
+    assert not wrong, "\n".join(wrong)
+    assert checked >= 2 * len(prepared.order), checked

@@ -41,6 +41,7 @@ from .elf import MalformedElf, read_elf
 from .layout import (CORE_GROUPS, PAGE_SIZE, Layout, LayoutRules, ModuleLayout, layout_of, module_layout,
                      rules_for_tree)
 from .layout.btf import btf_kept_bytes, kernel_model
+from .layout.twostage_slab import twostage_slab_bytes
 from .split.modinfo import first, parse_modinfo
 from .split.decide import OUTCOMES, decide
 from .split.policy import DEFAULT_OPTIONS, SplitOptions
@@ -71,6 +72,9 @@ class ModuleAnalysis:
     # what the chosen load gives back of them (Discard=kallsyms-data).
     kallsyms_cost: int = 0
     kallsyms_given_back: int = 0
+    # Unreclaimable slab a two-stage load of this module takes more than its plain
+    # load (layout/twostage_slab.py), when it splits, whatever the policy chose.
+    twostage_slab: int = 0
 
     @property
     def class_pages(self) -> int:
@@ -143,6 +147,8 @@ class ModuleAnalysis:
                        init_module_init=self.init.init.as_dict())
         out["btf_bytes"] = {"cost": self.btf_cost, "given_back": self.btf_given_back}
         out["kallsyms_data_bytes"] = {"cost": self.kallsyms_cost, "given_back": self.kallsyms_given_back}
+        if self.core is not None:
+            out["twostage_slab_bytes"] = self.twostage_slab
         out["saving_pages"] = {"init_resident": self.saving_resident, "today": self.saving_today,
                                "if_split": self.saving_if_split, "flat_2002": self.saving_flat_2002}
         return out
@@ -180,12 +186,16 @@ def analyze_module(source: Path, relative: Path | str, rules: LayoutRules = Layo
                               **btf_fields)
     split = decision.split
     try:
-        core = layout_of(split.core, rules)
-        init = layout_of(split.init, rules)
+        core_obj, init_obj = read_elf(split.core), read_elf(split.init)
+        core = module_layout(core_obj, rules)
+        init = module_layout(init_obj, rules)
     except MalformedElf as exc:
         return ModuleAnalysis(relative, name, "error", f"split output: {exc}", plain, resident)
+    slab = twostage_slab_bytes(obj, core_obj, init_obj, split.init_name, kallsyms=rules.kallsyms,
+                               init_pages=(init.core.pages, init.init.pages))
     return ModuleAnalysis(relative, name, decision.outcome, decision.reason, plain, resident, core,
-                          init, split.init_name, decision.detail, **btf_fields)
+                          init, split.init_name, decision.detail, **btf_fields,
+                          twostage_slab=slab)
 
 
 def _analyze_job(job: ModuleJob, rules: LayoutRules, options: SplitOptions) -> ModuleAnalysis:
@@ -336,6 +346,14 @@ def summarize(results: Sequence[ModuleAnalysis], rules: LayoutRules, tree: str =
                 "modules_saving": sum(1 for s in every if s > 0),
                 "modules_costing": sum(1 for s in every if s < 0),
             },
+            # What the chosen two-stage loads take in slab, against their core pages.
+            "twostage_slab": {
+                "bytes": sum(r.twostage_slab for r in split),
+                "modules": len(split),
+                "net_bytes": sum(r.saving_today * page - r.twostage_slab for r in split),
+                "modules_freeing_more": sum(1 for r in split
+                                            if r.saving_today * page > r.twostage_slab),
+            },
         },
         "problems": [{"path": r.path, "outcome": r.outcome, "reason": r.reason}
                      for r in results if r.outcome in ("invalid", "error")],
@@ -418,6 +436,11 @@ def render_text(summary: dict, results: Sequence[ModuleAnalysis] = (), *,
     add(f"      every module that splits loaded two-stage (TwoStage=always): {e['pages']} pages "
         f"over {e['modules']} modules ({e['modules_saving']} save pages, "
         f"{e['modules_costing']} need more)")
+    t = s["twostage_slab"]
+    add(f"  slab of the two-stage loads (layout/twostage_slab.py; TwoStage= does not weigh it yet): "
+        f"{t['bytes']:,} bytes for {t['modules']} modules; with their core pages, two-stage gives "
+        f"back {t['net_bytes']:,} bytes net ({t['modules_freeing_more']} modules free more than "
+        "they take)")
     if summary["problems"]:
         add("")
         add(f"problems: {len(summary['problems'])} (see stderr)")

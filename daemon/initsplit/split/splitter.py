@@ -157,6 +157,8 @@ class SplitModule:
     # C's layout by the model (what the splitter placed I's offsets by), so that
     # the decision need not read C again.
     core_layout: ModuleLayout | None = None
+    # C as parsed for that layout (its sections weigh in the decision's slab model).
+    core_object: ElfObject | None = None
 
 
 @dataclass(slots=True)
@@ -257,6 +259,7 @@ class _Splitter:
             moved_records={t.section.name: len(t.init) for t in self.tables.values() if t.init},
             reached=self._reached_sections(),
             core_layout=self._core_layout,
+            core_object=self._core_object,
         )
 
     def _find_module_fields(self) -> None:
@@ -331,6 +334,7 @@ class _Splitter:
         self._reached = {self.this_module.index}
         self._checks = layout_checks(placed, self.rules, self.layout.core_layout)
         self._core_layout = placed
+        self._core_object = core
 
     def _publish(self) -> tuple[codegen.Publish, ...]:
         """The wrapper's stores: the full count of each export table that has hidden records."""
