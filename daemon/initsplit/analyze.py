@@ -186,7 +186,7 @@ def analyze_module(source: Path, relative: Path | str, rules: LayoutRules = Layo
                               **btf_fields)
     split = decision.split
     try:
-        core_obj, init_obj = read_elf(split.core), read_elf(split.init)
+        core_obj, init_obj = split.core_object or read_elf(split.core), read_elf(split.init)
         core = module_layout(core_obj, rules)
         init = module_layout(init_obj, rules)
     except MalformedElf as exc:
