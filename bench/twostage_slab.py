@@ -39,8 +39,7 @@ from initsplit.elf.discard import without_sections  # noqa: E402
 from initsplit.split.decide import decide, module_name  # noqa: E402
 from initsplit.elf import read_elf  # noqa: E402
 from initsplit.split.policy import DISCARD_SECTIONS  # noqa: E402
-from initsplit.layout import module_layout  # noqa: E402
-from initsplit.layout.twostage_slab import twostage_slab_bytes  # noqa: E402
+from initsplit.analyze import split_figures  # noqa: E402
 from tests.test_savings_vm import TARGETS  # noqa: E402
 from tests.testbed import boot, debian_kernel  # noqa: E402
 
@@ -80,12 +79,7 @@ def files_for(kernel, two_stage: bool) -> tuple[dict[str, bytes], int]:
                 files[f"/m/{decision.split.init_name}.ko"] = decision.split.init
                 order += [name, decision.split.init_name]
                 inits.append(decision.split.init_name)
-                init = read_elf(decision.split.init)
-                init_layout = module_layout(init)
-                model += twostage_slab_bytes(decision.original, read_elf(decision.split.core), init,
-                                             decision.split.init_name,
-                                             init_pages=(init_layout.core.pages,
-                                                         init_layout.init.pages))
+                model += split_figures(decision.original, decision.split)[2]
             else:
                 files[f"/m/{name}.ko"] = without_sections(data, DISCARD_SECTIONS["btf"])
                 order.append(name)

@@ -112,7 +112,7 @@ snapshot() {{
     # What the two-stage slab model counts (layout/twostage_slab.py): the sections
     # each module lists in sysfs.
     for d in /sys/module/*/sections; do
-        m=${{d%/sections}}; echo "sections ${{m##*/}}" $(ls -A $d)
+        mod=${{d%/sections}}; echo "sections ${{mod##*/}}" $(ls -A $d)
     done
     echo "--- end $1"
 }}

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .elf import MalformedElf, read_elf
+from .elf import ElfObject, MalformedElf, read_elf
 from .layout import (CORE_GROUPS, PAGE_SIZE, Layout, LayoutRules, ModuleLayout, layout_of, module_layout,
                      rules_for_tree)
 from .layout.btf import btf_kept_bytes, kernel_model
@@ -45,6 +45,7 @@ from .layout.twostage_slab import twostage_slab_bytes
 from .split.modinfo import first, parse_modinfo
 from .split.decide import OUTCOMES, decide
 from .split.policy import DEFAULT_OPTIONS, SplitOptions
+from .split.splitter import SplitModule
 from .tree import MODULE_SUFFIX, ModuleJob, find_modules, run_jobs
 
 HISTOGRAM_BIN = 512  # the bins of the 2002 table
@@ -186,16 +187,23 @@ def analyze_module(source: Path, relative: Path | str, rules: LayoutRules = Layo
                               **btf_fields)
     split = decision.split
     try:
-        core_obj, init_obj = split.core_object or read_elf(split.core), read_elf(split.init)
-        core = module_layout(core_obj, rules)
-        init = module_layout(init_obj, rules)
+        core, init, slab = split_figures(obj, split, rules)
     except MalformedElf as exc:
         return ModuleAnalysis(relative, name, "error", f"split output: {exc}", plain, resident)
-    slab = twostage_slab_bytes(obj, core_obj, init_obj, split.init_name, kallsyms=rules.kallsyms,
-                               init_pages=(init.core.pages, init.init.pages))
     return ModuleAnalysis(relative, name, decision.outcome, decision.reason, plain, resident, core,
                           init, split.init_name, decision.detail, **btf_fields,
                           twostage_slab=slab)
+
+
+def split_figures(original: ElfObject, split: SplitModule,
+                  rules: LayoutRules = LayoutRules()) -> tuple[ModuleLayout, ModuleLayout, int]:
+    """C's and I's layouts, and the slab the two-stage load takes more than the plain
+    one (layout/twostage_slab.py), from C as the splitter parsed it."""
+    core_obj, init_obj = split.core_object or read_elf(split.core), read_elf(split.init)
+    core, init = module_layout(core_obj, rules), module_layout(init_obj, rules)
+    slab = twostage_slab_bytes(original, core_obj, init_obj, split.init_name,
+                               kallsyms=rules.kallsyms, init_pages=(init.core.pages, init.init.pages))
+    return core, init, slab
 
 
 def _analyze_job(job: ModuleJob, rules: LayoutRules, options: SplitOptions) -> ModuleAnalysis:

@@ -11,8 +11,9 @@ holes in slabs that still hold live ones: SUnreclaim counts slab pages, not
 objects, and keeps them. bench/twostage_slab.py measured it on Debian 6.1.0-57
 (QEMU, one CPU, slab_nomerge): the same objects in use as a plain load, and
 kernfs_node_cache, kmalloc-1k, -32, -16, -8 holding 19, 14, 2.5, 2, 1 pages more:
-158 kB for the 34 modules of tests/test_savings_vm.py loaded two-stage, 4.6 kB a
-module, while their core layouts gave back 3 pages.
+158 kB for the 29 modules of tests/test_savings_vm.py that the default loads
+two-stage, 5.4 kB a module (this model: 157 kB), while their core layouts gave
+back 2 pages.
 
 Whether a hole is filled later depends on what the machine allocates after boot,
 so this model charges a two-stage load the whole footprint of I's objects, and
