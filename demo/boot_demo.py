@@ -1,4 +1,4 @@
-"""`make demo`: a Debian 12 system boots with initsplitd loading its drivers two-stage.
+"""`make demo`: a Debian 12 system boots with initsplitd loading its drivers.
 
 On a fresh Debian 12 machine, as root:
 
@@ -12,7 +12,12 @@ On a fresh Debian 12 machine, as root:
 4. boots the disk in QEMU (TCG, root on a virtio ext4 disk) to multi-user;
 5. prints what `journalctl -b` shows of initsplit: every module the two daemons
    loaded (initramfs, then real root) with its mode and sizes, the batches of init
-   modules given back, and each daemon's summary.
+   modules given back, and each daemon's summary;
+6. adds up what both daemons say they gave back for good and holds it against
+   the kernel: every module's core size in the journal against /proc/modules,
+   and every module whose BTF was dropped against /sys/kernel/btf (the bytes a
+   module's BTF would have kept are the retention model's, layout/btf.py, which
+   tests/test_btf_vm.py checks against the kernel's slab counters).
 
 The only change from the installed defaults is ExitAfterQuietSec=10s (instead of
 30 s), so the real-root daemon's summary is in the journal sooner.
@@ -39,6 +44,7 @@ from initsplit.daemon.journal import (  # noqa: E402
     SYSLOG_IDENTIFIER,
 )
 from tests.testbed import TestbedError, cache_dir, debian_kernel  # noqa: E402
+from tests.testbed.given_back import check_given_back  # noqa: E402
 from tests.testbed.install import install_initsplit  # noqa: E402
 from tests.testbed.rootfs import RootFS, debian_rootfs  # noqa: E402
 from tests.testbed.system import SystemBoot, boot_system, build_disk  # noqa: E402
@@ -108,6 +114,26 @@ def print_journal(boot: SystemBoot) -> None:
                 print(f"    {e['MESSAGE']}{when}")
 
 
+def check_total(boot: SystemBoot) -> bool:
+    """Both daemons' given-back total, and whether the kernel agrees with its parts."""
+    after = boot.sections.get("modules_after")
+    listing = boot.sections.get("btf_after")
+    result = check_given_back(boot.journal_json, proc_modules=after.output if after else boot.proc_modules,
+                              btf_listing=listing.output if listing else "", daemons=len(UNITS))
+    print()
+    info(f"given back for good, both daemons' summaries: {result.total:,} bytes "
+         f"({result.total / 1024:,.0f} KiB), of which BTF {result.btf:,} bytes; "
+         f"the modules' entries add up to {result.per_module:,}")
+    info(f"the kernel agrees: {len(result.core_confirmed)} modules have the journal's core size in "
+         f"/proc/modules, and the {len(result.btf_confirmed)} whose BTF was given back have no "
+         "/sys/kernel/btf entry")
+    if result.total <= 0:
+        result.problems.append("nothing given back")
+    for problem in result.problems:
+        print(f"demo: {problem}", file=sys.stderr)
+    return not result.problems
+
+
 def main() -> int:
     started = time.monotonic()
     try:
@@ -135,7 +161,8 @@ def main() -> int:
         step("building the initramfs with dracut (the initsplit module pre-splits its kernel modules)")
         t = time.monotonic()
         image = build_disk(rootfs, out=work, extra_files=extra,
-                           report_commands={"wait_daemon": WAIT_DAEMON, "modules_after": "cat /proc/modules"})
+                           report_commands={"wait_daemon": WAIT_DAEMON, "modules_after": "cat /proc/modules",
+                                            "btf_after": "ls /sys/kernel/btf"})
         log = image.dracut_log.read_text()
         added = re.search(r"initsplit: .*MB added.*", log)
         info(f"{image.initrd.stat().st_size / 1e6:.1f} MB initramfs in {time.monotonic() - t:.0f} s; "
@@ -158,6 +185,8 @@ def main() -> int:
                       if line.split() and line.split()[0].endswith("__init"))
         print()
         info(f"init modules left in /proc/modules: {', '.join(left) if left else 'none'}")
+        if not check_total(boot):
+            return 1
     except TestbedError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1

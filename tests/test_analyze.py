@@ -9,6 +9,7 @@ the init layouts. A synthetic module checks each layout rule on its own.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -152,13 +153,19 @@ def test_init_resident_merges_init_into_the_core_groups(modules_dir: Path, rules
 
 
 def test_analyze_module_savings(modules_dir: Path, rules: LayoutRules) -> None:
-    jbd2 = analyze_module(modules_dir / "kernel/fs/jbd2/jbd2.ko", "kernel/fs/jbd2/jbd2.ko", rules)
+    always = SplitOptions(two_stage="always")
+    jbd2 = analyze_module(modules_dir / "kernel/fs/jbd2/jbd2.ko", "kernel/fs/jbd2/jbd2.ko", rules,
+                          always)
     assert jbd2.outcome == "split" and jbd2.name == "jbd2" and jbd2.init_name == "jbd2__init"
     assert (jbd2.saving_today, jbd2.saving_resident, jbd2.saving_flat_2002) == (0, 0, 0)
+    # By default the init module's slab tips it: plain, and nothing saved by two-stage.
+    default = analyze_module(modules_dir / "kernel/fs/jbd2/jbd2.ko", "jbd2.ko", rules)
+    assert default.outcome == "plain" and default.twostage_slab == jbd2.twostage_slab > 4096
+    assert default.saving_today == 0 and default.saving_if_split == 0
     # C's anchor pushes .rodata over a page boundary: by default it loads plain.
     iso8859_2 = analyze_module(modules_dir / "kernel/fs/nls/nls_iso8859-2.ko", "nls_iso8859-2.ko", rules)
     assert iso8859_2.outcome == "plain" and "TwoStage=when-not-worse" in iso8859_2.reason, iso8859_2
-    assert iso8859_2.detail == "core layout 5 pages two-stage, 4 plain"
+    assert iso8859_2.detail.startswith("core layout 5 pages two-stage, 4 plain, and ")
     assert iso8859_2.saving_today == 0 and iso8859_2.saving_if_split == -1
     forced = analyze_module(modules_dir / "kernel/fs/nls/nls_iso8859-2.ko", "nls_iso8859-2.ko", rules,
                             SplitOptions(two_stage="always"))
@@ -294,18 +301,23 @@ def test_cli_text(small_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "layout rules applied:" in out and "CONFIG_STRICT_MODULE_RWX=y" in out
     assert f"kernel configuration: {small_tree.parent.parent.parent}/boot/config-" in out
     assert "modules: 6; with init sections: 5; non-init size above one page (4096 bytes): 3" in out
-    assert ("splitter: two-stage 3, plain by policy 1, nothing to split 1, refused 1, invalid 0, "
+    assert ("splitter: two-stage 0, plain by policy 4, nothing to split 1, refused 1, invalid 0, "
             "errors 0 (TwoStage=when-not-worse, WritableRoAfterInit=no)") in out
-    assert "  plain       1  two-stage would take more core pages (TwoStage=when-not-worse)" in out
+    assert "  plain       4  two-stage would cost more than it frees (TwoStage=when-not-worse)" in out
     bins = [line for line in out.splitlines() if line.startswith("  0") or line.startswith("  1")
             or line.startswith("  2") or line.startswith("  3")]
     assert len(bins) == 8 and bins[0].startswith("  0000...0511")
-    # dummy 0, jbd2 0, configfs 0, nls_iso8859_2 -1 (its anchor pushes .rodata over a page):
-    # by default nls_iso8859_2 loads plain, and no module costs a page.
+    # dummy 0, jbd2 0, configfs 0, nls_iso8859_2 -1 (its anchor pushes .rodata over a page),
+    # and each init module's slab on top: by default all four load plain.
     assert "(b) against today's kernel" in out
-    assert "0 pages = 0 bytes over 3 split modules (0 save pages, 0 need more)" in out
+    assert "0 pages = 0 bytes over 0 split modules (0 save pages, 0 need more)" in out
     assert ("every module that splits loaded two-stage (TwoStage=always): -1 pages over 4 "
             "modules (0 save pages, 1 need more)") in out
+    slab = re.search(r"and the slab it would take \(layout/twostage_slab.py\): ([\d,]+) bytes; with the "
+                     r"core pages, two-stage would give back (-[\d,]+) bytes net \(0 modules free more "
+                     r"than they take\)", out)
+    assert slab, out
+    assert int(slab.group(2).replace(",", "")) == -int(slab.group(1).replace(",", "")) - PAGE
     assert "(a) against init kept resident" in out
     assert "dummy" not in out  # no per-module table unless asked
 
@@ -315,20 +327,22 @@ def test_cli_per_module(small_tree: Path, capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line.split() and line.split()[0] in ("jbd2", "pci_stub", "nls_iso8859_2")}
-    assert rows["jbd2"][1:] == ["split", "116186", "549", "41", "14", "41", "4", "0", "0"]
+    assert rows["jbd2"][1] == "plain" and rows["jbd2"][-1] == "0"
     assert rows["nls_iso8859_2"][1] == "plain" and rows["nls_iso8859_2"][-1] == "0"
     assert rows["pci_stub"][1] == "refused"
     assert cli.main(["analyze", str(small_tree), "--per-module", "--two-stage", "always"]) == cli.EXIT_OK
     out = capsys.readouterr().out
-    iso8859_2 = next(line.split() for line in out.splitlines() if line.startswith("nls_iso8859_2 "))
-    assert iso8859_2[1] == "split" and iso8859_2[-1] == "-1"
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("jbd2", "nls_iso8859_2")}
+    assert rows["jbd2"][1:] == ["split", "116186", "549", "41", "14", "41", "4", "0", "0"]
+    assert rows["nls_iso8859_2"][1] == "split" and rows["nls_iso8859_2"][-1] == "-1"
 
 
 def test_cli_json(small_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["analyze", str(small_tree), "--json"]) == cli.EXIT_OK
     doc = json.loads(capsys.readouterr().out)
     assert doc["modules"] == 6 and doc["kernel"] == small_tree.name
-    assert doc["outcomes"] == {"split": 3, "plain": 1, "nothing": 1, "refused": 1, "invalid": 0,
+    assert doc["outcomes"] == {"split": 0, "plain": 4, "nothing": 1, "refused": 1, "invalid": 0,
                                "error": 0}
     assert doc["options"] == {"two_stage": "when-not-worse", "writable_ro_after_init": False,
                               "discard": ["btf"], "keep_btf": []}
@@ -347,7 +361,11 @@ def test_cli_json(small_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert today["bytes"] == 0 and today["modules_costing"] == 0
     assert sum(g["saving"] for g in today["by_group"].values()) == 0
     assert per["nls_iso8859_2"]["saving_pages"]["if_split"] == -1
-    assert per["nls_iso8859_2"]["detail"] == "core layout 5 pages two-stage, 4 plain"
+    assert per["nls_iso8859_2"]["detail"].startswith("core layout 5 pages two-stage, 4 plain, and ")
+    slab = doc["savings"]["twostage_slab"]
+    assert slab["modules"] == 4 and slab["modules_freeing_more"] == 0
+    assert slab["bytes"] == sum(m["twostage_slab_bytes"] for m in doc["per_module"]
+                                if "twostage_slab_bytes" in m) > 4 * PAGE
     every = doc["savings"]["every_split"]
     assert (every["pages"], every["modules"], every["modules_costing"]) == (-1, 4, 1)
     assert doc["histogram"]["over_one_page"] == [

@@ -34,7 +34,9 @@ from initsplit.daemon.journal import (
 )
 from initsplit.daemon.udev_source import valid_alias
 from initsplit.split.decide import decide, manifest_reason
+from initsplit.split.policy import SplitOptions
 from tests.testbed import debian_kernel
+from tests.testbed.given_back import check_given_back
 from tests.testbed.install import install_initsplit
 from tests.testbed.rootfs import RootFS, debian_rootfs
 from tests.testbed.system import SystemBoot, SystemImage, boot_system, build_disk
@@ -73,6 +75,8 @@ REPORT = {
     # /proc/modules once both daemons are done (the standard section is read at
     # multi-user, while the real-root daemon may still be loading).
     "modules_after": "cat /proc/modules",
+    # Which modules kept their BTF, once both daemons are done.
+    "btf_after": "ls /sys/kernel/btf",
     "failed_status": "systemctl status --failed --no-pager --full --lines=30",
     # What the daemons left in /run: nothing but the fault hook's record, if any.
     # udev's own view of the devices the hostile rule gave a MODALIAS.
@@ -127,6 +131,10 @@ HOSTILE_RULES = "".join(f'SUBSYSTEM=="mem", KERNEL=="{k}", ENV{{MODALIAS}}="{v}"
                         for k, v in HOSTILE_MODALIAS.items())
 
 
+TWO_STAGE_DROPIN = "[Daemon]\nTwoStage=always\n"
+ALWAYS = SplitOptions(two_stage="always")
+
+
 @pytest.fixture(scope="module")
 def rootfs() -> RootFS:
     return debian_rootfs(debian_kernel())
@@ -135,7 +143,10 @@ def rootfs() -> RootFS:
 @pytest.fixture(scope="module")
 def image(rootfs: RootFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemImage]:
     out = tmp_path_factory.mktemp("boot-integration")
-    extra = install_initsplit(out / "destdir")
+    # The boots exercise two-stage loads and their faults: TwoStage=always, for the
+    # image's `initsplit split` and its daemons alike (the default weighs the init
+    # module's slab and loads every module of Debian 6.1 plain).
+    extra = install_initsplit(out / "destdir", conf_dropins={"50-two-stage.conf": TWO_STAGE_DROPIN})
     rules = out / "destdir/etc/udev/rules.d/70-isplit-hostile.rules"
     rules.write_text(HOSTILE_RULES)
     (out / "destdir/etc/dracut.conf.d").mkdir(parents=True, exist_ok=True)
@@ -202,7 +213,7 @@ def modules_after(boot: SystemBoot) -> dict[str, int]:
 def expected_mode(rootfs: RootFS, module: str) -> tuple[str, str]:
     """("two-stage", "") if the splitter splits the module, else ("plain", reason)."""
     path = next((rootfs.path / "lib/modules" / rootfs.kver / "kernel").rglob(f"{module}.ko"))
-    decision = decide(path.read_bytes())
+    decision = decide(path.read_bytes(), ALWAYS)
     if decision.outcome == "split":
         return "two-stage", ""
     return "plain", manifest_reason(decision)
@@ -381,6 +392,21 @@ def test_batches_and_summaries(booted: SystemBoot) -> None:
         assert int(summary["INITSPLIT_TOTAL_TWO_STAGE"]) == len(two_stage), summary
         assert int(summary["INITSPLIT_TOTAL_BATCHES"]) == len(batches), summary
         assert int(summary["INITSPLIT_TOTAL_FREED_BYTES"]) == sum(int(b["INITSPLIT_FREED_BYTES"]) for b in batches)
+
+
+def test_given_back_total_is_what_the_kernel_shows(booted: SystemBoot) -> None:
+    """Both summaries' given-back total is the sum of the modules' entries, and the
+    kernel shows its parts: core sizes in /proc/modules, no /sys/kernel/btf entry
+    for a module whose BTF was given back (tests/testbed/given_back.py)."""
+    assert booted.sections["btf_after"].rc == 0, booted.report()
+    result = check_given_back(booted.journal_json, proc_modules=booted.sections["modules_after"].output,
+                              btf_listing=booted.sections["btf_after"].output, daemons=2)
+    assert not result.problems, "\n".join(result.problems)
+    # The root drivers at least, loaded by the initramfs daemon without their BTF.
+    assert set(ROOT_DRIVERS) <= set(result.btf_confirmed), result.btf_confirmed
+    assert result.btf > 0 and result.total != 0, result
+    print(f"\ngiven back for good: {result.total} bytes (BTF {result.btf}) over "
+          f"{len(result.core_confirmed)} modules, as the kernel shows")
 
 
 def test_initramfs_daemon_stopped_before_switch_root(booted: SystemBoot) -> None:

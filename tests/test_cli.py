@@ -76,7 +76,7 @@ def _files(root: Path) -> set[str]:
 
 def test_split_writes_a_manifest_per_decided_module(small_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert cli.main(["split", str(small_tree), "-o", str(out), "--quiet"]) == 0
+    assert cli.main([*SPLIT, str(small_tree), "-o", str(out), "--quiet"]) == 0
     for relative, (outcome, _init) in MODULES.items():
         source = (small_tree / relative).read_bytes()
         hit = read_entry(out, Path(relative), source=source)
@@ -89,6 +89,12 @@ def test_split_writes_a_manifest_per_decided_module(small_tree: Path, tmp_path: 
         assert isinstance(stale, BadEntry) and "is stale" in stale.reason, stale
 
 
+# The splitting tests make pairs wherever a module splits: the default policy
+# (TwoStage=when-not-worse) weighs the init module's slab and loads every module of
+# Debian 6.1 plain; test_split_by_default_writes_rewritten_originals checks that.
+SPLIT = ("split", "--two-stage", "always")
+
+
 def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO / "daemon")}
     return subprocess.run([PYTHON, "-m", "initsplit", *args], env=env, cwd=REPO,
@@ -97,10 +103,31 @@ def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 # ----------------------------------------------------------------- split
 
+def test_split_by_default_writes_rewritten_originals(small_tree: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The default weighs the init module's slab: every module that splits loads plain,
+    and what `initsplit split` writes for it is its original without the BTF."""
+    out = tmp_path / "out"
+    assert cli.main(["split", str(small_tree), "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert re.search(r"^split 0, plain by policy 6, nothing to split 2, refused 2, invalid 0, "
+                     r"errors 0 in \d+\.\d s$", stdout, re.M), stdout
+    assert _files(out) == set(MODULES)  # no init module anywhere
+    for relative in MODULES:
+        assert (out / relative).read_bytes() == without_sections(
+            (small_tree / relative).read_bytes(), {".BTF"}), relative
+        hit = read_entry(out, Path(relative), source=(small_tree / relative).read_bytes())
+        assert isinstance(hit, CacheHit), hit
+        with hit:
+            if MODULES[relative][0] == "split":
+                assert hit.manifest.decision == "plain", relative
+                assert "two-stage would cost more than it frees" in hit.manifest.reason
+
+
 def test_split_writes_pairs_for_split_modules_only(small_tree: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert cli.main(["split", str(small_tree), "-o", str(out)]) == 0
+    assert cli.main([*SPLIT, str(small_tree), "-o", str(out)]) == 0
     stdout, stderr = capsys.readouterr()
     assert SUMMARY.search(stdout), stdout
     assert stderr == ""  # not a terminal: no progress line
@@ -124,7 +151,7 @@ def test_split_is_deterministic_across_worker_counts(small_tree: Path, tmp_path:
     outputs = {}
     for jobs in ("1", "2"):
         out = tmp_path / f"out{jobs}"
-        assert cli.main(["split", str(small_tree), "-o", str(out), "-j", jobs, "--quiet"]) == 0
+        assert cli.main([*SPLIT, str(small_tree), "-o", str(out), "-j", jobs, "--quiet"]) == 0
         outputs[jobs] = {f: (out / f).read_bytes() for f in _files(out)}
     assert outputs["1"] == outputs["2"]
     assert set(outputs["1"]) == _expected_files()
@@ -132,7 +159,7 @@ def test_split_is_deterministic_across_worker_counts(small_tree: Path, tmp_path:
 
 def test_list_refused_and_quiet(small_tree: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["split", str(small_tree), "-o", str(tmp_path / "out"), "--quiet",
+    code = cli.main([*SPLIT, str(small_tree), "-o", str(tmp_path / "out"), "--quiet",
                      "--list-refused"])
     assert code == 0
     stdout, stderr = capsys.readouterr()
@@ -148,11 +175,11 @@ def test_list_refused_and_quiet(small_tree: Path, tmp_path: Path,
 def test_split_single_files(small_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     files = [small_tree / "kernel/drivers/net/dummy.ko", small_tree / "kernel/lib/crc7.ko"]
-    assert cli.main(["split", *map(str, files), "-o", str(out), "-q"]) == 0
+    assert cli.main([*SPLIT, *map(str, files), "-o", str(out), "-q"]) == 0
     assert _files(out) == {"dummy.ko", "dummy__init.ko", "crc7.ko"}
     # Without discard classes a module loaded plain is loaded as it is: nothing written.
     out = tmp_path / "kept"
-    assert cli.main(["split", *map(str, files), "-o", str(out), "-q", "--discard", ""]) == 0
+    assert cli.main([*SPLIT, *map(str, files), "-o", str(out), "-q", "--discard", ""]) == 0
     assert _files(out) == {"dummy.ko", "dummy__init.ko"}
     entry = read_entry(out, Path("crc7.ko"), source=files[1].read_bytes())
     assert isinstance(entry, CacheHit) and entry.core is None and entry.manifest.discarded == ""
@@ -166,7 +193,7 @@ def test_split_removes_stale_outputs(small_tree: Path, tmp_path: Path) -> None:
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"stale")
-    assert cli.main(["split", str(small_tree), "-o", str(out), "-q"]) == 0
+    assert cli.main([*SPLIT, str(small_tree), "-o", str(out), "-q"]) == 0
     assert _files(out) == _expected_files()
     assert all(path.read_bytes() != b"stale" for path in stale if path.exists())
 
@@ -178,7 +205,7 @@ def test_split_reports_broken_module_and_goes_on(small_tree: Path, tmp_path: Pat
     (src / "kernel/broken.ko").write_bytes(b"\x7fELF" + bytes(100))
     (src / "kernel/short.ko").write_bytes((src / "kernel/drivers/net/dummy.ko").read_bytes()[:5000])
     out = tmp_path / "out"
-    assert cli.main(["split", str(src), "-o", str(out)]) == 1
+    assert cli.main([*SPLIT, str(src), "-o", str(out)]) == 1
     stdout, stderr = capsys.readouterr()
     assert "errors 2 in" in stdout and stdout.startswith("split 6, plain by policy 0, nothing to split 2, refused 2,")
     assert re.search(r"^initsplit: error: kernel/broken\.ko: malformed ELF: ", stderr, re.M), stderr
@@ -203,7 +230,7 @@ def test_split_invalid_module_writes_nothing(small_tree: Path, tmp_path: Path,
 
     monkeypatch.setattr(decide_module, "validate_split", reject_dummy)
     out = tmp_path / "out"
-    assert cli.main(["split", str(small_tree), "-o", str(out), "-j", "1"]) == 1
+    assert cli.main([*SPLIT, str(small_tree), "-o", str(out), "-j", "1"]) == 1
     stdout, stderr = capsys.readouterr()
     assert "split 5, plain by policy 0, nothing to split 2, refused 2, invalid 1, errors 0" in stdout
     assert "initsplit: invalid: kernel/drivers/net/dummy.ko: rejected for the test" in stderr
@@ -214,18 +241,18 @@ def test_split_invalid_module_writes_nothing(small_tree: Path, tmp_path: Path,
 def test_split_usage_errors(small_tree: Path, tmp_path: Path,
                             capsys: pytest.CaptureFixture[str]) -> None:
     out = str(tmp_path / "out")
-    assert cli.main(["split", str(tmp_path / "missing"), "-o", out]) == 2
+    assert cli.main([*SPLIT, str(tmp_path / "missing"), "-o", out]) == 2
     assert "no such file or directory" in capsys.readouterr().err
-    assert cli.main(["split", str(small_tree)]) == 2  # no -o
-    assert cli.main(["split", str(small_tree), "-o", out, "-j", "0"]) == 2
+    assert cli.main([*SPLIT, str(small_tree)]) == 2  # no -o
+    assert cli.main([*SPLIT, str(small_tree), "-o", out, "-j", "0"]) == 2
     assert cli.main(["frobnicate"]) == 2
     assert cli.main([]) == 2
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cli.main(["split", str(empty), "-o", out]) == 2
+    assert cli.main([*SPLIT, str(empty), "-o", out]) == 2
     not_ko = tmp_path / "module.bin"
     not_ko.write_bytes(b"")
-    assert cli.main(["split", str(not_ko), "-o", out]) == 2
+    assert cli.main([*SPLIT, str(not_ko), "-o", out]) == 2
     capsys.readouterr()
     assert not (tmp_path / "out").exists()
 
@@ -235,7 +262,7 @@ def test_split_refuses_to_overwrite_its_input(small_tree: Path, tmp_path: Path,
     src = tmp_path / "src"
     shutil.copytree(small_tree, src)
     before = {f: (src / f).read_bytes() for f in _files(src)}
-    assert cli.main(["split", str(src), "-o", str(src)]) == 2
+    assert cli.main([*SPLIT, str(src), "-o", str(src)]) == 2
     assert "would overwrite the input" in capsys.readouterr().err
     assert {f: (src / f).read_bytes() for f in _files(src)} == before
 
@@ -245,7 +272,7 @@ def test_split_output_inside_input_is_not_read_back(small_tree: Path, tmp_path: 
     src = tmp_path / "src"
     shutil.copytree(small_tree, src)
     for _ in range(2):  # the second run must not pick up the first run's outputs
-        assert cli.main(["split", str(src), "-o", str(src / "out")]) == 0
+        assert cli.main([*SPLIT, str(src), "-o", str(src / "out")]) == 0
         assert SUMMARY.search(capsys.readouterr().out)
     assert _files(src / "out") == _expected_files()
 
@@ -264,18 +291,19 @@ def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
 def test_check_decisions(small_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["check", str(small_tree / "kernel/drivers/net/dummy.ko")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 5
     assert re.fullmatch(r"split: dummy -> dummy \+ dummy__init \(anchors \d+, init bytes \d+\)",
                         lines[0]), lines
     assert re.fullmatch(r"validation: ok \(\d+ allocated bytes, \d+ relocations, .*\)", lines[1]), lines
+    # The default weighs the init module's slab: dummy loads plain.
     assert lines[2:] == ["core layout: 4 pages two-stage, 4 plain",
-                         "load: two-stage (TwoStage=when-not-worse)"], lines
-    # The policy that only splits where a page comes back loads it plain.
-    assert cli.main(["check", "--two-stage", "when-it-saves",
+                         "slab of the init module: 5288 bytes",
+                         "load: plain: two-stage would cost more than it frees "
+                         "(TwoStage=when-not-worse): core layout 4 pages two-stage, 4 plain, "
+                         "and 5288 bytes of slab for the init module"], lines
+    assert cli.main(["check", "--two-stage", "always",
                      str(small_tree / "kernel/drivers/net/dummy.ko")]) == 0
-    assert capsys.readouterr().out.splitlines()[3] == (
-        "load: plain: two-stage would free no core page (TwoStage=when-it-saves): "
-        "core layout 4 pages two-stage, 4 plain")
+    assert capsys.readouterr().out.splitlines()[4] == "load: two-stage (TwoStage=always)"
 
     assert cli.main(["check", str(small_tree / "kernel/lib/crc7.ko")]) == 0
     assert capsys.readouterr().out == "nothing to split\n"
@@ -311,7 +339,7 @@ def test_check_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_python_m_initsplit_split(small_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = _run("split", str(small_tree), "-o", str(out), "--list-refused")
+    result = _run(*SPLIT, str(small_tree), "-o", str(out), "--list-refused")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert SUMMARY.search(result.stdout), result.stdout
@@ -344,7 +372,7 @@ def test_progress_line_on_a_terminal(small_tree: Path, tmp_path: Path) -> None:
     try:
         env = {**os.environ, "PYTHONPATH": str(REPO / "daemon")}
         process = subprocess.Popen(
-            [PYTHON, "-m", "initsplit", "split", str(small_tree), "-o", str(tmp_path / "out")],
+            [PYTHON, "-m", "initsplit", *SPLIT, str(small_tree), "-o", str(tmp_path / "out")],
             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=slave, text=True)
         os.close(slave)
         stdout, _ = process.communicate(timeout=300)

@@ -49,7 +49,11 @@ USB_MARK = b"ISPLIT-USB-STICK"
 # Drivers of the devices below; each must be loaded two-stage by the daemon.
 DRIVERS = ("e1000", "virtio_rng", "ahci", "sd_mod", "xhci_pci", "usb_storage")
 
+# TwoStage=always: these boots exercise the two-stage loads and their faults; the
+# default (when-not-worse) weighs the init module's slab and loads every module of
+# Debian 6.1 plain (split/decide.py).
 CONFIG = """[Daemon]
+TwoStage=always
 QuietPeriodSec=1
 ExitAfterQuietSec=4
 Workers=2
@@ -286,19 +290,22 @@ def make_bad_cache(cache: Path, tree: Path) -> None:
     """Real cache entries of BAD_CACHE's modules, each damaged as BAD_CACHE says."""
     from initsplit.cache import write_entry
     from initsplit.split.decide import decide, layout_figures
+    from initsplit.split.policy import SplitOptions
 
     for module in BAD_CACHE:
         # The file may spell the name with "-" (virtio-rng.ko for virtio_rng).
         source = next(p for p in tree.rglob("*.ko") if p.stem.replace("-", "_") == module)
         relpath = source.relative_to(tree)
         data = source.read_bytes()
-        decision = decide(data)
+        always = SplitOptions(two_stage="always")
+        decision = decide(data, always)
         assert decision.outcome == "split" and decision.split, (module, decision.outcome)
         result = decision.split
         write_entry(cache, relpath, source=data, decision="split", name=result.name,
+                    options=always.tag,
                     init_name=result.init_name, core=result.core, init=result.init,
                     discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
-                    reached=result.reached, **layout_figures(decision.original, result))
+                    reached=result.reached, **layout_figures(decision))
         core = cache / relpath
         if module == "e1000":      # the core module is a symlink to a copy of itself
             core.rename(core.with_name("e1000.real"))
@@ -390,16 +397,31 @@ def test_daemon_loads_every_driver_two_stage(matrix: BootResult, kernel: DebianK
     assert "vmlinux" in btf, btf  # the kernel has BTF; the modules' is what went
     for driver in DRIVERS:
         line = re.search(rf"{driver}: loaded two-stage \(core (\d+) bytes, init module \d+ bytes, "
-                         rf"[+-]\d+ pages against a plain load, BTF (\d+) bytes given back\)", out)
+                         rf"[+-]\d+ pages against a plain load, (\d+) bytes of slab more than a "
+                         rf"plain load, BTF (\d+) bytes given back\)", out)
         assert line, f"{driver} not two-stage with its figures:\n{out}"
         # The journal's figure is the kernel's own.
         assert line.group(1) == sizes[driver], (driver, line.group(0), sizes[driver])
         # Discard=btf: the kernel holds no BTF for it, and the journal says what the
         # original's would have kept (layout/btf.py).
         assert driver not in btf, (driver, btf)
-        assert int(line.group(2)) == original_btf_bytes(kernel, driver), line.group(0)
+        assert int(line.group(3)) == original_btf_bytes(kernel, driver), line.group(0)
+        # The slab its init module costs, by the model the policy weighs.
+        assert int(line.group(2)) == twostage_slab(kernel, driver), line.group(0)
     assert "initsplitd exiting: boot quiet" in out, out
     assert re.search(r"freed \d+ init modules?", out), out
+
+
+def twostage_slab(kernel: DebianKernel, module: str) -> int:  # noqa: F811
+    """What decide() weighs for *module* under the daemon's rules (layout/twostage_slab.py)."""
+    from initsplit.layout.rules import rules_for_tree
+    from initsplit.split.decide import decide
+    from initsplit.split.policy import SplitOptions
+
+    options = SplitOptions(two_stage="always", rules=rules_for_tree(kernel.modules_dir))
+    decision = decide(kernel.module_deps(module)[-1].read_bytes(), options)
+    assert decision.outcome == "split" and decision.twostage_slab_bytes > 0, decision
+    return decision.twostage_slab_bytes
 
 
 def original_btf_bytes(kernel: DebianKernel, module: str) -> int:  # noqa: F811

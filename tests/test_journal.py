@@ -218,6 +218,7 @@ def test_summary() -> None:
         "INITSPLIT_TOTAL_BTF_BYTES": "0",
         "INITSPLIT_TOTAL_KALLSYMS_BYTES": "0",
         "INITSPLIT_TOTAL_SAVED_CORE_BYTES": "0",
+        "INITSPLIT_TOTAL_TWOSTAGE_SLAB_BYTES": "0",
         "INITSPLIT_TOTAL_GIVEN_BACK_BYTES": "0",
         "INITSPLIT_TOTAL_LOAD_USEC": str(34 * 12500 + 6 * 2000),
         "INITSPLIT_ELAPSED_USEC": "12500000",
@@ -243,6 +244,26 @@ def test_summary_counts_what_is_given_back_for_good() -> None:
                                    "+1 pages against a plain load, BTF 18952 bytes given back)")
     reporter.module_loaded(loads[1])
     assert rec.last["MESSAGE"].endswith("; without its BTF: 41488 bytes given back)")
+
+
+def test_summary_counts_the_two_stage_slab_against_it() -> None:
+    # The slab a two-stage load takes more than a plain one (layout/twostage_slab.py)
+    # is taken off what it gives back, per module and in the total; a plain load
+    # has none, whatever a stale field says.
+    reporter, rec = recorded()
+    loads = [dataclasses.replace(two_stage("a"), plain_core_bytes=20480, twostage_slab_bytes=5288),
+             dataclasses.replace(plain("b"), btf_bytes=41488, twostage_slab_bytes=777)]
+    reporter.summary(loads=loads, batches=[], elapsed=1.0)
+    entry = rec.last
+    assert entry["MESSAGE"].endswith("; given back for good: 40296 bytes (BTF 41488, core layouts 4096, "
+                                     "less 5288 of two-stage slab)")
+    assert (entry["INITSPLIT_TOTAL_TWOSTAGE_SLAB_BYTES"], entry["INITSPLIT_TOTAL_GIVEN_BACK_BYTES"]) == \
+        ("5288", str(41488 + 4096 - 5288))
+    reporter.module_loaded(loads[0])
+    assert rec.last["INITSPLIT_TWOSTAGE_SLAB_BYTES"] == "5288"
+    assert rec.last["MESSAGE"] == ("a: loaded two-stage (core 16384 bytes, init module 16384 bytes, "
+                                   "+1 pages against a plain load, 5288 bytes of slab more than a "
+                                   "plain load)")
 
 
 def test_summary_mentions_failures_and_skips() -> None:

@@ -262,6 +262,7 @@ def summarize(results: Sequence[ModuleAnalysis], rules: LayoutRules, tree: str =
     laid = [r for r in results if r.plain is not None]
     split = [r for r in laid if r.split]
     every = [s for r in laid if (s := r.saving_if_split) is not None]
+    weighed = [r for r in laid if r.saving_if_split is not None]
     outcomes = Counter(r.outcome for r in results)
     reasons = Counter(r.reason for r in results if r.outcome == "refused")
     policy = Counter(r.reason for r in results if r.outcome == "plain")
@@ -354,13 +355,14 @@ def summarize(results: Sequence[ModuleAnalysis], rules: LayoutRules, tree: str =
                 "modules_saving": sum(1 for s in every if s > 0),
                 "modules_costing": sum(1 for s in every if s < 0),
             },
-            # What the chosen two-stage loads take in slab, against their core pages.
+            # What a two-stage load would take in slab, for every module that splits,
+            # against the core pages it would win (what TwoStage= weighs).
             "twostage_slab": {
-                "bytes": sum(r.twostage_slab for r in split),
-                "modules": len(split),
-                "net_bytes": sum(r.saving_today * page - r.twostage_slab for r in split),
-                "modules_freeing_more": sum(1 for r in split
-                                            if r.saving_today * page > r.twostage_slab),
+                "bytes": sum(r.twostage_slab for r in weighed),
+                "modules": len(weighed),
+                "net_bytes": sum(r.saving_if_split * page - r.twostage_slab for r in weighed),
+                "modules_freeing_more": sum(1 for r in weighed
+                                            if r.saving_if_split * page > r.twostage_slab),
             },
         },
         "problems": [{"path": r.path, "outcome": r.outcome, "reason": r.reason}
@@ -408,7 +410,8 @@ def render_text(summary: dict, results: Sequence[ModuleAnalysis] = (), *,
     add(f"pages ({page} bytes), all modules:")
     add(f"  plain load: core layouts {lay['plain_core_pages']}, init layouts (freed after init) "
         f"{lay['plain_init_pages']}")
-    add(f"  two-stage, for the module's life: core layouts {lay['after_split_core_pages']}")
+    add(f"  as initsplit loads them (TwoStage=, Discard=), for the module's life: core layouts "
+        f"{lay['after_split_core_pages']}")
     add(f"  two-stage, until the batch delete: init modules' core layouts "
         f"{lay['init_modules_core_pages']} (their init layouts {lay['init_modules_init_pages']}"
         " are freed after init)")
@@ -445,10 +448,9 @@ def render_text(summary: dict, results: Sequence[ModuleAnalysis] = (), *,
         f"over {e['modules']} modules ({e['modules_saving']} save pages, "
         f"{e['modules_costing']} need more)")
     t = s["twostage_slab"]
-    add(f"  slab of the two-stage loads (layout/twostage_slab.py; TwoStage= does not weigh it yet): "
-        f"{t['bytes']:,} bytes for {t['modules']} modules; with their core pages, two-stage gives "
-        f"back {t['net_bytes']:,} bytes net ({t['modules_freeing_more']} modules free more than "
-        "they take)")
+    add(f"      and the slab it would take (layout/twostage_slab.py): {t['bytes']:,} bytes; "
+        f"with the core pages, two-stage would give back {t['net_bytes']:,} bytes net "
+        f"({t['modules_freeing_more']} modules free more than they take)")
     if summary["problems"]:
         add("")
         add(f"problems: {len(summary['problems'])} (see stderr)")

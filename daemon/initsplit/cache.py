@@ -32,9 +32,10 @@ MANIFEST_SUFFIX = ".initsplit"
 # options they were made under. 5: Discard= classes: C without its BTF, and for
 # a module loaded plain the rewritten original at RELPATH. 6: one anchor (I
 # reaches C by offsets, checked against the kernel before I is loaded: reached),
-# the kallsyms-data class and what it gives back. Entries of an older format are
-# not used.
-FORMAT = 6
+# the kallsyms-data class and what it gives back. 7: the slab a two-stage load
+# takes more than the plain one (twostage_slab_bytes). Entries of an older format
+# are not used.
+FORMAT = 7
 
 # "plain": the module splits, but the options load it plain (the reason says why).
 Decision = Literal["split", "plain", "nothing", "refused"]
@@ -74,6 +75,9 @@ class Manifest:
     # For a split: "SECTION=OFFSET ..." for each section of C that I reaches, its
     # offset from C's struct module by the layout model (SplitModule.reached).
     reached: str = ""
+    # For a split: the unreclaimable slab the two-stage load takes more than the
+    # plain one (layout/twostage_slab.py), which the journal counts against it.
+    twostage_slab_bytes: int = 0
 
 
 def digest(data: bytes) -> str:
@@ -85,7 +89,7 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision,
                 plain_core_bytes: int = 0, init_layout_pages: int = 0,
                 options: str = DEFAULT_OPTIONS.tag, discarded: str = "", btf_bytes: int = 0,
                 kallsyms_bytes: int = 0, reached: tuple[tuple[str, int], ...] = (),
-                rewritten: bytes | None = None) -> Manifest:
+                twostage_slab_bytes: int = 0, rewritten: bytes | None = None) -> Manifest:
     """Write one cache entry (files first, manifest last), decided under *options*
     (split.policy.SplitOptions.tag). *rewritten*: for a module loaded plain, the
     original without the *discarded* classes, loaded instead of it."""
@@ -107,7 +111,8 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision,
     manifest = Manifest(FORMAT, digest(source), len(source), decision, reason, name, init_name,
                         init_file, len(core), len(init), digest(core) if core else "",
                         digest(init) if init else "", plain_core_bytes, init_layout_pages, options,
-                        discarded, btf_bytes, kallsyms_bytes, render_reached(reached))
+                        discarded, btf_bytes, kallsyms_bytes, render_reached(reached),
+                        twostage_slab_bytes)
     atomic_write(manifest_path(root, relpath), json.dumps(asdict(manifest), sort_keys=True).encode())
     return manifest
 

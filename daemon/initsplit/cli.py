@@ -307,6 +307,7 @@ def _check(path: Path, options: SplitOptions) -> int:
               f"{report.anchors} anchors, {report.synthesized_relocations} synthesized relocations)")
         print(f"core layout: {decision.split_core_pages} pages two-stage, "
               f"{decision.plain_core_pages} plain")
+        print(f"slab of the init module: {decision.twostage_slab_bytes} bytes")
         if decision.outcome == "plain":
             print(f"load: plain: {decision.reason}: {decision.detail}")
         else:

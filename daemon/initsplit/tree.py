@@ -51,6 +51,8 @@ class ModuleResult:
     # (split.decide.Decision).
     plain_core_pages: int = 0
     split_core_pages: int = 0
+    # The slab a two-stage load would take more than the plain one (split/decide.py).
+    twostage_slab_bytes: int = 0
     # Discard= classes dropped from what is loaded (C, or the original rewritten at
     # the module's path for a plain load), and what each class gives back.
     discarded: tuple[str, ...] = ()
@@ -237,7 +239,7 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
                         init_name=split.init_name, core=split.core, init=split.init,
                         options=options.tag, discarded=",".join(decision.discarded),
                         btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
-                        reached=split.reached, **layout_figures(decision.original, split, options.rules))
+                        reached=split.reached, **layout_figures(decision, options.rules))
         else:
             # A previous run may have split this module; a stale core left behind
             # would be loaded instead of the original.
@@ -260,6 +262,7 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
         init_path=job.relative.with_name(split.init_name + MODULE_SUFFIX) if split else None,
         plain_core_pages=decision.plain_core_pages,
         split_core_pages=decision.split_core_pages,
+        twostage_slab_bytes=decision.twostage_slab_bytes,
         discarded=decision.discarded,
         rewritten=decision.rewritten is not None,
         btf_bytes=decision.btf_bytes,

@@ -13,7 +13,7 @@ from ..layout.rules import rules_for_tree
 from ..loader.kernel_state import probe_capabilities
 from ..loader.recovery import LoadMarkers, delete_init_modules
 from ..loader.reprobe import reprobe_unbound
-from .config import kernel_command_line_overrides, load_config
+from .config import Config, kernel_command_line_overrides, load_config
 from .journal import Reporter
 from .notify import Notifier
 from .service import LoadStuck, Service, Settings
@@ -82,26 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         reporter.log(5, f"initsplitd: loading every module plain: {plain_only}")
 
     kver = os.uname().release
-    modules_dir = Path("/lib/modules") / kver
-    settings = Settings(
-        quiet_period=config.quiet_period_sec,
-        batch_size=config.batch_size,
-        workers=config.workers,
-        load_timeout=config.default_load_timeout(in_initrd=in_initrd),
-        modprobe_timeout=config.install_command_timeout_sec,
-        exit_after_quiet=config.exit_after_quiet_sec,
-        exclude=frozenset(config.exclude),
-        plain_only=plain_only,
-        modprobe=args.modprobe,
-        active_flag=None if args.no_udev_handover else ACTIVE_FLAG,
-        settled_flag=ACTIVE_FLAG.with_name("settled"),
-        udev_queue=Path("/run/udev/queue"),
-        reprobe=reprobe_unbound,
-    )
-    provider = SplitProvider(modules_dir=modules_dir, cache_dir=config.cache_dir / kver,
-                             runtime_dir=config.runtime_dir / kver,
-                             report=lambda message: reporter.log(4, message),
-                             options=config.split_options(rules_for_tree(modules_dir)))
+    settings = make_settings(config, in_initrd=in_initrd, plain_only=plain_only,
+                             modprobe=args.modprobe, udev_handover=not args.no_udev_handover)
+    provider = make_provider(config, kver=kver, reporter=reporter)
     leftovers = provider.remove_leftover_temps()
     if leftovers:
         reporter.log(5, f"removed {leftovers} temp files a killed initsplitd left in "
@@ -135,6 +118,35 @@ def main(argv: list[str] | None = None) -> int:
         reporter.log(2, f"initsplitd failed: {type(exc).__name__}: {exc}; udev loads "
                         "modules itself until initsplitd runs again")
         return 1
+
+
+def make_settings(config: Config, *, in_initrd: bool, plain_only: str, modprobe: str,
+                  udev_handover: bool = True) -> Settings:
+    """The service's settings from the configuration (also tests/testbed/load_set.py)."""
+    return Settings(
+        quiet_period=config.quiet_period_sec,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        load_timeout=config.default_load_timeout(in_initrd=in_initrd),
+        modprobe_timeout=config.install_command_timeout_sec,
+        exit_after_quiet=config.exit_after_quiet_sec,
+        exclude=frozenset(config.exclude),
+        plain_only=plain_only,
+        modprobe=modprobe,
+        active_flag=ACTIVE_FLAG if udev_handover else None,
+        settled_flag=ACTIVE_FLAG.with_name("settled"),
+        udev_queue=Path("/run/udev/queue"),
+        reprobe=reprobe_unbound,
+    )
+
+
+def make_provider(config: Config, *, kver: str, reporter: Reporter) -> SplitProvider:
+    """Where the service gets each module's split, under the configured options."""
+    modules_dir = Path("/lib/modules") / kver
+    return SplitProvider(modules_dir=modules_dir, cache_dir=config.cache_dir / kver,
+                         runtime_dir=config.runtime_dir / kver,
+                         report=lambda message: reporter.log(4, message),
+                         options=config.split_options(rules_for_tree(modules_dir)))
 
 
 def recover_only(markers: LoadMarkers, reporter: Reporter) -> int:

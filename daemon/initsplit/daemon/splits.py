@@ -257,7 +257,7 @@ class SplitProvider:
         if decision.outcome != "split" or decision.split is None:
             return NotSplit(f"split failed validation: {decision.reason}")
         result = decision.split
-        figures = layout_figures(decision.original, result, options.rules)
+        figures = layout_figures(decision, options.rules)
         self._keep(relpath, source=source, decision="split", name=result.name,
                    init_name=result.init_name, core=result.core, init=result.init,
                    discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
@@ -274,7 +274,7 @@ class SplitProvider:
                          init_pages=figures["init_layout_pages"] or None,
                          plain_core_bytes=figures["plain_core_bytes"] or None,
                          btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
-                         reached=result.reached)
+                         reached=result.reached, twostage_slab_bytes=decision.twostage_slab_bytes)
 
     def _keep(self, relpath: Path, **entry: Any) -> None:
         """Write a decision to the runtime directory for the next daemon (after switch-root)."""
@@ -292,4 +292,5 @@ def _pair(hit: CacheHit) -> SplitPair:
                      init_pages=manifest.init_layout_pages or None,
                      plain_core_bytes=manifest.plain_core_bytes or None,
                      btf_bytes=manifest.btf_bytes, kallsyms_bytes=manifest.kallsyms_bytes,
-                     reached=parse_reached(manifest.reached))
+                     reached=parse_reached(manifest.reached),
+                     twostage_slab_bytes=manifest.twostage_slab_bytes)

@@ -39,7 +39,9 @@ class ModuleLoad:
     # Core layout bytes the data symbols' kallsyms would have taken in a plain load
     # (Discard=kallsyms-data; layout/linux61.py).
     kallsyms_bytes: int | None = None
-
+    # Two-stage only: the unreclaimable slab the load takes more than a plain one
+    # (layout/twostage_slab.py), counted against what it saves.
+    twostage_slab_bytes: int | None = None
 
     @property
     def saved_bytes(self) -> int | None:

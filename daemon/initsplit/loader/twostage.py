@@ -49,6 +49,10 @@ class SplitPair:
     # by the layout model (SplitModule.reached): checked against where the kernel
     # put C before I is loaded. Empty: nothing to check against, no two-stage load.
     reached: tuple[tuple[str, int], ...] = ()
+    # The unreclaimable slab the two-stage load takes more than the plain one
+    # (layout/twostage_slab.py): the init module's sysfs and section attributes,
+    # and the holes they leave in slabs that live objects share once it is deleted.
+    twostage_slab_bytes: int = 0
 
     def close(self) -> None:
         try:
@@ -275,7 +279,8 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
                       core_bytes=sizes.get(pair.name), init_bytes=sizes.get(pair.init_name),
                       init_pages=pair.init_pages, plain_core_bytes=pair.plain_core_bytes,
                       seconds=time.monotonic() - started, btf_bytes=pair.btf_bytes or None,
-                      kallsyms_bytes=pair.kallsyms_bytes or None)
+                      kallsyms_bytes=pair.kallsyms_bytes or None,
+                      twostage_slab_bytes=pair.twostage_slab_bytes or None)
 
 
 def _init_failed(name: str, init_errno: int, started: float) -> ModuleLoad:
