@@ -481,10 +481,11 @@ class Service:
             self.unload_batch("stop", reload=False)
         self.reporter.summary(loads=self.stats.loads, batches=self.stats.batches,
                               elapsed=self.clock() - started)
-        # A clean exit: no restarted daemon needs the splits made at boot (/run is memory).
+        # A clean exit: no restarted daemon needs the splits and decisions made at
+        # boot (/run is memory).
         released = self.provider.release_runtime_splits()
         if released:
-            self.reporter.log(6, f"removed the splits made at boot from {self.provider.runtime_dir}: "
+            self.reporter.log(6, f"removed the splits and decisions made at boot from {self.provider.runtime_dir}: "
                                  f"{released} bytes of memory back", INITSPLIT_RUNTIME_FREED_BYTES=released)
         # The daemon's own cost, as the kernel counted it (ru_maxrss is in KiB on Linux).
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
