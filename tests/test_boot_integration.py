@@ -426,7 +426,10 @@ def test_initramfs_daemon_stopped_before_switch_root(booted: SystemBoot) -> None
     assert at(batches[-1]) <= at(summary) <= at(exiting[0])
     stopping = at(first(booted, rf"^Stopping {re.escape(INITRD_UNIT)}"))
     stopped = at(first(booted, rf"^Stopped {re.escape(INITRD_UNIT)}"))
-    assert stopping < at(exiting[0]) < stopped < switch
+    # Its last entry can reach journald a few ms after systemd logged "Stopped"
+    # (the journal stamps entries as it receives them; one CI run saw 6 ms): the
+    # order that matters is that it exited after the stop began and before switch-root.
+    assert stopping < at(exiting[0]) < switch and stopping < stopped < switch
     # Stopped cleanly, not killed at the timeout.
     assert not [e for e in booted.journal_json if e.get("_SYSTEMD_UNIT") == "init.scope"
                 and INITRD_UNIT in str(e.get("MESSAGE")) and "SIGKILL" in str(e.get("MESSAGE"))]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from initsplit.cache import write_entry
+from initsplit.split.policy import SplitOptions
 from initsplit.elf import read_elf
 from initsplit.elf.constants import SHN_UNDEF
 from initsplit.split import split_module
@@ -39,6 +40,9 @@ from dataclasses import asdict
 from pathlib import Path
 sys.path.insert(0, os.environ["ISPLIT_REPO"] + "/daemon")
 from initsplit.daemon.splits import NotSplit, SplitProvider
+from initsplit.split.policy import SplitOptions
+# Every split two-stage: the machinery is what is tested (the default loads plain on 6.1).
+ALWAYS = SplitOptions(two_stage="always")
 from initsplit.fsio import sealed_memfd
 from initsplit.loader.kernel_state import probe_capabilities, proc_modules
 from initsplit.loader.syscalls import delete_module
@@ -47,10 +51,12 @@ from initsplit.loader.twostage import SplitPair, load_two_stage
 moddir = Path(os.environ["ISPLIT_MODDIR"])
 kmoddir = Path(os.environ["ISPLIT_KMODDIR"])
 out = {"caps": asdict(probe_capabilities()), "fds_before": sorted(os.listdir("/proc/self/fd"))}
-fresh = SplitProvider(modules_dir=moddir, cache_dir=Path("/nonexistent"), runtime_dir=Path("/run/rt"))
+fresh = SplitProvider(modules_dir=moddir, cache_dir=Path("/nonexistent"), runtime_dir=Path("/run/rt"),
+                      options=ALWAYS)
 cached = SplitProvider(modules_dir=moddir, cache_dir=Path(os.environ["ISPLIT_CACHE"]),
-                       runtime_dir=Path("/run/rt2"))
-tests = SplitProvider(modules_dir=kmoddir, cache_dir=Path("/nonexistent"), runtime_dir=Path("/run/rt3"))
+                       runtime_dir=Path("/run/rt2"), options=ALWAYS)
+tests = SplitProvider(modules_dir=kmoddir, cache_dir=Path("/nonexistent"), runtime_dir=Path("/run/rt3"),
+                      options=ALWAYS)
 
 def record(key, load):
     out[key] = asdict(load)
@@ -281,7 +287,7 @@ def loader_boot(kernel: DebianKernel, kmods: dict[str, Path], vmshare: Path) -> 
         result = split_module(source)
         write_entry(cache, Path(rel), source=source, decision="split", name=result.name,
                     init_name=result.init_name, core=result.core, init=result.init,
-                    reached=result.reached)
+                    reached=result.reached, options=SplitOptions(two_stage="always").tag)
     tampered = cache / "kernel/drivers/watchdog/softdog.ko"
     tampered.write_bytes(tampered.read_bytes()[:-1] + b"\x01")
     badcrc = shared / "badcrc__init.ko"
@@ -460,13 +466,15 @@ from dataclasses import asdict
 from pathlib import Path
 sys.path.insert(0, os.environ["ISPLIT_REPO"] + "/daemon")
 from initsplit.daemon.splits import SplitProvider
+from initsplit.split.policy import SplitOptions
 from initsplit.loader.kernel_state import probe_capabilities
 from initsplit.loader.twostage import load_two_stage
 
 moddir = Path(os.environ["ISPLIT_MODDIR"])
 dummy = moddir / "kernel/drivers/net/dummy.ko"
 pair = SplitProvider(modules_dir=moddir, cache_dir=Path("/nonexistent"),
-                     runtime_dir=Path("/run/rt")).get(dummy)
+                     runtime_dir=Path("/run/rt"),
+                     options=SplitOptions(two_stage="always")).get(dummy)
 out = {"caps": asdict(probe_capabilities()),
        # Even if a caller ignored the capability check, nothing is left half-loaded:
        # the unsigned core is rejected and the signed original goes in plain.
