@@ -24,6 +24,7 @@ from initsplit.daemon.journal import (
     MESSAGE_ID_SUMMARY,
     SYSLOG_IDENTIFIER,
 )
+from initsplit.loader.kernel_state import parse_proc_modules
 
 
 @dataclass
@@ -57,11 +58,6 @@ def entry_given_back(entry: Mapping[str, str]) -> int:
     return given
 
 
-def proc_modules_sizes(text: str) -> dict[str, int]:
-    return {f[0]: int(f[1]) for f in (line.split() for line in text.splitlines())
-            if len(f) > 1 and f[1].isdigit()}
-
-
 def check_given_back(journal: Iterable[Mapping[str, str]], *, proc_modules: str, btf_listing: str,
                      daemons: int) -> GivenBack:
     """The figures of *daemons* initsplitd runs in *journal*, checked as the module
@@ -70,7 +66,7 @@ def check_given_back(journal: Iterable[Mapping[str, str]], *, proc_modules: str,
     summaries = [e for e in entries if e.get("MESSAGE_ID") == MESSAGE_ID_SUMMARY]
     loads = [e for e in entries if e.get("MESSAGE_ID") in (MESSAGE_ID_LOADED_TWO_STAGE,
                                                             MESSAGE_ID_LOADED_PLAIN)]
-    sizes = proc_modules_sizes(proc_modules)
+    sizes = parse_proc_modules(proc_modules)
     btf_files = set(btf_listing.split())
     result = GivenBack(total=sum(_int(e, "INITSPLIT_TOTAL_GIVEN_BACK_BYTES") for e in summaries),
                        btf=sum(_int(e, "INITSPLIT_TOTAL_BTF_BYTES") for e in summaries),

@@ -65,8 +65,13 @@ def _read(path: Path) -> str | None:
 
 def proc_modules(path: Path = Path("/proc/modules")) -> dict[str, int]:
     """Module name -> size in bytes, as the kernel reports it (core layout, page-rounded)."""
+    return parse_proc_modules(path.read_text())
+
+
+def parse_proc_modules(text: str) -> dict[str, int]:
+    """proc_modules() of /proc/modules as read already (a guest's, for the tests)."""
     sizes: dict[str, int] = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         match = _PROC_MODULES_LINE.match(line + " ")
         if match:
             sizes[match.group(1)] = int(match.group(2))
