@@ -16,7 +16,7 @@ demo-modules: deps
 	$(PYTHON) demo/split_demo.py
 
 test: deps
-	$(PYTHON) -m pytest -v -rfEs $(PYTEST_ARGS) tests
+	$(PYTHON) -m pytest -v -rfEs --durations=30 $(PYTEST_ARGS) tests
 
 bench: deps
 	$(PYTHON) bench/split_tree.py

@@ -1,14 +1,17 @@
-"""What Discard=btf gives back, as the Debian 6.1 kernel counts it, in QEMU (TCG).
+"""What Discard=btf gives back, as Debian's kernels count it, in QEMU (TCG).
 
-A server's set of real modules (with their dependencies) is loaded on fresh
-one-CPU boots in three configurations, three boots each:
+On each Debian release (12: Linux 6.1 and bookworm's Python; 13: Linux 6.12,
+modules .ko.xz, trixie's Python 3.13 and python3-* packages), a server's set of
+real modules (with their dependencies) is loaded on fresh one-CPU boots in three
+configurations, three boots each:
 
 * plain: every original with insmod, as modprobe would (udev alone);
 * daemon: initsplitd's own service, loader and policy with the defaults
   (tests/testbed/load_set.py, run from the Debian root over 9p), asked for each
-  target as a device asks for its driver. On 6.1 the defaults load every module
-  of the set plain without its BTF (the two-stage slab outweighs the core pages a
-  split wins; split/decide.py), BTF kept where the module has BTF ids;
+  target as a device asks for its driver. The defaults load every module of the
+  set plain without its BTF (on 6.1 the two-stage slab outweighs the core pages a
+  split wins, split/decide.py; 6.12 has no two-stage loads yet), BTF kept where
+  the module has BTF ids;
 * daemon-keep: the same with Discard= empty, so the daemon loads every original
   as it is. Against the daemon configuration it isolates what the BTF class gives
   back from what running a Python daemon leaves in the slab caches (its threads'
@@ -47,17 +50,17 @@ from pathlib import Path
 import pytest
 
 from initsplit.elf.discard import sections
-from initsplit.layout.btf import btf_kept_bytes
+from initsplit.layout.btf import btf_kept_bytes, kernel_model
+from initsplit.modfile import read_module
 from initsplit.split.decide import decide, module_name
 from initsplit.daemon.journal import MESSAGE_ID_LOADED_PLAIN, MESSAGE_ID_LOADED_TWO_STAGE, MESSAGE_ID_SUMMARY
 from initsplit.elf import read_elf
 from initsplit.kmod.resolver import Resolver
 from initsplit.layout import module_layout
 from initsplit.layout.rules import rules_for_tree
-from tests.testbed import (HOST_ROOT_SETUP, BootResult, DebianKernel, boot, debian_rootfs, dmesg_problems,
-                           host_root_files)
+from tests.testbed import (HOST_ROOT_SETUP, BootResult, DebianKernel, boot, debian_kernel, debian_rootfs,
+                           dmesg_problems, host_root_files)
 from tests.testbed.qemu import HOST_ROOT_MODULES
-from tests.testbed.fixtures import kernel  # noqa: F401  (pytest fixture)
 
 pytestmark = pytest.mark.vm
 
@@ -154,30 +157,40 @@ class Figures:
     left_in_run: int = 0
 
 
+@pytest.fixture(scope="module", params=["12", "13"], ids=["debian12", "debian13"])
+def kernel(request: pytest.FixtureRequest) -> DebianKernel:
+    """Each Debian release's kernel, with its own release's root (debian_rootfs())."""
+    return debian_kernel(release=request.param)
+
+
 @pytest.fixture(scope="module")
-def modules(kernel: DebianKernel) -> list[Module]:  # noqa: F811
+def modules(kernel: DebianKernel) -> list[Module]:
     # The 9p mount's modules are in before the figures are read, in both configurations.
-    host_root = {module_name(read_elf(ko.read_bytes())) for name in HOST_ROOT_MODULES
+    host_root = {module_name(read_elf(read_module(ko))) for name in HOST_ROOT_MODULES
                  for ko in kernel.module_deps(name)}
     out: list[Module] = []
     rootfs = debian_rootfs(kernel)
     with Resolver(root=rootfs.path, kver=kernel.kver) as resolver:
         steps = [step for target in TARGETS for step in resolver.resolve(target)]
     for step in steps:
-        assert step.path is not None and not step.builtin and not step.install_command, step
+        if step.builtin:
+            continue  # built into this kernel (6.12 builds in some of 6.1's modules)
+        assert step.path is not None and not step.install_command, step
         if step.name in host_root or any(m.name == step.name for m in out):
             continue
-        # The kernel package's file: the Debian root holds the same one.
-        ko = kernel.modules_dir / step.path.relative_to(rootfs.path / "lib/modules" / kernel.kver)
+        # The kernel package's file: the Debian root holds the same one (under
+        # /usr/lib/modules on trixie, which /lib/modules leads to).
+        ko = kernel.modules_dir / str(step.path).split(f"/modules/{kernel.kver}/", 1)[1]
         assert ko.read_bytes() == step.path.read_bytes(), ko
-        data = ko.read_bytes()
+        data = read_module(ko)
         name = module_name(read_elf(data))
         btf = next(s for s in sections(data) if s.name == ".BTF")
         # What the daemon does with it (split/decide.py, the defaults).
         decision = decide(data)
         assert decision.outcome in ("split", "plain", "nothing", "refused"), (ko, decision)
         out.append(Module(name, ko, "btf" not in decision.discarded,
-                          btf_kept_bytes(data[btf.offset:btf.offset + btf.size], name)))
+                          btf_kept_bytes(data[btf.offset:btf.offset + btf.size], name,
+                                         kernel=kernel_model(kernel.kver))))
         assert decision.btf_bytes == (0 if out[-1].keeps_btf else out[-1].model_bytes)
     assert 40 <= len(out) <= 70, len(out)
     return out
@@ -193,7 +206,7 @@ def ext4_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return image
 
 
-def run(kernel: DebianKernel, modules: list[Module], ext4_image: Path, *,  # noqa: F811
+def run(kernel: DebianKernel, modules: list[Module], ext4_image: Path, *,
         how: str) -> BootResult:
     # One worker: see GUEST. Quiet soon, so that the boot does not wait.
     conf = "[Daemon]\nQuietPeriodSec=1\nExitAfterQuietSec=2\nWorkers=1\n"
@@ -204,7 +217,8 @@ def run(kernel: DebianKernel, modules: list[Module], ext4_image: Path, *,  # noq
                                       "/m/how": how.encode(), "/m/initsplitd.conf": conf.encode(),
                                       "/img/ext4.img": ext4_image, **host_root_files(kernel)}
     if how == "plain":
-        files.update({f"/m/{m.name}.ko": m.path for m in modules})
+        # busybox's insmod gets Debian 13's NAME.ko.xz decompressed.
+        files.update({f"/m/{m.name}.ko": read_module(m.path) for m in modules})
     return boot(kernel, script=HOST_ROOT_SETUP + GUEST, files=files, host_root=debian_rootfs(kernel).path,
                 shares={"/mnt": REPO}, timeout=900, memory_mb=1024, smp=1)
 
@@ -231,17 +245,17 @@ def figures(result: BootResult) -> Figures:
 
 
 @pytest.fixture(scope="module")
-def plain(kernel: DebianKernel, modules: list[Module], ext4_image: Path) -> list[Figures]:  # noqa: F811
+def plain(kernel: DebianKernel, modules: list[Module], ext4_image: Path) -> list[Figures]:
     return [figures(run(kernel, modules, ext4_image, how="plain")) for _ in range(BOOTS)]
 
 
 @pytest.fixture(scope="module")
-def daemon_keep(kernel: DebianKernel, modules: list[Module], ext4_image: Path) -> list[Figures]:  # noqa: F811
+def daemon_keep(kernel: DebianKernel, modules: list[Module], ext4_image: Path) -> list[Figures]:
     return [figures(run(kernel, modules, ext4_image, how="daemon-keep")) for _ in range(BOOTS)]
 
 
 @pytest.fixture(scope="module")
-def daemon(kernel: DebianKernel, modules: list[Module], ext4_image: Path) -> list[Figures]:  # noqa: F811
+def daemon(kernel: DebianKernel, modules: list[Module], ext4_image: Path) -> list[Figures]:
     return [figures(run(kernel, modules, ext4_image, how="daemon")) for _ in range(BOOTS)]
 
 
@@ -332,7 +346,7 @@ def test_never_worse_than_udev_alone(modules: list[Module], plain: list[Figures]
         assert net > 2 * noise, (what, net, noise)
 
 
-def test_core_layouts_are_the_models(kernel: DebianKernel, modules: list[Module],  # noqa: F811
+def test_core_layouts_are_the_models(kernel: DebianKernel, modules: list[Module],
                                      plain: list[Figures], daemon_keep: list[Figures],
                                      daemon: list[Figures]) -> None:
     """Each module's core layout in /proc/modules, page-exact: what the layout model
@@ -340,7 +354,7 @@ def test_core_layouts_are_the_models(kernel: DebianKernel, modules: list[Module]
     same in every configuration, and the journal's figure the kernel's. After its
     clean exit the daemon left no file in its runtime directory."""
     rules = rules_for_tree(kernel.modules_dir)
-    model = {m.name: module_layout(read_elf(m.path.read_bytes()), rules).core.size for m in modules}
+    model = {m.name: module_layout(read_elf(read_module(m.path)), rules).core.size for m in modules}
     wrong = []
     for how, boots in (("plain", plain), ("daemon-keep", daemon_keep), ("daemon", daemon)):
         for boot_figures in boots:

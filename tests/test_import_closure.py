@@ -40,4 +40,4 @@ def test_splitter_names_still_import_on_demand() -> None:
     from initsplit.layout import module_layout
 
     assert callable(split_module) and SplitModule.__name__ == "SplitModule"
-    assert module_layout.__module__ == "initsplit.layout.linux61"
+    assert module_layout.__module__ == "initsplit.layout.models"

@@ -751,3 +751,20 @@ def test_a_module_a_live_patch_refers_to_keeps_its_data_symbols(tmp_path, monkey
     assert load.mode == "plain" and load.reason == "a live patch refers to it: loaded with its data symbols"
     assert kernel.loaded == {"virtio_blk": "virtio_blk.ko"} and patched == ["virtio_blk"]
     service.scheduler.shutdown()
+
+
+def test_a_module_nobody_here_decompresses_goes_to_modprobe(tmp_path, monkeypatch) -> None:
+    # A .ko.zst on a kernel without zstd decompression, and a Python without zstd
+    # (3.11, 3.13): modprobe loads it, through libkmod's decompressor; the driver
+    # is never left out.
+    from initsplit import modfile
+
+    monkeypatch.setattr(modfile, "kernel_decompresses", lambda kind, **_: False)
+    monkeypatch.setattr(modfile, "python_decompresses", lambda kind: kind != "zstd")
+    calls = tmp_path / "calls"
+    ok = fake_modprobe(tmp_path, f'echo "$@" >> {calls}')
+    service, _ = make_service(tmp_path, monkeypatch, modprobe=str(ok))
+    load = service._load(Step("r8169", tmp_path / "r8169.ko.zst"))
+    assert load.mode == "handed-to-modprobe" and "neither the kernel nor this Python" in load.reason, load
+    assert calls.read_text().split() == ["r8169"]
+    service.scheduler.shutdown()

@@ -46,7 +46,8 @@ from .split.modinfo import first, parse_modinfo
 from .split.decide import OUTCOMES, decide
 from .split.policy import DEFAULT_OPTIONS, SplitOptions
 from .split.splitter import SplitModule
-from .tree import MODULE_SUFFIX, ModuleJob, find_modules, run_jobs
+from .modfile import CompressedModuleError, module_file_name, read_module
+from .tree import ModuleJob, find_modules, run_jobs
 
 HISTOGRAM_BIN = 512  # the bins of the 2002 table
 
@@ -160,9 +161,9 @@ def analyze_module(source: Path, relative: Path | str, rules: LayoutRules = Layo
     """Lay out one module plain, and its two halves when the splitter splits it;
     the outcome is the load the options choose (split/decide.py)."""
     relative = str(relative)
-    fallback_name = Path(relative).name.removesuffix(MODULE_SUFFIX).replace("-", "_")
+    fallback_name = module_file_name(Path(relative).name)
     try:
-        data = Path(source).read_bytes()
+        data = read_module(Path(source))
         obj = read_elf(data)
         modinfo = obj.section(".modinfo")
         name = (first(parse_modinfo(modinfo.data), "name") if modinfo is not None else None) \
@@ -176,7 +177,7 @@ def analyze_module(source: Path, relative: Path | str, rules: LayoutRules = Layo
         # kernel without CONFIG_KALLSYMS_ALL would lay it out.
         kallsyms_cost = (plain.core.size - module_layout(obj, dataclasses.replace(
             rules, kallsyms_all=False)).core.size) if rules.kallsyms_all else 0
-    except (OSError, MalformedElf) as exc:
+    except (OSError, MalformedElf, CompressedModuleError) as exc:
         return ModuleAnalysis(relative, fallback_name, "error", f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # one module's surprise must not end a tree's analysis
         return ModuleAnalysis(relative, fallback_name, "error", f"{type(exc).__name__}: {exc}")
@@ -231,7 +232,7 @@ def loaded_jobs(jobs: Sequence[ModuleJob], *, proc_modules: Path = Path("/proc/m
     init module of initsplit's (NAME__init, between the two stages) is not one.
     """
     loaded = [line.split()[0] for line in proc_modules.read_text().splitlines() if line.strip()]
-    by_name = {job.source.name.removesuffix(MODULE_SUFFIX).replace("-", "_"): job for job in jobs}
+    by_name = {module_file_name(job.source.name): job for job in jobs}
     wanted = [name for name in loaded if not name.endswith("__init")]
     return ([by_name[n] for n in wanted if n in by_name], [n for n in wanted if n not in by_name])
 

@@ -27,7 +27,8 @@ from .split import SplitModule
 from .layout import rules_for_tree
 from .split.decide import decide
 from .split.policy import DISCARD_CLASSES, TWO_STAGE_POLICIES, SplitOptions
-from .tree import MODULE_SUFFIX, TreeError, find_modules, refusal_reasons, split_jobs, summary_line
+from .modfile import MODULE_SUFFIX, CompressedModuleError, read_module
+from .tree import TreeError, find_modules, refusal_reasons, split_jobs, summary_line
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -276,9 +277,12 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _check(path: Path, options: SplitOptions) -> int:
     try:
-        data = path.read_bytes()
+        data = read_module(path)
     except OSError as exc:
         print(f"initsplit: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CompressedModuleError as exc:
+        print(f"initsplit: {path}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         decision = decide(data, options)

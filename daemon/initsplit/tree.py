@@ -21,18 +21,17 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
 
 from .cache import remove_entry, write_entry
+from .modfile import MODULE_SUFFIX, CompressedModuleError, is_module_file, module_file_name, read_module, uncompressed_path
 from .elf import MalformedElf
 from .split import init_module_name
 from .split.decide import OUTCOMES, Decision, Outcome, decide, layout_figures, manifest_reason
 from .split.policy import DEFAULT_OPTIONS, SplitOptions
 
-MODULE_SUFFIX = ".ko"
-
 
 @dataclass(frozen=True, slots=True)
 class ModuleJob:
-    source: Path  # the .ko to read
-    relative: Path  # where it lands under the output dir
+    source: Path  # the .ko (or .ko.xz, ...) to read
+    relative: Path  # where it lands under the output dir (always NAME.ko)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +88,13 @@ def find_modules(paths: Iterable[Path], *, exclude: Path | None = None) -> list[
                 dirnames.sort()
                 for filename in sorted(filenames):
                     source = Path(dirpath) / filename
-                    if filename.endswith(MODULE_SUFFIX) and source.is_file():
-                        jobs.append(ModuleJob(source, source.relative_to(path)))
+                    if is_module_file(filename) and source.is_file():
+                        # A compressed module's outputs are kept uncompressed (modfile.py).
+                        jobs.append(ModuleJob(source, uncompressed_path(source.relative_to(path))))
         elif path.is_file():
-            if not path.name.endswith(MODULE_SUFFIX):
+            if not is_module_file(path.name):
                 raise TreeError(f"{path}: not a {MODULE_SUFFIX} file")
-            jobs.append(ModuleJob(path, Path(path.name)))
+            jobs.append(ModuleJob(path, uncompressed_path(Path(path.name))))
         else:
             raise TreeError(f"{path}: no such file or directory")
 
@@ -220,11 +220,13 @@ def split_one(job: ModuleJob, output: Path | None,
 
 def _split_one(job: ModuleJob, output: Path | None, start: float,
                options: SplitOptions) -> ModuleResult:
-    data = job.source.read_bytes()
     try:
+        data = read_module(job.source)
         decision = decide(data, options)
     except MalformedElf as exc:
         decision = Decision("error", reason=f"malformed ELF: {exc}")
+    except CompressedModuleError as exc:
+        data, decision = b"", Decision("error", reason=f"cannot decompress: {exc}")
 
     # An invalid split is never written: the caller loads the original instead.
     split = decision.split if decision.outcome == "split" else None
@@ -278,7 +280,7 @@ def _error(job: ModuleJob, exc: BaseException, seconds: float) -> ModuleResult:
 def _remove_outputs(output: Path, relative: Path, init_name: str | None) -> None:
     if init_name is None:
         # Kbuild names a module after its file, with '-' read as '_' (KBUILD_MODNAME).
-        init_name = init_module_name(relative.name.removesuffix(MODULE_SUFFIX).replace("-", "_"))
+        init_name = init_module_name(module_file_name(relative.name))
     remove_entry(output, relative, init_name)
 
 

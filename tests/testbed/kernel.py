@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._util import TestbedError, file_lock, run
+from .apt import DebianRelease, apt_options, debian_release, release_of_kver
 
 # The meta package always depends on the current ABI package (linux-image-6.1.0-NN-amd64).
 # We must download only that one: a wildcard would fetch every ABI ever published.
@@ -45,7 +46,7 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class DebianKernel:
-    kver: str  # "6.1.0-56-amd64" (uname -r of the guest)
+    kver: str  # "6.1.0-56-amd64", "6.12.117+deb13-amd64" (uname -r of the guest)
     deb_version: str  # "6.1.192-2" (Debian package version)
     vmlinuz: Path
     modules_dir: Path  # <root>/lib/modules/<kver>, depmod already run
@@ -54,6 +55,11 @@ class DebianKernel:
     # QEMU boots it directly through its PVH entry point, skipping the XZ decompressor,
     # which alone takes ~2.5 s of a ~5 s boot under TCG.
     vmlinux: Path
+
+    @property
+    def release(self) -> DebianRelease:
+        """The Debian release that ships this kernel."""
+        return release_of_kver(self.kver)
 
     @property
     def config(self) -> Path:
@@ -66,6 +72,8 @@ class DebianKernel:
     def module_deps(self, name: str) -> list[Path]:
         """The .ko for `name` preceded by everything it needs, in insmod order."""
         deps = _modules_dep(self.modules_dir).get(_canonical(name))
+        if deps is None and _canonical(name) in _builtin(self.modules_dir):
+            return []  # built into this kernel (virtio_pci on 6.12): nothing to load
         if deps is None:
             raise TestbedError(f"module {name!r} is not in {self.modules_dir}/modules.dep")
         return [self.modules_dir / rel for rel in deps]
@@ -77,26 +85,41 @@ def _canonical(name: str) -> str:
 
 
 @functools.cache
+def _builtin(modules_dir: Path) -> frozenset[str]:
+    """The names modules.builtin lists (modules built into the kernel)."""
+    try:
+        lines = (modules_dir / "modules.builtin").read_text().split()
+    except OSError:
+        return frozenset()
+    return frozenset(_canonical(Path(line).name.removesuffix(".ko")) for line in lines)
+
+
+@functools.cache
 def _modules_dep(modules_dir: Path) -> dict[str, list[str]]:
     """modules.dep parsed to {name: [dep paths in load order..., own path]}."""
     result: dict[str, list[str]] = {}
     for line in (modules_dir / "modules.dep").read_text().splitlines():
         target, _, deps = line.partition(":")
-        name = _canonical(Path(target).name.removesuffix(".ko"))
+        # Debian 13 ships its modules xz-compressed (name.ko.xz).
+        name = _canonical(re.sub(r"\.ko(\.xz|\.zst|\.gz)?$", "", Path(target).name))
         # modules.dep lists direct deps first and their deps after them, so modprobe
         # loads the list back to front; we do the same.
         result[name] = list(reversed(deps.split())) + [target]
     return result
 
 
-def debian_kernel(kver: str | None = None) -> DebianKernel:
+def debian_kernel(kver: str | None = None, *, release: str | None = None) -> DebianKernel:
     """Return the cached Debian kernel, downloading and extracting it first if needed.
 
-    kver None means: INITSPLIT_KVER if set, else the ABI that linux-image-amd64
-    currently depends on. Safe to call from several processes at once.
+    kver None means: INITSPLIT_KVER if set (and of *release*, when one is named),
+    else the ABI that *release*'s linux-image-amd64 currently depends on; release
+    None means INITSPLIT_DEBIAN, else Debian 12 (tests/testbed/apt.py). Safe to
+    call from several processes at once.
     """
+    wanted = debian_release(release)
     if kver is None:
-        kver = os.environ.get("INITSPLIT_KVER") or _current_abi()
+        env = os.environ.get("INITSPLIT_KVER")
+        kver = env if env and release_of_kver(env) == wanted else _current_abi(wanted)
     return _debian_kernel(kver)
 
 
@@ -137,16 +160,26 @@ def _from_marker(kver: str, kdir: Path) -> DebianKernel:
 APT_LISTS = Path("/var/lib/apt/lists")
 
 
-def _current_abi() -> str:
-    """kver of the package linux-image-amd64 depends on, e.g. '6.1.0-56-amd64'.
+def _lists_dir(options: list[str]) -> Path:
+    """apt's list directory under *options* (the host's, or a private one)."""
+    for option in options:
+        if option.startswith("-oDir::State::Lists="):
+            return Path(option.partition("Lists=")[2])
+    return APT_LISTS
+
+
+def _current_abi(release: DebianRelease) -> str:
+    """kver of the package *release*'s linux-image-amd64 depends on, e.g. '6.1.0-56-amd64'.
 
     apt-cache takes ~0.6 s here, so the answer is remembered together with the
     mtime of apt's list directory: only `apt-get update` can change it, and it
     replaces files in that directory when it does.
     """
-    memo = cache_dir() / "kernel" / "CURRENT_ABI.json"
+    options = apt_options(release)
+    lists = _lists_dir(options)
+    memo = cache_dir() / "kernel" / f"CURRENT_ABI-{release.suite}.json"
     try:
-        stamp = str(APT_LISTS.stat().st_mtime_ns)
+        stamp = str(lists.stat().st_mtime_ns)
     except OSError:
         stamp = ""
     try:
@@ -155,9 +188,9 @@ def _current_abi() -> str:
             return str(saved["kver"])
     except (OSError, ValueError, KeyError):
         pass
-    kver = _query_current_abi()
+    kver = _query_current_abi(options)
     try:
-        stamp = str(APT_LISTS.stat().st_mtime_ns)  # apt-get update may have run
+        stamp = str(lists.stat().st_mtime_ns)  # apt-get update may have run
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f"{memo.name}.{os.getpid()}")
         tmp.write_text(json.dumps({"kver": kver, "apt_lists_mtime": stamp}) + "\n")
@@ -167,14 +200,14 @@ def _current_abi() -> str:
     return kver
 
 
-def _query_current_abi() -> str:
-    out = _apt_depends(META_PACKAGE)
+def _query_current_abi(options: list[str]) -> str:
+    out = _apt_depends(META_PACKAGE, options)
     if out is None:
         # Fresh container: apt has no package lists yet. Updating is the only way
         # to learn the ABI; only do it then, because it is slow and touches the network.
         with file_lock(cache_dir() / "locks" / "apt.lock"):
-            run(["apt-get", "update"], what="run apt-get update", timeout=600)
-        out = _apt_depends(META_PACKAGE)
+            run(["apt-get", *options, "update"], what="run apt-get update", timeout=600)
+        out = _apt_depends(META_PACKAGE, options)
     if out is None:
         raise TestbedError(f"apt-cache knows no package {META_PACKAGE} even after apt-get update")
     match = re.search(r"Depends:\s*linux-image-(\S+)", out)
@@ -185,9 +218,9 @@ def _query_current_abi() -> str:
     return match.group(1)
 
 
-def _apt_depends(package: str) -> str | None:
+def _apt_depends(package: str, options: list[str]) -> str | None:
     try:
-        out = run(["apt-cache", "depends", package], what=f"query apt-cache for {package}")
+        out = run(["apt-cache", *options, "depends", package], what=f"query apt-cache for {package}")
     except TestbedError:
         return None
     return out if "Depends:" in out else None
@@ -197,10 +230,10 @@ def _arch() -> str:
     return run(["dpkg", "--print-architecture"], what="ask dpkg for the architecture").strip()
 
 
-def _candidate_version(package: str) -> str | None:
+def _candidate_version(package: str, options: list[str]) -> str | None:
     try:
         out = run(
-            ["apt-cache", "show", "--no-all-versions", package],
+            ["apt-cache", *options, "show", "--no-all-versions", package],
             what=f"query apt-cache for {package}",
         )
     except TestbedError:
@@ -209,15 +242,16 @@ def _candidate_version(package: str) -> str | None:
     return match.group(1) if match else None
 
 
-def fetch_deb(package: str) -> Path:
+def fetch_deb(package: str, release: DebianRelease | None = None) -> Path:
     """Path of `package`'s .deb in the cache, downloaded with apt-get if not there yet.
 
     Used for the kernel image and also by kmodbuild for the headers packages, so all
-    downloads share one directory and one lock.
+    downloads share one directory and one lock. *release* None: the host's apt.
     """
     debs = cache_dir() / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    version = _candidate_version(package)
+    options = apt_options(release) if release is not None else []
+    version = _candidate_version(package, options)
     # Package files name the epoch "1%3a" instead of "1:".
     pattern = f"{package}_{version.replace(':', '%3a')}_*.deb" if version else f"{package}_*.deb"
     with file_lock(cache_dir() / "locks" / "apt.lock"):
@@ -226,7 +260,8 @@ def fetch_deb(package: str) -> Path:
             spec = f"{package}={version}" if version else package
             # As root into a root-owned directory apt prints a harmless warning about
             # not being able to drop privileges to _apt; it still downloads.
-            run(["apt-get", "download", spec], what=f"download {spec}", cwd=debs, timeout=1800)
+            run(["apt-get", *options, "download", spec], what=f"download {spec}", cwd=debs,
+                timeout=1800)
             found = sorted(debs.glob(pattern))
         if not found:
             raise TestbedError(f"apt-get download {package} left no {pattern} in {debs}")
@@ -234,7 +269,7 @@ def fetch_deb(package: str) -> Path:
 
 
 def _prepare(kver: str, kdir: Path) -> None:
-    deb = fetch_deb(f"linux-image-{kver}")
+    deb = fetch_deb(f"linux-image-{kver}", release_of_kver(kver))
     deb_version = run(["dpkg-deb", "-f", deb, "Version"], what=f"read the version of {deb}").strip()
 
     # Extract next to the final place and rename at the end, so an interrupted run never

@@ -27,6 +27,8 @@ from ._util import TestbedError, tail
 from .cpio import CpioArchive
 from .kernel import DebianKernel
 
+from initsplit.modfile import compression_of, read_module, uncompressed_path
+
 BUSYBOX = Path("/bin/busybox")  # busybox-static: no shared libraries to copy
 QEMU = "qemu-system-x86_64"
 
@@ -367,9 +369,11 @@ def host_root_files(kernel: DebianKernel) -> dict[str, Path | bytes]:
     order: list[str] = []
     for name in HOST_ROOT_MODULES:
         for ko in kernel.module_deps(name):
-            guest = f"/isplit/hostmods/{ko.name}"
+            # Debian 13's modules are NAME.ko.xz; busybox's insmod gets them
+            # decompressed, as NAME.ko.
+            guest = f"/isplit/hostmods/{uncompressed_path(ko).name}"
             if guest not in files:
-                files[guest] = ko
+                files[guest] = read_module(ko) if compression_of(ko) else ko
                 order.append(guest)
     files["/isplit/host-root-modules"] = ("\n".join(order) + "\n").encode()
     return files

@@ -1,4 +1,6 @@
-"""A cached Debian 12 (bookworm) root filesystem with the test kernel installed.
+"""A cached Debian root filesystem with the test kernel installed: bookworm for
+Debian 12's 6.1, trixie for Debian 13's 6.12 (the kernel's own release, so the
+daemon runs on that release's Python and python3-* packages).
 
 system.py turns it into bootable disk images; this module only builds and caches the
 tree. It is made once with debootstrap (~1-2 min cold) and reused by every test run.
@@ -41,7 +43,7 @@ from pathlib import Path
 from ._util import TestbedError, file_lock, run
 from .kernel import DebianKernel, cache_dir, debian_kernel, fetch_deb
 
-SUITE = "bookworm"  # the kernel under test is bookworm's 6.1; keep userspace matching
+SUITE = "bookworm"  # the host's release: where the mirror is read from (debian_mirror())
 
 # What a boot to multi-user plus the daemon's later tests need, nothing more: minbase
 # already brings the Essential set (coreutils, util-linux, gzip, ...). debootstrap
@@ -83,8 +85,8 @@ class RootFS:
 
 
 def debian_rootfs(kernel: DebianKernel | None = None) -> RootFS:
-    """The cached bookworm root for `kernel` (default: debian_kernel()), built if
-    missing or stale. Safe to call from several processes at once."""
+    """The cached root of `kernel`'s Debian release (default: debian_kernel()),
+    built if missing or stale. Safe to call from several processes at once."""
     if kernel is None:
         kernel = debian_kernel()
     return _debian_rootfs(kernel)
@@ -93,8 +95,8 @@ def debian_rootfs(kernel: DebianKernel | None = None) -> RootFS:
 @functools.cache
 def _debian_rootfs(kernel: DebianKernel) -> RootFS:
     _require_root()
-    deb = fetch_deb(f"linux-image-{kernel.kver}")
-    key = _input_key(deb)
+    deb = fetch_deb(f"linux-image-{kernel.kver}", kernel.release)
+    key = _input_key(deb, kernel.release.suite)
     rdir = cache_dir() / "rootfs" / kernel.kver
     marker = rdir / "READY"
     with file_lock(cache_dir() / "locks" / f"rootfs-{kernel.kver}.lock"):
@@ -118,9 +120,9 @@ def _require_root() -> None:
         raise TestbedError("the Debian root filesystem needs root (debootstrap, chroot, mount)")
 
 
-def _input_key(kernel_deb: Path) -> str:
+def _input_key(kernel_deb: Path, suite: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([SUITE, sorted(PACKAGES), kernel_deb.name]).encode())
+    h.update(json.dumps([suite, sorted(PACKAGES), kernel_deb.name]).encode())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]
 
@@ -289,15 +291,17 @@ def _build(kernel: DebianKernel, deb: Path, key: str, rdir: Path) -> dict:
         remove_tree(stale)
     tmp = rdir / f"root.tmp-{os.getpid()}"
     mirror = debian_mirror()
-    debs = cache_dir() / "debootstrap-debs"
+    suite = kernel.release.suite
+    # One package cache per suite: the same package name and version may differ in builds.
+    debs = cache_dir() / "debootstrap-debs" / suite
     debs.mkdir(parents=True, exist_ok=True)
     try:
         run(
             [
                 "debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-                f"--cache-dir={debs}", SUITE, tmp, mirror,
+                f"--cache-dir={debs}", suite, tmp, mirror,
             ],
-            what=f"debootstrap {SUITE} from {mirror}",
+            what=f"debootstrap {suite} from {mirror}",
             env=CHROOT_ENV,
             timeout=1800,
         )
@@ -316,7 +320,7 @@ def _build(kernel: DebianKernel, deb: Path, key: str, rdir: Path) -> dict:
         "key": key,
         "kver": kernel.kver,
         "kernel_deb": deb.name,
-        "suite": SUITE,
+        "suite": suite,
         "packages": list(PACKAGES),
         "mirror": mirror,
         "build_seconds": round(time.monotonic() - start, 1),

@@ -23,6 +23,7 @@ from ..loader.kernel_state import livepatch_targets
 from ..loader.recovery import LoadMarkers, delete_init_modules
 from ..loader.results import ModuleLoad, UnloadBatch, UnloadTrigger
 from ..loader.twostage import load_plain, load_rewritten, load_two_stage
+from ..modfile import loadable_here
 from .scheduler import LoadScheduler
 from .splits import NotSplit, SplitProvider
 
@@ -198,6 +199,9 @@ class Service:
             return self._modprobe(step)
         if step.path is None:
             return ModuleLoad(step.name, "builtin")
+        if not loadable_here(step.path):
+            return self._modprobe(step, reason=f"{step.path.name}: compressed in a format neither "
+                                  "the kernel nor this Python decompresses")
         if self.settings.plain_only:
             return load_plain(step.name, step.path, params=step.options,
                               reason=self.settings.plain_only)
@@ -234,8 +238,9 @@ class Service:
             return load_plain(name, path, params=options, reason=split.reason)
         return load_two_stage(split, original=path, params=options, markers=self.markers)
 
-    def _modprobe(self, step: LoadStep) -> ModuleLoad:
+    def _modprobe(self, step: LoadStep, *, reason: str = "install command") -> ModuleLoad:
         # modprobe.d "install" commands are shell programs; only modprobe runs them right.
+        # (And libkmod decompresses every format kmod was built with.)
         started = time.monotonic()
         timeout = self.settings.modprobe_timeout
         try:
@@ -260,7 +265,7 @@ class Service:
         if proc.returncode != 0:
             return ModuleLoad(step.name, "failed", reason=stderr.strip() or "modprobe failed",
                               seconds=time.monotonic() - started)
-        return ModuleLoad(step.name, "handed-to-modprobe", reason="install command",
+        return ModuleLoad(step.name, "handed-to-modprobe", reason=reason,
                           seconds=time.monotonic() - started)
 
     def handle_request(self, request: Request) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from ..cache import MANIFEST_SUFFIX, BadEntry, CacheHit, Manifest, parse_manifest, parse_reached, read_entry, write_entry
 from ..fsio import OpenFile, Untrusted, directory_problem, is_leftover_temp, open_checked, read_fd, sealed_memfd
 from ..loader.twostage import SplitPair
+from ..modfile import CompressedModuleError, is_module_file, module_file_name, read_module, uncompressed_path
 from ..split.names import init_module_name
 from ..split.policy import DEFAULT_OPTIONS, SplitOptions
 
@@ -147,14 +148,19 @@ class SplitProvider:
             relpath = real.relative_to(self.modules_dir)
         except (OSError, ValueError):
             return NotSplit(f"{module_path} is outside the kernel's module tree")
-        if real.suffix != ".ko":
-            return NotSplit(f"{real.name}: compressed modules are not split")
+        if not is_module_file(real.name):
+            return NotSplit(f"{real.name} is not a module file")
         try:
-            source = real.read_bytes()
+            # A compressed original is split decompressed, and its entries are
+            # kept under NAME.ko (initsplit/modfile.py).
+            source = read_module(real)
         except OSError as exc:
             return NotSplit(f"cannot read {real}: {exc.strerror}")
+        except CompressedModuleError as exc:
+            return NotSplit(f"cannot read {real.name}: {exc}")
+        relpath = uncompressed_path(relpath)
         # Kbuild names a module after its file, "-" read as "_" (KBUILD_MODNAME).
-        module_name = real.name.removesuffix(".ko").replace("-", "_")
+        module_name = module_file_name(real.name)
         for root, kind in ((self.cache_dir, "cache"), (self.runtime_dir, "runtime")):
             # Checked at every use, not once: a directory can change while we run.
             problem = self._directory_problem(root, kind)

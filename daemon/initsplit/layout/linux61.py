@@ -10,6 +10,7 @@ the symbol tables. On 6.1 each layout is one module_alloc() allocation.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..elf import ElfObject, read_elf
@@ -47,12 +48,26 @@ def _align(value: int, align: int) -> int:
     return (value + align - 1) // align * align
 
 
-def module_layout(obj: ElfObject, rules: LayoutRules = LayoutRules(), *,
-                  init_resident: bool = False) -> ModuleLayout:
-    """Mirror load_module()'s layout of *obj*: layout_sections() then layout_symtab().
+@dataclass(frozen=True, slots=True)
+class LoaderFlags:
+    """The section flags as load_module() hands them to layout_sections(): the same
+    in 6.1 and 6.12 (linux612.py uses this too)."""
 
-    With init_resident, the .init* sections are laid out as core sections (the
-    kernel that never frees init), their symbols then being core symbols too.
+    flags: list[int]
+    """sh_flags per section, after rewrite_section_headers() and layout_and_allocate()."""
+    pcpu_index: int
+    """The .data..percpu section (0: none); allocated per cpu, outside the layouts."""
+    livepatch: bool
+    """modinfo livepatch=Y: layout_symtab() keeps every symbol in core."""
+    is_init: Callable[[int], bool]
+    """module_init_layout_section() of a section index."""
+
+
+def loader_flags(obj: ElfObject, rules: LayoutRules, *, init_resident: bool = False) -> LoaderFlags:
+    """What kernel/module/main.c does to the section headers before layout_sections().
+
+    With init_resident, no section is an init section (the kernel that never
+    frees init).
     """
     sections = obj.sections
     shnum = len(sections)
@@ -90,6 +105,22 @@ def module_layout(obj: ElfObject, rules: LayoutRules = LayoutRules(), *,
             return False
         name = names[i]
         return name.startswith(".init") or (not rules.module_unload and name.startswith(".exit"))
+
+    return LoaderFlags(flags, pcpu_index, livepatch, is_init)
+
+
+def module_layout(obj: ElfObject, rules: LayoutRules = LayoutRules(), *,
+                  init_resident: bool = False) -> ModuleLayout:
+    """Mirror load_module()'s layout of *obj*: layout_sections() then layout_symtab().
+
+    With init_resident, the .init* sections are laid out as core sections (the
+    kernel that never frees init), their symbols then being core symbols too.
+    """
+    sections = obj.sections
+    shnum = len(sections)
+    loader = loader_flags(obj, rules, init_resident=init_resident)
+    flags, pcpu_index, livepatch, is_init = (loader.flags, loader.pcpu_index, loader.livepatch,
+                                             loader.is_init)
 
     def strict_align(size: int) -> int:
         return _align(size, rules.page_size) if rules.strict_module_rwx else size

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .records import PAGE_SIZE
+
+
+# "module: replace module_layout with module_memory" (ac3b43283923, v6.4): from
+# here on a module is one allocation per memory type (layout/linux612.py).
+MODULE_MEMORY_SINCE = (6, 4)
+
+
+def kernel_version(release: str) -> tuple[int, int] | None:
+    """(major, minor) of a vermagic or uname -r ("6.12.117+deb13-amd64 SMP ..."), or None."""
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +35,9 @@ class LayoutRules:
     def describe(self) -> list[str]:
         """One line per rule applied, for people (and kept in --json)."""
         page = self.page_size
+        version = kernel_version(self.kernel)
+        if version is not None and version >= MODULE_MEMORY_SINCE:
+            return self._describe_module_memory()
         aligned = (f"each group page-aligned ({page}-byte pages, CONFIG_STRICT_MODULE_RWX=y)"
                    if self.strict_module_rwx else
                    "groups not page-aligned (CONFIG_STRICT_MODULE_RWX unset)")
@@ -48,10 +63,35 @@ class LayoutRules:
         lines.append("/proc/modules and /sys/module/NAME/coresize print core_layout.size once"
                      " the module is live; module_alloc() adds one guard page of address"
                      " space, not memory")
-        source = (f"kernel configuration: {self.config}" if self.config else
-                  "kernel configuration: not found, Debian 6.1 amd64 defaults assumed")
-        lines.append(source)
+        lines.append(self._source())
         return lines
+
+    def _describe_module_memory(self) -> list[str]:
+        """describe() for 6.4+ kernels (layout/linux612.py)."""
+        lines = [
+            "model: Linux 6.12 kernel/module/main.c __layout_sections() + kallsyms.c layout_symtab(),"
+            " x86-64: one execmem allocation per struct module_memory type, each page-rounded",
+            "core = MOD_TEXT | MOD_RODATA | MOD_RO_AFTER_INIT (.data..ro_after_init, __jump_table)"
+            " | MOD_DATA (data+bss, then the core kallsyms)",
+            "init = MOD_INIT_TEXT | MOD_INIT_RODATA | MOD_INIT_DATA (.init* data, then .symtab,"
+            " .strtab, struct mod_kallsyms and one type byte per symbol)",
+        ]
+        if self.kallsyms:
+            which = ("every named symbol of a core section, data ones too (CONFIG_KALLSYMS_ALL=y)"
+                     if self.kallsyms_all else "the named symbols of core code")
+            lines.append(f"core kallsyms: Elf_Sym + name + type byte for {which}, in MOD_DATA's "
+                         "last pages")
+        if not self.module_unload:
+            lines.append(".exit* sections go to the init types (CONFIG_MODULE_UNLOAD unset)")
+        lines.append("not loaded: .modinfo, __versions; .data..percpu is allocated per cpu")
+        lines.append("/proc/modules and /sys/module/NAME/coresize print the core types' sizes"
+                     " summed once the module is live")
+        lines.append(self._source())
+        return lines
+
+    def _source(self) -> str:
+        return (f"kernel configuration: {self.config}" if self.config else
+                "kernel configuration: not found, Debian 6.1 amd64 defaults assumed")
 
 
 def rules_for_tree(tree: Path | None) -> LayoutRules:
@@ -75,7 +115,12 @@ def rules_for_tree(tree: Path | None) -> LayoutRules:
     kver = root.name
     candidates = [root / "build" / ".config"]
     if root.parent.name == "modules" and root.parent.parent.name == "lib":
-        candidates.append(root.parent.parent.parent / "boot" / f"config-{kver}")
+        system = root.parent.parent.parent
+        # A merged-/usr tree (Debian 13's packages: ROOT/usr/lib/modules) keeps
+        # the configuration in ROOT/boot all the same.
+        if system.name == "usr":
+            system = system.parent
+        candidates.append(system / "boot" / f"config-{kver}")
     candidates.append(Path("/boot") / f"config-{kver}")
     for path in candidates:
         try:

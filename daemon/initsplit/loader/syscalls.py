@@ -13,6 +13,8 @@ import os
 import platform
 from pathlib import Path
 
+from ..modfile import CompressedModuleError, compression_of, kernel_decompresses, read_module
+
 # Syscall numbers from arch/x86/entry/syscalls/syscall_64.tbl.
 _SYSCALLS = {
     "x86_64": {"finit_module": 313, "delete_module": 176},
@@ -21,8 +23,11 @@ _SYSCALLS = {
     "riscv64": {"finit_module": 273, "delete_module": 106},
 }
 
+# include/uapi/linux/module.h: finit_module() flags.
 MODULE_INIT_IGNORE_MODVERSIONS = 1
 MODULE_INIT_IGNORE_VERMAGIC = 2
+# The file is compressed; the kernel decompresses it (CONFIG_MODULE_DECOMPRESS, 6.1+).
+MODULE_INIT_COMPRESSED_FILE = 4
 # include/uapi/asm-generic/fcntl.h: delete_module() flags.
 O_NONBLOCK = os.O_NONBLOCK
 O_TRUNC = os.O_TRUNC
@@ -69,7 +74,26 @@ def finit_module_path(path: Path, params: str = "", *, flags: int = 0) -> int:
 
     Only for originals from the kernel's module tree, which the kernel checks itself
     when it enforces signatures; split modules are loaded from checked descriptors.
+    A compressed original (NAME.ko.xz) is handed over compressed when the kernel
+    decompresses its format, as kmod does, and decompressed here otherwise
+    (initsplit/modfile.py); the kernel checks the signature of the ELF either way.
     """
+    kind = compression_of(path)
+    if kind is not None and not kernel_decompresses(kind):
+        try:
+            data = read_module(path)
+        except CompressedModuleError as exc:
+            raise OSError(errno.ENOEXEC, f"{path.name}: {exc}") from None
+        fd = os.memfd_create(path.name, os.MFD_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            return finit_module(fd, params, flags=flags)
+        finally:
+            os.close(fd)
+    if kind is not None:
+        flags |= MODULE_INIT_COMPRESSED_FILE
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return finit_module(fd, params, flags=flags)

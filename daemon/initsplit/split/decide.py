@@ -159,7 +159,10 @@ def _discard(data: bytes, original: ElfObject, decision: Decision, options: Spli
             and original.section(BTF_IDS) is None):
         return decision
     names = DISCARD_SECTIONS["btf"]
-    kept = btf_kept_bytes(btf.data, name, kernel=kernel_model(options.rules.kernel))
+    # The module's own kernel (its vermagic) sizes what that kernel keeps.
+    modinfo = original.section(".modinfo")
+    vermagic = (first(parse_modinfo(modinfo.data), "vermagic") or "") if modinfo is not None else ""
+    kept = btf_kept_bytes(btf.data, name, kernel=kernel_model(vermagic or options.rules.kernel))
     try:
         if decision.outcome == "split" and decision.split is not None:
             core = without_sections(decision.split.core, names)

@@ -1,0 +1,151 @@
+"""Module files as a module tree holds them: NAME.ko, or compressed by Kbuild.
+
+Kbuild compresses installed modules under CONFIG_MODULE_COMPRESS_{GZIP,XZ,ZSTD}
+(scripts/Makefile.modinst): Debian 12's 6.1 ships NAME.ko, Debian 13's 6.12
+ships NAME.ko.xz. initsplit splits and rewrites the ELF inside, so it reads a
+compressed module decompressed; its cache and output trees hold the result
+uncompressed under NAME.ko (uncompressed_path()). An original loaded as it is
+goes to the kernel compressed when the kernel decompresses that format itself
+(MODULE_INIT_COMPRESSED_FILE, 6.1+ kernel/module/decompress.c, which says which
+format in /sys/module/compression), as kmod does; otherwise decompressed here.
+
+Decompression reads untrusted files: a stream that does not decompress, or would
+decompress to more than MAX_MODULE_BYTES, raises CompressedModuleError (the
+caller then loads the original as it is, or reports the module failed).
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import zlib
+from pathlib import Path
+
+MODULE_SUFFIX = ".ko"
+# Kbuild's suffixes (scripts/Makefile.modinst suffix-$(CONFIG_MODULE_COMPRESS_*))
+# and the name /sys/module/compression gives each format (__stringify(MODULE_COMPRESSION)).
+COMPRESSIONS: dict[str, str] = {".gz": "gzip", ".xz": "xz", ".zst": "zstd"}
+# The biggest Debian module, amdgpu, is ~20 MB uncompressed; the kernel itself
+# refuses module files above INT_MAX (kernel_read_file()).
+MAX_MODULE_BYTES = 512 << 20
+SYS_MODULE_COMPRESSION = Path("/sys/module/compression")
+
+
+class CompressedModuleError(Exception):
+    """A compressed module that cannot be decompressed here."""
+
+
+def is_module_file(name: str) -> bool:
+    """NAME.ko, or NAME.ko compressed with one of Kbuild's formats."""
+    return module_suffix(name) is not None
+
+
+def module_suffix(name: str) -> str | None:
+    """".ko", ".ko.xz", ... as *name* ends, or None when it is no module file."""
+    if name.endswith(MODULE_SUFFIX):
+        return MODULE_SUFFIX
+    for suffix in COMPRESSIONS:
+        if name.endswith(MODULE_SUFFIX + suffix):
+            return MODULE_SUFFIX + suffix
+    return None
+
+
+def module_file_name(name: str) -> str:
+    """The module name Kbuild gives the file (KBUILD_MODNAME: "-" read as "_")."""
+    suffix = module_suffix(name)
+    stem = name[:-len(suffix)] if suffix else name
+    return stem.replace("-", "_")
+
+
+def compression_of(path: Path | str) -> str | None:
+    """"xz", "zstd", "gzip" for a compressed module file, None for NAME.ko."""
+    name = str(path)
+    for suffix, kind in COMPRESSIONS.items():
+        if name.endswith(MODULE_SUFFIX + suffix):
+            return kind
+    return None
+
+
+def uncompressed_path(path: Path) -> Path:
+    """*path* without its compression suffix (where the split of it is kept)."""
+    kind = compression_of(path)
+    if kind is None:
+        return path
+    suffix = next(s for s, k in COMPRESSIONS.items() if k == kind)
+    return path.with_name(path.name[:-len(suffix)])
+
+
+def decompress(data: bytes, kind: str, *, limit: int = MAX_MODULE_BYTES) -> bytes:
+    """*data* decompressed from *kind*; CompressedModuleError if it cannot be."""
+    try:
+        if kind == "xz":
+            decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+        elif kind == "gzip":
+            decompressor = zlib.decompressobj(wbits=31)
+        elif kind == "zstd":
+            decompressor = _zstd_decompressor()
+        else:
+            raise CompressedModuleError(f"unknown compression {kind!r}")
+        out = decompressor.decompress(data, limit + 1)
+    except (lzma.LZMAError, zlib.error, gzip.BadGzipFile, EOFError) as exc:
+        raise CompressedModuleError(f"{kind} data does not decompress: {exc}") from None
+    if len(out) > limit:
+        raise CompressedModuleError(f"decompresses to more than {limit} bytes")
+    if not getattr(decompressor, "eof", True):
+        raise CompressedModuleError(f"{kind} stream is truncated")
+    return out
+
+
+def _zstd_decompressor():  # noqa: ANN202 (a module of Python 3.14, if present)
+    # Python gained zstd in 3.14 (compression.zstd); Debian 12's 3.11 and 13's 3.13
+    # have none. Such a module is loaded by the kernel's own decompressor instead.
+    try:
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:
+        raise CompressedModuleError("this Python cannot decompress zstd") from None
+    return zstd.ZstdDecompressor()
+
+
+def python_decompresses(kind: str) -> bool:
+    """Whether decompress() can read *kind* with this Python."""
+    if kind in ("xz", "gzip"):
+        return True
+    if kind != "zstd":
+        return False
+    try:
+        _zstd_decompressor()
+    except CompressedModuleError:
+        return False
+    return True
+
+
+def loadable_here(path: Path) -> bool:
+    """Whether initsplitd can hand the original at *path* to the kernel itself: not
+    compressed, or compressed in a format the kernel or this Python decompresses.
+    (A .ko.zst on a kernel without zstd decompression, under Python 3.11 or 3.13,
+    is not: modprobe loads it, through libkmod's own decompressor.)"""
+    kind = compression_of(path)
+    return kind is None or kernel_decompresses(kind) or python_decompresses(kind)
+
+
+def kernel_decompresses(kind: str, *, sysfs: Path = SYS_MODULE_COMPRESSION) -> bool:
+    """Whether finit_module(MODULE_INIT_COMPRESSED_FILE) takes *kind* on this kernel.
+
+    CONFIG_MODULE_DECOMPRESS builds one format, the one the tree is compressed
+    with, and kernel/module/decompress.c names it in /sys/module/compression.
+    """
+    try:
+        return sysfs.read_text().strip() == kind
+    except OSError:
+        return False
+
+
+def read_module(path: Path, *, limit: int = MAX_MODULE_BYTES) -> bytes:
+    """The ELF bytes of the module file at *path*, decompressed if it is compressed.
+
+    OSError when it cannot be read, CompressedModuleError when it cannot be
+    decompressed.
+    """
+    data = path.read_bytes()
+    kind = compression_of(path)
+    return data if kind is None else decompress(data, kind, limit=limit)

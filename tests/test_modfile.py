@@ -1,0 +1,147 @@
+"""Compressed module files (initsplit/modfile.py): read, split and loaded as the kernel
+and kmod take them, with real modules of both Debian kernels.
+
+Debian 13's 6.12 ships every module as NAME.ko.xz. The daemon splits and rewrites
+the ELF inside, keeps its entries under NAME.ko, and hands an original it loads as
+it is to the kernel compressed where the kernel decompresses that format.
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+from pathlib import Path
+
+import pytest
+
+from initsplit import modfile
+from initsplit.daemon.splits import NotSplit, SplitProvider
+from initsplit.loader import syscalls
+from initsplit.modfile import (CompressedModuleError, compression_of, decompress, is_module_file,
+                               kernel_decompresses, module_file_name, read_module, uncompressed_path)
+from initsplit.split.decide import decide
+from initsplit.split.policy import SplitOptions
+from initsplit.tree import find_modules, split_tree
+from tests.testbed.kernel import debian_kernel
+from tests.trusted_dir import trusted_tmp  # noqa: F401  (pytest fixture)
+
+DUMMY = Path("kernel/drivers/net/dummy.ko")
+
+
+@pytest.fixture(scope="module")
+def dummy_61() -> bytes:
+    return (debian_kernel(release="12").modules_dir / DUMMY).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def dummy_612_xz() -> Path:
+    path = debian_kernel(release="13").modules_dir / "kernel/drivers/net/dummy.ko.xz"
+    assert path.is_file(), f"Debian 13's kernel has no {path}"
+    return path
+
+
+def test_names_and_suffixes() -> None:
+    assert [is_module_file(n) for n in ("a.ko", "a.ko.xz", "a.ko.zst", "a.ko.gz", "a.xz", "a.kobj")] \
+        == [True, True, True, True, False, False]
+    assert module_file_name("nf-tables.ko.xz") == module_file_name("nf_tables.ko") == "nf_tables"
+    assert compression_of("a.ko.zst") == "zstd" and compression_of("a.ko") is None
+    assert uncompressed_path(Path("k/ext4.ko.xz")) == Path("k/ext4.ko")
+    assert uncompressed_path(Path("k/ext4.ko")) == Path("k/ext4.ko")
+
+
+def test_xz_and_gzip_decompress_and_bad_streams_are_refused(dummy_61: bytes) -> None:
+    assert decompress(lzma.compress(dummy_61, format=lzma.FORMAT_XZ), "xz") == dummy_61
+    assert decompress(gzip.compress(dummy_61), "gzip") == dummy_61
+    packed = lzma.compress(dummy_61, format=lzma.FORMAT_XZ)
+    with pytest.raises(CompressedModuleError, match="truncated"):
+        decompress(packed[:len(packed) // 2], "xz")
+    with pytest.raises(CompressedModuleError, match="does not decompress"):
+        decompress(b"not xz at all", "xz")
+    # A bomb: stops at the limit instead of filling memory.
+    with pytest.raises(CompressedModuleError, match="more than"):
+        decompress(lzma.compress(bytes(1 << 20), format=lzma.FORMAT_XZ), "xz", limit=1 << 16)
+    with pytest.raises(CompressedModuleError, match="unknown"):
+        decompress(b"", "lz4")
+
+
+def test_kernel_decompresses_reads_sys_module_compression(tmp_path: Path) -> None:
+    sysfs = tmp_path / "compression"
+    assert not kernel_decompresses("xz", sysfs=sysfs)  # no CONFIG_MODULE_DECOMPRESS
+    sysfs.write_text("xz\n")
+    assert kernel_decompresses("xz", sysfs=sysfs) and not kernel_decompresses("zstd", sysfs=sysfs)
+
+
+@pytest.mark.parametrize("kernel_can", [True, False])
+def test_a_compressed_original_goes_to_the_kernel_as_kmod_hands_it(
+        dummy_612_xz: Path, monkeypatch: pytest.MonkeyPatch, kernel_can: bool) -> None:
+    seen: list[tuple[bytes, int]] = []
+
+    def fake_finit(fd: int, params: str = "", *, flags: int = 0) -> int:
+        size = os.fstat(fd).st_size
+        seen.append((os.pread(fd, size, 0), flags))
+        return 0
+
+    monkeypatch.setattr(syscalls, "finit_module", fake_finit)
+    monkeypatch.setattr(syscalls, "kernel_decompresses", lambda kind: kernel_can)
+    syscalls.finit_module_path(dummy_612_xz)
+    data, flags = seen[0]
+    if kernel_can:
+        assert flags == syscalls.MODULE_INIT_COMPRESSED_FILE and data == dummy_612_xz.read_bytes()
+    else:
+        assert flags == 0 and data == read_module(dummy_612_xz) and data.startswith(b"\x7fELF")
+
+
+def test_an_undecompressable_original_is_enoexec_not_a_crash(
+        trusted_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    bad = trusted_tmp / "bad.ko.xz"
+    bad.write_bytes(b"\xfd7zXZ\x00garbage")
+    monkeypatch.setattr(syscalls, "kernel_decompresses", lambda kind: False)
+    with pytest.raises(OSError) as caught:
+        syscalls.finit_module_path(bad)
+    assert caught.value.errno == 8  # ENOEXEC, as the kernel says of a file it cannot read
+
+
+def test_a_612_module_is_read_decompressed_and_loses_its_btf(dummy_612_xz: Path) -> None:
+    data = read_module(dummy_612_xz)
+    decision = decide(data)
+    # Two-stage loads are for 6.1 only so far; the BTF goes all the same.
+    assert decision.outcome == "refused" and "unsupported kernel" in decision.reason, decision
+    assert decision.discarded == ("btf",) and decision.btf_bytes > 0 and decision.rewritten
+
+
+def test_the_daemon_splits_a_compressed_module_and_keeps_it_under_ko(
+        trusted_tmp: Path, dummy_61: bytes) -> None:  # noqa: F811
+    modules, cache, run = trusted_tmp / "modules", trusted_tmp / "cache", trusted_tmp / "run"
+    (modules / DUMMY.parent).mkdir(parents=True)
+    packed = modules / DUMMY.with_name("dummy.ko.xz")
+    packed.write_bytes(lzma.compress(dummy_61, format=lzma.FORMAT_XZ))
+    options = SplitOptions(two_stage="always")
+    provider = SplitProvider(modules_dir=modules, cache_dir=cache, runtime_dir=run, options=options)
+    got = provider.get(packed)
+    try:
+        assert not isinstance(got, NotSplit), got
+        assert (run / DUMMY).is_file() and not (run / DUMMY.with_name("dummy.ko.xz")).exists()
+    finally:
+        got.close()
+    # And `initsplit split` of such a tree writes what the daemon finds.
+    assert [job.relative for job in find_modules([modules])] == [DUMMY]
+    results = split_tree([modules], cache, workers=1, options=options)
+    assert [r.outcome for r in results] == ["split"]
+    again = SplitProvider(modules_dir=modules, cache_dir=cache, runtime_dir=trusted_tmp / "run2",
+                          options=options).get(packed)
+    try:
+        assert not isinstance(again, NotSplit), again
+        assert not (trusted_tmp / "run2" / DUMMY).exists()  # the cache entry answered
+    finally:
+        again.close()
+
+
+def test_a_bad_compressed_module_costs_a_plain_load_with_the_reason(trusted_tmp: Path) -> None:  # noqa: F811
+    modules = trusted_tmp / "modules"
+    modules.mkdir()
+    bad = modules / "bad.ko.xz"
+    bad.write_bytes(b"\xfd7zXZ\x00garbage")
+    got = SplitProvider(modules_dir=modules, cache_dir=trusted_tmp / "c", runtime_dir=trusted_tmp / "r").get(bad)
+    assert isinstance(got, NotSplit) and "cannot read bad.ko.xz" in got.reason and got.rewritten is None
+    assert modfile.MODULE_SUFFIX == ".ko"
