@@ -8,8 +8,11 @@ deps:
 	tools/install-deps
 
 # The main job: a Debian system booting through initsplitd in QEMU, and its journal.
+# DEBIAN=13 (trixie, Linux 6.12) by default, or what INITSPLIT_DEBIAN says;
+# DEBIAN=12 boots bookworm (Linux 6.1).
+DEBIAN ?= $(or $(INITSPLIT_DEBIAN),13)
 demo: deps
-	$(PYTHON) demo/boot_demo.py
+	$(PYTHON) demo/boot_demo.py --debian $(DEBIAN)
 
 # Real Debian modules loaded plain and two-stage side by side, with the kernel's figures.
 demo-modules: deps

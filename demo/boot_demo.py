@@ -1,8 +1,13 @@
-"""`make demo`: a Debian 12 system boots with initsplitd loading its drivers.
+"""`make demo`: a Debian system boots with initsplitd loading its drivers.
+
+`demo/boot_demo.py --debian 13` (the default, `make demo`) boots Debian 13
+"trixie" (Linux 6.12, Python 3.13, .ko.xz modules); `--debian 12` (`make demo
+DEBIAN=12`) boots Debian 12 "bookworm" (Linux 6.1, Python 3.11). Without
+--debian, INITSPLIT_DEBIAN names the release, else 13.
 
 On a fresh Debian 12 machine, as root:
 
-1. fetches the Debian 6.1 kernel package and builds a Debian bookworm root with
+1. fetches the release's kernel package and builds a root of that release with
    debootstrap (both cached in ~/.cache/initsplit or $INITSPLIT_CACHE, outside the
    repository; only the first run pays for them);
 2. installs initsplit into that root with `make install` (daemon, units, udev rules,
@@ -25,6 +30,8 @@ The only change from the installed defaults is ExitAfterQuietSec=10s (instead of
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import shutil
 import sys
@@ -44,6 +51,7 @@ from initsplit.daemon.journal import (  # noqa: E402
     SYSLOG_IDENTIFIER,
 )
 from tests.testbed import TestbedError, cache_dir, debian_kernel  # noqa: E402
+from tests.testbed.apt import RELEASE_ENV, RELEASES, DebianRelease, debian_release  # noqa: E402
 from tests.testbed.given_back import check_given_back  # noqa: E402
 from tests.testbed.install import install_initsplit  # noqa: E402
 from tests.testbed.rootfs import RootFS, debian_rootfs  # noqa: E402
@@ -68,8 +76,11 @@ def info(message: str) -> None:
     print(f"    {message}", flush=True)
 
 
-def rootfs_is_cached() -> bool:
-    kver = debian_kernel().kver
+# The release `make demo` boots when neither --debian nor INITSPLIT_DEBIAN names one.
+DEFAULT_DEBIAN = "13"
+
+
+def rootfs_is_cached(kver: str) -> bool:
     return (cache_dir() / "rootfs" / kver / "READY").exists()
 
 
@@ -134,29 +145,44 @@ def check_total(boot: SystemBoot) -> bool:
     return not result.problems
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> DebianRelease:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debian", choices=sorted(RELEASES),
+                        default=os.environ.get(RELEASE_ENV) or DEFAULT_DEBIAN,
+                        help=f"the Debian release to boot (default: ${RELEASE_ENV}, else {DEFAULT_DEBIAN})")
+    args = parser.parse_args(argv)
+    # Everything in tests/testbed that picks a release by default (the kernel, its
+    # root, apt) reads this.
+    os.environ[RELEASE_ENV] = args.debian
+    return debian_release(args.debian)
+
+
+def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
+    release = parse_args(argv)
     try:
-        step("fetching the Debian kernel package (cached after the first run)")
-        kernel = debian_kernel()
+        step(f"fetching the Debian {release.version} ({release.suite}) kernel package "
+             "(cached after the first run)")
+        kernel = debian_kernel(release=release.version)
         info(f"kernel {kernel.kver} ({kernel.deb_version})")
 
-        if rootfs_is_cached():
-            step("using the cached Debian 12 root filesystem")
+        if rootfs_is_cached(kernel.kver):
+            step(f"using the cached Debian {release.version} ({release.suite}) root filesystem")
         else:
-            step("building the root filesystem (first run only, ~1 min)")
+            step(f"building the Debian {release.version} ({release.suite}) root filesystem "
+                 "(first run only, a few minutes)")
         t = time.monotonic()
         rootfs: RootFS = debian_rootfs(kernel)
         info(f"{rootfs.path} ({time.monotonic() - t:.0f} s)")
 
-        work = cache_dir() / "demo"
+        work = cache_dir() / "demo" / release.suite
         if work.exists():
             from tests.testbed.rootfs import remove_tree
             remove_tree(work)
         work.mkdir(parents=True)
 
         step("installing initsplit into the image (make install, initsplitd.service enabled)")
-        extra = install_initsplit(work / "destdir", conf_dropins={"50-demo.conf": DROPIN})
+        extra = install_initsplit(work / "destdir", conf_dropins={"50-demo.conf": DROPIN}, rootfs=rootfs)
 
         step("building the initramfs with dracut (the initsplit module pre-splits its kernel modules)")
         t = time.monotonic()
@@ -170,6 +196,9 @@ def main() -> int:
 
         step("booting it in QEMU (TCG, root on a virtio ext4 disk; ~1 min)")
         boot = boot_system(image, timeout=420)
+        # Kept for a look afterwards (the disk is not: it is ~1 GB).
+        (work / "console.log").write_text(boot.console)
+        (work / "report.log").write_text(boot.report_text)
         info(f"{boot.duration:.0f} s; system {boot.state or 'did not report'}; "
              f"{boot.analyze.strip().splitlines()[0] if boot.analyze.strip() else ''}")
         if not boot.reached_multi_user:
@@ -191,7 +220,8 @@ def main() -> int:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     print()
-    step(f"done in {time.monotonic() - started:.0f} s")
+    step(f"Debian {release.version} ({release.suite}, Linux {kernel.kver}): done in "
+         f"{time.monotonic() - started:.0f} s")
     return 0
 
 

@@ -16,7 +16,6 @@ caller then loads the original as it is, or reports the module failed).
 
 from __future__ import annotations
 
-import gzip
 import lzma
 import zlib
 from pathlib import Path
@@ -87,7 +86,7 @@ def decompress(data: bytes, kind: str, *, limit: int = MAX_MODULE_BYTES) -> byte
         else:
             raise CompressedModuleError(f"unknown compression {kind!r}")
         out = decompressor.decompress(data, limit + 1)
-    except (lzma.LZMAError, zlib.error, gzip.BadGzipFile, EOFError) as exc:
+    except (lzma.LZMAError, zlib.error, EOFError) as exc:
         raise CompressedModuleError(f"{kind} data does not decompress: {exc}") from None
     if len(out) > limit:
         raise CompressedModuleError(f"decompresses to more than {limit} bytes")

@@ -68,7 +68,7 @@ _initsplit_added() {
         while IFS= read -r _lib; do
             _shared[$(readlink -f "$_lib")]=1
         done < <(ldd "$_f" 2> /dev/null | sed -n -e 's|.*=> \(/[^ ]*\) (.*|\1|p' -e 's|^\s*\(/[^ ]*\) (.*|\1|p')
-    done < <(find "$initdir" -type f -perm /0111 ! -name '*.ko' -print0)
+    done < <(find "$initdir" -type f -perm /0111 ! -name '*.ko' ! -name '*.ko.*' -print0)
     for _f in "${!_mine[@]}"; do
         [[ ${_shared[$(readlink -f "$_f")]} ]] && continue
         _kb=$((_kb + ($(stat -L -c %s "${initdir}${_f}") + 1023) / 1024))
@@ -79,10 +79,15 @@ _initsplit_added() {
 
 # Split every kernel module the image holds into the pre-split cache, then report
 # what initsplit added. Runs right after dracut_kernel_post (see install()).
+# The modules are NAME.ko (Debian 12) or as Kbuild compressed them, NAME.ko.xz
+# (Debian 13; dracut copies them as they are): the cache holds NAME.ko either way.
+# ${initdir}/lib/modules is where dracut installs them, on a usrmerged image too
+# (there lib is a symlink to usr/lib).
 _initsplit_split_cache() {
     local _cache="$initsplit_libdir/cache/$kernel" _n _kb _cache_kb _cache_n _line
     if [[ -d ${initdir}/lib/modules/$kernel ]] \
-        && [[ -n $(find "${initdir}/lib/modules/$kernel" -name '*.ko' -print -quit) ]]; then
+        && [[ -n $(find "${initdir}/lib/modules/$kernel/" \( -name '*.ko' -o -name '*.ko.gz' \
+            -o -name '*.ko.xz' -o -name '*.ko.zst' \) -print -quit) ]]; then
         # The modules are read in place; the cache goes beside them, so depmod's
         # files (modules.dep, ...) stay exactly as dracut_kernel_post wrote them.
         # Exit 1 only means some module failed validation: that one is loaded plain.
@@ -95,6 +100,7 @@ _initsplit_split_cache() {
     fi
     read -r _n _kb < <(_initsplit_added)
     _cache_kb=$(du -sk "${initdir}${initsplit_libdir}/cache" 2> /dev/null | cut -f1)
+    _cache_kb=${_cache_kb:-0}
     _cache_n=$(find "${initdir}${initsplit_libdir}/cache" -type f 2> /dev/null | wc -l)
     dinfo "initsplit: $((_n + _cache_n)) files, $(_initsplit_mb $((_kb + _cache_kb))) MB added (python $(_initsplit_mb "$_kb") MB, cache $(_initsplit_mb "$_cache_kb") MB)"
 }

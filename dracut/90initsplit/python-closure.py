@@ -55,6 +55,9 @@ ENTRY_POINTS = (
     "initsplit.split.decide",
     "initsplit.split.splitter",
     "initsplit.layout.linux61",
+    "initsplit.layout.linux612",
+    # Compressed modules (NAME.ko.xz on Debian 13): lzma, gzip/zlib and liblzma.
+    "initsplit.modfile",
     "initsplit.validate",
     "initsplit.elf",
 )

@@ -38,6 +38,8 @@ from .rootfs import CHROOT_ENV, RootFS, chroot_mounts, chroot_run, remove_tree, 
 # Drivers the initramfs needs to mount root: the Debian kernel builds its whole storage
 # stack as modules, so a machine whose root is ext4 on virtio boots only if these are in
 # the initramfs. dracut adds their dependencies (jbd2, mbcache, crc16, crc32c, ...).
+# Those the kernel has built in (virtio_pci on Debian 13's 6.12, modules.builtin) are
+# left out: there is no file to add.
 ROOT_DRIVERS: tuple[str, ...] = ("virtio_pci", "virtio_blk", "ext4")
 
 # Kernel arguments every system boot gets (the caller's `append` comes after and wins
@@ -197,7 +199,8 @@ def build_disk(
     report_commands: section name -> shell snippet the report service runs (with sh,
         in this order) after multi-user is reached; see SystemBoot.sections.
     dracut_args: appended to dracut's command line (after the profile's arguments).
-    drivers: kernel modules the initramfs must contain (with their dependencies).
+    drivers: kernel modules the initramfs must contain (with their dependencies); those
+        the kernel has built in (its modules.builtin) are left out.
     generic: False (default) makes a trimmed image: only `drivers` (--drivers), no
         dracut modules the guest cannot use (TRIM_OMIT), fast compression; ~3-15 s to
         build, ~14 MB. True makes what Debian's dracut makes by default without
@@ -237,6 +240,8 @@ def build_disk(
         timings["files"] = time.monotonic() - t0
 
         t1 = time.monotonic()
+        builtin = _builtin_modules(merged, kver)
+        drivers = [d for d in drivers if d.replace("-", "_") not in builtin]
         dracut_argv = _run_dracut(merged, kver, drivers, generic, dracut_args, dracut_log)
         shutil.copyfile(merged / "boot" / f"initrd.img-{kver}", initrd)
         timings["dracut"] = time.monotonic() - t1
@@ -266,6 +271,16 @@ def build_disk(
         dracut_argv=tuple(dracut_argv),
         timings={k: round(v, 2) for k, v in timings.items()},
     )
+
+
+def _builtin_modules(root: Path, kver: str) -> frozenset[str]:
+    """Names of the modules the kernel has built in (its modules.builtin; /lib is
+    /usr/lib on a usrmerged root, so one path serves both)."""
+    try:
+        lines = (root / "lib" / "modules" / kver / "modules.builtin").read_text().split()
+    except OSError:
+        return frozenset()
+    return frozenset(Path(line).name.split(".ko")[0].replace("-", "_") for line in lines)
 
 
 def _guest(root: Path, guest_path: str) -> Path:

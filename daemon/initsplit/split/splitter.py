@@ -218,7 +218,8 @@ class _Splitter:
         if not name or len(name) >= MODULE_NAME_LEN or not name.replace("_", "a").isalnum():
             raise SplitRefused("bad module name", repr(name))
         if not vermagic.startswith(SUPPORTED_VERMAGIC_PREFIX) or "mod_unload" not in vermagic:
-            raise SplitRefused("unsupported kernel", vermagic or "no vermagic")
+            # (Kbuild's vermagic ends in a space: VERMAGIC_STRING's MODULE_ARCH_VERMAGIC "".)
+            raise SplitRefused("unsupported kernel", vermagic.strip() or "no vermagic")
         self.name = name
         self.init_name = init_module_name(name)
 
