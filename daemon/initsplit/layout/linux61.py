@@ -193,11 +193,8 @@ def _layout_symtab(obj: ElfObject, rules: LayoutRules, flags: list[int], entsize
                    pcpu_index: int, livepatch: bool, core_size: int, init_size: int,
                    strict_align: Callable[[int], int]) -> tuple[int, int]:
     """kernel/module/kallsyms.c layout_symtab() (6.1)."""
-    sections = obj.sections
-    shnum = len(sections)
-    symsect = sections[obj.symtab_index]
-    strsect = sections[symsect.link]
-    strtab = strsect.data
+    symsect = obj.sections[obj.symtab_index]
+    strsect = obj.sections[symsect.link]
 
     # The full symbol table goes at the end of the init layout...
     flags[obj.symtab_index] |= SHF_ALLOC
@@ -207,16 +204,9 @@ def _layout_symtab(obj: ElfObject, rules: LayoutRules, flags: list[int], entsize
 
     # ...and the core symbols, with their names, at the end of the core layout.
     nsrc = symsect.size // ELF64_SYM.size
-    ndst = strtab_size = 0
-    for i, (st_name, _info, _other, st_shndx, _value, _size) in enumerate(
-            ELF64_SYM.iter_unpack(symsect.data[:nsrc * ELF64_SYM.size])):
-        if i == 0 or livepatch or _is_core_symbol(st_name, st_shndx, flags, entsize, shnum,
-                                                    pcpu_index, rules.kallsyms_all):
-            end = strtab.find(b"\0", st_name)
-            strtab_size += (end if end >= 0 else len(strtab)) - st_name + 1
-            ndst += 1
     symoffs = _align(core_size, symsect.addralign)
-    core_size = symoffs + ndst * ELF64_SYM.size + strtab_size + ndst
+    core_size = symoffs + core_symtab_bytes(obj, rules, flags, entsize, pcpu_index, livepatch,
+                                            in_init=lambda e: bool(e & INIT_OFFSET_MASK))
     core_size = strict_align(core_size)
 
     # The string table, struct mod_kallsyms and the type bytes close the init layout.
@@ -229,8 +219,31 @@ def _layout_symtab(obj: ElfObject, rules: LayoutRules, flags: list[int], entsize
     return core_size, init_size
 
 
+def core_symtab_bytes(obj: ElfObject, rules: LayoutRules, flags: list[int], entsize: list[int],
+                      pcpu_index: int, livepatch: bool, *, in_init: Callable[[int], bool]) -> int:
+    """What kernel/module/kallsyms.c layout_symtab() adds for the core symbols: an
+    Elf_Sym, the name and a type byte for each (the null symbol included), counted
+    the same way in 6.1 and 6.12. *in_init* says whether a section's sh_entsize
+    places it in init memory: the one thing is_core_symbol() asks differently
+    (6.1 tests INIT_OFFSET_MASK, 6.12 mod_mem_type_is_init() of the type bits).
+    """
+    symsect = obj.sections[obj.symtab_index]
+    strtab = obj.sections[symsect.link].data
+    shnum = len(obj.sections)
+    nsrc = symsect.size // ELF64_SYM.size
+    ndst = strtab_size = 0
+    for i, (st_name, _info, _other, st_shndx, _value, _size) in enumerate(
+            ELF64_SYM.iter_unpack(symsect.data[:nsrc * ELF64_SYM.size])):
+        if i == 0 or livepatch or _is_core_symbol(st_name, st_shndx, flags, entsize, shnum,
+                                                    pcpu_index, rules.kallsyms_all, in_init):
+            end = strtab.find(b"\0", st_name)
+            strtab_size += (end if end >= 0 else len(strtab)) - st_name + 1
+            ndst += 1
+    return ndst * ELF64_SYM.size + strtab_size + ndst
+
+
 def _is_core_symbol(st_name: int, st_shndx: int, flags: list[int], entsize: list[int], shnum: int,
-                    pcpu_index: int, kallsyms_all: bool) -> bool:
+                    pcpu_index: int, kallsyms_all: bool, in_init: Callable[[int], bool]) -> bool:
     """kernel/module/kallsyms.c is_core_symbol()."""
     if st_shndx == SHN_UNDEF or st_shndx >= shnum or not st_name:
         return False
@@ -239,7 +252,7 @@ def _is_core_symbol(st_name: int, st_shndx: int, flags: list[int], entsize: list
     f = flags[st_shndx]
     if not f & SHF_ALLOC or (not kallsyms_all and not f & SHF_EXECINSTR):
         return False
-    return not entsize[st_shndx] & INIT_OFFSET_MASK
+    return not in_init(entsize[st_shndx])
 
 
 def layout_of(data: bytes, rules: LayoutRules = LayoutRules(), *,

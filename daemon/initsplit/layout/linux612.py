@@ -39,7 +39,7 @@ MOD_INIT_DATA. What else differs from 6.1:
 * a section's sh_entsize offset is within its own memory: offsets of sections
   of two types are not comparable (see core_placement());
 * is_core_symbol() asks mod_mem_type_is_init() of the section's type, where 6.1
-  tested INIT_OFFSET_MASK (see _is_core_symbol() below).
+  tested INIT_OFFSET_MASK (see _layout_symtab() below).
 
 Unchanged from 6.1: the flags layout_and_allocate() and rewrite_section_headers()
 change (.modinfo, __versions and .data..percpu not allocated here;
@@ -68,8 +68,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..elf import ElfObject, read_elf
-from ..elf.constants import SHF_ALLOC, SHF_EXECINSTR, SHN_UNDEF
-from .linux61 import ELF64_SYM, MOD_KALLSYMS_ALIGN, MOD_KALLSYMS_SIZE, _MASKS, _NOT_PLACED, _align, loader_flags
+from ..elf.constants import SHF_ALLOC
+from .linux61 import (ELF64_SYM, MOD_KALLSYMS_ALIGN, MOD_KALLSYMS_SIZE, _MASKS, _NOT_PLACED, _align,
+                      core_symtab_bytes, loader_flags)
 from .records import CORE_GROUPS, INIT_GROUPS, Layout, ModuleLayout
 from .rules import LayoutRules
 
@@ -172,51 +173,26 @@ def _layout_symtab(obj: ElfObject, rules: LayoutRules, flags: list[int], entsize
                    get_offset_and_type: Callable[[int, int], int]) -> None:
     """kernel/module/kallsyms.c layout_symtab() (6.12): what 6.1's counts, but in
     MOD_DATA and MOD_INIT_DATA, with no page rounding of its own."""
-    sections = obj.sections
-    shnum = len(sections)
-    symsect = sections[obj.symtab_index]
-    strsect = sections[symsect.link]
-    strtab = strsect.data
+    symsect = obj.sections[obj.symtab_index]
 
     # The full symbol table goes at the end of MOD_INIT_DATA...
     flags[obj.symtab_index] |= SHF_ALLOC
     entsize[obj.symtab_index] = get_offset_and_type(MOD_INIT_DATA, obj.symtab_index)
 
     # ...and the core symbols, with their names and type bytes, at the end of MOD_DATA.
+    # is_core_symbol() asks mod_mem_type_is_init() of the type in sh_entsize's top
+    # bits, where 6.1 tested its INIT_OFFSET_MASK bit (bit 63, which the init types
+    # 4 to 6 do not set in 6.12's encoding).
     nsrc = symsect.size // ELF64_SYM.size
-    ndst = strtab_size = 0
-    for i, (st_name, _info, _other, st_shndx, _value, _size) in enumerate(
-            ELF64_SYM.iter_unpack(symsect.data[:nsrc * ELF64_SYM.size])):
-        if i == 0 or livepatch or _is_core_symbol(st_name, st_shndx, flags, entsize, shnum,
-                                                    pcpu_index, rules.kallsyms_all):
-            end = strtab.find(b"\0", st_name)
-            strtab_size += (end if end >= 0 else len(strtab)) - st_name + 1
-            ndst += 1
     symoffs = _align(sizes[MOD_DATA], symsect.addralign)
-    sizes[MOD_DATA] = symoffs + ndst * ELF64_SYM.size + strtab_size + ndst
+    sizes[MOD_DATA] = symoffs + core_symtab_bytes(
+        obj, rules, flags, entsize, pcpu_index, livepatch,
+        in_init=lambda e: _is_init_type(_entsize_type(e)))
 
     # The string table, struct mod_kallsyms and the type bytes close MOD_INIT_DATA.
     flags[symsect.link] |= SHF_ALLOC
     entsize[symsect.link] = get_offset_and_type(MOD_INIT_DATA, symsect.link)
     sizes[MOD_INIT_DATA] = _align(sizes[MOD_INIT_DATA], MOD_KALLSYMS_ALIGN) + MOD_KALLSYMS_SIZE + nsrc
-
-
-def _is_core_symbol(st_name: int, st_shndx: int, flags: list[int], entsize: list[int], shnum: int,
-                    pcpu_index: int, kallsyms_all: bool) -> bool:
-    """kernel/module/kallsyms.c is_core_symbol() (6.12).
-
-    Not linux61._is_core_symbol(): 6.12 asks mod_mem_type_is_init() of the type in
-    sh_entsize's top bits where 6.1 tested its INIT_OFFSET_MASK bit (bit 63, which
-    the init types 4 to 6 do not set in 6.12's encoding).
-    """
-    if st_shndx == SHN_UNDEF or st_shndx >= shnum or not st_name:
-        return False
-    if kallsyms_all and st_shndx == pcpu_index:
-        return True
-    f = flags[st_shndx]
-    if not f & SHF_ALLOC or (not kallsyms_all and not f & SHF_EXECINSTR):
-        return False
-    return not _is_init_type(_entsize_type(entsize[st_shndx]))
 
 
 def _page_align(size: int, page_size: int) -> int:
