@@ -72,7 +72,7 @@ class DebianKernel:
     def module_deps(self, name: str) -> list[Path]:
         """The .ko for `name` preceded by everything it needs, in insmod order."""
         deps = _modules_dep(self.modules_dir).get(_canonical(name))
-        if deps is None and _canonical(name) in _builtin(self.modules_dir):
+        if deps is None and _canonical(name) in builtin_modules(self.modules_dir):
             return []  # built into this kernel (virtio_pci on 6.12): nothing to load
         if deps is None:
             raise TestbedError(f"module {name!r} is not in {self.modules_dir}/modules.dep")
@@ -85,8 +85,9 @@ def _canonical(name: str) -> str:
 
 
 @functools.cache
-def _builtin(modules_dir: Path) -> frozenset[str]:
-    """The names modules.builtin lists (modules built into the kernel)."""
+def builtin_modules(modules_dir: Path) -> frozenset[str]:
+    """The names modules.builtin lists (modules built into the kernel; none when
+    the file is missing)."""
     try:
         lines = (modules_dir / "modules.builtin").read_text().split()
     except OSError:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._util import TestbedError, run, tail
+from .kernel import builtin_modules
 from .qemu import QEMU, qemu_argv, run_qemu
 from .rootfs import CHROOT_ENV, RootFS, chroot_mounts, chroot_run, remove_tree, unmount_all
 
@@ -240,7 +241,8 @@ def build_disk(
         timings["files"] = time.monotonic() - t0
 
         t1 = time.monotonic()
-        builtin = _builtin_modules(merged, kver)
+        # (/lib is /usr/lib on a usrmerged root: one path serves both releases.)
+        builtin = builtin_modules(merged / "lib" / "modules" / kver)
         drivers = [d for d in drivers if d.replace("-", "_") not in builtin]
         dracut_argv = _run_dracut(merged, kver, drivers, generic, dracut_args, dracut_log)
         shutil.copyfile(merged / "boot" / f"initrd.img-{kver}", initrd)
@@ -271,16 +273,6 @@ def build_disk(
         dracut_argv=tuple(dracut_argv),
         timings={k: round(v, 2) for k, v in timings.items()},
     )
-
-
-def _builtin_modules(root: Path, kver: str) -> frozenset[str]:
-    """Names of the modules the kernel has built in (its modules.builtin; /lib is
-    /usr/lib on a usrmerged root, so one path serves both)."""
-    try:
-        lines = (root / "lib" / "modules" / kver / "modules.builtin").read_text().split()
-    except OSError:
-        return frozenset()
-    return frozenset(Path(line).name.split(".ko")[0].replace("-", "_") for line in lines)
 
 
 def _guest(root: Path, guest_path: str) -> Path:
