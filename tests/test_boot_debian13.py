@@ -22,28 +22,19 @@ from initsplit.daemon.journal import (MESSAGE_ID_LOAD_FAILED, MESSAGE_ID_LOADED_
                                       MESSAGE_ID_LOADED_TWO_STAGE, MESSAGE_ID_SUMMARY, SYSLOG_IDENTIFIER)
 from tests.testbed import debian_kernel
 from tests.testbed.given_back import check_given_back
-from tests.testbed.install import install_initsplit
+from tests.testbed.install import DAEMON_REPORT, INITRD_UNIT, ROOT_UNIT, install_initsplit
 from tests.testbed.rootfs import RootFS, debian_rootfs
 from tests.testbed.system import SystemBoot, SystemImage, boot_system, build_disk
 
 pytestmark = pytest.mark.vm
 
-INITRD_UNIT = "initsplitd-initrd.service"
-ROOT_UNIT = "initsplitd.service"
 # The root disk's driver and file system; on 6.12 virtio_pci is built in.
 ROOT_TARGETS = ("virtio_blk", "ext4")
 
 REPORT = {
-    "wait_daemon": (
-        f"timeout 180 sh -c 'until [ \"$(systemctl show -P ActiveState {ROOT_UNIT})\" = inactive ]; "
-        f"do sleep 1; done'; "
-        f"systemctl show -p ActiveState,Result,ExecMainCode,ExecMainStatus {ROOT_UNIT}"
-    ),
-    "modules_after": "cat /proc/modules",
-    "btf_after": "ls /sys/kernel/btf",
+    **DAEMON_REPORT,
     "compression": "cat /sys/module/compression",
     "python": "python3 -c 'import sys; print(sys.version.split()[0])'",
-    "failed_status": "systemctl status --failed --no-pager --full --lines=30",
 }
 
 

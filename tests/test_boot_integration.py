@@ -33,21 +33,18 @@ from initsplit.daemon.journal import (
     SYSLOG_IDENTIFIER,
 )
 from initsplit.daemon.udev_source import valid_alias
+from initsplit.loader.kernel_state import parse_proc_modules
 from initsplit.split.decide import decide, manifest_reason
 from initsplit.split.policy import SplitOptions
 from tests.testbed import debian_kernel
 from tests.testbed.given_back import check_given_back
-from tests.testbed.install import install_initsplit
+from tests.testbed.install import DAEMON_REPORT, INITRD_UNIT, ROOT_UNIT, SETTLE_UNIT, install_initsplit
 from tests.testbed.rootfs import RootFS, debian_rootfs
 from tests.testbed.system import SystemBoot, SystemImage, boot_system, build_disk
 
 pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parent.parent
-
-INITRD_UNIT = "initsplitd-initrd.service"
-ROOT_UNIT = "initsplitd.service"
-SETTLE_UNIT = "initsplitd-settle.service"
 
 # What the root disk needs and the initramfs daemon loads: the disk driver, the file
 # system (requested as fs-ext4 by the disk's udev event) and its dependencies.
@@ -63,21 +60,7 @@ REPORT = {
     # verify checks unit syntax, dependencies and that ExecStart= exists; --man=no
     # because the guest has no man pages (Documentation= names initsplitd(8)).
     "verify": f"systemd-analyze verify --man=no {ROOT_UNIT} {INITRD_UNIT} {SETTLE_UNIT}",
-    # The real-root daemon exits ExitAfterQuietSec= (30 s) after boot went quiet;
-    # its summary is only in the journal after that.
-    "wait_daemon": (
-        # is-active turns false already while the unit is "deactivating" (its process
-        # still exiting): wait for the state the test then reads.
-        f"timeout 180 sh -c 'until [ \"$(systemctl show -P ActiveState {ROOT_UNIT})\" = inactive ]; "
-        f"do sleep 1; done'; "
-        f"systemctl show -p ActiveState,Result,ExecMainCode,ExecMainStatus {ROOT_UNIT}"
-    ),
-    # /proc/modules once both daemons are done (the standard section is read at
-    # multi-user, while the real-root daemon may still be loading).
-    "modules_after": "cat /proc/modules",
-    # Which modules kept their BTF, once both daemons are done.
-    "btf_after": "ls /sys/kernel/btf",
-    "failed_status": "systemctl status --failed --no-pager --full --lines=30",
+    **DAEMON_REPORT,
     # What the daemons left in /run: nothing but the fault hook's record, if any.
     # udev's own view of the devices the hostile rule gave a MODALIAS.
     "hostile": "for d in null zero full random urandom kmsg; do "
@@ -207,7 +190,7 @@ def modules_after(boot: SystemBoot) -> dict[str, int]:
     """Module name -> size, from /proc/modules after the real-root daemon exited."""
     sec = boot.sections.get("modules_after")
     assert sec is not None and sec.rc == 0, boot.report()
-    return {line.split()[0]: int(line.split()[1]) for line in sec.output.splitlines() if line.strip()}
+    return parse_proc_modules(sec.output)
 
 
 def expected_mode(rootfs: RootFS, module: str) -> tuple[str, str]:

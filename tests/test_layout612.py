@@ -8,7 +8,6 @@ group a whole number of pages, and core_placement() agreeing with core_offsets.
 
 from __future__ import annotations
 
-import lzma
 from pathlib import Path
 
 import pytest
@@ -17,48 +16,38 @@ from initsplit.elf import read_elf
 from initsplit.layout import linux61
 from initsplit.layout.linux612 import core_placement, layout_of, module_layout
 from initsplit.layout.records import CORE_GROUPS, INIT_GROUPS
-from initsplit.layout.rules import LayoutRules, rules_for_tree
-from tests.testbed.kernel import DebianKernel, debian_kernel
+from initsplit.layout.rules import LayoutRules
+from initsplit.modfile import read_module
+from tests.testbed.fixtures import kernel612, rules612  # noqa: F401  (pytest fixtures)
+from tests.testbed.kernel import DebianKernel
 
 MODULES = ("dummy", "loop", "ext4", "xfs", "nf_tables", "wireguard", "openvswitch", "raid6_pq", "kvm")
 
 
-@pytest.fixture(scope="module")
-def kernel612() -> DebianKernel:
-    return debian_kernel(release="13")
-
-
-@pytest.fixture(scope="module")
-def rules(kernel612: DebianKernel) -> LayoutRules:
-    rules = rules_for_tree(kernel612.modules_dir)
-    assert rules.config and rules.strict_module_rwx and rules.kallsyms_all, rules
-    return rules
-
-
 def ko(kernel612: DebianKernel, name: str) -> bytes:
     path: Path = kernel612.module(name)
-    return lzma.decompress(path.read_bytes())
+    return read_module(path)
 
 
-def test_dummy_is_three_pages(kernel612: DebianKernel, rules: LayoutRules) -> None:
+def test_dummy_is_three_pages(kernel612: DebianKernel, rules612: LayoutRules) -> None:
     data = ko(kernel612, "dummy")
-    layout = layout_of(data, rules)
+    layout = layout_of(data, rules612)
     # /proc/modules on 6.12.117+deb13-amd64 (tests/test_layout612_vm.py): text,
     # rodata, data with the symbol tables in its last page.
     assert layout.core.size == 12288, layout.core.groups
     assert dict(layout.core.groups) == {"text": 4096, "rodata": 4096, "ro_after_init": 0,
                                         "data": 4096, "kallsyms": 0}
-    assert linux61.layout_of(data, rules).core.size == 16384  # 6.1's: one page more
+    assert linux61.layout_of(data, rules612).core.size == 16384  # 6.1's: one page more
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_groups_are_whole_pages(kernel612: DebianKernel, rules: LayoutRules, name: str) -> None:
-    layout = layout_of(ko(kernel612, name), rules)
+def test_groups_are_whole_pages(kernel612: DebianKernel, rules612: LayoutRules, name: str) -> None:
+    layout = layout_of(ko(kernel612, name), rules612)
     assert tuple(g for g, _ in layout.core.groups) == CORE_GROUPS
     assert tuple(g for g, _ in layout.init.groups) == INIT_GROUPS
     for which in (layout.core, layout.init):
         for group, size in which.groups:
-            assert size >= 0 and size % rules.page_size == 0, (name, group, size)
+            assert size >= 0 and size % rules612.page_size == 0, (name, group, size)
     assert layout.core.group("text") and layout.core.group("data")
     # The sections' bytes fit in what was allocated for them.
     assert layout.core_bytes <= layout.core.size and layout.init_bytes <= layout.init.size
@@ -66,10 +55,10 @@ def test_groups_are_whole_pages(kernel612: DebianKernel, rules: LayoutRules, nam
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_placement_per_memory(kernel612: DebianKernel, rules: LayoutRules, name: str) -> None:
+def test_placement_per_memory(kernel612: DebianKernel, rules612: LayoutRules, name: str) -> None:
     obj = read_elf(ko(kernel612, name))
-    layout = module_layout(obj, rules)
-    placement = core_placement(obj, rules)
+    layout = module_layout(obj, rules612)
+    placement = core_placement(obj, rules612)
     assert {i: offset for i, (_, offset) in placement.items()} == dict(layout.core_offsets)
     by_memory: dict[str, list[tuple[int, int]]] = {}
     for i, (memory, offset) in placement.items():
@@ -91,9 +80,9 @@ def test_placement_per_memory(kernel612: DebianKernel, rules: LayoutRules, name:
     assert ".data..percpu" not in names
 
 
-def test_init_resident_keeps_init_in_core(kernel612: DebianKernel, rules: LayoutRules) -> None:
+def test_init_resident_keeps_init_in_core(kernel612: DebianKernel, rules612: LayoutRules) -> None:
     data = ko(kernel612, "ext4")
-    plain, resident = layout_of(data, rules), layout_of(data, rules, init_resident=True)
+    plain, resident = layout_of(data, rules612), layout_of(data, rules612, init_resident=True)
     assert resident.init.group("text") == resident.init.group("rodata") == 0
     assert resident.core.size > plain.core.size
     assert resident.core_bytes == plain.core_bytes + plain.init_bytes

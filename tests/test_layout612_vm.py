@@ -25,7 +25,6 @@ A boot that fails fails the tests. Run with -s to see the figures.
 
 from __future__ import annotations
 
-import lzma
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -37,10 +36,11 @@ from initsplit.elf import read_elf
 from initsplit.elf.constants import SHF_ALLOC
 from initsplit.layout.linux612 import core_placement, module_layout
 from initsplit.layout.records import ModuleLayout
-from initsplit.layout.rules import LayoutRules, rules_for_tree
+from initsplit.layout.rules import LayoutRules
+from initsplit.modfile import read_module
 from initsplit.split.decide import module_name
 from tests.testbed import BootResult, DebianKernel, boot, dmesg_problems
-from tests.testbed.kernel import debian_kernel
+from tests.testbed.fixtures import kernel612, rules612  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.vm
 
@@ -107,19 +107,7 @@ class Measured:
 
 
 @pytest.fixture(scope="module")
-def kernel612() -> DebianKernel:
-    return debian_kernel(release="13")
-
-
-@pytest.fixture(scope="module")
-def rules(kernel612: DebianKernel) -> LayoutRules:
-    rules = rules_for_tree(kernel612.modules_dir)
-    assert rules.config, "the Debian 6.12 kernel's config must be found next to its modules"
-    return rules
-
-
-@pytest.fixture(scope="module")
-def modules(kernel612: DebianKernel, rules: LayoutRules) -> list[Module]:
+def modules(kernel612: DebianKernel, rules612: LayoutRules) -> list[Module]:
     paths: list[Path] = []
     for target in TARGETS:
         for ko in kernel612.module_deps(target):
@@ -127,12 +115,12 @@ def modules(kernel612: DebianKernel, rules: LayoutRules) -> list[Module]:
                 paths.append(ko)
     out = []
     for ko in paths:
-        data = lzma.decompress(ko.read_bytes())
+        data = read_module(ko)
         obj = read_elf(data)
         allocated = Counter(s.name for s in obj.sections if s.flags & SHF_ALLOC)
-        placement = {obj.sections[i].name: where for i, where in core_placement(obj, rules).items()
+        placement = {obj.sections[i].name: where for i, where in core_placement(obj, rules612).items()
                      if allocated[obj.sections[i].name] == 1}
-        out.append(Module(module_name(obj), ko, data, module_layout(obj, rules), placement))
+        out.append(Module(module_name(obj), ko, data, module_layout(obj, rules612), placement))
     assert 40 <= len(out) <= 80, len(out)
     return out
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from initsplit.layout.rules import LayoutRules, rules_for_tree
+
 from .kernel import DebianKernel, cache_dir, debian_kernel
 from .kmodbuild import build_test_modules
 
@@ -22,6 +24,21 @@ from .kmodbuild import build_test_modules
 def kernel() -> DebianKernel:
     """The current Debian kernel (downloaded/extracted on first use)."""
     return debian_kernel()
+
+
+@pytest.fixture(scope="session")
+def kernel612() -> DebianKernel:
+    """Debian 13's current kernel (Linux 6.12), fetched through the private apt configuration."""
+    return debian_kernel(release="13")
+
+
+@pytest.fixture(scope="session")
+def rules612(kernel612: DebianKernel) -> LayoutRules:
+    """The layout rules of that kernel, read from the config beside its modules."""
+    rules = rules_for_tree(kernel612.modules_dir)
+    assert rules.config, "the Debian 6.12 kernel's config must be found next to its modules"
+    assert rules.strict_module_rwx and rules.kallsyms_all, rules
+    return rules
 
 
 @pytest.fixture(scope="session")

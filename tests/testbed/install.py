@@ -21,6 +21,30 @@ from .rootfs import CHROOT_ENV, RootFS
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
+INITRD_UNIT = "initsplitd-initrd.service"
+ROOT_UNIT = "initsplitd.service"
+SETTLE_UNIT = "initsplitd-settle.service"
+
+# build_disk() report commands every boot of an installed initsplit needs: the state
+# once both daemons are done, which the journal's given-back total is held against.
+DAEMON_REPORT = {
+    # The real-root daemon exits ExitAfterQuietSec= (30 s) after boot went quiet;
+    # its summary is only in the journal after that. is-active turns false already
+    # while the unit is "deactivating" (its process still exiting): wait for the
+    # state the tests then read.
+    "wait_daemon": (
+        f"timeout 180 sh -c 'until [ \"$(systemctl show -P ActiveState {ROOT_UNIT})\" = inactive ]; "
+        f"do sleep 1; done'; "
+        f"systemctl show -p ActiveState,Result,ExecMainCode,ExecMainStatus {ROOT_UNIT}"
+    ),
+    # /proc/modules once both daemons are done (the standard section is read at
+    # multi-user, while the real-root daemon may still be loading).
+    "modules_after": "cat /proc/modules",
+    # Which modules kept their BTF, once both daemons are done.
+    "btf_after": "ls /sys/kernel/btf",
+    "failed_status": "systemctl status --failed --no-pager --full --lines=30",
+}
+
 # The real-root unit's [Install] section: WantedBy=sysinit.target.
 ENABLE_LINKS = {
     "etc/systemd/system/sysinit.target.wants/initsplitd.service":
