@@ -1,6 +1,6 @@
 """initsplitd's service loop when things go wrong: a two-stage path that raises, a
-modprobe install command that hangs, a long drain under a systemd watchdog, and
-aliases whose loads failed.
+modprobe install command that hangs, a long drain under a systemd watchdog,
+aliases whose loads failed, and device events reported twice.
 
 The kernel is a fake (finit_module/delete_module replaced in the loader), so these
 run anywhere; tests/test_daemon_vm.py runs the daemon against a real one.
@@ -36,6 +36,8 @@ class Step:
 class Request:
     aliases: tuple[str, ...]
     devpath: str = "/devices/test"
+    action: str = "add"
+    source: str = "udev"  # a live event: each one is a new request
 
 
 class Source:
@@ -473,7 +475,7 @@ def test_served_aliases_are_bounded(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(service_module, "MAX_SERVED_ALIASES", 8)
     service, reporter = make_service(tmp_path, monkeypatch, plain_only="test")
     serve(service, "keep", *(f"usb:v{n:04X}" for n in range(20)))
-    assert len(service._served) == 8
+    assert len(service.requests._served) == 8
     serve(service, "keep")  # forgotten: resolved again (the module is not loaded again)
     assert service.resolver.calls.count("keep") == 2
     serve(service, *(f"usb:v{n:04X}" for n in range(100, 107)))
@@ -482,6 +484,116 @@ def test_served_aliases_are_bounded(tmp_path, monkeypatch) -> None:
     serve(service, "keep")  # ... so not the one forgotten
     assert service.resolver.calls.count("keep") == 2
     assert sum(1 for load in reporter.loads if load.module == "keep") == 1
+    service.scheduler.shutdown()
+
+
+# ---------------------------------------------------------------- one device event, reported twice
+# The event source remembers nothing: a device that appears between opening the
+# monitor and enumerating, or that udevd's coldplug trigger re-announces, arrives
+# from coldplug and then live, and a re-enumeration after a netlink overflow
+# reports every device again. Service.requests (RequestFilter) tells these from
+# new requests. They matter for a module whose load failed: a new request tries
+# it again, a duplicate report must not.
+
+ENUMERATED = Request((), "", action="enumerated", source="coldplug")
+WIFI = "/devices/pci0000:00/0000:00:14.3"
+
+
+def handle(service: Service, *requests: Request) -> None:
+    for request in requests:
+        service.handle_request(request)
+    service.settle()
+
+
+def refusing(*files: str) -> Kernel:
+    return Kernel(refuse={f: OSError(errno.ENOENT, os.strerror(errno.ENOENT)) for f in files})
+
+
+def test_a_coldplug_report_and_its_live_echo_count_once(tmp_path, monkeypatch) -> None:
+    kernel = refusing("iwlwifi.ko")
+    service, reporter = make_service(tmp_path, monkeypatch, kernel=kernel, plain_only="test")
+    handle(service, Request(("iwlwifi",), WIFI, source="coldplug"), ENUMERATED)
+    assert [load.mode for load in reporter.loads] == ["failed"]
+    activity = service.last_activity
+    handle(service, Request(("iwlwifi",), WIFI, source="kernel"))  # the echo, after the failure
+    assert kernel.calls == ["load iwlwifi.ko"]
+    assert service.last_activity == activity  # a duplicate is no activity either
+    # A re-enumeration reports the device again: still the same event.
+    handle(service, Request(("iwlwifi",), WIFI, source="coldplug"), ENUMERATED)
+    assert kernel.calls == ["load iwlwifi.ko"]
+    # A further live "add" of the device is a new request (udev runs `kmod load`
+    # again), and so is another device's.
+    handle(service, Request(("iwlwifi",), WIFI, source="kernel"))
+    assert kernel.calls == ["load iwlwifi.ko"] * 2
+    handle(service, Request(("iwlwifi",), "/devices/pci0000:00/0000:00:1c.0", source="kernel"))
+    assert kernel.calls == ["load iwlwifi.ko"] * 3
+    assert service.resolver.calls == ["iwlwifi"] * 3
+    service.scheduler.shutdown()
+
+
+def test_a_live_report_is_not_repeated_by_a_re_enumeration(tmp_path, monkeypatch) -> None:
+    kernel = refusing("iwlwifi.ko")
+    service, _ = make_service(tmp_path, monkeypatch, kernel=kernel, plain_only="test")
+    handle(service, Request(("iwlwifi",), WIFI, source="udev"))
+    handle(service, Request(("iwlwifi",), WIFI, source="coldplug"), ENUMERATED)
+    assert kernel.calls == ["load iwlwifi.ko"]
+    service.scheduler.shutdown()
+
+
+def test_a_remove_forgets_the_device(tmp_path, monkeypatch) -> None:
+    # Replugged after coldplug reported it: the "add" after the "remove" is no echo.
+    kernel = refusing("iwlwifi.ko")
+    service, _ = make_service(tmp_path, monkeypatch, kernel=kernel, plain_only="test")
+    handle(service, Request(("iwlwifi",), WIFI, source="coldplug"), ENUMERATED)
+    handle(service, Request((), WIFI, action="remove", source="kernel"))
+    assert kernel.calls == ["load iwlwifi.ko"]
+    handle(service, Request(("iwlwifi",), WIFI, source="kernel"))
+    assert kernel.calls == ["load iwlwifi.ko"] * 2
+    service.scheduler.shutdown()
+
+
+def test_an_enumeration_forgets_the_devices_it_no_longer_reports(tmp_path, monkeypatch) -> None:
+    # Their "remove" may have been lost in the overflow that made the source
+    # enumerate again; a device it still reports keeps awaiting its echo.
+    kernel = refusing("iwlwifi.ko", "btusb.ko")
+    service, _ = make_service(tmp_path, monkeypatch, kernel=kernel, plain_only="test")
+    bt = "/devices/pci0000:00/0000:00:14.0/usb1/1-10/1-10:1.0"
+    handle(service, Request(("iwlwifi",), WIFI, source="coldplug"), Request(("btusb",), bt, source="coldplug"),
+           ENUMERATED)
+    handle(service, Request(("btusb",), bt, source="coldplug"), ENUMERATED)
+    handle(service, Request(("iwlwifi",), WIFI, source="kernel"), Request(("btusb",), bt, source="kernel"))
+    assert kernel.calls == ["load iwlwifi.ko", "load btusb.ko", "load iwlwifi.ko"]
+    service.scheduler.shutdown()
+
+
+def test_an_echo_counts_per_alias_not_per_device(tmp_path, monkeypatch) -> None:
+    # udevd's event carries what its rules found since coldplug read the database
+    # (fs-TYPE once blkid ran): that alias is new, the others are the echo.
+    kernel = refusing("virtio_blk.ko")
+    service, _ = make_service(tmp_path, monkeypatch, kernel=kernel, plain_only="test")
+    disk = "/devices/pci0000:00/0000:00:04.0/virtio1/block/vda"
+    handle(service, Request(("virtio_blk",), disk, source="coldplug"), ENUMERATED)
+    handle(service, Request(("virtio_blk", "fs-ext4"), disk, source="udev"))
+    assert kernel.calls == ["load virtio_blk.ko", "load fs-ext4.ko"]
+    service.scheduler.shutdown()
+
+
+def test_the_memory_of_devices_is_bounded(tmp_path, monkeypatch) -> None:
+    from initsplit.daemon import service as service_module
+
+    monkeypatch.setattr(service_module, "MAX_DEVICE_ALIASES", 8)
+    kernel = refusing("iwlwifi.ko")
+    service, _ = make_service(tmp_path, monkeypatch, kernel=kernel, plain_only="test")
+    handle(service, Request(("iwlwifi",), WIFI, source="coldplug"))
+    # A flood of devices, and of aliases of one device.
+    handle(service, *(Request((f"usb:v{n:04X}",), f"/devices/usb{n}", source="coldplug") for n in range(20)))
+    handle(service, *(Request((f"acpi:X{n}:",), "/devices/LNXSYSTM:00", source="udev") for n in range(20)))
+    assert service.requests._pairs <= 8
+    assert sum(len(d.aliases) for d in service.requests._devices.values()) == service.requests._pairs
+    # The device heard from least recently was forgotten: its echo passes for a new
+    # request (at worst one more attempt, as here).
+    handle(service, Request(("iwlwifi",), WIFI, source="kernel"))
+    assert kernel.calls.count("load iwlwifi.ko") == 2
     service.scheduler.shutdown()
 
 

@@ -29,6 +29,8 @@ class Step:
 class Request:
     aliases: tuple[str, ...]
     devpath: str = "/devices/test"
+    action: str = "add"
+    source: str = "udev"  # a live event: each one is a new request
 
 
 class Source:

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import pytest
 
+from initsplit.daemon.service import RequestFilter
 from initsplit.daemon.udev_source import (
+    ENUMERATED,
     MAX_ALIAS_LEN,
     MIRRORED_RULES,
     RECEIVE_BUFFER_SIZE,
@@ -136,9 +138,22 @@ def settle(src: UdevSource, quiet: float = 0.3) -> list[ModuleRequest]:
 
 
 def by_devpath(reqs: Iterable[ModuleRequest]) -> dict[str, list[ModuleRequest]]:
+    """The "add" requests, by device."""
     out: dict[str, list[ModuleRequest]] = {}
     for r in reqs:
-        out.setdefault(r.devpath, []).append(r)
+        if r.action == "add":
+            out.setdefault(r.devpath, []).append(r)
+    return out
+
+
+def new_requests(requests: RequestFilter, reqs: Iterable[ModuleRequest]) -> dict[str, list[tuple[str, ...]]]:
+    """What the service's RequestFilter takes for new requests among `reqs`: devpath
+    -> the new aliases of each (with nothing served, every new alias is resolved)."""
+    out: dict[str, list[tuple[str, ...]]] = {}
+    for r in reqs:
+        aliases = requests.new_aliases(r)
+        if aliases:
+            out.setdefault(r.devpath, []).append(aliases)
     return out
 
 
@@ -480,6 +495,8 @@ def test_coldplug_kernel_lists_every_device_with_a_modalias() -> None:
     assert expected, "no device under /sys/devices has a modalias: coldplug cannot be checked"
     with UdevSource(source="kernel") as src:
         reqs = list(src.coldplug())
+    assert reqs[-1] == ENUMERATED and ENUMERATED not in reqs[:-1]  # the end, for the service
+    reqs = reqs[:-1]
     got = by_devpath(reqs)
     for devpath, alias in expected.items():
         assert [r.aliases for r in got.get(devpath, [])] == [(alias,)], devpath
@@ -559,7 +576,7 @@ def _make_fake_sys(root: Path) -> None:
 def test_coldplug_survives_hostile_sysfs(source: Source, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _make_fake_sys(tmp_path)
     with caplog.at_level(logging.WARNING, logger=LOGGER), UdevSource(source=source, sys_root=tmp_path) as src:
-        reqs = {r.devpath: (r.aliases, r.subsystem) for r in src.coldplug()}
+        reqs = {r.devpath: (r.aliases, r.subsystem) for r in src.coldplug() if r != ENUMERATED}
     assert reqs == {
         "/devices/good0": (("pci:v00001AF4d00001041",), "pci"),
         "/devices/good0/child": (("virtio:d00000001v00001AF4",), "acpi"),
@@ -609,6 +626,7 @@ def test_kernel_source_receives_retriggered_pci_uevents() -> None:
 
 
 def test_no_request_for_non_add_events() -> None:
+    # Except "remove", which is passed on (test_duplicates_between_coldplug_and_live_events).
     devpath = next(iter(pci_devices()))
     with UdevSource(source="kernel") as src:
         trigger(devpath, "change")
@@ -620,31 +638,40 @@ def test_no_request_for_non_add_events() -> None:
 
 def test_duplicates_between_coldplug_and_live_events() -> None:
     """The monitor is opened before enumerating: a device announced in between is
-    reported once; later explicit re-triggers are reported again (udev would run
-    `kmod load` again too); a remove forgets the device."""
+    reported twice, by coldplug and live, and the service's RequestFilter takes it
+    for one request; later explicit re-triggers are new requests (udev would run
+    `kmod load` again too); a remove is passed on and forgets the device."""
     pci = pci_devices()
     assert len(pci) >= 2, "need two PCI devices to trigger"
     (devpath, alias), (other, other_alias) = list(pci.items())[:2]
+    requests = RequestFilter({})
     with UdevSource(source="kernel") as src:
         trigger(devpath)  # lands in the gap: queued on the socket, and seen by coldplug
-        cold = by_devpath(src.coldplug())
-        assert cold[devpath][0].aliases == (alias,)
-        assert cold[other][0].aliases == (other_alias,)
-        # The queued live event is coldplug's echo: absorbed.
-        assert devpath not in by_devpath(settle(src))
-        # A second coldplug (as after an overflow) reports nothing already reported.
-        assert list(src.coldplug()) == []
+        cold = list(src.coldplug())
+        assert cold[-1] == ENUMERATED
+        new = new_requests(requests, cold)
+        assert new[devpath] == [(alias,)] and new[other] == [(other_alias,)]
+        # The queued live event comes too (the source remembers nothing) ...
+        echo = settle(src)
+        assert [(r.source, r.aliases) for r in echo if r.devpath == devpath] == [("kernel", (alias,))]
+        # ... and is coldplug's echo: no new request.
+        assert devpath not in new_requests(requests, echo)
+        # A second coldplug (as after an overflow) reports everything again: nothing new.
+        assert new_requests(requests, src.coldplug()) == {}
         # A later explicit re-trigger is a new request.
         trigger(devpath)
         again = collect(src, lambda got: any(r.devpath == devpath for r in got))
-        assert [r.aliases for r in again if r.devpath == devpath] == [(alias,)]
-        assert list(src.coldplug()) == []
+        assert new_requests(requests, again).get(devpath) == [(alias,)]
+        assert new_requests(requests, src.coldplug()) == {}
         # remove + add (what replugging does) of a device only coldplug reported:
-        # the remove forgets it, so the add is not taken for coldplug's echo.
+        # the remove is passed on and forgets it, so the add is not taken for
+        # coldplug's echo.
         trigger(other, "remove")
         trigger(other, "add")
-        replug = collect(src, lambda got: any(r.devpath == other for r in got))
-        assert [(r.source, r.aliases) for r in replug if r.devpath == other] == [("kernel", (other_alias,))]
+        replug = collect(src, lambda got: any(r.devpath == other and r.action == "add" for r in got))
+        assert [(r.action, r.source, r.aliases) for r in replug if r.devpath == other] == [
+            ("remove", "kernel", ()), ("add", "kernel", (other_alias,))]
+        assert new_requests(requests, replug).get(other) == [(other_alias,)]
 
 
 def test_overflow_reenumerates_instead_of_dying(caplog: pytest.LogCaptureFixture) -> None:
@@ -663,12 +690,13 @@ def test_overflow_reenumerates_instead_of_dying(caplog: pytest.LogCaptureFixture
                 reqs = src.read_ready()
             assert "ENOBUFS" in caplog.text, "the flood did not overflow the netlink socket"
             # Nothing is lost: every device with a modalias was reported, live or by
-            # the re-enumeration, exactly once.
-            got = by_devpath(reqs)
-            assert set(expected) <= set(got)
-            assert any(r.source == "coldplug" for r in reqs)
+            # the re-enumeration, and the service takes each for one request.
+            assert set(expected) <= set(by_devpath(reqs))
+            assert any(r.source == "coldplug" for r in reqs) and reqs[-1] == ENUMERATED
+            new = new_requests(RequestFilter({}), reqs)
+            assert set(expected) <= set(new)
             for devpath in pci:
-                assert len(got[devpath]) == 1, got[devpath]
+                assert len(new[devpath]) == 1, new[devpath]
             # The source keeps working.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             settle(src)
@@ -759,7 +787,7 @@ def test_udev_source_with_real_udevd(tmp_path: Path) -> None:
         src = UdevSource()
         src.start()
         cold = [req(r) for r in src.coldplug()]
-        # The garbage devices twice: coldplug's report absorbs the first live add.
+        # The garbage devices twice: each event's garbage is logged.
         for d in {[good, slashed, binary, slashed, binary]!r}:
             open("/sys" + d + "/uevent", "w").write("add")
         def done(got):

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,10 +29,14 @@ from .splits import NotSplit, SplitProvider
 
 log = logging.getLogger(__name__)
 
-# How many served aliases handle_request() remembers (least recently requested
+# How many served aliases RequestFilter remembers (least recently requested
 # forgotten first). Remembering is only an optimisation: a forgotten alias is
 # resolved again, and the scheduler still loads each module once.
 MAX_SERVED_ALIASES = 4096
+# How many (device, alias) pairs RequestFilter remembers, in all (the devices least
+# recently heard from forgotten first). A forgotten pair at worst lets a duplicate
+# report of a device event through: an alias whose load failed is tried once more.
+MAX_DEVICE_ALIASES = 1 << 16
 # Batches that try an init module the kernel would not delete yet (EBUSY: its init
 # still runs, say after a killed daemon's load): then it stays for the next daemon.
 MAX_DELETE_TRIES = 3
@@ -54,8 +58,12 @@ class Resolver(Protocol):
 
 
 class Request(Protocol):
+    """A device event (udev_source.ModuleRequest) or one of the daemon's own."""
+
     aliases: tuple[str, ...]
-    devpath: str
+    devpath: str  # "" for the daemon's own requests and an enumeration's end
+    action: str  # "add" (asks for aliases), "remove" or "enumerated" (see RequestFilter)
+    source: str  # "coldplug", a live event's "udev" or "kernel", or "daemon"
 
 
 class Source(Protocol):
@@ -131,6 +139,122 @@ class _Reload:
 
     aliases: tuple[str, ...]
     devpath: str = ""
+    action: str = "add"
+    source: str = "daemon"
+
+
+@dataclass(slots=True)
+class _Device:
+    # alias -> True while coldplug's report of it awaits its live echo
+    aliases: dict[str, bool] = field(default_factory=dict)
+    # The enumeration whose coldplug last reported the device (None: only live events).
+    enumeration: int | None = None
+
+
+class RequestFilter:
+    """The daemon's one de-duplication point: what of a request is resolved and queued.
+
+    Two things make a request redundant, and both are decided here, nowhere else
+    (the event source only parses events and tags their origin and devpath):
+
+    * The same device event reported twice. The source opens its monitor before
+      enumerating, so a device that appears in between, or that udevd's own
+      coldplug trigger re-announces, comes from coldplug and then live: per
+      (devpath, alias), coldplug's report absorbs the next live "add" (its echo),
+      and a coldplug report of a pair already reported (live, or by an earlier
+      enumeration, as after a netlink overflow) is dropped. Any further live
+      "add" is a new request, as udev runs `kmod load` again for it. A "remove"
+      forgets the device, so its next "add" is new; so does an enumeration that
+      no longer reports it (its "remove" may have been lost in an overflow),
+      which the source marks with an "enumerated" request at its end. Pairs, not
+      devices: udevd's event can carry an alias its database did not have at
+      coldplug (an fs-TYPE once blkid ran), and that alias is new.
+    * An alias served already (served_already): while none of the modules it
+      resolved to failed (the scheduler's state; a module the scheduler forgot
+      counts as failed), it costs neither a lookup nor a load. One whose
+      resolution or load failed is tried again by the next new request for it,
+      from any device; never on a timer.
+
+    So a failed module is tried once per new device event, and a coldplug report
+    and its echo count once. The memory is bounded (MAX_SERVED_ALIASES aliases,
+    MAX_DEVICE_ALIASES device pairs, least recently used forgotten first);
+    forgetting only ever lets a redundant request through.
+    """
+
+    def __init__(self, state: Mapping[str, str]) -> None:
+        self._state = state  # LoadScheduler.state: module name -> "done", "failed", ...
+        # alias -> the modules it resolved to, for aliases served already.
+        self._served: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        # devpath -> what was reported for the device since it was added.
+        self._devices: OrderedDict[str, _Device] = OrderedDict()
+        self._pairs = 0  # sum of len(d.aliases) over _devices
+        self._enumeration = 0  # the one in progress (counts "enumerated" markers)
+
+    def new_aliases(self, request: Request) -> tuple[str, ...]:
+        """The aliases this request asks for as a new device event (see above); ()
+        for a duplicate report, a "remove" and an enumeration's end, which only
+        update what is remembered. The daemon's own requests (no devpath) are
+        always new."""
+        if request.action == "remove":
+            self._forget(request.devpath)
+            return ()
+        if request.action == "enumerated":
+            gone = [p for p, d in self._devices.items() if d.enumeration != self._enumeration]
+            for devpath in gone:
+                self._forget(devpath)
+            self._enumeration += 1
+            return ()
+        if request.action != "add":
+            return ()
+        if not request.devpath:
+            return tuple(request.aliases)
+        device = self._devices.get(request.devpath)
+        if device is None:
+            device = self._devices[request.devpath] = _Device()
+        self._devices.move_to_end(request.devpath)
+        coldplug = request.source == "coldplug"
+        if coldplug:
+            device.enumeration = self._enumeration
+        fresh = []
+        for alias in request.aliases:
+            echo_pending = device.aliases.get(alias)
+            if echo_pending is None:
+                device.aliases[alias] = coldplug
+                self._pairs += 1
+                fresh.append(alias)
+            elif coldplug:
+                pass  # reported for this device already
+            elif echo_pending:
+                device.aliases[alias] = False  # coldplug reported it: this is its echo
+            else:
+                fresh.append(alias)
+        while self._pairs > MAX_DEVICE_ALIASES and self._devices:
+            _, oldest = self._devices.popitem(last=False)
+            self._pairs -= len(oldest.aliases)
+        return tuple(fresh)
+
+    def _forget(self, devpath: str) -> None:
+        device = self._devices.pop(devpath, None)
+        if device is not None:
+            self._pairs -= len(device.aliases)
+
+    def served_already(self, alias: str) -> bool:
+        """Is `alias` served: resolved, and none of its modules failed?"""
+        modules = self._served.get(alias)
+        if modules is None:
+            return False
+        if any(self._state.get(name, "failed") == "failed" for name in modules):
+            del self._served[alias]
+            return False
+        self._served.move_to_end(alias)
+        return True
+
+    def served(self, alias: str, modules: tuple[str, ...]) -> None:
+        """`alias` resolved to `modules` (builtin ones left out), now queued or loaded."""
+        self._served[alias] = modules
+        self._served.move_to_end(alias)
+        while len(self._served) > MAX_SERVED_ALIASES:
+            self._served.popitem(last=False)
 
 
 @dataclass(slots=True)
@@ -185,8 +309,7 @@ class Service:
         self.last_activity = clock()
         self.stop_requested = False
         self.settle_requested = False
-        # alias -> the modules it resolved to, for aliases served already.
-        self._served: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self.requests = RequestFilter(self.scheduler.state)
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Seconds between WATCHDOG=1 pings (None: no watchdog), and when the next is due.
         self._watchdog = notifier.watchdog_interval()
@@ -269,17 +392,23 @@ class Service:
                           seconds=time.monotonic() - started)
 
     def handle_request(self, request: Request) -> None:
-        """Resolve and queue each alias, unless it has been served and nothing failed.
+        """Resolve and queue each alias this request asks for anew, unless it has
+        been served and nothing failed (both decided by RequestFilter).
 
         udev runs `kmod load` for every event; an alias whose resolution or load
-        failed is therefore tried again by a later request (the scheduler retries
-        the failed module), while one whose modules are queued or loaded costs
-        no lookup. Retries happen only here, once per request, never on a timer.
+        failed is therefore tried again by a later new request (the scheduler
+        retries the failed module), while one whose modules are queued or loaded
+        costs no lookup. Retries happen only here, once per request, never on a
+        timer. A duplicate report, a "remove" or an enumeration's end is no
+        activity: it neither delays the quiet period nor hits a fault point.
         """
-        faults.hit("request", request.aliases[0] if request.aliases else "")
+        aliases = self.requests.new_aliases(request)
+        if not aliases:
+            return
+        faults.hit("request", aliases[0])
         self.last_activity = self.clock()
-        for alias in request.aliases:
-            if self._served_already(alias):
+        for alias in aliases:
+            if self.requests.served_already(alias):
                 continue
             try:
                 steps = self.resolver.resolve(alias)
@@ -288,25 +417,9 @@ class Service:
                 self.reporter.log(4, f"cannot resolve {alias!r}: {exc}", INITSPLIT_ALIAS=alias)
                 continue
             steps = [s for s in steps if not s.builtin]
-            self._remember(alias, tuple(s.name for s in steps))
+            self.requests.served(alias, tuple(s.name for s in steps))
             for load in self.scheduler.submit(steps):
                 self._finished(load)
-
-    def _served_already(self, alias: str) -> bool:
-        modules = self._served.get(alias)
-        if modules is None:
-            return False
-        if any(self.scheduler.state.get(name, "failed") == "failed" for name in modules):
-            del self._served[alias]
-            return False
-        self._served.move_to_end(alias)
-        return True
-
-    def _remember(self, alias: str, modules: tuple[str, ...]) -> None:
-        self._served[alias] = modules
-        self._served.move_to_end(alias)
-        while len(self._served) > MAX_SERVED_ALIASES:
-            self._served.popitem(last=False)
 
     def _finished(self, load: ModuleLoad) -> None:
         self.stats.loads.append(load)

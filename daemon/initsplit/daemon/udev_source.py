@@ -18,8 +18,11 @@ libudev's enumerator (through pyudev), which merges udev's database; with the
 kernel source it walks ``<sys_root>/devices`` itself, reading ``uevent`` files
 and ``modalias`` attributes, so it works with no udev database at all. The
 monitor is always opened before enumerating, so a device that appears in
-between is seen twice rather than not at all; the duplicate is dropped (see
-``UdevSource``).
+between is seen twice rather than not at all. This module keeps no memory of
+what it reported: it tags each request with its origin (coldplug or live) and
+devpath, passes "remove" events on and ends each enumeration with an
+"enumerated" marker, and the service drops the duplicates, its one
+de-duplication point (``service.RequestFilter``).
 
 Everything that arrives over netlink or is read from sysfs is treated as
 untrusted text: aliases that are not short printable ASCII words are logged and
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 
 Source = Literal["auto", "udev", "kernel"]
 Origin = Literal["coldplug", "udev", "kernel"]
+Action = Literal["add", "remove", "enumerated"]
 
 # udevd creates its control socket when it starts; libudev itself uses the same
 # test to decide whether a udev-group monitor can receive anything.
@@ -65,9 +69,6 @@ MAX_UEVENT_FILE = 64 * 1024
 MAX_DEVPATH_LEN = 4096
 # Events handled per read_ready() call; the fd stays readable if more are queued.
 MAX_EVENTS_PER_READ = 4096
-# Bound on the de-duplication memory (it is only an optimisation: when full it is
-# cleared, which at worst lets a duplicate request through).
-MAX_SEEN = 1 << 18
 # Garbage warnings per UdevSource before they are only counted.
 MAX_GARBAGE_WARNINGS = 50
 
@@ -104,17 +105,24 @@ RELEVANT_PROPERTIES = ("ACTION", "DEVPATH", "SUBSYSTEM", "MODALIAS", "TIFM_CARD_
 
 @dataclass(frozen=True)
 class ModuleRequest:
-    """One device's request: load whatever these names resolve to.
+    """One device event as the service needs it.
 
-    `aliases` are module names or modaliases exactly as `kmod load` would get
-    them (kmod resolves both the same way), in rule order, already validated.
+    An "add" asks: load whatever these names resolve to. `aliases` are module
+    names or modaliases exactly as `kmod load` would get them (kmod resolves both
+    the same way), in rule order, already validated, never empty. A "remove"
+    (no aliases) says the device is gone. "enumerated" (no aliases, no devpath,
+    source "coldplug") ends a coldplug enumeration: a device it did not report is
+    gone too. Duplicates are the service's to drop (service.RequestFilter).
     """
 
     aliases: tuple[str, ...]
-    devpath: str  # "/devices/pci0000:00/0000:00:03.0", relative to /sys
+    devpath: str  # "/devices/pci0000:00/0000:00:03.0", relative to /sys; "" if "enumerated"
     subsystem: str | None
-    action: str  # "add" (coldplug requests are "add" too)
+    action: Action  # coldplug requests are "add" too
     source: Origin
+
+
+ENUMERATED = ModuleRequest(aliases=(), devpath="", subsystem=None, action="enumerated", source="coldplug")
 
 
 def valid_alias(alias: object) -> bool:
@@ -358,12 +366,12 @@ class UdevSource:
         selector.register(src.fileno(), EVENT_READ)
         on readable: for req in src.read_ready(): ...
 
-    De-duplication, per (devpath, alias): coldplug skips pairs already reported
-    (live or by an earlier coldplug) for a device that has not been removed since,
-    and a pair reported by coldplug absorbs the next live "add" of the same pair
-    (the device appeared between opening the monitor and enumerating, or udevd's
-    own coldplug trigger re-announces it). Any further "add" is reported again,
-    as udev would run `kmod load` again. A "remove" forgets the device.
+    Every "add" that requests something is reported, and every "remove", as the
+    kernel or udevd sent it: a device that appears between opening the monitor
+    and enumerating is reported twice (coldplug, then live), and a re-enumeration
+    after an overflow reports every device again. The service tells such
+    duplicates from new requests (service.RequestFilter); this class remembers
+    nothing about the requests it made.
     """
 
     def __init__(self, *, source: Source = "auto", sys_root: Path = Path("/sys"),
@@ -380,8 +388,6 @@ class UdevSource:
         self._context: pyudev.Context | None = None
         self._monitor: pyudev.Monitor | None = None
         self._source: Literal["udev", "kernel"] | None = None
-        # (devpath, alias) -> True if reported by coldplug and not yet matched by a live add
-        self._seen: dict[tuple[str, str], bool] = {}
         self._garbage = 0
 
     # -- lifecycle ---------------------------------------------------------------
@@ -450,17 +456,15 @@ class UdevSource:
     # -- coldplug ----------------------------------------------------------------
 
     def coldplug(self) -> Iterator[ModuleRequest]:
-        """Requests of the devices present now. The monitor must already be open,
-        so nothing that appears during the enumeration is lost."""
+        """Requests of the devices present now, then ENUMERATED. The monitor must
+        already be open, so nothing that appears during the enumeration is lost."""
         self._require_monitor()
         # libudev always reads /sys; another sys_root is walked by hand.
         if self._source == "udev" and self.sys_root == Path("/sys"):
             devices = self._enumerate_libudev()
         else:
             devices = self._walk_sysfs()
-        present: set[str] = set()
         for props in itertools.chain(devices, self._walk_modules()):
-            present.add(props["DEVPATH"])
             try:
                 req = self._request(props, "coldplug")
             except Exception as e:  # never let one device stop the enumeration
@@ -469,9 +473,8 @@ class UdevSource:
             if req is not None:
                 yield req
         # A full enumeration knows which devices are gone, even if their "remove"
-        # was lost in a netlink overflow.
-        for key in [k for k in self._seen if k[0] not in present]:
-            del self._seen[key]
+        # was lost in a netlink overflow: those it did not report.
+        yield ENUMERATED
 
     def _walk_sysfs(self) -> Iterator[dict[str, str]]:
         """Every kobject under <sys_root>/devices that can send uevents (it has a
@@ -642,33 +645,15 @@ class UdevSource:
         assert devpath is not None
         action = props.get("ACTION", "add")
         if action == "remove":
-            for key in [k for k in self._seen if k[0] == devpath]:
-                del self._seen[key]
-            return None
+            return ModuleRequest(aliases=(), devpath=devpath, subsystem=props.get("SUBSYSTEM"),
+                                 action="remove", source=origin)
         if action != "add":
             return None
         aliases = requests_for_device(props, self._attribute_reader(devpath), root=self.root)
         if not aliases:
             return None
-        if len(self._seen) > MAX_SEEN:
-            self._seen.clear()
-        fresh = []
-        for alias in aliases:
-            key = (devpath, alias)
-            pending = self._seen.get(key)
-            if origin == "coldplug":
-                if pending is None:
-                    self._seen[key] = True
-                    fresh.append(alias)
-            elif pending:  # coldplug reported it: this live add is its echo
-                self._seen[key] = False
-            else:
-                self._seen[key] = False
-                fresh.append(alias)
-        if not fresh:
-            return None
         return ModuleRequest(
-            aliases=tuple(fresh),
+            aliases=tuple(aliases),
             devpath=devpath,
             subsystem=props.get("SUBSYSTEM"),
             action="add",
