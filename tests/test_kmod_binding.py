@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from initsplit.kmod import KmodError, LoadStep, ModuleFileError, ModuleIndexError, Resolver
+from initsplit.kmod import LoadStep, ModuleFileError, ModuleIndexError, Resolver
 from initsplit.kmod import _libkmod as k
 from tests.testbed.kernel import DebianKernel, debian_kernel
 
@@ -149,12 +149,6 @@ def test_apply_filter_and_initstate(ctx) -> None:
     lib.kmod_module_unref(mod)
 
 
-def test_fnmatch_is_libcs() -> None:
-    # backslash escapes and brackets, as fnmatch(3) with flags 0 (Python's differ)
-    assert k.fnmatch("snd\\*", "snd*") and not k.fnmatch("snd\\*", "snd_x")
-    assert k.fnmatch("usb[!_]x", "usbax") and not k.fnmatch("usb[!_]x", "usb_x")
-
-
 # -- Resolver errors ---------------------------------------------------------------------
 
 
@@ -244,16 +238,6 @@ def test_use_from_one_thread_only(kernel: DebianKernel) -> None:
         resolver.resolve("dummy")
 
 
-def test_kernel_cmdline_self_check(kernel: DebianKernel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """If libkmod's reading of /proc/cmdline ever differs from our parser, we say so."""
-    from initsplit.kmod import resolver as resolver_module
-
-    monkeypatch.setattr(resolver_module, "read_proc_cmdline",
-                        lambda: b"initsplit_never.seen=1 modprobe.blacklist=zz")
-    with pytest.raises(KmodError, match="/proc/cmdline"):
-        Resolver(root=kernel.root, kver=kernel.kver, config_paths=[], kernel_cmdline="")
-
-
 def test_no_module_reference_leaks(kernel: DebianKernel, caplog: pytest.LogCaptureFixture) -> None:
     """close() finds the context freed: every module reference taken was dropped."""
     keys = ["ext4", "btrfs", "uhci-hcd", "fs-debugfs", "snd-hda-intel", "nope", "foo]",
@@ -271,3 +255,192 @@ def test_no_module_reference_leaks(kernel: DebianKernel, caplog: pytest.LogCaptu
         resolver.close()
         assert [r for r in caplog.records if "leaked" in r.getMessage()]
         k.libkmod().kmod_module_unref(mod)  # frees the context too
+
+
+# -- the probe API: libkmod's own answer --------------------------------------------------
+
+
+def dry_run_actions(lib, handle, key: str, flags: int) -> list[tuple[str, bool, str]]:
+    """(name, install, options) of every print_action() call, for each match of ``key``."""
+    actions: list[tuple[str, bool, str]] = []
+
+    def on_action(mod, install, options) -> None:
+        actions.append((lib.kmod_module_get_name(mod).decode(), bool(install), options.decode()))
+
+    callback = k.KMOD_PRINT_ACTION_FN(on_action)
+    head = k.kmod_list_p()
+    lib.kmod_module_new_from_lookup(handle, key.encode(), byref(head))
+    try:
+        for entry in k.iter_list(lib, head):
+            mod = lib.kmod_module_get_module(entry)
+            try:
+                lib.kmod_module_probe_insert_module(
+                    mod, flags | k.KMOD_PROBE_DRY_RUN, None, k.KMOD_RUN_INSTALL_FN(), None, callback)
+            finally:
+                lib.kmod_module_unref(mod)
+    finally:
+        lib.kmod_module_unref_list(head)
+    return actions
+
+
+def test_print_action_order_is_the_answer(ctx, kernel: DebianKernel) -> None:
+    """The declared kmod_module_probe_insert_module() reports the probe list in order,
+    and the Resolver's steps are exactly those calls (each module once)."""
+    lib, handle = ctx
+    flags = k.KMOD_PROBE_IGNORE_LOADED | k.KMOD_PROBE_APPLY_BLACKLIST_ALIAS_ONLY
+    with Resolver(root=kernel.root, kver=kernel.kver, config_paths=[]) as resolver:
+        for key in ("fs-ext4", "btrfs", "snd-hda-intel", "uhci-hcd",
+                    "usb:v0000p0000d0000dc00dsc00dp00ic08isc06ip50in00"):
+            raw = [name for name, _, _ in dry_run_actions(lib, handle, key, flags)]
+            assert [s.name for s in resolver.resolve(key)] == list(dict.fromkeys(raw)), key
+    assert [name for name, _, _ in dry_run_actions(lib, handle, "fs-ext4", flags)] == [
+        "crc32c_intel", "crc32c_generic", "jbd2", "mbcache", "crc16", "ext4"]
+
+
+def test_callback_error_is_raised_after_the_c_call(
+        kernel: DebianKernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception in print_action() does not unwind through libkmod: it is raised
+    when the probe has returned, and the Resolver stays usable."""
+    with Resolver(root=kernel.root, kver=kernel.kver, config_paths=[]) as resolver:
+        real = resolver._action
+
+        def failing(mod, install, options):
+            raise LookupError("from the callback")
+
+        monkeypatch.setattr(resolver, "_action", failing)
+        with pytest.raises(LookupError, match="from the callback"):
+            resolver.resolve("ext4")
+        monkeypatch.setattr(resolver, "_action", real)
+        assert resolver.resolve("ext4")[-1].name == "ext4"
+
+
+TINY_CONF = """\
+blacklist crc16
+options crc16 via_name=1
+options crc_alias via_alias=1
+alias crc_alias crc16
+install mbcache /bin/true mbcache $CMDLINE_OPTS
+softdep jbd2 post: mbcache
+softdep ext4 pre: initsplit-no-such-module foo]bar
+"""
+
+
+def show_depends(root: Path, kver: str, conf: Path, key: str) -> list[str]:
+    proc = subprocess.run(["modprobe", "-d", str(root), "-S", kver, "-C", str(conf),
+                           "--show-depends", "--", key], capture_output=True, text=True)
+    return list(dict.fromkeys(proc.stdout.splitlines()))  # modprobe loads a module once
+
+
+def test_blacklist_install_and_softdeps(tiny_root: Path, kernel: DebianKernel,
+                                        tmp_path: Path) -> None:
+    """Each piece libkmod's probe decides, as the Resolver's LoadSteps, and as modprobe."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "00-t.conf").write_text(TINY_CONF)  # before modules.softdep
+    moddir = tiny_root / "lib/modules" / kernel.kver / "kernel"
+    with Resolver(root=tiny_root, kver=kernel.kver, config_paths=[conf],
+                  kernel_cmdline="") as resolver:
+        # blacklisted: by name it loads, through an alias not (and the alias's options)
+        assert resolver.resolve("crc16") == [LoadStep("crc16", moddir / "lib/crc16.ko", "via_name=1")]
+        assert resolver.resolve("crc_alias") == []
+        # the install command is used for a post softdep, which libkmod only reaches
+        # if the match (required) loaded
+        steps = resolver.resolve("jbd2")
+        assert steps == [LoadStep("jbd2", moddir / "fs/jbd2/jbd2.ko"),
+                         LoadStep("mbcache", moddir / "fs/mbcache.ko", "",
+                                  "/bin/true mbcache $CMDLINE_OPTS")]
+        assert (steps[1].requires, steps[1].after) == (("jbd2",), ())
+        # ext4: a softdep that is no valid alias is logged and skipped, as modprobe does
+        ext4 = resolver.resolve("ext4")
+        assert [s.name for s in ext4] == ["jbd2", "mbcache", "crc16", "ext4"]
+        assert ext4[1].install_command is not None
+        assert ext4[-1].requires == ("jbd2", "mbcache", "crc16")  # a command, still required
+        for key in ("crc16", "crc_alias", "jbd2", "ext4"):
+            assert [s.show_depends_line() for s in resolver.resolve(key)] == \
+                show_depends(tiny_root, kernel.kver, conf, key), key
+
+
+def test_unreadable_dependency_line_of_a_softdep(tiny_root: Path, kernel: DebianKernel,
+                                                 tmp_path: Path) -> None:
+    """A broken modules.dep line of a module reached only as a softdep is found too,
+    and named."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "t.conf").write_text("softdep crc16 post: ext4\n")
+    with Resolver(root=tiny_root, kver=kernel.kver, config_paths=[conf],
+                  kernel_cmdline="") as resolver:
+        assert [s.name for s in resolver.resolve("crc16")] == [
+            "crc16", "jbd2", "mbcache", "ext4"]
+        (tiny_root / "lib/modules" / kernel.kver / "kernel/fs/mbcache.ko").unlink()
+        with pytest.raises(ModuleFileError, match="^ext4: cannot read its modules.dep entry"):
+            resolver.resolve("crc16")
+
+
+def _cmdline_mounts() -> list[str]:
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if " /proc/cmdline " in line]
+
+
+def test_kernel_cmdline_is_read_by_libkmod(tiny_root: Path, kernel: DebianKernel,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another command line is shown to libkmod in a private mount namespace that ends
+    with its thread; this machine's own takes none."""
+    from initsplit.kmod import cmdline
+
+    before = Path("/proc/cmdline").read_bytes()
+    mounts = _cmdline_mounts()
+    with Resolver(root=tiny_root, kver=kernel.kver,
+                  kernel_cmdline='"ext4.x=a b" crc16.y modprobe.blacklist=ext4') as resolver:
+        assert [(s.name, s.options) for s in resolver.resolve("ext4")] == [
+            ("jbd2", ""), ("mbcache", ""), ("crc16", "y"), ("ext4", 'x="a b"')]
+        assert resolver.resolve("fs-ext4") == []  # blacklisted alias match
+    assert Path("/proc/cmdline").read_bytes() == before
+    assert _cmdline_mounts() == mounts
+
+    def forbidden(*args):
+        raise AssertionError("no namespace for this machine's own command line")
+
+    monkeypatch.setattr(cmdline, "call_seeing_cmdline", forbidden)
+    with Resolver(root=tiny_root, kver=kernel.kver, kernel_cmdline=before.decode()) as resolver:
+        assert resolver.resolve("ext4")[-1].name == "ext4"
+
+
+_GIVES_ANYTHING = """
+from initsplit.kmod import cmdline
+print(cmdline.proc_cmdline_gives_libkmod_anything())
+"""
+
+
+@pytest.mark.parametrize(("text", "gives"), [
+    ("quiet console=ttyS0 root=UUID=0b1c", False),
+    ("quiet a.b=1", True), ("modprobe.blacklist=x", True), ("", False),
+    ("a.b.c=1 a=b.c", False),  # dots, but no word libkmod takes
+])
+def test_what_proc_cmdline_gives_libkmod(text: str, gives: bool, tmp_path: Path) -> None:
+    """The check behind skipping the namespace, against libkmod reading that /proc/cmdline."""
+    path = tmp_path / "cmdline"
+    path.write_text(text)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "daemon"))
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         f"mount --bind {path} /proc/cmdline && exec /usr/bin/python3 -c '{_GIVES_ANYTHING}'"],
+        capture_output=True, text=True, env=env, check=True)
+    assert proc.stdout.strip() == str(gives)
+
+
+def test_a_command_line_without_module_words_needs_no_namespace(
+        tiny_root: Path, kernel: DebianKernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from initsplit.kmod import cmdline
+
+    calls: list[str] = []
+    real = cmdline.call_seeing_cmdline
+    monkeypatch.setattr(cmdline, "call_seeing_cmdline",
+                        lambda text, fn: calls.append(text) or real(text, fn))
+    monkeypatch.setattr(cmdline, "proc_cmdline_gives_libkmod_anything", lambda: False)
+    Resolver(root=tiny_root, kver=kernel.kver, kernel_cmdline="").close()
+    Resolver(root=tiny_root, kver=kernel.kver, kernel_cmdline="quiet ro").close()
+    assert calls == []
+    Resolver(root=tiny_root, kver=kernel.kver, kernel_cmdline="ext4.x=1").close()
+    monkeypatch.setattr(cmdline, "proc_cmdline_gives_libkmod_anything", lambda: True)
+    Resolver(root=tiny_root, kver=kernel.kver, kernel_cmdline="").close()
+    assert calls == ["ext4.x=1", ""]

@@ -15,7 +15,6 @@ running-kernel semantics (builtin and loaded modules skipped) with ``modprobe -n
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -27,11 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from initsplit.kmod import Resolver, parse_kernel_cmdline
+from initsplit.kmod import Resolver
 from initsplit.kmod.resolver import LoadStep
 from tests.testbed.kernel import DebianKernel, debian_kernel
-
-REPO = Path(__file__).resolve().parent.parent
 
 # Aliases and commands of the test configuration.  Every module named here must exist
 # in the tree (checked below), or a line would test nothing.
@@ -106,21 +103,6 @@ FAKE_CMDLINE = (
     'nvme.a.b=1 a=b.c bad]mod.x=1 initsplit_test_alias.via_cmdline=1 '
     'usb-storage.quirks=0bda:0129:i -- init.arg=1\n'
 )
-
-PARSER_CASES = [
-    FAKE_CMDLINE,
-    "",
-    "dummy.numdummies=3",  # no trailing newline
-    '  \t dummy.x=1\tdummy.y="a\tb"  ',
-    '"parport.dyndbg=file drivers/parport/ieee1284_ops.c +mpf" quiet',
-    'mod.p="quoted value" mod."q"=1 "m.n" m"x.y=1 x.y="open',
-    "modprobe.blacklist=a,,b-c, modprobe.blacklist modprobe.foo=1 modprobe-x.y=2",
-    "[ab.c=1 x[y.z=1 x[y-z].q=1 a-b.c-d=e-f .p=1 m.=1 m.p=",
-    "a.b.c=1 a=b.c a..b=1 a.b==c",
-    "long.opt=" + "x" * 5000 + " after.truncation=1",
-    "x" * 4090 + " ab.cd=1",
-]
-
 
 # -- the test bed ----------------------------------------------------------------------
 
@@ -461,49 +443,3 @@ def test_softdeps_order_the_load_but_are_not_required(kernel: DebianKernel) -> N
         ("jbd2", "mbcache", "crc16"), ("crc32c_intel", "crc32c_generic"))
     assert (steps["jbd2"].requires, steps["jbd2"].after) == ((), ("crc32c_intel", "crc32c_generic"))
     assert (steps["crc32c_generic"].requires, steps["crc32c_generic"].after) == ((), ("crc32c_intel",))
-
-
-# -- the kernel command line parser against libkmod's -----------------------------------
-
-
-_DUMP_CONFIG = """
-import json
-from ctypes import c_char_p
-from initsplit.kmod import _libkmod as k
-lib = k.libkmod()
-ctx = lib.kmod_new(b"/nonexistent", (c_char_p * 1)(None))  # no modprobe.d at all
-print(json.dumps({
-    "options": k.iter_config(lib, lib.kmod_config_get_options(ctx)),
-    "blacklist": [key for key, _ in k.iter_config(lib, lib.kmod_config_get_blacklists(ctx))],
-}))
-lib.kmod_unref(ctx)
-"""
-
-
-@pytest.mark.parametrize("cmdline", PARSER_CASES, ids=range(len(PARSER_CASES)))
-def test_cmdline_parser_matches_libkmod(cmdline: str, tmp_path: Path) -> None:
-    """parse_kernel_cmdline() == what libkmod itself makes of that /proc/cmdline."""
-    path = tmp_path / "cmdline"
-    path.write_text(cmdline)
-    script = tmp_path / "dump.py"
-    script.write_text(_DUMP_CONFIG)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "daemon"))
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c",
-         f"mount --bind {path} /proc/cmdline && exec /usr/bin/python3 {script}"],
-        capture_output=True, text=True, env=env, check=True)
-    libkmod = json.loads(proc.stdout)
-    ours = parse_kernel_cmdline(cmdline)
-    assert [list(o) for o in ours.options] == libkmod["options"]
-    assert list(ours.blacklist) == libkmod["blacklist"]
-
-
-def test_cmdline_parser_examples() -> None:
-    parsed = parse_kernel_cmdline(FAKE_CMDLINE)
-    assert parsed.blacklist == ("e1000e", "snd-hda-intel", "", "i40e")
-    assert ("dummy", "numdummies=3") in parsed.options
-    assert ("snd_hda_codec", "power_save=0") in parsed.options
-    assert ("ifb", "numifbs") in parsed.options
-    assert not any(name in ("nvme", "a", "bad]mod") for name, _ in parsed.options)
-    grub = parse_kernel_cmdline('"parport.dyndbg=file drivers/x.c +mpf"')
-    assert grub.options == (("parport", 'dyndbg="file drivers/x.c +mpf"'),)

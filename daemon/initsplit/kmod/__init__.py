@@ -5,16 +5,13 @@
 Resolver from one thread only.
 """
 
-from .cmdline import KernelCmdline, parse_kernel_cmdline
 from .errors import KmodError, ModuleFileError, ModuleIndexError
 from .resolver import LoadStep, Resolver
 
 __all__ = [
-    "KernelCmdline",
     "KmodError",
     "LoadStep",
     "ModuleFileError",
     "ModuleIndexError",
     "Resolver",
-    "parse_kernel_cmdline",
 ]

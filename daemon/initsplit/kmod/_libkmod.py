@@ -4,11 +4,16 @@ Only the stdlib is available where initsplitd runs (Debian 12's python3 inside t
 initramfs), so libkmod is reached through ctypes rather than a compiled binding.
 Every prototype below was checked against ``/usr/include/libkmod.h`` of kmod 30
 (Debian 12's libkmod-dev); the soname is pinned to 2, the ABI those prototypes describe.
+(kmod_module_probe_insert_module() was checked against libkmod.h of upstream tag v30;
+it is unchanged in v34, Debian 13's.)
 
 Rules for callers (libkmod's, restated because ctypes will not enforce them):
 
 * libkmod is **not thread-safe**: one ``kmod_ctx`` and everything obtained from it must
-  be used from a single thread.
+  be used by one thread at a time (cmdline.py creates a context in a helper thread
+  that ends before the context is used).
+* A Python callback (log_fn, print_action) must not raise, and its CFUNCTYPE object
+  must stay referenced for as long as libkmod may call it.
 * Strings returned as ``const char *`` are owned by libkmod; ``c_char_p`` restypes copy
   them into ``bytes`` at once, so nothing here keeps a borrowed pointer.
 * Every ``struct kmod_module *`` handed out (by ``kmod_module_new_*`` or
@@ -30,8 +35,9 @@ from ctypes import (
     c_char_p,
     c_int,
     c_size_t,
+    c_uint,
+    c_ulong,
     c_void_p,
-    cast,
 )
 from typing import Any
 
@@ -73,8 +79,8 @@ KMOD_MODULE_LIVE = 1
 KMOD_MODULE_COMING = 2
 KMOD_MODULE_GOING = 3
 
-# enum kmod_probe: not used (we never call kmod_module_probe_insert_module, which would
-# insert modules and run install commands itself) but named for reading modprobe.c.
+# enum kmod_probe (kmod_module_probe_insert_module).  initsplit passes DRY_RUN always:
+# without it libkmod would insert the modules and run install commands itself.
 KMOD_PROBE_IGNORE_LOADED = 0x00008
 KMOD_PROBE_DRY_RUN = 0x00010
 KMOD_PROBE_APPLY_BLACKLIST = 0x20000
@@ -94,6 +100,15 @@ LOG_DEBUG = 7
 # vsnprintf unchanged there.  On other ABIs we leave libkmod's own stderr logger.
 KMOD_LOG_FN = CFUNCTYPE(None, c_void_p, c_int, c_char_p, c_int, c_char_p, c_char_p, c_void_p)
 LOG_FN_SUPPORTED = platform.machine() in {"x86_64", "aarch64"}
+
+# kmod_module_probe_insert_module()'s callbacks:
+#   int (*run_install)(struct kmod_module *m, const char *cmdline, void *data)
+#   void (*print_action)(struct kmod_module *m, bool install, const char *options)
+# ``m`` is borrowed for the duration of the call.  A Python callback must not raise
+# (ctypes would print the exception and return to C as if nothing happened) and its
+# CFUNCTYPE object must outlive the call.  ``KMOD_RUN_INSTALL_FN()`` is NULL.
+KMOD_RUN_INSTALL_FN = CFUNCTYPE(c_int, kmod_module_p, c_char_p, c_void_p)
+KMOD_PRINT_ACTION_FN = CFUNCTYPE(None, kmod_module_p, c_bool, c_char_p)
 
 _ctx = kmod_ctx_p
 _mod = kmod_module_p
@@ -116,14 +131,8 @@ SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "kmod_list_prev": ([_list, _list], _list),
     "kmod_list_last": ([_list], _list),
     # configuration, as parsed from modprobe.d, modules.softdep and /proc/cmdline
-    "kmod_config_get_blacklists": ([_ctx], _iter),
-    "kmod_config_get_install_commands": ([_ctx], _iter),
-    "kmod_config_get_remove_commands": ([_ctx], _iter),
-    "kmod_config_get_aliases": ([_ctx], _iter),
     "kmod_config_get_options": ([_ctx], _iter),
-    "kmod_config_get_softdeps": ([_ctx], _iter),
-    "kmod_config_iter_get_key": ([_iter], c_char_p),
-    "kmod_config_iter_get_value": ([_iter], c_char_p),
+    "kmod_config_get_blacklists": ([_ctx], _iter),
     "kmod_config_iter_next": ([_iter], c_bool),
     "kmod_config_iter_free_iter": ([_iter], None),
     # modules
@@ -145,6 +154,8 @@ SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "kmod_module_get_softdeps": ([_mod, POINTER(_list), POINTER(_list)], c_int),
     "kmod_module_apply_filter": ([_ctx, c_int, _list, POINTER(_list)], c_int),
     "kmod_module_get_initstate": ([_mod], c_int),
+    "kmod_module_probe_insert_module": (
+        [_mod, c_uint, c_char_p, KMOD_RUN_INSTALL_FN, c_void_p, KMOD_PRINT_ACTION_FN], c_int),
     "kmod_module_initstate_str": ([c_int], c_char_p),
     "kmod_module_get_info": ([_mod, POINTER(_list)], c_int),
     "kmod_module_info_get_key": ([_list], c_char_p),
@@ -158,18 +169,16 @@ SIGNATURES: dict[str, tuple[list[Any], Any]] = {
 # NULL for "none" (path, options, install commands, dependencies).
 ERROR_CHECKERS: dict[str, Callable[..., Any]] = {
     "kmod_new": check_null_pointer,
-    "kmod_config_get_blacklists": check_null_pointer,
-    "kmod_config_get_install_commands": check_null_pointer,
-    "kmod_config_get_remove_commands": check_null_pointer,
-    "kmod_config_get_aliases": check_null_pointer,
     "kmod_config_get_options": check_null_pointer,
-    "kmod_config_get_softdeps": check_null_pointer,
+    "kmod_config_get_blacklists": check_null_pointer,
     "kmod_module_new_from_name": check_negative_errno,
     "kmod_module_new_from_path": check_negative_errno,
     "kmod_module_new_from_lookup": check_negative_errno,
     "kmod_module_new_from_name_lookup": check_negative_errno,
     "kmod_module_new_from_loaded": check_negative_errno,
     "kmod_module_get_softdeps": check_negative_errno,
+    # > 0 is no error: the KMOD_PROBE_APPLY_BLACKLIST* flag that stopped the probe
+    "kmod_module_probe_insert_module": check_negative_errno,
     "kmod_module_apply_filter": check_negative_errno,
     "kmod_module_get_info": check_negative_errno,
 }
@@ -201,29 +210,19 @@ def libkmod() -> CDLL:
 
 @functools.cache
 def libc() -> CDLL:
-    """libc, for fnmatch(3) and vsnprintf(3).
+    """libc, for vsnprintf(3) (libkmod's log messages), unshare(2) and mount(2) (cmdline.py).
 
-    libkmod matches softdep, install and config-alias patterns with fnmatch(3) (flags 0,
-    so backslash escapes and no FNM_PERIOD); Python's fnmatch differs in those corners,
-    so we call the same function.  ``CDLL(None)`` is the running python's own symbol
-    namespace, which has libc without needing ldconfig's cache (absent in initramfs).
+    ``CDLL(None)`` is the running python's own symbol namespace, which has libc without
+    needing ldconfig's cache (absent in initramfs).
     """
     lib = CDLL(None, use_errno=True)
-    lib.fnmatch.argtypes = [c_char_p, c_char_p, c_int]
-    lib.fnmatch.restype = c_int
     lib.vsnprintf.argtypes = [c_void_p, c_size_t, c_char_p, c_void_p]
     lib.vsnprintf.restype = c_int
+    lib.unshare.argtypes = [c_int]
+    lib.unshare.restype = c_int
+    lib.mount.argtypes = [c_char_p, c_char_p, c_char_p, c_ulong, c_void_p]
+    lib.mount.restype = c_int
     return lib
-
-
-def fnmatch(pattern: str, name: str) -> bool:
-    """fnmatch(3) with flags 0, as libkmod calls it."""
-    return libc().fnmatch(pattern.encode(), name.encode(), 0) == 0
-
-
-def address(pointer: Any) -> int:
-    """The address a ctypes pointer holds (0 for NULL): the identity libkmod gives objects."""
-    return cast(pointer, c_void_p).value or 0
 
 
 def iter_list(lib: CDLL, head: Any) -> Iterator[Any]:
@@ -237,20 +236,6 @@ def iter_list(lib: CDLL, head: Any) -> Iterator[Any]:
     while entry:
         yield entry
         entry = lib.kmod_list_next(head, entry)
-
-
-def iter_config(lib: CDLL, iterator: Any) -> list[tuple[str, str | None]]:
-    """Drain and free a ``kmod_config_iter``: its (key, value) pairs in libkmod's order."""
-    entries: list[tuple[str, str | None]] = []
-    try:
-        # The iterator starts *before* the first element: next() must come first.
-        while lib.kmod_config_iter_next(iterator):
-            key = lib.kmod_config_iter_get_key(iterator)
-            value = lib.kmod_config_iter_get_value(iterator)
-            entries.append((decode(key) or "", decode(value)))
-    finally:
-        lib.kmod_config_iter_free_iter(iterator)
-    return entries
 
 
 def decode(raw: bytes | None) -> str | None:

@@ -1,167 +1,121 @@
-"""The module settings on a kernel command line, read exactly as libkmod reads /proc/cmdline.
+"""Letting libkmod read a kernel command line other than this machine's.
 
-libkmod (kmod 30, ``kmod_config_parse_kcmdline`` in libkmod-config.c) turns every
-``module.param[=value]`` word into an ``options module param=value`` entry and
-``modprobe.blacklist=a,b`` into ``blacklist a`` / ``blacklist b``, appended after
-everything read from the modprobe.d files.  It always reads the *running* kernel's
-/proc/cmdline; the Resolver uses this port when it is told to assume another command
-line, so it has to agree with libkmod character for character — including its quirks:
+libkmod (kmod 30 to 34, ``kmod_config_parse_kcmdline()`` in libkmod-config.c) takes the
+``module.param=value`` and ``modprobe.blacklist=`` words of the kernel command line
+from /proc/cmdline. It reads them once, while kmod_new() reads the configuration, and
+has no API to give it any other text. The daemon resolves for this machine's own
+command line, and libkmod reads that one itself.
 
-* the buffer is 4096 bytes, so anything past byte 4095 is silently ignored;
-* a word is only taken if it reaches its end in the PARAM or VALUE state: ``a.b.c=1``
-  (a second dot in the parameter) and ``a=b.c`` are dropped; ``mod.param`` with no
-  ``=`` is kept as the option ``param``;
-* module names are normalised with dashes to underscores (outside ``[...]``) and a name
-  with an unbalanced bracket is dropped — but the names *listed* in
-  ``modprobe.blacklist=`` are taken verbatim, dashes included (so
-  ``modprobe.blacklist=snd-foo`` never matches module ``snd_foo``);
-* ``"mod.param=value with spaces"`` (whole word quoted, as grub writes it) is rewritten
-  to ``param="value with spaces"``; quotes elsewhere in the name or parameter drop the
-  word; ``--`` does not stop parsing (the kernel's init arguments are parsed too).
+A Resolver can still be told to assume another command line: the modprobe comparison
+tests, the test bed's load_set.py and ``initsplitd --kernel-cmdline`` do this. For
+those the context is created in a short-lived thread that has its own private mount
+namespace, with the text bind-mounted over /proc/cmdline. The tests do the same for
+modprobe with ``unshare -m``. This is skipped when the text gives libkmod the same as
+this machine's (see libkmod_sees_the_same()). This way libkmod parses every command line itself,
+quirks included, and initsplit carries no port of its parser.
 
-The resolver checks this port against libkmod on every start (see resolver.py).
+This needs CAP_SYS_ADMIN. No other thread sees the mount, and it goes away with the
+thread.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from ctypes import c_char_p, get_errno
+from typing import TypeVar
 
-KCMD_LINE_SIZE = 4096  # libkmod-internal.h; read_str_safe() keeps at most size - 1 bytes
+from . import _libkmod as k
 
-_SPACES = frozenset(b" \n\t\v\f\r")
-_IGNORE, _MODNAME, _PARAM, _VALUE, _COMPLETE = range(5)
+PROC_CMDLINE = "/proc/cmdline"
+
+# <sched.h>, <sys/mount.h>
+CLONE_NEWNS = 0x00020000
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class KernelCmdline:
-    """What a kernel command line adds to the modprobe configuration, in libkmod's order."""
+def libkmod_sees_the_same(cmdline: str) -> bool:
+    """Would libkmod take from ``cmdline`` what it takes from /proc/cmdline anyway?
 
-    options: tuple[tuple[str, str], ...]  # (normalised module name, "param=value")
-    blacklist: tuple[str, ...]
-
-
-def read_proc_cmdline(path: str = "/proc/cmdline") -> bytes:
-    """The raw command line; empty when unreadable (libkmod then adds nothing either)."""
+    Yes if it is the same text; an unreadable /proc/cmdline counts as "", since libkmod
+    then reads nothing either. Yes also if neither gives libkmod anything. A module
+    option or ``modprobe.blacklist=`` needs a dot, so a text without one gives nothing
+    ("" for instance). And what /proc/cmdline gives is all that a context without any
+    configuration holds.
+    """
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        with open(PROC_CMDLINE, "rb") as f:
+            own = f.read()
     except OSError:
-        return b""
+        own = b""
+    raw = cmdline.encode("utf-8", "surrogateescape")
+    return raw == own or (b"." not in raw and not proc_cmdline_gives_libkmod_anything())
 
 
-def parse_kernel_cmdline(text: str | bytes) -> KernelCmdline:
-    """Port of kmod 30's kmod_config_parse_kcmdline() + kcmdline_parse_result()."""
-    raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
-    # libkmod works in place on a NUL-terminated buffer, NULing separators as it goes;
-    # we do the same on a bytearray so that every offset below means what it does in C.
-    buf = bytearray(raw[: KCMD_LINE_SIZE - 1]) + b"\0"
-    options: list[tuple[str, str]] = []
-    blacklist: list[str] = []
-
-    state = _MODNAME
-    modname = 0
-    param: int | None = None
-    value: int | None = None  # like the C variable, not reset between words
-    quote_start: int | None = None
-    is_quoted = False
-    p = 0
-    more = True
-    while more:
-        c = buf[p]
-        if c == ord('"'):
-            is_quoted = not is_quoted
-            # Only a quote opening the whole word is allowed while reading the name.
-            if is_quoted and state == _MODNAME and p == modname:
-                quote_start = p
-                modname = p + 1
-            elif state != _VALUE:
-                state = _IGNORE
-        elif c == 0 or c in _SPACES:
-            if c == 0:
-                more = False
-            if is_quoted and state == _VALUE:
-                pass  # a space inside a quoted value
-            elif is_quoted:
-                state = _IGNORE  # spaces are only allowed in the value part
-            elif state in (_VALUE, _PARAM):
-                buf[p] = 0
-                state = _COMPLETE
-            else:
-                modname = p + 1
-                state = _MODNAME
-                quote_start = None
-        elif c == ord("."):
-            if state == _MODNAME:
-                buf[p] = 0
-                param = p + 1
-                state = _PARAM
-            elif state == _PARAM:
-                state = _IGNORE
-        elif c == ord("="):
-            if state == _PARAM:
-                value = p + 1  # '=' stays: the option text is "param=value"
-                state = _VALUE
-            elif state == _MODNAME:
-                state = _IGNORE
-
-        if state == _COMPLETE:
-            assert param is not None
-            if quote_start is not None and quote_start < modname:
-                # "mod.param=a b" -> mod\0param="a b": shift name and param left over
-                # the opening quote and put the quote after '='.
-                assert value is not None
-                buf[quote_start:quote_start + (value - modname)] = buf[modname:value]
-                value -= 1
-                modname -= 1
-                param -= 1
-                buf[value] = ord('"')
-            _parse_result(_cstr(buf, modname), _cstr(buf, param),
-                          _cstr(buf, value) if value is not None else None,
-                          options, blacklist)
-            modname = p + 1
-            state = _MODNAME
-            quote_start = None
-        p += 1
-
-    return KernelCmdline(tuple(options), tuple(blacklist))
+def proc_cmdline_gives_libkmod_anything() -> bool:
+    """Does libkmod find module options or blacklist entries in /proc/cmdline?"""
+    lib = k.libkmod()
+    ctx = lib.kmod_new(b"/", (c_char_p * 1)(None))  # no configuration paths at all
+    try:
+        for entries in (lib.kmod_config_get_options, lib.kmod_config_get_blacklists):
+            it = entries(ctx)
+            try:
+                if lib.kmod_config_iter_next(it):
+                    return True
+            finally:
+                lib.kmod_config_iter_free_iter(it)
+        return False
+    finally:
+        lib.kmod_unref(ctx)
 
 
-def _parse_result(modname: bytes, param: bytes, value: bytes | None,
-                  options: list[tuple[str, str]], blacklist: list[str]) -> None:
-    if modname == b"modprobe" and param.startswith(b"blacklist="):
-        # strsep(&value, ","): every field, empty ones included, verbatim.
-        for name in (value or b"").split(b","):
-            blacklist.append(_decode(name))
-        return
-    normalised = underscores(modname)
-    if normalised is None:
-        return  # libkmod: "Ignoring bad option on kernel command line"
-    # kmod_config_add_options() turns tabs in the option text into spaces.
-    options.append((_decode(normalised), _decode(param).replace("\t", " ")))
+def call_seeing_cmdline(cmdline: str, fn: Callable[[], T]) -> T:
+    """``fn()``, run in a thread that reads ``cmdline`` from /proc/cmdline.
+
+    Returns what ``fn()`` returns, or raises what it raises. Raises PermissionError if
+    this process may not make a mount namespace.
+    """
+    fd, source = tempfile.mkstemp(prefix="initsplit-cmdline-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(cmdline.encode("utf-8", "surrogateescape"))
+        result: list[T] = []
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                # unshare(CLONE_NEWNS) in one thread gives only that thread a new
+                # namespace (the kernel unshares its fs_struct with it). Everything is
+                # made private first, so the bind mount cannot propagate back to the
+                # namespace it was copied from, which systemd mounts shared.
+                _check(k.libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+                _check(k.libc().mount(None, b"/", None, MS_REC | MS_PRIVATE, None),
+                       "mount --make-rprivate /")
+                _check(k.libc().mount(os.fsencode(source), PROC_CMDLINE.encode(), None,
+                                      MS_BIND, None), f"mount --bind {source} {PROC_CMDLINE}")
+                result.append(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+                failure.append(exc)
+
+        thread = threading.Thread(target=run, name="initsplit-kmod-cmdline")
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
+        return result[0]
+    finally:
+        os.unlink(source)
 
 
-def underscores(name: bytes) -> bytes | None:
-    """shared/util.c underscores(): '-' -> '_' outside [...]; None where C returns -EINVAL."""
-    out = bytearray(name)
-    i = 0
-    while i < len(out):
-        c = out[i]
-        if c == ord("-"):
-            out[i] = ord("_")
-        elif c == ord("]"):
-            return None
-        elif c == ord("["):
-            close = out.find(b"]", i)
-            if close < 0:
-                return None
-            i = close
-        i += 1
-    return bytes(out)
-
-
-def _cstr(buf: bytearray, start: int) -> bytes:
-    return bytes(buf[start:buf.index(0, start)])
-
-
-def _decode(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        errnum = get_errno()
+        raise OSError(errnum, f"{what}: {os.strerror(errnum)} (libkmod reads the kernel"
+                              f" command line only from {PROC_CMDLINE}; showing it another"
+                              " one needs CAP_SYS_ADMIN)")

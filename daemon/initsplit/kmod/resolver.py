@@ -1,34 +1,39 @@
 """Resolve a device MODALIAS to the modules to load, in order, exactly as modprobe does.
 
 initsplitd loads every module itself (two stages), so it cannot let modprobe do the
-loading; but which modules, in which order and with which options must stay what
+loading. But which modules, in which order and with which options must stay what
 ``modprobe ALIAS`` would have done, or a device would come up differently under
-initsplit.  This is a re-statement, on top of libkmod's primitives, of kmod 30's
-``insmod()`` in tools/modprobe.c and ``kmod_module_probe_insert_module()`` /
-``__kmod_module_get_probe_list()`` in libkmod/libkmod-module.c:
+initsplit. So the answer comes from libkmod itself, the way kmod 30's modprobe gets
+it (tools/modprobe.c ``insmod()``):
 
-* ``kmod_module_new_from_lookup`` finds the modules for the alias: modprobe.d aliases,
-  else a module of that name, else ``symbol:``, install/remove commands, modules.alias,
-  modules.builtin, modules.builtin.alias — the first source with a match wins;
-* each match is skipped if it is already in the kernel (or already planned by an earlier
-  match), or if it is blacklisted *and was found through an alias*
-  (``KMOD_PROBE_APPLY_BLACKLIST_ALIAS_ONLY``: ``modprobe NAME`` ignores the blacklist,
-  and so do dependencies and softdeps);
-* its probe list is: for each dependency (modules.dep, deepest first) its pre softdeps,
-  itself, its post softdeps; then the module's pre softdeps, the module, its post
-  softdeps — softdeps resolved recursively, each object visited once per match;
-* a module with an ``install`` command is handed to that command, unless it has
-  softdeps (then libkmod sets ``ignorecmd`` and inserts it itself: a kmod quirk kept
-  here); a module without a file is "builtin" if modules.builtin says so, else dropped;
-* options are every modprobe.d ``options`` line for the module's name — or for the
-  alias it was found through — followed by ``name.param=value`` words of the kernel
-  command line.
+* ``kmod_module_new_from_lookup()`` finds the modules for the alias;
+* for each match, ``kmod_module_probe_insert_module()`` runs with
+  ``KMOD_PROBE_DRY_RUN`` and a ``print_action`` callback. The match is skipped if it
+  is already in the kernel, or if it is blacklisted and was found through an alias
+  (``KMOD_PROBE_APPLY_BLACKLIST_ALIAS_ONLY``, as modprobe passes it). Otherwise the
+  callback reports each module of its probe list in load order (softdeps,
+  dependencies, install commands and their softdep quirk), with its options: the
+  modprobe.d ``options`` lines for its name or for the alias it was found through,
+  then the kernel command line's ``name.param=value`` words. This is the list
+  ``modprobe --show-depends`` prints.
 
-The result for the running kernel leaves out what is already loaded or built in, as
-real modprobe does.  For another module tree (``root``/``kver``) nothing on this
-machine says what would be loaded, so, like ``modprobe --show-depends``, builtin
-modules appear as ``builtin=True`` steps and nothing is skipped.  Either way a module
-appears at most once.
+initsplit adds only what the callback does not say:
+
+* ``requires`` versus ``after``: which earlier steps are required modules (the match
+  and its modules.dep dependencies, from ``kmod_module_get_dependencies()``), and
+  which are softdeps, whose failure libkmod ignores;
+* a module without a file is a "builtin" step if ``kmod_module_get_initstate()`` says
+  so, else it is dropped, as modprobe's print_action() does;
+* each module at most once per answer, and a match that an earlier match already
+  planned is skipped whole: real modprobe finds it in the kernel by then;
+* errors for a modules.dep line libkmod could not read, and for a file that is
+  missing.
+
+For the running kernel, the result leaves out what is already loaded or built in, as
+real modprobe does. For another module tree (``root``/``kver``) nothing on this
+machine says what would be loaded. So ``KMOD_PROBE_IGNORE_LOADED`` is passed, as
+``modprobe --show-depends`` does, and built-in modules appear as ``builtin=True``
+steps.
 
 **libkmod is not thread-safe**: a Resolver (its ``kmod_ctx``) must be used only from the
 thread that created it; other threads get RuntimeError.
@@ -37,7 +42,6 @@ thread that created it; other threads get RuntimeError.
 from __future__ import annotations
 
 import dataclasses
-
 import errno
 import logging
 import os
@@ -50,8 +54,8 @@ from types import TracebackType
 from typing import Any
 
 from . import _libkmod as k
-from .cmdline import parse_kernel_cmdline, read_proc_cmdline
-from .errors import KmodError, ModuleFileError, ModuleIndexError
+from . import cmdline
+from .errors import ModuleFileError, ModuleIndexError
 
 _log = logging.getLogger(__name__)
 
@@ -59,6 +63,10 @@ _log = logging.getLogger(__name__)
 # which modprobe uses when it gets no -C.
 DEFAULT_CONFIG_DIRS = ("/etc/modprobe.d", "/run/modprobe.d",
                        "/usr/local/lib/modprobe.d", "/lib/modprobe.d")
+
+# What modprobe's insmod() passes for --show-depends / -n, minus IGNORE_LOADED, which
+# depends on the tree. DRY_RUN is what makes libkmod only report: never leave it out.
+_PROBE_FLAGS = k.KMOD_PROBE_DRY_RUN | k.KMOD_PROBE_APPLY_BLACKLIST_ALIAS_ONLY
 
 
 @dataclass(frozen=True)
@@ -101,39 +109,15 @@ class LoadStep:
         return f"insmod {self.path} {options}"
 
 
-@dataclass(frozen=True, eq=False)
-class _Mod:
-    """A ``struct kmod_module *`` we hold a reference to, with what we need of it.
+@dataclass(frozen=True)
+class _Action:
+    """One print_action() call: what modprobe's print_action() would print for it."""
 
-    libkmod keeps one object per "name" and one per "name\\alias" (a module found
-    through an alias is a separate object remembering that alias); ``addr`` is that
-    identity, which modprobe's visited flags and option matching go by.
-    """
-
-    ptr: Any
-    addr: int
     name: str
-    alias: str | None
-
-
-class _Held:
-    """Module references taken during one call, all dropped when it ends.
-
-    Holding them for the whole call also keeps every object alive, so an address seen
-    once cannot be reused by another object while we compare identities.
-    """
-
-    def __init__(self, lib: Any) -> None:
-        self._lib = lib
-        self._refs: list[Any] = []
-
-    def take(self, ptr: Any) -> Any:
-        self._refs.append(ptr)
-        return ptr
-
-    def release(self) -> None:
-        while self._refs:
-            self._lib.kmod_module_unref(self._refs.pop())
+    path: str | None
+    options: str
+    install_command: str | None  # set: libkmod would run the command
+    builtin: bool
 
 
 class Resolver:
@@ -145,9 +129,9 @@ class Resolver:
     libkmod's four directories, under ``root``; note that ``modprobe -d ROOT`` would
     still read the host's).  ``kernel_cmdline``: the command line whose
     ``mod.param=value`` and ``modprobe.blacklist=`` words apply (default: this
-    machine's /proc/cmdline, which libkmod reads itself; pass ``""`` for none).
-    ``ignore_loaded``: do not consult /sys/module (default: only consulted for the
-    running kernel's own tree).
+    machine's /proc/cmdline, which libkmod reads itself; pass ``""`` for none; any
+    other text needs CAP_SYS_ADMIN, see cmdline.py).  ``ignore_loaded``: do not
+    consult /sys/module (default: only consulted for the running kernel's own tree).
 
     Use as a context manager, or call :meth:`close`; only from the creating thread.
     """
@@ -157,6 +141,7 @@ class Resolver:
                  kernel_cmdline: str | None = None,
                  ignore_loaded: bool | None = None) -> None:
         self._owner = threading.get_ident()
+        self._ctx: Any = None
         running = os.uname().release
         self.kver = kver if kver is not None else running
         self.root = root
@@ -164,6 +149,7 @@ class Resolver:
         if ignore_loaded is None:
             ignore_loaded = not (root is None and self.kver == running)
         self.ignore_loaded = ignore_loaded
+        self._flags = _PROBE_FLAGS | (k.KMOD_PROBE_IGNORE_LOADED if ignore_loaded else 0)
         if not self.dirname.is_dir():
             raise FileNotFoundError(errno.ENOENT,
                                     f"no kernel module directory for {self.kver}",
@@ -176,14 +162,19 @@ class Resolver:
         if config_paths is not None:
             encoded = [os.fsencode(os.fspath(p)) for p in config_paths]
             argv = (c_char_p * (len(encoded) + 1))(*encoded, None)
+
+        def new_context() -> Any:
+            return lib.kmod_new(os.fsencode(self.dirname), argv)
+
         self._errors: list[str] = []
-        self._ctx: Any = lib.kmod_new(os.fsencode(self.dirname), argv)
+        self._sink_key = _register_sink(self._errors)
         try:
-            self._sink_key = _register_sink(self._errors)
-            if k.LOG_FN_SUPPORTED:
-                lib.kmod_set_log_fn(self._ctx, _LOG_CALLBACK, c_void_p(self._sink_key))
-            lib.kmod_set_log_priority(
-                self._ctx, k.LOG_DEBUG if _log.isEnabledFor(logging.DEBUG) else k.LOG_WARNING)
+            # kmod_new() is where libkmod reads the configuration, /proc/cmdline included.
+            if kernel_cmdline is None or cmdline.libkmod_sees_the_same(kernel_cmdline):
+                self._ctx = new_context()
+            else:
+                self._ctx = cmdline.call_seeing_cmdline(kernel_cmdline, new_context)
+            _set_logging(lib, self._ctx, self._sink_key)
             # modprobe ignores a failure here and then finds nothing; a daemon that
             # silently resolves nothing is worse than one that says depmod is missing.
             ret = lib.kmod_load_resources(self._ctx)
@@ -191,7 +182,6 @@ class Resolver:
                 raise ModuleIndexError(
                     f"{self.dirname}: cannot load the module indexes (modules.dep.bin,"
                     f" modules.alias.bin, ...): {os.strerror(-ret)}; was depmod run?")
-            self._read_config(kernel_cmdline)
         except BaseException:
             self.close()
             raise
@@ -201,6 +191,7 @@ class Resolver:
     def close(self) -> None:
         """Release the libkmod context (idempotent)."""
         if self._ctx is None:
+            _unregister_sink(self._sink_key)
             return
         self._check_thread()
         ctx, self._ctx = self._ctx, None
@@ -232,32 +223,6 @@ class Resolver:
         if self._ctx is None:
             raise ValueError("operation on a closed Resolver")
 
-    # -- configuration --------------------------------------------------------------
-
-    def _read_config(self, kernel_cmdline: str | None) -> None:
-        """Snapshot the parsed configuration (libkmod does not reread it either)."""
-        lib, ctx = self._lib, self._ctx
-        blacklist = [key for key, _ in k.iter_config(lib, lib.kmod_config_get_blacklists(ctx))]
-        options = [(key, value or "")
-                   for key, value in k.iter_config(lib, lib.kmod_config_get_options(ctx))]
-        self._alias_lines = [(key, value or "")
-                         for key, value in k.iter_config(lib, lib.kmod_config_get_aliases(ctx))]
-        self._softdep_lines = [(key, value or "")
-                          for key, value in k.iter_config(lib, lib.kmod_config_get_softdeps(ctx))]
-        if kernel_cmdline is not None:
-            # libkmod has appended what /proc/cmdline says to both lists and cannot be
-            # told otherwise; take those entries off the end again and put the given
-            # command line's in their place.  Requiring the tail to be exactly what our
-            # parser finds in /proc/cmdline checks that parser against libkmod's.
-            proc = parse_kernel_cmdline(read_proc_cmdline())
-            options = _strip_tail(options, list(proc.options), "options")
-            blacklist = _strip_tail(blacklist, list(proc.blacklist), "blacklist")
-            given = parse_kernel_cmdline(kernel_cmdline)
-            options += given.options
-            blacklist += given.blacklist
-        self._options = tuple(options)
-        self._blacklist = frozenset(blacklist)
-
     # -- resolution ----------------------------------------------------------------
 
     def resolve(self, alias: str) -> list[LoadStep]:
@@ -271,62 +236,119 @@ class Resolver:
         if "\0" in alias:
             raise ValueError("alias contains a NUL character")
         self._errors.clear()  # libkmod errors of earlier calls are not this call's
-        held = _Held(self._lib)
+        lib = self._lib
+        actions: list[_Action] = []
+        failures: list[BaseException] = []
+
+        def on_action(mod: Any, install: bool, options: bytes | None) -> None:
+            # Called from C: an exception must not unwind into libkmod.
+            try:
+                actions.append(self._action(mod, install, options))
+            except BaseException as exc:  # noqa: BLE001 - raised again below
+                failures.append(exc)
+
+        print_action = k.KMOD_PRINT_ACTION_FN(on_action)  # alive until we return
+        no_install = k.KMOD_RUN_INSTALL_FN()  # NULL: never called in a dry run
+        steps: list[LoadStep] = []
+        planned: set[str] = set()  # names with a step in this answer
+        loadable: set[str] = set()  # ... of which the daemon loads (not builtin)
+        matches = self._lookup(alias)
         try:
-            steps: list[LoadStep] = []
-            planned: set[str] = set()  # names with a step in this answer
-            loadable: set[str] = set()  # ... of which the daemon loads (not builtin)
-            for mod in self._lookup(held, alias):
-                # modprobe calls kmod_module_probe_insert_module() per match; a match
-                # loaded by an earlier one is "in the kernel" by then and skipped whole.
-                if mod.name in planned or self._in_kernel(mod):
+            for mod in matches:
+                name = k.decode(lib.kmod_module_get_name(mod)) or ""
+                # modprobe probes each match in turn; a match loaded by an earlier one
+                # is in the kernel by then and skipped whole.
+                if name in planned:
                     continue
-                if mod.alias is not None and mod.name in self._blacklist:
+                actions.clear()
+                seen_errors = len(self._errors)
+                lib.kmod_module_probe_insert_module(mod, self._flags, None, no_install,
+                                                    None, print_action)
+                if failures:
+                    raise failures[0]
+                if not actions:  # in the kernel, or a blacklisted alias match
                     continue
-                steps += self._match_steps(held, mod, planned, loadable)
+                required = {name, *self._dependency_names(mod)}
+                if len(self._errors) > seen_errors:
+                    self._check_dependency_lines([a.name for a in actions])
+                steps += self._match_steps(actions, required, planned, loadable)
             return steps
         finally:
-            held.release()
+            for mod in matches:
+                lib.kmod_module_unref(mod)
 
-    def _match_steps(self, held: _Held, mod: _Mod, planned: set[str],
+    def _action(self, mod: Any, install: bool, options: bytes | None) -> _Action:
+        lib = self._lib
+        name = k.decode(lib.kmod_module_get_name(mod)) or ""
+        path = k.decode(lib.kmod_module_get_path(mod))
+        # module_options_concat() ends non-empty options with a blank (see LoadStep).
+        text = k.decode(options) or ""
+        if text.endswith(" "):
+            text = text[:-1]
+        command = k.decode(lib.kmod_module_get_install_commands(mod)) if install else None
+        builtin = (not install and path is None
+                   and lib.kmod_module_get_initstate(mod) == k.KMOD_MODULE_BUILTIN)
+        return _Action(name, path, text, command, builtin)
+
+    def _match_steps(self, actions: list[_Action], required: set[str], planned: set[str],
                      loadable: set[str]) -> list[LoadStep]:
         """The steps of one match's probe list, each with what must load before it.
 
-        kmod_module_probe_insert_module() walks the list in order and stops at the
-        first *required* module (the match and its modules.dep dependencies) that
-        fails, but goes on past a softdep that fails (libkmod-module.c: "Ignore
-        errors from softdeps").  So an earlier required module goes into
-        ``requires`` (its failure means this one is not loaded) and any other
-        earlier module into ``after`` (order only).
+        kmod_module_probe_insert_module() walks the list in order. It stops at the
+        first *required* module that fails (the match and its modules.dep
+        dependencies), but goes on past a softdep that fails (libkmod-module.c:
+        "Ignore errors from softdeps"). So an earlier required module goes into
+        ``requires`` (its failure means this one is not loaded), and any other
+        earlier module goes into ``after`` (order only).
 
-        Only modules that get a step the daemon loads are named: one already in the
-        kernel or built in is no requirement, and one without a file (in
+        Only modules that get a step the daemon loads are named. One already in the
+        kernel (never reported) or built in is no requirement. One without a file (in
         modules.alias or a modprobe.d alias but not in modules.dep) has no step that
-        could ever satisfy it; a scheduler waiting for it would wait forever.
-        libkmod's insert of such a module fails with ENOENT: as a softdep that is
-        ignored, exactly as leaving it out does; as the match itself it would stop
+        could ever satisfy it, and a scheduler waiting for it would wait forever.
+        libkmod's insert of such a module fails with ENOENT. As a softdep that is
+        ignored, exactly as leaving it out does. As the match itself it would stop
         the probe before the match's post softdeps, which ``--show-depends`` still
         lists, and so does this answer.
         """
-        probe, required = self._probe_list(held, mod)
         hard: list[str] = []
         soft: list[str] = []
         out: list[LoadStep] = []
-        for m, ignorecmd in probe:
-            earlier = hard if m.name in required else soft
-            if m.name in planned or self._in_kernel(m):
-                if m.name in loadable and m.name not in hard and m.name not in soft:
-                    earlier.append(m.name)
+        for action in actions:
+            name = action.name
+            earlier = hard if name in required else soft
+            if name in planned:  # libkmod lists a module again; modprobe loads it once
+                if name in loadable and name not in hard and name not in soft:
+                    earlier.append(name)
                 continue
-            step = self._step(m, ignorecmd)
+            step = self._step(action)
             if step is None:
                 continue
-            planned.add(m.name)
+            planned.add(name)
             out.append(dataclasses.replace(step, requires=tuple(hard), after=tuple(soft)))
             if not step.builtin:
-                loadable.add(m.name)
-                earlier.append(m.name)
+                loadable.add(name)
+                earlier.append(name)
         return out
+
+    def _step(self, action: _Action) -> LoadStep | None:
+        """The step for what modprobe's print_action() prints, if anything."""
+        if action.install_command is not None:
+            return LoadStep(action.name, Path(action.path) if action.path else None,
+                            action.options, action.install_command)
+        if action.builtin:
+            return LoadStep(action.name, None, builtin=True)
+        if action.path is None:
+            # In modules.alias (or a modprobe.d alias) but neither in modules.dep nor
+            # built in: modprobe prints nothing and its insert fails with ENOENT
+            # (kmod_module_insert_module: "could not find module by name").
+            _log.warning("%s: module %r has no file in modules.dep; skipped",
+                         self.dirname, action.name)
+            return None
+        file = Path(action.path)
+        if not file.is_file():
+            raise ModuleFileError(f"{action.name}: {file} is listed in modules.dep but is"
+                                  " not a file (stale depmod?)")
+        return LoadStep(action.name, file, action.options)
 
     def modinfo(self, path: Path) -> list[tuple[str, str]]:
         """The ``.modinfo`` entries of a module file (and signature fields), as modinfo.
@@ -354,166 +376,62 @@ class Resolver:
         finally:
             lib.kmod_module_unref(mod)
 
-    def _lookup(self, held: _Held, key: str) -> list[_Mod]:
-        """kmod_module_new_from_lookup(), with the alias each result was found by."""
+    def _lookup(self, key: str) -> list[Any]:
+        """kmod_module_new_from_lookup(): a reference to each match, for the caller to drop."""
         lib = self._lib
-        normalized = _alias_normalize(key)
-        if normalized is None:
-            return []
         head = k.kmod_list_p()
         try:
             lib.kmod_module_new_from_lookup(self._ctx, _encode(key), byref(head))
         except OSError as exc:
-            if exc.errno == errno.EINVAL:
+            if exc.errno == errno.EINVAL:  # not a well-formed alias
                 return []
             raise
-        ptrs = self._take_list(held, head)
-        # Which alias string libkmod stored: for a modprobe.d alias the pattern of the
-        # alias line (one result per matching line, in order); for the index lookups the
-        # normalised key.  That string decides which "options ALIAS ..." lines apply.
-        patterns = [pattern for pattern, _ in self._alias_lines if k.fnmatch(pattern, normalized)]
-        if patterns and len(patterns) != len(ptrs):
-            raise KmodError(f"{key}: {len(patterns)} modprobe.d aliases match but libkmod"
-                            f" returned {len(ptrs)} modules")
-        mods = []
-        for i, ptr in enumerate(ptrs):
-            name = k.decode(lib.kmod_module_get_name(ptr)) or ""
-            alias = None
-            if self._is_alias_object(ptr, name):
-                alias = patterns[i] if patterns else normalized
-            mods.append(_Mod(ptr, k.address(ptr), name, alias))
-        return mods
+        return _take_list(lib, head)
 
-    def _is_alias_object(self, ptr: Any, name: str) -> bool:
-        # libkmod pools modules by key, "name" or "name\alias": asking for the plain
-        # name gives back the very same object unless this one was made for an alias.
-        # (That is how libkmod decides KMOD_PROBE_APPLY_BLACKLIST_ALIAS_ONLY: mod->alias.)
+    def _dependency_names(self, mod: Any) -> list[str]:
+        """modules.dep for ``mod`` (already parsed by the probe)."""
         lib = self._lib
-        plain = k.kmod_module_p()
-        lib.kmod_module_new_from_name(self._ctx, _encode(name), byref(plain))
+        deps = _take_list(lib, lib.kmod_module_get_dependencies(mod))
         try:
-            return k.address(plain) != k.address(ptr)
+            return [k.decode(lib.kmod_module_get_name(dep)) or "" for dep in deps]
         finally:
-            lib.kmod_module_unref(plain)
-
-    def _take_list(self, held: _Held, head: Any) -> list[Any]:
-        """Own a reference to each module of a list, then drop the list."""
-        lib = self._lib
-        try:
-            return [held.take(lib.kmod_module_get_module(entry))
-                    for entry in k.iter_list(lib, head)]
-        finally:
-            lib.kmod_module_unref_list(head)
-
-    def _in_kernel(self, mod: _Mod) -> bool:
-        # libkmod's module_is_inkernel(): live or builtin; "coming" is not (modprobe
-        # then tries to insert and the kernel answers EEXIST).
-        if self.ignore_loaded:
-            return False
-        state = self._lib.kmod_module_get_initstate(mod.ptr)
-        return state in (k.KMOD_MODULE_LIVE, k.KMOD_MODULE_BUILTIN)
-
-    def _probe_list(self, held: _Held, top: _Mod) -> tuple[list[tuple[_Mod, bool]], set[str]]:
-        """__kmod_module_get_probe_list(top, required=true, ignorecmd=false).
-
-        Returns (module, ignorecmd) in load order; a module may appear twice (libkmod
-        appends dependencies without checking), the caller keeps the first.  Also the
-        names libkmod marks ``required``: ``top`` and its modules.dep dependencies
-        (softdeps are probed with required=false, and so are their dependencies).
-        """
-        visited: set[int] = set()
-        out: list[tuple[_Mod, bool]] = []
-        required = {top.name}
-
-        def probe(mod: _Mod) -> None:
-            if mod.addr in visited:
-                return
-            visited.add(mod.addr)
-            deps = self._dependencies(held, mod)
-            if mod is top:
-                required.update(dep.name for dep in deps)
             for dep in deps:
-                fill_softdep(dep)
-            fill_softdep(mod)
+                lib.kmod_module_unref(dep)
 
-        def fill_softdep(mod: _Mod) -> None:
-            pre, post = self._softdeps(held, mod)
-            for soft in pre:
-                probe(soft)
-            # libkmod sets mod->ignorecmd here: a module with softdeps is inserted
-            # directly even if it also has an install command.
-            out.append((mod, bool(pre or post)))
-            for soft in post:
-                probe(soft)
+    def _check_dependency_lines(self, names: list[str]) -> None:
+        """Raise ModuleFileError if one of ``names`` has a modules.dep line libkmod
+        cannot read; called only after libkmod logged errors during a probe.
 
-        probe(top)
-        return out, required
-
-    def _dependencies(self, held: _Held, mod: _Mod) -> list[_Mod]:
-        """modules.dep for ``mod``, deepest first (libkmod prepends as it parses)."""
+        When a file on a module's modules.dep line cannot be stat()ed, libkmod logs it
+        and gives the module *no* dependencies at all. Loading the module alone would
+        then fail in the kernel with unknown symbols, far from the cause. The probe does
+        not say whose line it was, and this context's modules keep the failed parse.
+        So each module is asked again, in a fresh context of the same tree (without
+        configuration, which dependencies do not depend on). Errors of any other kind,
+        such as a softdep name that is no valid alias, have been logged. modprobe goes
+        on after them, and so does the resolver.
+        """
         lib = self._lib
-        seen_errors = len(self._errors)
-        ptrs = self._take_list(held, lib.kmod_module_get_dependencies(mod.ptr))
-        # When a file on the modules.dep line cannot be stat()ed libkmod logs it and
-        # returns *no* dependencies at all; loading the module alone would then fail in
-        # the kernel with unknown symbols, far from the cause.
-        if len(self._errors) > seen_errors:
-            raise ModuleFileError(f"{mod.name}: cannot read its modules.dep entry in"
-                                  f" {self.dirname}: {'; '.join(self._errors[seen_errors:])}")
-        # Dependencies are made from their paths, i.e. plain-name objects: no alias.
-        return [_Mod(ptr, k.address(ptr), k.decode(lib.kmod_module_get_name(ptr)) or "", None)
-                for ptr in ptrs]
-
-    def _softdeps(self, held: _Held, mod: _Mod) -> tuple[list[_Mod], list[_Mod]]:
-        """kmod_module_get_softdeps(): the first softdep line whose pattern matches."""
-        lib = self._lib
-        pre_names: list[str] = []
-        post_names: list[str] = []
-        for pattern, plain in self._softdep_lines:
-            if k.fnmatch(pattern, mod.name):
-                pre_names, post_names = _split_softdep(plain)
-                break
-        # Resolve the names ourselves to know the alias each object carries ...
-        pre = [m for name in pre_names for m in self._lookup(held, name)]
-        post = [m for name in post_names for m in self._lookup(held, name)]
-        # ... and insist on getting exactly libkmod's objects.
-        lib_pre, lib_post = k.kmod_list_p(), k.kmod_list_p()
-        lib.kmod_module_get_softdeps(mod.ptr, byref(lib_pre), byref(lib_post))
-        expect_pre = [k.address(p) for p in self._take_list(held, lib_pre)]
-        expect_post = [k.address(p) for p in self._take_list(held, lib_post)]
-        if [m.addr for m in pre] != expect_pre or [m.addr for m in post] != expect_post:
-            raise KmodError(f"{mod.name}: softdeps {pre_names} / {post_names} resolved"
-                            " differently from libkmod")
-        return pre, post
-
-    def _step(self, mod: _Mod, ignorecmd: bool) -> LoadStep | None:
-        """modprobe's print_action() for one module of the probe list."""
-        lib = self._lib
-        path = k.decode(lib.kmod_module_get_path(mod.ptr))
-        command = k.decode(lib.kmod_module_get_install_commands(mod.ptr))
-        if command is not None and not ignorecmd:
-            return LoadStep(mod.name, Path(path) if path else None, self._options_for(mod),
-                            command)
-        if path is None:
-            if lib.kmod_module_get_initstate(mod.ptr) == k.KMOD_MODULE_BUILTIN:
-                return LoadStep(mod.name, None, builtin=True)
-            # In modules.alias (or a modprobe.d alias) but neither in modules.dep nor
-            # built in: modprobe prints nothing and its insert fails with ENOENT
-            # (kmod_module_insert_module: "could not find module by name").
-            _log.warning("%s: module %r has no file in modules.dep; skipped",
-                         self.dirname, mod.name)
-            return None
-        file = Path(path)
-        if not file.is_file():
-            raise ModuleFileError(f"{mod.name}: {file} is listed in modules.dep but is not"
-                                  " a file (stale depmod?)")
-        return LoadStep(mod.name, file, self._options_for(mod))
-
-    def _options_for(self, mod: _Mod) -> str:
-        # kmod_module_get_options(): non-empty option strings of every entry for the
-        # module's name or the alias it was found by, in configuration order.
-        return " ".join(opts for name, opts in self._options
-                        if opts and (name == mod.name or name == mod.alias))
+        errors: list[str] = []
+        key = _register_sink(errors)
+        ctx = lib.kmod_new(os.fsencode(self.dirname), (c_char_p * 1)(None))
+        try:
+            _set_logging(lib, ctx, key)
+            if lib.kmod_load_resources(ctx) < 0:
+                return
+            for name in names:
+                mod = k.kmod_module_p()
+                lib.kmod_module_new_from_name(ctx, _encode(name), byref(mod))
+                try:
+                    lib.kmod_module_unref_list(lib.kmod_module_get_dependencies(mod))
+                finally:
+                    lib.kmod_module_unref(mod)
+                if errors:
+                    raise ModuleFileError(f"{name}: cannot read its modules.dep entry in"
+                                          f" {self.dirname}: {'; '.join(errors)}")
+        finally:
+            lib.kmod_unref(ctx)
+            _unregister_sink(key)
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -523,60 +441,19 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def _alias_normalize(alias: str) -> str | None:
-    """shared/util.c alias_normalize(): '-' -> '_' outside [...]; None for -EINVAL."""
-    out: list[str] = []
-    i = 0
-    while i < len(alias):
-        c = alias[i]
-        if c == "-":
-            out.append("_")
-        elif c == "]":
-            return None
-        elif c == "[":
-            close = alias.find("]", i)
-            if close < 0:
-                return None
-            out.append(alias[i:close + 1])
-            i = close
-        else:
-            out.append(c)
-        i += 1
-    return "".join(out)
+def _take_list(lib: Any, head: Any) -> list[Any]:
+    """Own a reference to each module of a list, then drop the list."""
+    try:
+        return [lib.kmod_module_get_module(entry) for entry in k.iter_list(lib, head)]
+    finally:
+        lib.kmod_module_unref_list(head)
 
 
-def _split_softdep(plain: str) -> tuple[list[str], list[str]]:
-    """Split kmod_config_iter_get_value() of a softdep: "pre: a b" / "post: c" parts.
-
-    kmod 30's softdep_to_char() writes no space between the two parts
-    ("pre: a bpost: c"), so a pre name ending in "post:" is where post starts.  The
-    caller compares the result with libkmod's own lists, so a name that itself ends in
-    "post:" would be caught, not silently mis-split.
-    """
-    pre: list[str] = []
-    post: list[str] = []
-    words = plain.split()
-    target: list[str] | None = None
-    for word in words:
-        if target is None and word == "pre:":
-            target = pre
-        elif word == "post:":
-            target = post
-        elif target is pre and word.endswith("post:"):
-            pre.append(word[: -len("post:")])
-            target = post
-        elif target is not None:
-            target.append(word)
-    return pre, post
-
-
-def _strip_tail(entries: list[Any], tail: list[Any], what: str) -> list[Any]:
-    if not tail:
-        return entries
-    if entries[-len(tail):] != tail:
-        raise KmodError(f"libkmod read /proc/cmdline {what} as {entries[-len(tail):]!r},"
-                        f" initsplit's parser as {tail!r}")
-    return entries[: -len(tail)]
+def _set_logging(lib: Any, ctx: Any, sink_key: int) -> None:
+    if k.LOG_FN_SUPPORTED:
+        lib.kmod_set_log_fn(ctx, _LOG_CALLBACK, c_void_p(sink_key))
+    lib.kmod_set_log_priority(
+        ctx, k.LOG_DEBUG if _log.isEnabledFor(logging.DEBUG) else k.LOG_WARNING)
 
 
 # -- libkmod log messages --------------------------------------------------------------
