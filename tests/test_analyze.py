@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 import subprocess
-import zlib
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
 from initsplit import cli
-from initsplit.analyze import analyze_module, histogram
+from initsplit.analyze import analyze_module, histogram, render_svg
 from initsplit.split.policy import SplitOptions
 from initsplit.layout import CORE_GROUPS, INIT_GROUPS, LayoutRules, layout_of, rules_for_tree
 from initsplit.elf import ObjectBuilder
@@ -374,25 +373,61 @@ def test_cli_json(small_tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert sum(doc["histogram"]["all"]) == 6
 
 
+def _svg_bars(svg: str) -> tuple[list[float], list[str], list[str]]:
+    """(bar heights, count labels, bin labels) of a plot, in bin order."""
+    root = ElementTree.fromstring(svg)
+    ns = {"svg": "http://www.w3.org/2000/svg"}
+    bars = [r for r in root.iterfind(".//svg:rect", ns) if r.get("class") == "bar"]
+    texts = list(root.iterfind(".//svg:text", ns))
+    return ([float(b.get("height")) for b in bars],
+            [t.text for t in texts if t.get("class") == "count"],
+            [t.text for t in texts if t.get("class") == "bin"])
+
+
+def _assert_bars_show(svg: str, counts: list[int], bin_bytes: int) -> None:
+    heights, count_labels, bin_labels = _svg_bars(svg)
+    assert len(heights) == len(counts)  # one bar per bin, empty bins too
+    assert count_labels == [str(c) for c in counts]
+    assert bin_labels == [f"{n * bin_bytes}-{(n + 1) * bin_bytes - 1}" for n in range(len(counts))]
+    peak = max(counts)
+    unit = max(heights) / peak
+    for height, count in zip(heights, counts):
+        assert height == pytest.approx(count * unit, abs=0.01)  # proportional, 2-decimal output
+
+
+def test_render_svg_figures() -> None:
+    counts = [3, 0, 17, 8, 1, 40, 0, 12]
+    summary = {"histogram": {"bin_bytes": 512, "over_one_page": counts},
+               "savings": {"init_resident": {"pages": 123}, "today": {"pages": -4}},
+               "rules": {"page_size": 4096}, "over_one_page": sum(counts), "modules": 99}
+    svg = render_svg(summary)
+    _assert_bars_show(svg, counts, 512)
+    root = ElementTree.fromstring(svg)
+    text = " ".join(t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text"))
+    assert "123 pages" in text and "-4 pages" in text and "(99 modules)" in text
+    assert f"({sum(counts)} modules above one page)" in text
+
+
 def test_cli_plot(small_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    png = tmp_path / "hist.png"
-    assert cli.main(["analyze", str(small_tree), "--plot", str(png)]) == cli.EXIT_OK
-    capsys.readouterr()
-    blob = png.read_bytes()
-    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks, at = {}, 8
-    while at < len(blob):
-        length, kind = struct.unpack(">I4s", blob[at:at + 8])
-        body = blob[at + 8:at + 8 + length]
-        crc, = struct.unpack(">I", blob[at + 8 + length:at + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
-        chunks[kind] = body
-        at += 12 + length
-    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, colour) == (8, 2)
-    raw = zlib.decompress(chunks[b"IDAT"])
-    assert len(raw) == height * (1 + 3 * width)
-    assert raw.count(bytes((70, 110, 170))) > 100  # the bars were drawn
+    svg = tmp_path / "hist.svg"
+    assert cli.main(["analyze", str(small_tree), "--json", "--plot", str(svg)]) == cli.EXIT_OK
+    hist = json.loads(capsys.readouterr().out)["histogram"]
+    counts = hist["over_one_page"]
+    heights, labels, _ = _svg_bars(svg.read_text())
+    assert labels == [str(c) for c in counts]
+    if max(counts):
+        _assert_bars_show(svg.read_text(), counts, hist["bin_bytes"])
+    else:
+        assert heights == [0.0] * len(counts)
+
+
+@pytest.mark.parametrize("name", ["hist.png", "hist", "hist.svg.gz"])
+def test_cli_plot_wants_svg(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse's usage error (main() returns its exit code), before any module is read.
+    assert cli.main(["analyze", str(tmp_path), "--plot", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert "argument --plot" in err and "name a .svg file" in err
+    assert not (tmp_path / name).exists()
 
 
 def test_cli_missing_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

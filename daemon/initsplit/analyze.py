@@ -30,12 +30,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import struct
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
+from xml.sax.saxutils import escape
 
 from .elf import ElfObject, MalformedElf, read_elf
 from .layout import (CORE_GROUPS, PAGE_SIZE, Layout, LayoutRules, ModuleLayout, layout_of, module_layout,
@@ -482,45 +481,89 @@ def render_json(summary: dict, results: Sequence[ModuleAnalysis]) -> str:
 
 # ------------------------------------------------------------------ the plot
 
+# Geometry of the chart, in SVG user units (pixels at 100 %).
+_PLOT_WIDTH, _PLOT_HEIGHT = 760, 420
+_PLOT_LEFT, _PLOT_RIGHT, _PLOT_TOP, _PLOT_BOTTOM = 70, _PLOT_WIDTH - 20, 70, _PLOT_HEIGHT - 80
+_BAR_COLOUR = "#466eaa"
+_GRID_COLOUR = "#e1e1e1"
+_FONT = "font-family=\"sans-serif\""
+
+
 def write_plot(summary: dict, path: Path) -> None:
-    """A PNG bar chart of the 2002 histogram with the savings, written with zlib only."""
+    """Write render_svg(summary) to *path*."""
+    path.write_text(render_svg(summary), encoding="utf-8")
+
+
+def render_svg(summary: dict) -> str:
+    """An SVG bar chart of the 2002 histogram (modules above one page) with the savings.
+
+    SVG is text, so the standard library draws it: the daemon and the initramfs
+    never import this, and no plotting package is needed for `analyze --plot`
+    either. Each bar is a <rect class="bar"> whose height is proportional to its
+    bin's count, labelled with the count (class "count") and the bin's byte range
+    (class "bin"), so a test, or a reader of the file, finds the figures in it.
+    """
     hist = summary["histogram"]
-    counts = hist["over_one_page"]
-    width, height = 760, 420
-    img = _Canvas(width, height)
-    left, right, top, bottom = 70, width - 20, 70, height - 80
-    img.text(left, 16, f"NON-INIT SIZE MODULO {summary['rules']['page_size']} "
-             f"({summary['over_one_page']} MODULES ABOVE ONE PAGE)", scale=2)
+    counts: list[int] = hist["over_one_page"]
+    bin_bytes: int = hist["bin_bytes"]
     s = summary["savings"]
-    img.text(left, 40, f"SAVING VS INIT RESIDENT: {s['init_resident']['pages']} PAGES;  "
-             f"VS TODAY'S KERNEL: {s['today']['pages']} PAGES  ({summary['modules']} MODULES)",
-             scale=1, color=(60, 60, 60))
-    peak = max(counts) or 1
+    left, right, top, bottom = _PLOT_LEFT, _PLOT_RIGHT, _PLOT_TOP, _PLOT_BOTTOM
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_PLOT_WIDTH}" height="{_PLOT_HEIGHT}" '
+        f'viewBox="0 0 {_PLOT_WIDTH} {_PLOT_HEIGHT}">',
+        f'<rect width="{_PLOT_WIDTH}" height="{_PLOT_HEIGHT}" fill="white"/>',
+        _svg_text(left, 28, f"Non-init size modulo {summary['rules']['page_size']} "
+                  f"({summary['over_one_page']} modules above one page)", size=16, cls="title"),
+        _svg_text(left, 50, f"Saving vs init resident: {s['init_resident']['pages']} pages;  "
+                  f"vs today's kernel: {s['today']['pages']} pages  ({summary['modules']} modules)",
+                  size=12, cls="subtitle", fill="#3c3c3c"),
+    ]
+    peak = max(counts, default=0) or 1
     step = _nice_step(peak)
     ymax = -(-peak // step) * step
-    img.line_h(left, right, bottom, (0, 0, 0))
-    img.line_v(left, top, bottom, (0, 0, 0))
     for tick in range(0, ymax + 1, step):
-        y = bottom - (bottom - top) * tick // ymax
-        img.line_h(left - 4, left, y, (0, 0, 0))
+        y = _bar_top(tick, ymax)
         if tick:
-            img.line_h(left + 1, right, y, (225, 225, 225))
-        label = str(tick)
-        img.text(left - 8 - 6 * len(label), y - 3, label)
-    slot = (right - left) // len(counts)
+            out.append(_svg_line(left + 1, y, right, y, _GRID_COLOUR))
+        out.append(_svg_line(left - 4, y, left, y, "black"))
+        out.append(_svg_text(left - 8, y + 4, str(tick), anchor="end", cls="tick"))
+    out.append(_svg_line(left, bottom, right, bottom, "black"))
+    out.append(_svg_line(left, top, left, bottom, "black"))
+    slot = (right - left) / max(len(counts), 1)
     for n, count in enumerate(counts):
-        x0 = left + n * slot + slot // 6
-        x1 = left + (n + 1) * slot - slot // 6
-        y = bottom - (bottom - top) * count // ymax
-        img.rect(x0, y, x1, bottom, (70, 110, 170))
-        label = str(count)
-        img.text((x0 + x1) // 2 - 3 * len(label), y - 11, label)
-        lo = n * hist["bin_bytes"]
-        rng = f"{lo}-{lo + hist['bin_bytes'] - 1}"
-        img.text((x0 + x1) // 2 - 3 * len(rng), bottom + 8, rng)
-    img.text(left, bottom + 28, "BYTES (MODULO PAGE SIZE), 512-BYTE BINS AS IN THE 2002 LKML TABLE")
-    img.text(8, top - 16, "MODULES")
-    path.write_bytes(img.png())
+        x0 = left + n * slot + slot / 6
+        width = slot * 2 / 3
+        y = _bar_top(count, ymax)
+        middle = x0 + width / 2
+        out.append(f'<rect class="bar" x="{x0:.2f}" y="{y:.2f}" width="{width:.2f}" '
+                   f'height="{bottom - y:.2f}" fill="{_BAR_COLOUR}"/>')
+        out.append(_svg_text(middle, y - 4, str(count), anchor="middle", cls="count"))
+        lo = n * bin_bytes
+        out.append(_svg_text(middle, bottom + 16, f"{lo}-{lo + bin_bytes - 1}", anchor="middle",
+                             cls="bin"))
+    out.append(_svg_text(left, bottom + 40, f"bytes (modulo page size), {bin_bytes}-byte bins as "
+                         "in the 2002 LKML table", cls="xlabel"))
+    out.append(_svg_text(8, top - 8, "modules", cls="ylabel"))
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _bar_top(count: int, ymax: int) -> float:
+    """The y of a bar of *count* (SVG's y grows downwards, so the axis is at _PLOT_BOTTOM)."""
+    return _PLOT_BOTTOM - (_PLOT_BOTTOM - _PLOT_TOP) * count / ymax
+
+
+def _svg_line(x0: float, y0: float, x1: float, y1: float, colour: str) -> str:
+    return (f'<line x1="{x0:.2f}" y1="{y0:.2f}" x2="{x1:.2f}" y2="{y1:.2f}" '
+            f'stroke="{colour}" stroke-width="1"/>')
+
+
+def _svg_text(x: float, y: float, text: str, *, size: int = 11, anchor: str = "start",
+              cls: str = "", fill: str = "black") -> str:
+    # The text is the summary's (module counts, the tree's page size): escaped all
+    # the same, as a name with '<' or '&' would otherwise break the document.
+    return (f'<text class="{cls}" x="{x:.2f}" y="{y:.2f}" font-size="{size}" {_FONT} '
+            f'text-anchor="{anchor}" fill="{fill}">{escape(text)}</text>')
 
 
 def _nice_step(peak: int) -> int:
@@ -528,83 +571,6 @@ def _nice_step(peak: int) -> int:
         if peak / step <= 8:
             return step
     return 10000
-
-
-# 5x7 glyphs, one int per row, bit 4 the leftmost pixel.
-_FONT = {
-    " ": (0, 0, 0, 0, 0, 0, 0),
-    "0": (14, 17, 19, 21, 25, 17, 14), "1": (4, 12, 4, 4, 4, 4, 14),
-    "2": (14, 17, 1, 2, 4, 8, 31), "3": (31, 2, 4, 2, 1, 17, 14),
-    "4": (2, 6, 10, 18, 31, 2, 2), "5": (31, 16, 30, 1, 1, 17, 14),
-    "6": (6, 8, 16, 30, 17, 17, 14), "7": (31, 1, 2, 4, 8, 8, 8),
-    "8": (14, 17, 17, 14, 17, 17, 14), "9": (14, 17, 17, 15, 1, 2, 12),
-    "A": (14, 17, 17, 31, 17, 17, 17), "B": (30, 17, 17, 30, 17, 17, 30),
-    "C": (14, 17, 16, 16, 16, 17, 14), "D": (28, 18, 17, 17, 17, 18, 28),
-    "E": (31, 16, 16, 30, 16, 16, 31), "F": (31, 16, 16, 30, 16, 16, 16),
-    "G": (14, 17, 16, 23, 17, 17, 15), "H": (17, 17, 17, 31, 17, 17, 17),
-    "I": (14, 4, 4, 4, 4, 4, 14), "J": (7, 2, 2, 2, 2, 18, 12),
-    "K": (17, 18, 20, 24, 20, 18, 17), "L": (16, 16, 16, 16, 16, 16, 31),
-    "M": (17, 27, 21, 21, 17, 17, 17), "N": (17, 17, 25, 21, 19, 17, 17),
-    "O": (14, 17, 17, 17, 17, 17, 14), "P": (30, 17, 17, 30, 16, 16, 16),
-    "Q": (14, 17, 17, 17, 21, 18, 13), "R": (30, 17, 17, 30, 20, 18, 17),
-    "S": (15, 16, 16, 14, 1, 1, 30), "T": (31, 4, 4, 4, 4, 4, 4),
-    "U": (17, 17, 17, 17, 17, 17, 14), "V": (17, 17, 17, 17, 17, 10, 4),
-    "W": (17, 17, 17, 21, 21, 21, 10), "X": (17, 17, 10, 4, 10, 17, 17),
-    "Y": (17, 17, 10, 4, 4, 4, 4), "Z": (31, 1, 2, 4, 8, 16, 31),
-    "-": (0, 0, 0, 31, 0, 0, 0), ".": (0, 0, 0, 0, 0, 12, 12),
-    ",": (0, 0, 0, 0, 12, 4, 8), ":": (0, 12, 12, 0, 12, 12, 0),
-    ";": (0, 12, 12, 0, 12, 4, 8), "(": (2, 4, 8, 8, 8, 4, 2),
-    ")": (8, 4, 2, 2, 2, 4, 8), "/": (0, 1, 2, 4, 8, 16, 0),
-    "'": (4, 4, 8, 0, 0, 0, 0), "%": (24, 25, 2, 4, 8, 19, 3),
-    "+": (0, 4, 4, 31, 4, 4, 0), "=": (0, 0, 31, 0, 31, 0, 0),
-    "_": (0, 0, 0, 0, 0, 0, 31), "#": (10, 10, 31, 10, 31, 10, 10),
-}
-
-
-class _Canvas:
-    def __init__(self, width: int, height: int) -> None:
-        self.width, self.height = width, height
-        self.pixels = bytearray(b"\xff" * (width * height * 3))
-
-    def set(self, x: int, y: int, color: tuple[int, int, int]) -> None:
-        if 0 <= x < self.width and 0 <= y < self.height:
-            at = (y * self.width + x) * 3
-            self.pixels[at:at + 3] = bytes(color)
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, color: tuple[int, int, int]) -> None:
-        row = bytes(color) * max(0, x1 - x0)
-        for y in range(max(0, y0), min(self.height, y1)):
-            at = (y * self.width + x0) * 3
-            self.pixels[at:at + len(row)] = row
-
-    def line_h(self, x0: int, x1: int, y: int, color: tuple[int, int, int]) -> None:
-        self.rect(x0, y, x1 + 1, y + 1, color)
-
-    def line_v(self, x: int, y0: int, y1: int, color: tuple[int, int, int]) -> None:
-        self.rect(x, y0, x + 1, y1 + 1, color)
-
-    def text(self, x: int, y: int, text: str, *, scale: int = 1,
-             color: tuple[int, int, int] = (0, 0, 0)) -> None:
-        for ch in text.upper():
-            rows = _FONT.get(ch, _FONT[" "])
-            for dy, bits in enumerate(rows):
-                for dx in range(5):
-                    if bits & (16 >> dx):
-                        self.rect(x + dx * scale, y + dy * scale, x + (dx + 1) * scale,
-                                  y + (dy + 1) * scale, color)
-            x += 6 * scale
-
-    def png(self) -> bytes:
-        raw = b"".join(b"\x00" + bytes(self.pixels[y * self.width * 3:(y + 1) * self.width * 3])
-                       for y in range(self.height))
-
-        def chunk(kind: bytes, body: bytes) -> bytes:
-            return (struct.pack(">I", len(body)) + kind + body
-                    + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-
-        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
 __all__ = [
@@ -619,6 +585,7 @@ __all__ = [
     "layout_of",
     "module_layout",
     "render_json",
+    "render_svg",
     "render_text",
     "rules_for_tree",
     "summarize",

@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only the modules loaded now (/proc/modules), from the running "
                          "kernel's tree: what initsplit would give back on this system")
     analyze.add_argument("--json", action="store_true", help="print JSON, with every module")
-    analyze.add_argument("--plot", metavar="FILE.png", type=Path,
-                         help="also draw the size histogram and the savings into a PNG")
+    analyze.add_argument("--plot", metavar="FILE.svg", type=_svg_path,
+                         help="also draw the size histogram and the savings into an SVG file")
     analyze.add_argument("--per-module", action="store_true",
                          help="also list every module in the text output")
     analyze.add_argument("-j", "--jobs", metavar="N", type=_positive_int, default=None,
@@ -119,6 +119,15 @@ def _add_policy_options(command: argparse.ArgumentParser) -> None:
                          help="what to drop from every module, space- or comma-separated: "
                          f"{', '.join(DISCARD_CLASSES)}, or '' for nothing (default: Discard= "
                          "of the configuration, else btf)")
+
+
+def _svg_path(text: str) -> Path:
+    # The plot is SVG text only (no image library is needed, see analyze.render_svg):
+    # refuse another suffix rather than write SVG into a file named .png.
+    path = Path(text)
+    if path.suffix.lower() != ".svg":
+        raise argparse.ArgumentTypeError(f"{text!r}: the plot is written as SVG; name a .svg file")
+    return path
 
 
 def _discard_classes(text: str) -> frozenset[str]:

@@ -23,14 +23,11 @@ _SYSCALLS = {
     "riscv64": {"finit_module": 273, "delete_module": 106},
 }
 
-# include/uapi/linux/module.h: finit_module() flags.
-MODULE_INIT_IGNORE_MODVERSIONS = 1
-MODULE_INIT_IGNORE_VERMAGIC = 2
-# The file is compressed; the kernel decompresses it (CONFIG_MODULE_DECOMPRESS, 6.1+).
+# include/uapi/linux/module.h, the one finit_module() flag we pass: the file is
+# compressed and the kernel decompresses it (CONFIG_MODULE_DECOMPRESS, 6.1+).
 MODULE_INIT_COMPRESSED_FILE = 4
-# include/uapi/asm-generic/fcntl.h: delete_module() flags.
+# include/uapi/asm-generic/fcntl.h: the delete_module() flag we pass.
 O_NONBLOCK = os.O_NONBLOCK
-O_TRUNC = os.O_TRUNC
 
 
 def _errcheck(result: int, func: object, args: tuple) -> int:
