@@ -160,9 +160,4 @@ def module_address(name: str, *, sys_root: Path = Path("/sys")) -> int | None:
     module_sect_read() shows 0 to a reader without kallsyms_show_value() (CAP_SYSLOG,
     kptr_restrict < 2): no address then.
     """
-    text = _read(sys_root / "module" / name / "sections" / ".gnu.linkonce.this_module")
-    try:
-        address = int(text or "0", 16)
-    except ValueError:
-        return None
-    return address or None
+    return section_address(name, ".gnu.linkonce.this_module", sys_root=sys_root)
