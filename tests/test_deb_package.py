@@ -3,7 +3,8 @@ lintian, with the expected files, conffiles and maintainer scripts; installed wi
 dpkg into an overlay of the test bed's Debian 12 root (never the cached root
 itself), where initsplitd.service is enabled, the journal catalog is compiled
 (systemd's dpkg trigger), the kernel hooks build and remove the pre-split cache,
-and a purge leaves no initsplit file behind and udev's own 80-drivers.rules back.
+dracut puts the package's module, rule and units into an initramfs, and a purge
+leaves no initsplit file behind and udev's own 80-drivers.rules back.
 
 The root's kernel tree is trimmed to a few modules in the overlay (then depmod):
 the package's postinst and the kernel hook each split the whole tree, which for
@@ -250,7 +251,24 @@ def test_install_hooks_and_purge(deb: Path, root: Root) -> None:
     assert "no /lib/modules/0.0.0-missing" in missing.stderr
     shutil.rmtree(r / "lib/modules/0.0.0-empty")
 
-    # 3. Purge: no initsplit file is left, and udev's own rule applies again.
+    # 3. dracut with the package's module: the image gets initsplit's rule (from
+    # the diverted path, inst_rules) and its units enabled. --no-kernel: the
+    # kernel modules and their split are the test bed's boot tests' business.
+    image = "/tmp/initrd-deb-test.img"
+    root.run(["dracut", "--force", "--no-hostonly", "--no-kernel", image, root.kver],
+             what="dracut with the package installed", timeout=600)
+    listing = root.run(["lsinitrd", image], what="list the initramfs").stdout
+    for wanted in ("etc/systemd/system/sysinit.target.wants/initsplitd-initrd.service",
+                   "etc/systemd/system/initrd-root-fs.target.wants/initsplitd-settle.service",
+                   "usr/lib/initsplit/initsplitd", "etc/initsplit/initsplitd.conf",
+                   "usr/lib/systemd/catalog/initsplit.catalog"):
+        assert wanted in listing, f"{wanted} is not in the initramfs:\n{listing}"
+    rule = root.run(["lsinitrd", "-f", "usr/lib/udev/rules.d/80-drivers.rules", image],
+                    what="the initramfs's 80-drivers.rules").stdout
+    assert "initsplit" in rule and "/run/initsplit/active" in rule, rule
+    (r / image.lstrip("/")).unlink()
+
+    # 4. Purge: no initsplit file is left, and udev's own rule applies again.
     root.run(["dpkg", "--purge", "initsplit"], what="dpkg --purge initsplit", env=DPKG_ENV)
     left = sorted(str(p) for p in _initsplit_paths(r) if str(p) not in before)
     assert not left, f"left after the purge: {left}"
