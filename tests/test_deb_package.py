@@ -268,8 +268,29 @@ def test_install_hooks_and_purge(deb: Path, root: Root) -> None:
     assert "initsplit" in rule and "/run/initsplit/active" in rule, rule
     (r / image.lstrip("/")).unlink()
 
-    # 4. Purge: no initsplit file is left, and udev's own rule applies again.
-    root.run(["dpkg", "--purge", "initsplit"], what="dpkg --purge initsplit", env=DPKG_ENV)
+    # 4. Installed again over itself (preinst/prerm "upgrade"): one diversion, the
+    # cache built again.
+    shutil.copyfile(deb, r / "tmp" / deb.name)
+    root.run(["dpkg", "-i", f"/tmp/{deb.name}"], what="dpkg -i the package again", env=DPKG_ENV)
+    (r / "tmp" / deb.name).unlink()
+    diversions = root.run(["dpkg-divert", "--list"], what="list diversions").stdout
+    assert diversions.count("by initsplit") == 1, diversions
+    assert "initsplit" in udev_rule.read_text()
+    assert _manifests(root.cache()) == set(root.kept)
+
+    # 5. Removed, not purged: the conffiles stay, the kernel hook left behind does
+    # nothing, udev's rule is back already.
+    removed = root.run(["dpkg", "--remove", "initsplit"], what="dpkg --remove initsplit", env=DPKG_ENV)
+    assert "not empty" not in removed.stderr + removed.stdout, removed.stderr + removed.stdout
+    assert not (r / "usr/lib/initsplit").exists(), sorted(str(p) for p in (r / "usr/lib/initsplit").rglob("*"))
+    assert (r / "etc/kernel/postinst.d/initsplit").exists() and (r / "etc/initsplit/initsplitd.conf").exists()
+    assert _md5(udev_rule) == udev_md5["lib/udev/rules.d/80-drivers.rules"]
+    orphan = root.run(["/etc/kernel/postinst.d/initsplit", root.kver], what="the hook without initsplit")
+    assert not orphan.stderr and not root.cache().exists(), orphan.stderr
+
+    # 6. Purge: no initsplit file is left, and udev's own rule applies again.
+    purged = root.run(["dpkg", "--purge", "initsplit"], what="dpkg --purge initsplit", env=DPKG_ENV)
+    assert "not empty" not in purged.stderr + purged.stdout, purged.stderr + purged.stdout
     left = sorted(str(p) for p in _initsplit_paths(r) if str(p) not in before)
     assert not left, f"left after the purge: {left}"
     assert not (r / "etc/systemd/system/sysinit.target.wants/initsplitd.service").exists()
