@@ -2,7 +2,7 @@
 PYTHON ?= /usr/bin/python3
 PYTEST_ARGS ?=
 
-.PHONY: deps demo demo-modules test bench
+.PHONY: deps demo demo-modules test bench deb
 
 deps:
 	tools/install-deps
@@ -24,9 +24,16 @@ test: deps
 bench: deps
 	$(PYTHON) bench/split_tree.py
 
+# The Debian package, initsplit_VERSION_all.deb, built with dpkg-buildpackage from a
+# copy of HEAD (committed files only) into DEBDIR (default: dist/).
+DEBDIR ?= dist
+deb: deps
+	tools/build-deb $(DEBDIR)
+
 # Install into DESTDIR (a Debian root, or / as root): the Python package under
 # /usr/lib/initsplit, the commands, units, configuration, journal catalog, udev
-# rules and the dracut module. Uses Debian's python3 and its python3-* packages.
+# rules, the kernel hooks and the dracut module. Uses Debian's python3 and its
+# python3-* packages. The Debian package (debian/rules) installs with this too.
 DESTDIR ?=
 LIBDIR = /usr/lib/initsplit
 install:
@@ -34,6 +41,7 @@ install:
 		$(DESTDIR)/usr/lib/systemd/system $(DESTDIR)/usr/lib/systemd/catalog \
 		$(DESTDIR)/etc/initsplit/initsplitd.conf.d $(DESTDIR)/etc/udev/rules.d \
 		$(DESTDIR)/usr/lib/dracut/modules.d/90initsplit $(DESTDIR)/usr/lib/dracut/dracut.conf.d \
+		$(DESTDIR)/etc/kernel/postinst.d $(DESTDIR)/etc/kernel/postrm.d \
 		$(DESTDIR)/usr/share/doc/initsplit
 	cd daemon && find initsplit -name '*.py' -exec install -D -m 644 {} $(DESTDIR)$(LIBDIR)/python/{} \;
 	install -m 755 bin/initsplitd $(DESTDIR)$(LIBDIR)/initsplitd
@@ -48,6 +56,8 @@ install:
 	install -m 755 dracut/90initsplit/module-setup.sh $(DESTDIR)/usr/lib/dracut/modules.d/90initsplit/
 	install -m 644 dracut/90initsplit/python-closure.py $(DESTDIR)/usr/lib/dracut/modules.d/90initsplit/
 	install -m 644 conf/dracut-initsplit.conf $(DESTDIR)/usr/lib/dracut/dracut.conf.d/90-initsplit.conf
+	install -m 755 kernel/postinst.d/initsplit $(DESTDIR)/etc/kernel/postinst.d/initsplit
+	install -m 755 kernel/postrm.d/initsplit $(DESTDIR)/etc/kernel/postrm.d/initsplit
 	install -m 644 README.md $(DESTDIR)/usr/share/doc/initsplit/README.md
 
 .PHONY: install

@@ -17,7 +17,8 @@
 #   * the daemon (/usr/lib/initsplit), initsplitd-initrd.service enabled in
 #     sysinit.target.wants, initsplitd-settle.service (the root is mounted only
 #     once the daemon's loads are done), /etc/initsplit, the journal catalog,
-#     and initsplit's /etc/udev/rules.d/80-drivers.rules (udev leaves module
+#     and initsplit's 80-drivers.rules (/etc/udev/rules.d, or udev's own path
+#     under the Debian package's diversion: udev leaves module
 #     loading to the daemon while it runs);
 #   * the pre-split cache: every kernel module in the image split ahead of time
 #     into /usr/lib/initsplit/cache/$kernel, so the daemon never has to split (nor
@@ -171,7 +172,14 @@ install() {
         "/etc/initsplit/initsplitd.conf.d/*.conf" \
         "$initsplit_libdir/initsplitd.conf.d/*.conf" \
         "$systemdutildir"/catalog/initsplit.catalog
-    inst_simple /etc/udev/rules.d/80-drivers.rules
+    # make install puts initsplit's rule into /etc/udev/rules.d; the Debian
+    # package puts it in place of udev's own (a dpkg-divert of
+    # /lib/udev/rules.d/80-drivers.rules), where inst_rules finds it.
+    if [[ -e /etc/udev/rules.d/80-drivers.rules ]]; then
+        inst_simple /etc/udev/rules.d/80-drivers.rules
+    else
+        inst_rules 80-drivers.rules
+    fi
 
     # 4. The pre-split cache. The kernel modules are not all here yet: dracut runs
     #    each module's installkernel() right after its install(), in module order
