@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from initsplit import validate_x86 as x86
+from initsplit.elf import read_elf
 from initsplit.elf.constants import SHN_UNDEF
 from initsplit.split import codegen, split_module, splitter
 from initsplit.split.initresult import INIT_FAILED_BIAS
@@ -310,6 +311,34 @@ BUGS: list[tuple[str, str, Mutation, str]] = [
 ]
 
 
+def test_every_other_target_of_every_jump_fails_validation(modules: Path) -> None:
+    """Only one target of each jump in the wrapper is right, even where another
+    would behave the same (a jump to the jmp over the refusal)."""
+    data = (modules / DUMMY).read_bytes()
+    split = split_module(data)
+    wrapper = read_elf(split.init).section(splitter.WRAPPER_SECTION).data
+    assert split.init.count(wrapper) == 1
+    insns = x86.decode(wrapper)
+    cases = 0
+    for jump in insns:
+        if jump.op not in ("jns", "jl", "jmp", "jne") or jump.field is not None and jump.op == "jmp" \
+                and jump.target >= len(wrapper):
+            continue
+        for other in insns:
+            if other.offset <= jump.offset or other.offset == jump.target:
+                continue
+            rel = other.offset - jump.end
+            size = 1 if jump.length == 2 else 4
+            if size == 1 and rel > 127:
+                continue
+            patched = bytearray(wrapper)
+            patched[jump.end - size:jump.end] = rel.to_bytes(size, "little", signed=True)
+            with pytest.raises(ValidationError):
+                validate_split(data, split.core, split.init.replace(wrapper, bytes(patched)))
+            cases += 1
+    assert cases >= 40
+
+
 REAL_INIT_WRAPPER = codegen.init_wrapper
 
 
@@ -394,8 +423,6 @@ def test_ret_wrappers_pass_and_their_guard_is_checked(modules: Path, monkeypatch
     data = (modules / JBD2).read_bytes()
     split = split_module(data)
     validate_split(data, split.core, split.init)
-    from initsplit.elf import read_elf
-
     init = read_elf(split.init)
     wrapper = init.section(splitter.WRAPPER_SECTION).data
     assert wrapper.endswith(b"\xc3\xcc")

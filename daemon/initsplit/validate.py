@@ -28,7 +28,8 @@ splitter computed. It proves that:
   module, into C's ->exit or ->init) and then the publish stores of the counts
   derived here; every path ending in the one epilogue with the stack as on
   entry, by ret; int3 or by jmp __x86_return_thunk as the original returns. The
-  stub is endbr64 and that return. Their ORC entries and return sites are
+  stub is endbr64 and that return. No code may be unreachable, no branch may
+  go to a jmp (codegen writes neither). Their ORC entries and return sites are
   derived from the decoded stack effects and exits;
 * before I's init has run, C exports the anchors and nothing else, and the
   original's exports sit, sorted after every anchor, directly behind them in
@@ -628,9 +629,18 @@ class _Validator:
         code = self.out[I].sections[index].data
         try:
             insns = x86.decode(code)
-            analysis = x86.analyse(insns, self._operand_refs(index, insns, what))
+            refs = self._operand_refs(index, insns, what)
+            analysis = x86.analyse(insns, refs)
         except x86.CodeError as exc:
             raise ValidationError(f"I's {what}: {exc}") from exc
+        # A branch to a jmp behaves as a branch to the jmp's target, but it is
+        # not what the code generator writes (each of its jumps goes straight to
+        # where the path continues): refused, so that a flipped rel8 is too.
+        local_jumps = {i.offset for i in insns if i.op == "jmp" and i.offset not in refs}
+        for insn in insns:
+            if insn.op in ("jne", "jns", "jl", "jmp") and insn.offset not in refs \
+                    and insn.target in local_jumps:
+                _fail(f"I's {what}: {insn.text()} at +{insn.offset:#x} goes to another jmp")
         if not insns or insns[0].op != "endbr64":
             _fail(f"I's {what} does not begin with endbr64 (the IBT landing pad of an indirect call)")
         for prev, insn in zip(insns, insns[1:]):

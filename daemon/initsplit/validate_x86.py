@@ -36,7 +36,6 @@ which ones are (refs), and what they resolve to, as an opaque target.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
@@ -78,7 +77,6 @@ _FORMS: tuple[_Form, ...] = (
 )
 
 _SIZES = {"imm8": 1, "rel8": 1, "imm32": 4, "rel32": 4, "disp32": 4}
-_BRANCHES = frozenset({"jne", "jns", "jl", "jmp", "call"})
 
 
 @dataclass(frozen=True, slots=True)
