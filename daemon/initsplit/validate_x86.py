@@ -246,7 +246,7 @@ class _State:
     path: Path
     eax: Value = None
     rdx: Value = None
-    # What the flags were last set from: ("mem", ref, imm), ("eax", value, imm) or None.
+    # What the flags were last set from: ("mem", ref, imm), ("eax", value, imm, op) or None.
     flags: tuple | None = None
     called: bool = False
 
