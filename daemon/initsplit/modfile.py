@@ -49,11 +49,18 @@ def module_suffix(name: str) -> str | None:
     return None
 
 
+def canonical_name(name: str) -> str:
+    """A module name as the kernel spells it. The kernel and modprobe treat "-" and
+    "_" in module names as the same character (KBUILD_MODNAME; kmod's
+    shared/util.c underscores()); store one spelling so "snd-hda-intel" and
+    "snd_hda_intel" match."""
+    return name.replace("-", "_")
+
+
 def module_file_name(name: str) -> str:
-    """The module name Kbuild gives the file (KBUILD_MODNAME: "-" read as "_")."""
+    """The module name Kbuild gives the file *name* (its canonical_name())."""
     suffix = module_suffix(name)
-    stem = name[:-len(suffix)] if suffix else name
-    return stem.replace("-", "_")
+    return canonical_name(name[:-len(suffix)] if suffix else name)
 
 
 def compression_of(path: Path | str) -> str | None:

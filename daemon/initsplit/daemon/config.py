@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from ..layout.rules import LayoutRules
+from ..modfile import canonical_name
 from ..split.policy import DISCARD_CLASSES, TWO_STAGE_POLICIES, SplitOptions
 
 MAIN_CONFIG = Path("etc/initsplit/initsplitd.conf")
@@ -156,7 +157,7 @@ class Config:
 
     def excluded(self, module: str) -> bool:
         """Whether ``module`` (either spelling, ``-`` or ``_``) must be loaded plain."""
-        return module_name(module) in self.exclude
+        return canonical_name(module) in self.exclude
 
     @property
     def log_level_name(self) -> str:
@@ -171,12 +172,6 @@ class Config:
 
 
 DEFAULTS = Config()
-
-
-def module_name(name: str) -> str:
-    # The kernel and modprobe treat "-" and "_" in module names as the same character;
-    # store one spelling so "snd-hda-intel" and "snd_hda_intel" both match.
-    return name.replace("-", "_")
 
 
 # --- value parsers: (text, current value) -> new value, ValueError with a reason ---
@@ -263,7 +258,7 @@ def _module_names(text: str, separators: str) -> list[str]:
     for name in names:
         if not _MODULE_NAME.fullmatch(name):
             raise ValueError(f"invalid module name {name!r}")
-    return [module_name(name) for name in names]
+    return [canonical_name(name) for name in names]
 
 
 def _exclude(text: str, current: Any) -> tuple[str, ...]:

@@ -127,7 +127,7 @@ class SplitProvider:
         except (OSError, Untrusted, ValueError):
             return 0
         core = manifest.with_name(manifest.name.removesuffix(MANIFEST_SUFFIX))
-        init_file = entry.init_file or f"{init_module_name(core.name.removesuffix('.ko').replace('-', '_'))}.ko"
+        init_file = entry.init_file or f"{init_module_name(module_file_name(core.name))}.ko"
         if "/" in init_file or not init_file.endswith("__init.ko"):
             return 0
         freed = 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..modfile import canonical_name
+
 from ..layout.rules import LayoutRules
 
 TwoStagePolicy = Literal["when-not-worse", "when-it-saves", "always"]
@@ -50,7 +52,7 @@ class SplitOptions:
         """Whether class *what* is dropped from *module*."""
         if what not in self.discard:
             return False
-        return not (what == "btf" and module.replace("-", "_") in self.keep_btf)
+        return not (what == "btf" and canonical_name(module) in self.keep_btf)
 
     @property
     def tag(self) -> str:
