@@ -300,6 +300,11 @@ def test_initramfs_contents(image: SystemImage) -> None:
     assert "usr/lib/python3.11/__pycache__/os.cpython-311.pyc" in files
     assert "usr/lib/initsplit/python/initsplit/daemon/__pycache__/service.cpython-311.pyc" in files
     assert not [n for n in files if "lib-dynload/_hashlib" in n]
+    # The command line and its reports stay out (dracut/90initsplit/python-closure.py).
+    pkg = "usr/lib/initsplit/python/initsplit/"
+    assert f"{pkg}daemon/service.py" in files
+    assert not [n for n in files if n.startswith((f"{pkg}cli.", f"{pkg}analyze.", f"{pkg}__main__.",
+                                                   f"{pkg}__pycache__/cli.", f"{pkg}__pycache__/analyze."))]
 
 
 def test_units_verify(booted: SystemBoot) -> None:

@@ -41,3 +41,24 @@ def test_splitter_names_still_import_on_demand() -> None:
 
     assert callable(split_module) and SplitModule.__name__ == "SplitModule"
     assert module_layout.__module__ == "initsplit.layout.models"
+
+
+def test_initramfs_carries_the_daemon_not_the_cli() -> None:
+    """dracut/90initsplit/python-closure.py, as module-setup.sh runs it, lists what the
+    image gets: every module of the package but the command line and its reports,
+    and of the standard library only what those import (not the urllib.request,
+    http and email that analyze's SVG escaping would pull in)."""
+    package = REPO / "daemon"
+    out = subprocess.run([sys.executable, "-I", str(REPO / "dracut/90initsplit/python-closure.py"),
+                          "--libdir", str(package)], check=True, capture_output=True, text=True).stdout
+    listed = {Path(line) for line in out.splitlines()}
+    ours = {p.relative_to(package) for p in listed if p.is_relative_to(package)}
+    everything = {p.relative_to(package) for p in (package / "initsplit").rglob("*.py")}
+    never = {Path("initsplit/cli.py"), Path("initsplit/analyze.py"), Path("initsplit/__main__.py")}
+    assert never <= everything
+    assert ours == everything - never, sorted(map(str, ours ^ (everything - never)))
+    stdlib = Path(subprocess.__file__).parent
+    assert not [p for p in listed if p.is_relative_to(stdlib)
+                and p.relative_to(stdlib).parts[0] in ("email", "http", "xml", "tkinter")]
+    assert not [p for p in listed if p.is_relative_to(stdlib) and p.relative_to(stdlib).parts[:2]
+                == ("urllib", "request.py")]

@@ -127,8 +127,8 @@ install() {
         dfatal "initsplit: cannot work out the daemon's Python files (python-closure.py failed)"
         exit 1
     fi
-    # The daemon itself, with any module the closure did not need.
-    find "$initsplit_libdir"/python -type f \( -name '*.py' -o -name '*.pyc' \) >> "$_closure"
+    # The daemon itself: its package's modules are in the list (python-closure.py
+    # imports all of them but the command line and its reports), its scripts here.
     printf '%s\n' "$initsplit_libdir"/initsplitd "$initsplit_libdir"/initsplitd-settle \
         "$initsplit_libdir"/initsplitd-handback >> "$_closure"
     sort -u -o "$_closure" "$_closure"

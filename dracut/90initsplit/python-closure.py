@@ -40,6 +40,12 @@ from pathlib import Path
 # imported, so the import graph below is the one the image will see.
 EXCLUDED = ("_hashlib",)
 
+# initsplit's command line and its reports (split, check, analyze and its plot):
+# the daemon never imports them (tests/test_import_closure.py), so neither they nor
+# what only they import (analyze's xml.sax, which pulls in urllib, http and email)
+# go into the image.
+NOT_IN_IMAGE = ("initsplit.cli", "initsplit.analyze", "initsplit.__main__")
+
 # What initsplitd imports, directly or on first use.
 ENTRY_POINTS = (
     "initsplit.daemon.main",
@@ -154,7 +160,7 @@ def main() -> int:
                         help="also list each module's up-to-date __pycache__ file")
     args = parser.parse_args()
 
-    for name in EXCLUDED:
+    for name in EXCLUDED + NOT_IN_IMAGE:
         sys.modules[name] = None  # type: ignore[assignment]  # "import x" now raises ImportError
     libdir = Path(args.libdir)
     sys.path.insert(0, str(libdir))
@@ -183,8 +189,15 @@ def main() -> int:
         spec = importlib.util.find_spec(pkg)
         if spec is not None and spec.submodule_search_locations:
             roots += [Path(p) for p in spec.submodule_search_locations]
-    for modname, _ in package_modules(libdir, "initsplit"):
-        if not modname.endswith("__main__"):
+    # Every other module of initsplit's package, so that any the daemon reaches by
+    # a path the chase below does not see is in the image with what it imports.
+    mains = []  # run as scripts (python3 -m initsplit.daemon), never imported
+    for modname, path in package_modules(libdir, "initsplit"):
+        if modname in NOT_IN_IMAGE:
+            continue
+        if modname.endswith("__main__"):
+            mains.append(str(path.resolve()))
+        else:
             try_import(modname)
     scanned: set[str] = set()
     while True:
@@ -226,6 +239,8 @@ def main() -> int:
             for path in Path(location).rglob("*"):
                 if path.is_file() and path.suffix in (".py", ".so") and "__pycache__" not in path.parts:
                     add_source(str(path))
+    for path in mains:
+        add_source(path)
     # getpath's landmark for the standard library's prefix.
     add_source(os.path.join(os.path.dirname(os.__file__), "os.py"))
     files |= mapped_objects()
