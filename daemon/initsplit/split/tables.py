@@ -1,10 +1,17 @@
-"""Per-record tables of the Debian 6.1 x86-64 kernel that describe module code.
+"""Per-record tables of the Debian x86-64 kernels that describe module code.
 
 Each declaration gives the record size and the offset, inside one record, of the
 field whose relocation names the code (or data) the record describes: the
 "key". The splitter moves a record into the init module exactly when its key
 points into an init section, and keeps it in the core module otherwise. Layouts
 were read from the linux-source-6.1 tree (6.1.192); the file is named per table.
+
+Linux 6.12 (Debian 13) side by side: RECORD_TABLES_612, ORC_TYPE_CALL_612 and
+KNOWN_STRUCT_MODULE_MEMORY_LAYOUTS, checked against Debian 13's kernel and its
+modules (tests/test_tables612.py). The splitter does not use them yet: it still
+refuses a 6.12 module as "unsupported kernel" (a plain load), because 6.12 gives
+each struct module_memory type an allocation of its own, so one anchor no longer
+reaches all of C (layout/linux612.py).
 """
 
 from __future__ import annotations
@@ -50,6 +57,23 @@ RECORD_TABLES: tuple[RecordTable, ...] = (
     RecordTable(".parainstructions", 16, 0, "arch/x86/include/asm/paravirt_types.h"),
 )
 
+# Linux 6.12: the tables of 6.1 with these differences (linux-source-6.12, 6.12.117).
+RECORD_TABLES_612: tuple[RecordTable, ...] = tuple(
+    t for t in RECORD_TABLES if t.section not in (".altinstructions", ".parainstructions")
+) + (
+    # struct alt_instr { s32 instr_offset; s32 repl_offset; union { struct { u32 cpuid: 16;
+    # u32 flags: 16; }; u32 ft_flags; }; u8 instrlen; u8 replacementlen; } __packed
+    RecordTable(".altinstructions", 14, 0, "arch/x86/include/asm/alternative.h"),
+    # s32 PC32 offsets to the call sites that call depth tracking may redirect
+    # (CONFIG_CALL_THUNKS); module_finalize() hands them to callthunks_patch_module_calls().
+    RecordTable(".call_sites", 4, 0, "arch/x86/kernel/callthunks.c (callthunks_patch_module_calls)"),
+    # unsigned long addresses of each function's padding (-fpatchable-function-entry,
+    # CONFIG_CALL_PADDING), R_X86_64_64; allocated by scripts/module.lds.S, read by no
+    # x86 code, but a record of init code must leave with it.
+    RecordTable("__patchable_function_entries", 8, 0, "scripts/module.lds.S"),
+    # .parainstructions is gone: 6.12 patches paravirt call sites as alternatives.
+)
+
 TABLES_BY_SECTION: dict[str, RecordTable] = {t.section: t for t in RECORD_TABLES}
 PARALLEL_SECTIONS: dict[str, RecordTable] = {t.parallel: t for t in RECORD_TABLES if t.parallel}
 
@@ -72,10 +96,32 @@ TRACE_EVAL_MAP_SIZE = 24
 ORC_REG_UNDEFINED = 0
 ORC_REG_SP = 5
 ORC_TYPE_CALL = 0
+# Since v6.4 (fb799447ae29, "x86,objtool: Split UNWIND_HINT_EMPTY in two") the type
+# field has 3 bits: ORC_TYPE_UNDEFINED 0 (the unwinder stops with an error),
+# ORC_TYPE_END_OF_STACK 1, ORC_TYPE_CALL 2, ORC_TYPE_REGS 3, ORC_TYPE_REGS_PARTIAL 4.
+ORC_TYPE_UNDEFINED_612 = 0
+ORC_TYPE_CALL_612 = 2
 
 
 @dataclass(frozen=True, slots=True)
-class StructModuleLayout:
+class StructModuleFields:
+    """The offsets in struct module that every supported kernel has (the fields of
+    StructModuleLayout below, its core_layout aside)."""
+
+    kernel: str
+    size: int
+    init: int
+    exit: int
+    syms: int
+    crcs: int
+    num_syms: int
+    num_gpl_syms: int
+    gpl_syms: int
+    gpl_crcs: int
+
+
+@dataclass(frozen=True, slots=True)
+class StructModuleLayout(StructModuleFields):
     """Offsets in struct module (include/linux/module.h) for one kernel build.
 
     The export fields, in the order include/linux/module.h of 6.1 declares them:
@@ -97,17 +143,51 @@ class StructModuleLayout:
     the layout model before it runs anything (see splitter.py, one anchor).
     """
 
-    kernel: str
-    size: int
-    init: int
-    exit: int
-    syms: int
-    crcs: int
-    num_syms: int
-    num_gpl_syms: int
-    gpl_syms: int
-    gpl_crcs: int
     core_layout: int
+
+
+@dataclass(frozen=True, slots=True)
+class StructModuleMemoryLayout(StructModuleFields):
+    """Offsets in struct module for a kernel with struct module_memory (v6.4's
+    ac3b43283923, "module: replace module_layout with module_memory"; Debian 13's
+    6.12). core_layout and init_layout are gone; in their place
+
+        struct module_memory mem[MOD_MEM_NUM_TYPES] __module_memory_align;
+
+    indexed by enum mod_mem_type (MOD_TEXT, MOD_DATA, MOD_RODATA, MOD_RO_AFTER_INIT,
+    MOD_INIT_TEXT, MOD_INIT_DATA, MOD_INIT_RODATA: layout/linux612.py), each its own
+    allocation (kernel/module/main.c module_memory_alloc()). The export fields are
+    where 6.1 has them; ->exit sits behind mem[]. struct module changes within
+    6.12.y stable (the indirect-target-selection fix added its_num_pages and
+    its_page_array behind ->exit), so a build is known by its module_layout CRC,
+    never by its version prefix.
+    """
+
+    mem: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleMemoryFields:
+    """struct module_memory (include/linux/module.h, 6.12):
+
+        struct module_memory {
+                void *base;
+                unsigned int size;
+        #ifdef CONFIG_MODULES_TREE_LOOKUP
+                struct mod_tree_node mtn;
+        #endif
+        };
+
+    module_memory_alloc() sets base; __layout_sections() and layout_symtab() set
+    size (page-rounded per type under STRICT_MODULE_RWX).
+    """
+
+    base: int = 0
+    size: int = 8
+    record_size: int = 72  # with CONFIG_MODULES_TREE_LOOKUP's mtn (Debian's)
+
+
+MODULE_MEMORY_FIELDS = ModuleMemoryFields()
 
 
 # Keyed by the CRC of "module_layout" in __versions, which genksyms derives from
@@ -120,6 +200,14 @@ KNOWN_STRUCT_MODULE_LAYOUTS: dict[int, StructModuleLayout] = {
     0x9060323F: StructModuleLayout("Debian 6.1.0-56/57-amd64 (6.1.192)", size=896, init=312, exit=848,
                                    syms=208, crcs=216, num_syms=224, num_gpl_syms=276,
                                    gpl_syms=280, gpl_crcs=288, core_layout=320),
+}
+
+# The same, for kernels with struct module_memory (tests/test_tables612.py reads them
+# from Debian 13's vmlinux .BTF).
+KNOWN_STRUCT_MODULE_MEMORY_LAYOUTS: dict[int, StructModuleMemoryLayout] = {
+    0x2F9B2B9A: StructModuleMemoryLayout("Debian 6.12.117+deb13-amd64", size=1280, init=312, exit=1200,
+                                         syms=208, crcs=216, num_syms=224, num_gpl_syms=276,
+                                         gpl_syms=280, gpl_crcs=288, mem=320),
 }
 
 
