@@ -144,6 +144,26 @@ def test_package_contents(deb: Path, tmp_path: Path) -> None:
     assert "activate-noawait update-initramfs" in (control / "triggers").read_text()
 
 
+# The last commit whose package was Debian 12's only (udev (<< 253), its rule shipped at
+# /lib/udev/rules.d/80-drivers.rules under a diversion the preinst made): an upgrade
+# from it is checked on Debian 12.
+OLD_LAYOUT_COMMIT = "25bc7533f32bbda25ec1f040442b656c105f57a2"
+
+
+@pytest.fixture(scope="module")
+def old_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _require("dpkg-buildpackage", "dh", "fakeroot", "dpkg-deb", "git")
+    have = subprocess.run(["git", "-C", REPO, "cat-file", "-e", f"{OLD_LAYOUT_COMMIT}^{{commit}}"],
+                          capture_output=True)
+    assert have.returncode == 0, f"commit {OLD_LAYOUT_COMMIT} (the Debian 12-only package) is not in this clone"
+    src = tmp_path_factory.mktemp("old-src")
+    archive = subprocess.run(["git", "-C", REPO, "archive", OLD_LAYOUT_COMMIT], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
+    out = tmp_path_factory.mktemp("old-deb")
+    printed = run([src / "tools" / "build-deb", out], what="build the Debian 12-only package", timeout=300)
+    return Path(printed.strip())
+
+
 # --- installed into (an overlay of) the test bed's Debian 12 and 13 roots --------------
 
 
@@ -223,7 +243,7 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_install_hooks_and_purge(deb: Path, root: Root) -> None:
+def test_install_hooks_and_purge(deb: Path, old_deb: Path, root: Root) -> None:
     r = root.path
     _check_udev_rule_back(root)
     database = r / "var/lib/systemd/catalog/database"
@@ -337,6 +357,51 @@ def test_install_hooks_and_purge(deb: Path, root: Root) -> None:
     assert not left, f"left after the purge: {left}"
     assert not (r / "etc/systemd/system/sysinit.target.wants/initsplitd.service").exists()
     _check_udev_rule_back(root)
+
+    # 7. Debian 12: an upgrade from the Debian 12-only package, which shipped the rule
+    # at /lib/udev/rules.d and its units in /lib/systemd/system (the same files as
+    # the new package's /usr/lib names on the merged /usr: none may be lost).
+    env = {**DPKG_ENV, "INITSPLIT_NO_CACHE": "1"}
+    if root.release == "12":
+        shutil.copyfile(old_deb, r / "tmp" / old_deb.name)
+        root.run(["dpkg", "-i", f"/tmp/{old_deb.name}"], what="dpkg -i the Debian 12-only package", env=env)
+        (r / "tmp" / old_deb.name).unlink()
+        assert "/run/initsplit/active" in (r / UDEV_NAMES[0]).read_text()
+        assert _md5(r / DIVERT_TO[UDEV_NAMES[0]]) == root.udev_md5
+        _install(root, deb, env=env, what="dpkg -i over the Debian 12-only package")
+        _check_rule_in_place(root)
+        for unit in ("initsplitd.service", "initsplitd-initrd.service", "initsplitd-settle.service"):
+            assert (r / "usr/lib/systemd/system" / unit).is_file(), f"{unit} lost in the upgrade"
+        state = root.run(["systemctl", "is-enabled", "initsplitd.service"], what="is initsplitd enabled").stdout
+        assert state.strip() == "enabled"
+        root.run(["dpkg", "--purge", "initsplit"], what="purge after the upgrade", env=env)
+        _check_udev_rule_back(root)
+
+    # 8. A udev upgrade that moves 80-drivers.rules to its other name (Debian 12 to
+    # 13: /lib to /usr/lib), here a stand-in udev with that file only: it lands under
+    # the other name's diversion, the old one's goes, initsplit's rule stays; the
+    # removal brings back the new udev's file.
+    _install(root, deb, env=env, what="dpkg -i before the udev move")
+    _check_rule_in_place(root)
+    moved = "# the moved udev's 80-drivers.rules\n"
+    fake = _fake_package(r, "udev", "999", {other: moved})
+    root.run(["dpkg", "-i", fake], what="dpkg -i a udev with the other name", env=env)
+    assert (r / DIVERT_TO[other]).read_text() == moved
+    assert not (r / DIVERT_TO[root.udev_name]).exists(), "the old udev's rule was left under its diversion"
+    assert os.readlink(r / other) == RULE
+    assert "/run/initsplit/active" in root.read(f"/{other}")
+    root.run(["dpkg", "--purge", "initsplit"], what="purge after the udev move", env=env)
+    assert (r / other).is_file() and not (r / other).is_symlink()
+    assert (r / other).read_text() == moved
+    left = sorted(str(p.relative_to(r)) for name in UDEV_NAMES for p in (r / name).parent.glob("80-drivers.rules?*"))
+    assert not left, left
+    assert "initsplit" not in root.run(["dpkg-divert", "--list"], what="list diversions").stdout
+
+
+def _install(root: Root, deb: Path, *, env: dict[str, str], what: str) -> None:
+    shutil.copyfile(deb, root.path / "tmp" / deb.name)
+    root.run(["dpkg", "-i", f"/tmp/{deb.name}"], what=what, env=env)
+    (root.path / "tmp" / deb.name).unlink()
 
 
 def _check_rule_in_place(root: Root) -> None:
