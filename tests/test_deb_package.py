@@ -11,7 +11,12 @@ leaves no initsplit file behind and udev's own 80-drivers.rules back.
 The root's kernel tree is trimmed to a few modules in the overlay (then depmod):
 the package's postinst and the kernel hook each split the whole tree, which for
 the ~4,000 modules of Debian 12's 6.1 is about a minute each on two CPUs. Debian
-13's modules are .ko.xz; their cache entries are NAME.ko. The
+13's modules are .ko.xz; their cache entries are NAME.ko.
+
+On Debian 12 an upgrade from the first, Debian 12-only package (built from
+OLD_LAYOUT_COMMIT) is installed over it; on both, a stand-in udev moving
+80-drivers.rules to its other name (as the 12 -> 13 dist-upgrade moves it from /lib
+to /usr/lib) leaves initsplit's rule in place and gets its file back on the purge. The
 hook is the same for any tree; a whole-tree run is a matter of time, not of
 behaviour.
 
@@ -417,6 +422,10 @@ def _check_rule_in_place(root: Root) -> None:
         truename = root.run(["dpkg-divert", "--truename", f"/{name}"], what="dpkg-divert --truename").stdout
         assert truename.strip() == f"/{DIVERT_TO[name]}", truename
     assert _md5(r / DIVERT_TO[root.udev_name]) == root.udev_md5, "udev's own rule is not kept under its diversion"
+    if root.release != "12":  # udevadm verify is systemd 254's
+        verified = root.run(["udevadm", "verify", "--resolve-names=never", "--no-style", f"/{root.udev_name}"],
+                            what="udevadm verify initsplit's rule at udev's name")
+        assert "Success: 1" in verified.stdout + verified.stderr, verified.stdout + verified.stderr
     diversions = root.run(["dpkg-divert", "--list"], what="list diversions").stdout
     assert diversions.count("by initsplit") == 2, diversions
     assert not (r / "etc/udev/rules.d/80-drivers.rules").exists()
