@@ -17,8 +17,8 @@
 #   * the daemon (/usr/lib/initsplit), initsplitd-initrd.service enabled in
 #     sysinit.target.wants, initsplitd-settle.service (the root is mounted only
 #     once the daemon's loads are done), /etc/initsplit, the journal catalog,
-#     and initsplit's 80-drivers.rules (/etc/udev/rules.d, or udev's own path
-#     under the Debian package's diversion: udev leaves module
+#     and initsplit's 80-drivers.rules (/etc/udev/rules.d, or linked at udev's
+#     own path under the Debian package's diversion: udev leaves module
 #     loading to the daemon while it runs);
 #   * the pre-split cache: every kernel module in the image split ahead of time
 #     into /usr/lib/initsplit/cache/$kernel, so the daemon never has to split (nor
@@ -173,8 +173,9 @@ install() {
         "$initsplit_libdir/initsplitd.conf.d/*.conf" \
         "$systemdutildir"/catalog/initsplit.catalog
     # make install puts initsplit's rule into /etc/udev/rules.d; the Debian
-    # package puts it in place of udev's own (a dpkg-divert of
-    # /lib/udev/rules.d/80-drivers.rules), where inst_rules finds it.
+    # package puts it in place of udev's own (udev's file diverted, a symlink to
+    # /usr/lib/initsplit/udev/80-drivers.rules at its name), where inst_rules
+    # finds it and installs the link and its target.
     if [[ -e /etc/udev/rules.d/80-drivers.rules ]]; then
         inst_simple /etc/udev/rules.d/80-drivers.rules
     else
