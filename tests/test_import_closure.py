@@ -62,3 +62,56 @@ def test_initramfs_carries_the_daemon_not_the_cli() -> None:
                 and p.relative_to(stdlib).parts[0] in ("email", "http", "xml", "tkinter")]
     assert not [p for p in listed if p.is_relative_to(stdlib) and p.relative_to(stdlib).parts[:2]
                 == ("urllib", "request.py")]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """initsplit's modules -> the initsplit modules each imports, function-level
+    imports included (which a plain import does not run, and so hides)."""
+    import ast
+    import importlib.util
+
+    root = REPO / "daemon"
+    files = {}
+    for path in (root / "initsplit").rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        files[".".join(parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_bytes())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = importlib.util.resolve_name("." * node.level + base, package)
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    deps.add(sub if sub in files else base)
+            elif isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names)
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    """Data flows one way (ARCHITECTURE.md): no module of initsplit reaches itself
+    through its imports, not even through an import inside a function."""
+    graph = _import_graph()
+    assert "initsplit.split.splitter" in graph and graph["initsplit.cli"]
+    cycles = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        for dep in sorted(graph[name]):
+            if dep in path:
+                cycles.append(path[path.index(dep):] + (dep,))
+            elif dep not in done:
+                visit(dep, path + (dep,))
+        done.add(name)
+
+    done: set[str] = set()
+    for name in sorted(graph):
+        if name not in done:
+            visit(name, (name,))
+    assert not cycles, cycles[:5]
