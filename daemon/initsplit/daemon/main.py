@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     from .udev_source import UdevSource
 
     try:
-        with Resolver(kernel_cmdline=cmdline) as resolver, UdevSource(source=args.source, kernel_cmdline=cmdline) as source:
+        # libkmod reads this machine's /proc/cmdline itself; only --kernel-cmdline
+        # (tests) makes the resolver show it another (kmod/cmdline.py).
+        with Resolver(kernel_cmdline=args.kernel_cmdline) as resolver, UdevSource(source=args.source, kernel_cmdline=cmdline) as source:
             source.start()
             reporter.log(6, f"initsplitd starting: kernel {kver}, events from {source.source}, "
                             f"{settings.workers} workers")

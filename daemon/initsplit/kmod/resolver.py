@@ -129,8 +129,9 @@ class Resolver:
     libkmod's four directories, under ``root``; note that ``modprobe -d ROOT`` would
     still read the host's).  ``kernel_cmdline``: the command line whose
     ``mod.param=value`` and ``modprobe.blacklist=`` words apply (default: this
-    machine's /proc/cmdline, which libkmod reads itself; pass ``""`` for none; any
-    other text needs CAP_SYS_ADMIN, see cmdline.py).  ``ignore_loaded``: do not
+    machine's /proc/cmdline, which libkmod reads itself; ``""`` for none). A text
+    that gives libkmod something else than /proc/cmdline does (``""`` too, where
+    /proc/cmdline has such words) needs CAP_SYS_ADMIN, see cmdline.py.  ``ignore_loaded``: do not
     consult /sys/module (default: only consulted for the running kernel's own tree).
 
     Use as a context manager, or call :meth:`close`; only from the creating thread.
