@@ -443,9 +443,17 @@ def _encode(text: str) -> bytes:
 
 
 def _take_list(lib: Any, head: Any) -> list[Any]:
-    """Own a reference to each module of a list, then drop the list."""
+    """Own a reference to each module of a list, then drop the list (and, if taking
+    them fails part-way, the references already taken)."""
+    taken: list[Any] = []
     try:
-        return [lib.kmod_module_get_module(entry) for entry in k.iter_list(lib, head)]
+        for entry in k.iter_list(lib, head):
+            taken.append(lib.kmod_module_get_module(entry))
+        return taken
+    except BaseException:
+        for mod in taken:
+            lib.kmod_module_unref(mod)
+        raise
     finally:
         lib.kmod_module_unref_list(head)
 
