@@ -90,6 +90,7 @@ from .split.tables import (
     MODVERSION_RECORD_SIZE,
     ORC_REG_SP,
     ORC_REG_UNDEFINED,
+    ORC_TYPE_TERMINATOR,
     TRACE_EVAL_MAP_SIZE,
     KernelTables,
     StructModuleLayout,
@@ -798,7 +799,7 @@ class _Validator:
                 orc.append((insn.offset, _orc_entry(sp, ORC_REG_SP, orc_type)))
                 depth = sp
         end = analysis.insns[-1].end
-        orc.append((end, _orc_entry(0, ORC_REG_UNDEFINED, orc_type)))
+        orc.append((end, _orc_entry(0, ORC_REG_UNDEFINED, ORC_TYPE_TERMINATOR)))
         sites = sorted({p.exit.offset for p in analysis.paths
                         if p.exit is not None and p.exit.op == "jmp"})
         return _Routine(orc, sites)

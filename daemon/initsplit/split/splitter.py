@@ -1026,9 +1026,10 @@ def _emit_routines(builder: ObjectBuilder, original: _Original, symbols: _InitSy
     rethunk = any(n == RETURN_THUNK for _, n in original.versions)
     arm_exit = fields.exit_symbol is not None
     slot = fields.exit_field if arm_exit else fields.init_field
-    wrapper = codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, publish=_publish(original),
-                                   checks=placement.checks)
-    stub = codegen.exit_stub(rethunk=rethunk)
+    orc_type = original.kernel.orc_type_call
+    wrapper = codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, orc_type=orc_type,
+                                   publish=_publish(original), checks=placement.checks)
+    stub = codegen.exit_stub(rethunk=rethunk, orc_type=orc_type)
     wrapper_sec = builder.add_section(WRAPPER_SECTION, type=SHT_PROGBITS,
                                       flags=SHF_ALLOC | SHF_EXECINSTR, data=wrapper.code,
                                       addralign=16)

@@ -103,6 +103,11 @@ ORC_TYPE_CALL = 0
 # ORC_TYPE_END_OF_STACK 1, ORC_TYPE_CALL 2, ORC_TYPE_REGS 3, ORC_TYPE_REGS_PARTIAL 4.
 ORC_TYPE_UNDEFINED_612 = 0
 ORC_TYPE_CALL_612 = 2
+# The entry objtool puts past the end of a section's code (tools/objtool/orc_gen.c,
+# orc_create()'s "null" entry): sp_reg ORC_REG_UNDEFINED and type 0 on both kernels,
+# 6.1's UNWIND_HINT_TYPE_CALL and 6.12's ORC_TYPE_UNDEFINED (measured: every entry
+# with sp_reg 0 in Debian's dummy and loop is all zero, on 6.1 and 6.12).
+ORC_TYPE_TERMINATOR = 0
 
 
 @dataclass(frozen=True, slots=True)
