@@ -26,7 +26,7 @@ from initsplit.elf.constants import (
 from initsplit.split import codegen, init_module_name, initresult
 from initsplit.split.initresult import INIT_FAILED_BIAS
 from initsplit.split.splitter import anchor_prefix
-from initsplit.split.tables import MODULE_NAME_LEN
+from initsplit.split.tables import MODULE_NAME_LEN, ORC_TYPE_CALL, ORC_TYPE_CALL_612
 
 
 def small_object() -> bytes:
@@ -108,7 +108,7 @@ def _jump_target(code: bytes, at: int) -> int:
 
 def test_wrapper_code_disassembles_as_intended(tmp_path: Path) -> None:
     publish = (codegen.Publish(224, 31), codegen.Publish(276, 7))
-    routine = codegen.init_wrapper(slot_addend=848, rethunk=True, publish=publish)
+    routine = codegen.init_wrapper(slot_addend=848, rethunk=True, orc_type=ORC_TYPE_CALL, publish=publish)
     code = routine.code
     assert _mnemonics(code, tmp_path) == [
         "endbr64", "sub", "call", "test", "jns", "cmp", "jl", "sub", "jmp",
@@ -138,7 +138,7 @@ def test_wrapper_code_disassembles_as_intended(tmp_path: Path) -> None:
 
 
 def test_wrapper_without_exports_only_arms(tmp_path: Path) -> None:
-    routine = codegen.init_wrapper(slot_addend=312, rethunk=False)
+    routine = codegen.init_wrapper(slot_addend=312, rethunk=False, orc_type=ORC_TYPE_CALL)
     assert "movl" not in _mnemonics(routine.code, tmp_path)
     assert routine.code.endswith(bytes.fromhex("4883c408c3cc")) and not routine.return_sites
 
@@ -154,6 +154,17 @@ def test_init_result_round_trip(init_result: int, expected: int | None) -> None:
     assert initresult.init_failure_errno(returned if init_result < 0 else 0) == expected
 
 
+@pytest.mark.parametrize("orc_type", [ORC_TYPE_CALL, ORC_TYPE_CALL_612])
+def test_orc_entries_carry_the_kernels_call_type(orc_type: int) -> None:
+    """Every entry but the last is of the kernel's call type (6.12's 3-bit field
+    holds 2); the terminator is all zero on both, as objtool writes it."""
+    for routine in (codegen.init_wrapper(slot_addend=1200, rethunk=True, orc_type=orc_type),
+                    codegen.exit_stub(rethunk=True, orc_type=orc_type)):
+        packed = [e.pack() for e in routine.orc]
+        assert [int.from_bytes(p[4:6], "little") >> 8 for p in packed[:-1]] == [orc_type] * (len(packed) - 1)
+        assert packed[-1] == bytes(6)
+
+
 def test_exit_stub_without_rethunk_is_ret() -> None:
-    stub = codegen.exit_stub(rethunk=False)
+    stub = codegen.exit_stub(rethunk=False, orc_type=ORC_TYPE_CALL)
     assert stub.code.endswith(b"\xc3\xcc") and not stub.relocs and not stub.return_sites

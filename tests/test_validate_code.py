@@ -23,7 +23,7 @@ from initsplit.elf import read_elf
 from initsplit.elf.constants import SHN_UNDEF
 from initsplit.split import codegen, split_module, splitter
 from initsplit.split.initresult import INIT_FAILED_BIAS
-from initsplit.split.tables import MAX_ERRNO
+from initsplit.split.tables import MAX_ERRNO, ORC_TYPE_CALL
 from initsplit.validate import ValidationError, validate_split
 from tests.testbed.kernel import debian_kernel
 
@@ -62,8 +62,9 @@ PUBLISH = (codegen.Publish(224, 31), codegen.Publish(276, 7))
 @pytest.mark.parametrize("checks", [(), CHECKS[:1], CHECKS])
 def test_decoder_agrees_with_objdump_on_codegen_output(tmp_path: Path, rethunk: bool, publish: tuple,
                                                         checks: tuple) -> None:
-    for routine in (codegen.init_wrapper(slot_addend=848, rethunk=rethunk, publish=publish, checks=checks),
-                    codegen.exit_stub(rethunk=rethunk)):
+    for routine in (codegen.init_wrapper(slot_addend=848, rethunk=rethunk, orc_type=ORC_TYPE_CALL,
+                                         publish=publish, checks=checks),
+                    codegen.exit_stub(rethunk=rethunk, orc_type=ORC_TYPE_CALL)):
         assert decoded(routine.code) == objdump(routine.code, tmp_path)
         # Every relocation of codegen patches an operand field the decoder found.
         fields = {i.field for i in x86.decode(routine.code)}
@@ -127,7 +128,8 @@ def test_decoder_refuses_bytes_outside_the_subset(code: bytes, message: str) -> 
 def test_analysis_follows_the_three_outcomes() -> None:
     """Without relocations the operands are ("local", ...) places; the paths
     still show the shape: compares refuse, then R < 0 biased or not, R >= 0 stores."""
-    routine = codegen.init_wrapper(slot_addend=848, rethunk=False, publish=PUBLISH, checks=CHECKS[:2])
+    routine = codegen.init_wrapper(slot_addend=848, rethunk=False, orc_type=ORC_TYPE_CALL, publish=PUBLISH,
+                                   checks=CHECKS[:2])
     analysis = x86.analyse(x86.decode(routine.code), {})
     refusals = [p for p in analysis.paths if any(not c.holds for c in p.compares())]
     assert len(refusals) == 2 and all(p.eax == x86.Const(-8) and not p.calls() for p in refusals)

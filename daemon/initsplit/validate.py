@@ -83,7 +83,6 @@ from .split.splitter import (
     init_module_name,
 )
 from .split.tables import (
-    KNOWN_STRUCT_MODULE_LAYOUTS,
     KSYMTAB_RECORD_SIZE,
     MAX_ERRNO,
     MODULE_LAYOUT_FIELDS,
@@ -91,10 +90,11 @@ from .split.tables import (
     MODVERSION_RECORD_SIZE,
     ORC_REG_SP,
     ORC_REG_UNDEFINED,
-    ORC_TYPE_CALL,
-    PARALLEL_SECTIONS,
-    TABLES_BY_SECTION,
+    ORC_TYPE_TERMINATOR,
     TRACE_EVAL_MAP_SIZE,
+    KernelTables,
+    StructModuleLayout,
+    kernel_tables,
 )
 
 C, I = "C", "I"
@@ -119,10 +119,11 @@ def _shifted(target: Target, delta: int) -> Target:
     return (*target[:-1], target[-1] + delta)
 
 
-def _orc_entry(sp_offset: int, sp_reg: int) -> bytes:
+def _orc_entry(sp_offset: int, sp_reg: int, orc_type: int) -> bytes:
     """struct orc_entry (arch/x86/include/asm/orc_types.h), packed: s16 sp_offset,
-    s16 bp_offset, then the bitfields sp_reg:4 bp_reg:4 type:2 end:1, little-endian."""
-    bits = sp_reg | (ORC_REG_UNDEFINED << 4) | (ORC_TYPE_CALL << 8)
+    s16 bp_offset, then the bitfields sp_reg:4 bp_reg:4 type:2 end:1 (6.1; 6.12:
+    type:3 signal:1), little-endian; *orc_type* is the kernel's (KernelTables)."""
+    bits = sp_reg | (ORC_REG_UNDEFINED << 4) | (orc_type << 8)
     return struct.pack("<hhH", sp_offset, 0, bits)
 
 
@@ -206,6 +207,7 @@ class _Validator:
         modinfo = parse_modinfo(self._section(self.orig, ".modinfo").data)
         self.name = first(modinfo, "name") or ""
         self.init_name = init_module_name(self.name)
+        self.kernel = self._kernel_tables()
         self._index_sections()
         self.anchors = None
         self._index_output_relocations(C)
@@ -249,7 +251,7 @@ class _Validator:
         for section in self.orig.sections:
             if not section.flags & SHF_ALLOC or section.name in _NOT_LOADED:
                 continue
-            if section.name in TABLES_BY_SECTION or section.name in PARALLEL_SECTIONS:
+            if section.name in self.kernel.by_section or section.name in self.kernel.parallel:
                 continue
             if section.name in (KSYMTAB, KCRCTAB, KSYMTAB_GPL, KCRCTAB_GPL):
                 continue
@@ -491,7 +493,7 @@ class _Validator:
     # ---------------------------------------------------------------- tables
     def _check_tables(self) -> int:
         moved = 0
-        for table in TABLES_BY_SECTION.values():
+        for table in self.kernel.records:
             src = self.orig.section(table.section)
             if src is None:
                 if self.by_name[C].get(table.section) is not None:
@@ -618,7 +620,8 @@ class _Validator:
         stub = self._analyse(s_index, "exit stub")
         if [i.op for i in stub.insns if i.offset in stub.sp_at] != ["endbr64", stub.paths[0].exit.op]:
             _fail("I's exit stub does more than return")
-        self.routines = {w_index: self._derived(wrapper), s_index: self._derived(stub)}
+        orc_type = self.kernel.orc_type_call
+        self.routines = {w_index: self._derived(wrapper, orc_type), s_index: self._derived(stub, orc_type)}
         return self.routines
 
     def _analyse(self, index: int, what: str) -> x86.Analysis:
@@ -783,7 +786,7 @@ class _Validator:
             _fail(f"{where}: the publish stores {stores[1:]} are not {self._publish()}")
 
     @staticmethod
-    def _derived(analysis: x86.Analysis) -> _Routine:
+    def _derived(analysis: x86.Analysis, orc_type: int) -> _Routine:
         """The ORC entries and return sites of a routine, from its decoded stack
         effects: an entry wherever the stack depth on entry to an instruction
         changes in address order (the int3 after a ret keeps the depth before
@@ -793,10 +796,10 @@ class _Validator:
         for insn in analysis.insns:
             sp = analysis.sp_at.get(insn.offset, depth)
             if sp != depth:
-                orc.append((insn.offset, _orc_entry(sp, ORC_REG_SP)))
+                orc.append((insn.offset, _orc_entry(sp, ORC_REG_SP, orc_type)))
                 depth = sp
         end = analysis.insns[-1].end
-        orc.append((end, _orc_entry(0, ORC_REG_UNDEFINED)))
+        orc.append((end, _orc_entry(0, ORC_REG_UNDEFINED, ORC_TYPE_TERMINATOR)))
         sites = sorted({p.exit.offset for p in analysis.paths
                         if p.exit is not None and p.exit.op == "jmp"})
         return _Routine(orc, sites)
@@ -808,6 +811,17 @@ class _Validator:
             _fail("__versions is not whole records")
         return [(crc, raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
                 for crc, raw in _MODVERSION.iter_unpack(section.data)]
+
+    def _kernel_tables(self) -> KernelTables:
+        """The tables of the kernel build the original names by its module_layout CRC
+        (split/tables.py): the validator's own reading, not the splitter's."""
+        crc = next((c for c, n in self._versions(self.orig) if n == "module_layout"), None)
+        kernel = kernel_tables(crc)
+        if kernel is None:
+            _fail("kernel build unknown (module_layout CRC)")
+        if kernel.has_module_memory:
+            _fail(f"{kernel.kernel}: struct module_memory kernels are not validated yet")
+        return kernel
 
     def _module_fields(self) -> None:
         if hasattr(self, "init_field"):
@@ -822,8 +836,8 @@ class _Validator:
             _fail("original has no init routine")
         self.init_field, self.init_sym, _ = fields["init_module"]
         self.has_cleanup = "cleanup_module" in fields
-        crc = next((c for c, n in self._versions(self.orig) if n == "module_layout"), None)
-        self.layout = KNOWN_STRUCT_MODULE_LAYOUTS.get(crc)
+        layout = self.kernel.struct_module
+        self.layout = layout if isinstance(layout, StructModuleLayout) else None
         if self.layout is not None:
             # The table must agree with what the module itself says about ->init/->exit.
             if self.layout.size != mod.size or self.layout.init != self.init_field or \
@@ -950,7 +964,7 @@ class _Validator:
             src = self._section(orig, name)
             for side in (C, I):
                 self._expect_header(side, name, src.flags, src.addralign, src.type)
-        for table in TABLES_BY_SECTION.values():
+        for table in self.kernel.records:
             for name in filter(None, (table.section, table.parallel)):
                 src = orig.section(name)
                 for side in (C, I):
@@ -987,6 +1001,6 @@ class _Validator:
                     continue
                 if (side, section.index) in homes or section.name in known[side]:
                     continue
-                if section.name in TABLES_BY_SECTION or section.name in PARALLEL_SECTIONS:
+                if section.name in self.kernel.by_section or section.name in self.kernel.parallel:
                     continue
                 _fail(f"{side} has an allocated section {section.name} of unknown origin")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from ..elf.constants import R_X86_64_PC32, R_X86_64_PLT32
 from .initresult import INIT_FAILED_BIAS
-from .tables import MAX_ERRNO, ORC_REG_SP, ORC_REG_UNDEFINED, ORC_TYPE_CALL
+from .tables import MAX_ERRNO, ORC_REG_SP, ORC_REG_UNDEFINED, ORC_TYPE_TERMINATOR
 
 ENDBR64 = bytes.fromhex("f30f1efa")  # a NOP on CPUs without IBT, the landing pad on those with it
 
@@ -52,13 +52,14 @@ class OrcEntry:
     offset: int
     sp_offset: int
     sp_reg: int
-    type: int = ORC_TYPE_CALL
+    type: int  # the kernel's ORC_TYPE_CALL (tables.KernelTables.orc_type_call) or the terminator's
     bp_offset: int = 0
     bp_reg: int = ORC_REG_UNDEFINED
 
     def pack(self) -> bytes:
-        # struct orc_entry, little-endian bitfields: sp_reg:4 bp_reg:4 type:2 end:1
-        bits = (self.sp_reg & 0xF) | ((self.bp_reg & 0xF) << 4) | ((self.type & 3) << 8)
+        # struct orc_entry, little-endian bitfields: sp_reg:4 bp_reg:4 type:2 end:1 (6.1),
+        # type:3 signal:1 (6.12); the types codegen writes fit both.
+        bits = (self.sp_reg & 0xF) | ((self.bp_reg & 0xF) << 4) | ((self.type & 7) << 8)
         return struct.pack("<hhH", self.sp_offset, self.bp_offset, bits)
 
 
@@ -103,10 +104,10 @@ def _return(code: bytearray, relocs: list[CodeReloc], sites: list[int], *, rethu
 
 
 def _terminator(offset: int) -> OrcEntry:
-    return OrcEntry(offset, 0, ORC_REG_UNDEFINED)
+    return OrcEntry(offset, 0, ORC_REG_UNDEFINED, ORC_TYPE_TERMINATOR)
 
 
-def init_wrapper(*, slot_addend: int, rethunk: bool, publish: tuple[Publish, ...] = (),
+def init_wrapper(*, slot_addend: int, rethunk: bool, orc_type: int, publish: tuple[Publish, ...] = (),
                  checks: tuple[Check, ...] = ()) -> Routine:
     """Build I's init routine.
 
@@ -145,9 +146,9 @@ def init_wrapper(*, slot_addend: int, rethunk: bool, publish: tuple[Publish, ...
     code = bytearray(ENDBR64)
     relocs: list[CodeReloc] = []
     sites: list[int] = []
-    orc = [OrcEntry(0, 8, ORC_REG_SP)]
+    orc = [OrcEntry(0, 8, ORC_REG_SP, orc_type)]
     code += bytes.fromhex("4883ec08")  # sub $8,%rsp
-    orc.append(OrcEntry(len(code), 16, ORC_REG_SP))
+    orc.append(OrcEntry(len(code), 16, ORC_REG_SP, orc_type))
     refuse_jumps = []
     for check in checks:
         # cmpl $imm32,disp32(%rip): the displacement, like a store's, is relative to
@@ -190,7 +191,7 @@ def init_wrapper(*, slot_addend: int, rethunk: bool, publish: tuple[Publish, ...
     _patch_jump(code, jl_at, out)
     _patch_jump(code, jmp_at, out)
     code += bytes.fromhex("4883c408")  # add $8,%rsp
-    orc.append(OrcEntry(len(code), 8, ORC_REG_SP))
+    orc.append(OrcEntry(len(code), 8, ORC_REG_SP, orc_type))
     _return(code, relocs, sites, rethunk=rethunk)
     orc.append(_terminator(len(code)))
     return Routine(bytes(code), relocs, orc, sites)
@@ -204,11 +205,11 @@ def _patch_jump(code: bytearray, at: int, target: int) -> None:
     code[at + 1] = distance
 
 
-def exit_stub(*, rethunk: bool) -> Routine:
+def exit_stub(*, rethunk: bool, orc_type: int) -> Routine:
     code = bytearray(ENDBR64)
     relocs: list[CodeReloc] = []
     sites: list[int] = []
-    orc = [OrcEntry(0, 8, ORC_REG_SP)]
+    orc = [OrcEntry(0, 8, ORC_REG_SP, orc_type)]
     _return(code, relocs, sites, rethunk=rethunk)
     orc.append(_terminator(len(code)))
     return Routine(bytes(code), relocs, orc, sites)

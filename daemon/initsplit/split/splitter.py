@@ -71,13 +71,12 @@ from .tables import (
     KSYMTAB_RECORD_SIZE,
     MODULE_NAME_LEN,
     MODVERSION_RECORD_SIZE,
-    PARALLEL_SECTIONS,
-    TABLES_BY_SECTION,
-    KNOWN_STRUCT_MODULE_LAYOUTS,
     MODULE_LAYOUT_FIELDS,
     TRACE_EVAL_MAP_SIZE,
+    KernelTables,
     RecordTable,
     StructModuleLayout,
+    kernel_tables,
 )
 
 NAMESPACE = "INITSPLIT"
@@ -246,6 +245,7 @@ class _Original:
     tables: dict[str, _TableSplit]
     versions: list[tuple[int, str]]
     exports: dict[str, int]  # export table -> records the original has in it
+    kernel: KernelTables  # the per-kernel tables, by the module_layout CRC
     layout: StructModuleLayout
 
     @property
@@ -338,9 +338,10 @@ def _examine(obj: ElfObject) -> _Original:
         raise SplitRefused("no struct module")
     fields = _find_module_fields(obj, this_module, init_secs, name)
     _check_symbols(obj)
-    tables = _split_tables(obj, init_secs)
     versions = _parse_versions(obj)
-    layout = _struct_module_layout(versions, this_module, fields)
+    kernel = _kernel_tables(versions)
+    tables = _split_tables(obj, init_secs, kernel)
+    layout = _struct_module_layout(kernel, this_module, fields)
     exports = {table: _export_count(obj, table, crcs) for table, crcs in EXPORT_TABLES}
     if fields.exit_field < 0:
         # No cleanup routine: I's exit stub still needs ->exit, known from the layout only.
@@ -353,7 +354,7 @@ def _examine(obj: ElfObject) -> _Original:
         raise SplitRefused("struct module layout unknown (needed to check C's layout)")
     return _Original(obj=obj, name=name, init_name=init_module_name(name), modinfo=modinfo,
                      init_secs=init_secs, this_module=this_module, fields=fields, tables=tables,
-                     versions=versions, exports=exports, layout=layout)
+                     versions=versions, exports=exports, kernel=kernel, layout=layout)
 
 
 def _check_modinfo(obj: ElfObject) -> tuple[list[tuple[str, str]], str]:
@@ -417,15 +418,30 @@ def _find_module_fields(obj: ElfObject, this_module: Section, init_secs: frozens
                          exit_sym_index, name_offset)
 
 
-def _struct_module_layout(versions: list[tuple[int, str]], this_module: Section,
-                          fields: _ModuleFields) -> StructModuleLayout | None:
-    """struct module's layout by the module_layout CRC the module was built against,
-    or None when we do not know it or the module's own relocations disagree with it."""
+def _kernel_tables(versions: list[tuple[int, str]]) -> KernelTables:
+    """The tables of the kernel build the module was built against, by its
+    module_layout CRC (tables.py); a build we do not know is refused."""
     crc = next((c for c, n in versions if n == "module_layout"), None)
-    layout = KNOWN_STRUCT_MODULE_LAYOUTS.get(crc) if crc is not None else None
-    if layout is not None and (layout.size != this_module.size
-                               or layout.init != fields.init_field
-                               or fields.exit_field not in (-1, layout.exit)):
+    kernel = kernel_tables(crc)
+    if kernel is None:
+        raise SplitRefused("struct module layout unknown (kernel build not known)",
+                           "no module_layout" if crc is None else f"module_layout {crc:#010x}")
+    if kernel.has_module_memory:
+        # Known (tables.py declares 6.12's), but C's placement per module_memory type
+        # and I's anchors into it are not built yet (layout/linux612.py).
+        raise SplitRefused("unsupported kernel", kernel.kernel)
+    return kernel
+
+
+def _struct_module_layout(kernel: KernelTables, this_module: Section,
+                          fields: _ModuleFields) -> StructModuleLayout | None:
+    """struct module's layout for *kernel*, or None when the module's own
+    relocations disagree with it."""
+    layout = kernel.struct_module
+    if not isinstance(layout, StructModuleLayout):
+        return None
+    if (layout.size != this_module.size or layout.init != fields.init_field
+            or fields.exit_field not in (-1, layout.exit)):
         return None
     return layout
 
@@ -447,13 +463,14 @@ def _check_symbols(obj: ElfObject) -> None:
             raise SplitRefused("common symbol", sym.name)
 
 
-def _split_tables(obj: ElfObject, init_secs: frozenset[int]) -> dict[str, _TableSplit]:
+def _split_tables(obj: ElfObject, init_secs: frozenset[int],
+                  kernel: KernelTables) -> dict[str, _TableSplit]:
     """Each per-record table of the original, its records sorted into C's and I's
     by the section its key relocation points into."""
     splits: dict[str, _TableSplit] = {}
     symbols = obj.symbols
     for section in obj.sections:
-        table = TABLES_BY_SECTION.get(section.name)
+        table = kernel.by_section.get(section.name)
         if table is None or not section.flags & SHF_ALLOC:
             continue
         if section.type != SHT_PROGBITS or section.size % table.record_size:
@@ -580,8 +597,8 @@ def _copy_core_sections(builder: ObjectBuilder, original: _Original, extra: byte
         if split is not None:
             size = split.table.record_size
             data = b"".join(data[r * size:(r + 1) * size] for r in split.core)
-        elif name in PARALLEL_SECTIONS:
-            owner = original.tables.get(PARALLEL_SECTIONS[name].section)
+        elif name in original.kernel.parallel:
+            owner = original.tables.get(original.kernel.parallel[name].section)
             if owner is None:
                 raise SplitRefused("parallel table without its index table", name)
             psize = owner.table.parallel_record_size
@@ -1009,9 +1026,10 @@ def _emit_routines(builder: ObjectBuilder, original: _Original, symbols: _InitSy
     rethunk = any(n == RETURN_THUNK for _, n in original.versions)
     arm_exit = fields.exit_symbol is not None
     slot = fields.exit_field if arm_exit else fields.init_field
-    wrapper = codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, publish=_publish(original),
-                                   checks=placement.checks)
-    stub = codegen.exit_stub(rethunk=rethunk)
+    orc_type = original.kernel.orc_type_call
+    wrapper = codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, orc_type=orc_type,
+                                   publish=_publish(original), checks=placement.checks)
+    stub = codegen.exit_stub(rethunk=rethunk, orc_type=orc_type)
     wrapper_sec = builder.add_section(WRAPPER_SECTION, type=SHT_PROGBITS,
                                       flags=SHF_ALLOC | SHF_EXECINSTR, data=wrapper.code,
                                       addralign=16)

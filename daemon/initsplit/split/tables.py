@@ -8,10 +8,14 @@ were read from the linux-source-6.1 tree (6.1.192); the file is named per table.
 
 Linux 6.12 (Debian 13) side by side: RECORD_TABLES_612, ORC_TYPE_CALL_612 and
 KNOWN_STRUCT_MODULE_MEMORY_LAYOUTS, checked against Debian 13's kernel and its
-modules (tests/test_tables612.py). The splitter does not use them yet: it still
-refuses a 6.12 module as "unsupported kernel" (a plain load), because 6.12 gives
-each struct module_memory type an allocation of its own, so one anchor no longer
-reaches all of C (layout/linux612.py).
+modules (tests/test_tables612.py).
+
+KERNEL_TABLES gathers each known build's tables in one KernelTables record, keyed
+by the module_layout CRC in the module's __versions; the splitter and the
+validator look them up there (kernel_tables()) and nowhere else. A 6.12 module
+finds its tables but is still refused as "unsupported kernel" (a plain load),
+because 6.12 gives each struct module_memory type an allocation of its own, so
+one anchor no longer reaches all of C (layout/linux612.py).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ class RecordTable:
     parallel_record_size: int = 0
 
 
-# Ordered for readability; lookups go through TABLES_BY_SECTION.
+# Ordered for readability; lookups go through KernelTables.by_section.
 RECORD_TABLES: tuple[RecordTable, ...] = (
     # int ip offsets, PC32 to the instruction; parallel struct orc_entry (6 bytes, __packed).
     RecordTable(".orc_unwind_ip", 4, 0, "arch/x86/include/asm/orc_types.h, arch/x86/kernel/unwind_orc.c",
@@ -74,8 +78,6 @@ RECORD_TABLES_612: tuple[RecordTable, ...] = tuple(
     # .parainstructions is gone: 6.12 patches paravirt call sites as alternatives.
 )
 
-TABLES_BY_SECTION: dict[str, RecordTable] = {t.section: t for t in RECORD_TABLES}
-PARALLEL_SECTIONS: dict[str, RecordTable] = {t.parallel: t for t in RECORD_TABLES if t.parallel}
 
 # struct kernel_symbol { int value_offset; int name_offset; int namespace_offset; }
 # (CONFIG_HAVE_ARCH_PREL32_RELOCATIONS), include/linux/export.h; the CRC table
@@ -101,6 +103,11 @@ ORC_TYPE_CALL = 0
 # ORC_TYPE_END_OF_STACK 1, ORC_TYPE_CALL 2, ORC_TYPE_REGS 3, ORC_TYPE_REGS_PARTIAL 4.
 ORC_TYPE_UNDEFINED_612 = 0
 ORC_TYPE_CALL_612 = 2
+# The entry objtool puts past the end of a section's code (tools/objtool/orc_gen.c,
+# orc_create()'s "null" entry): sp_reg ORC_REG_UNDEFINED and type 0 on both kernels,
+# 6.1's UNWIND_HINT_TYPE_CALL and 6.12's ORC_TYPE_UNDEFINED (measured: every entry
+# with sp_reg 0 in Debian's dummy and loop is all zero, on 6.1 and 6.12).
+ORC_TYPE_TERMINATOR = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,3 +247,44 @@ MODULE_LAYOUT_FIELDS = ModuleLayoutFields()
 # include/linux/err.h: the kernel's error returns are -MAX_ERRNO..-1; the x86-64
 # syscall() of glibc treats exactly those as errors (errno = -value, result -1).
 MAX_ERRNO = 4095
+
+
+@dataclass(frozen=True, slots=True)
+class KernelTables:
+    """Everything per kernel build that the splitter and the validator read, in one
+    record: the per-record tables, struct module's offsets and the ORC type of
+    synthesized code. Found by the module's module_layout CRC (kernel_tables()), so
+    the version differences live here and nowhere else."""
+
+    kernel: str
+    records: tuple[RecordTable, ...]
+    struct_module: StructModuleLayout | StructModuleMemoryLayout
+    orc_type_call: int
+    by_section: dict[str, RecordTable]
+    parallel: dict[str, RecordTable]  # a parallel section's name -> its index table
+
+    @property
+    def has_module_memory(self) -> bool:
+        """6.4 and later: one allocation per struct module_memory type."""
+        return isinstance(self.struct_module, StructModuleMemoryLayout)
+
+
+def _kernel_tables(records: tuple[RecordTable, ...],
+                   struct_module: StructModuleLayout | StructModuleMemoryLayout,
+                   orc_type_call: int) -> KernelTables:
+    return KernelTables(struct_module.kernel, records, struct_module, orc_type_call,
+                        by_section={t.section: t for t in records},
+                        parallel={t.parallel: t for t in records if t.parallel})
+
+
+KERNEL_TABLES: dict[int, KernelTables] = {
+    **{crc: _kernel_tables(RECORD_TABLES, layout, ORC_TYPE_CALL)
+       for crc, layout in KNOWN_STRUCT_MODULE_LAYOUTS.items()},
+    **{crc: _kernel_tables(RECORD_TABLES_612, layout, ORC_TYPE_CALL_612)
+       for crc, layout in KNOWN_STRUCT_MODULE_MEMORY_LAYOUTS.items()},
+}
+
+
+def kernel_tables(module_layout_crc: int | None) -> KernelTables | None:
+    """The tables of the kernel build a module's module_layout CRC names, or None."""
+    return KERNEL_TABLES.get(module_layout_crc) if module_layout_crc is not None else None
