@@ -1,5 +1,6 @@
 """Command line interface: `initsplit split` for trees, `initsplit check` for one module,
-`initsplit analyze` for what the kernel allocates and what splitting saves.
+`initsplit analyze` for what the kernel allocates and what splitting saves,
+`initsplit key create` for a module signing key (Secure Boot, signing.py).
 
 Exit codes:
   0  success: every module was split and validated, or left alone because there
@@ -28,6 +29,7 @@ from .layout import rules_for_tree
 from .split.decide import decide
 from .split.policy import DISCARD_CLASSES, TWO_STAGE_POLICIES, SplitOptions
 from .modfile import MODULE_SUFFIX, CompressedModuleError, read_module
+from .signing import DEFAULT_KEY_DIR, SigningError, SigningKey, create_key, default_key
 from .tree import TreeError, find_modules, refusal_reasons, split_jobs, summary_line
 
 EXIT_OK = 0
@@ -70,7 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no progress and no summary; problems are still reported")
     split.add_argument("--list-refused", action="store_true",
                        help="print the refusal reasons (and the policy's) with how many modules each")
+    split.add_argument("--sign-key", metavar="KEY", type=Path, default=None,
+                       help="sign every module written (C, I, rewritten originals) with this "
+                       "private key (PEM), as sign-file does; needs --sign-cert")
+    split.add_argument("--sign-cert", metavar="CERT", type=Path, default=None,
+                       help="the X.509 certificate of --sign-key (DER or PEM), the one enrolled "
+                       "with mokutil --import")
+    split.add_argument("--sign", action="store_true",
+                       help="sign with the default key: DKMS's /var/lib/dkms/mok.key and mok.pub, "
+                       f"else {DEFAULT_KEY_DIR}/mok.key and mok.pub (initsplit key create)")
     _add_policy_options(split)
+
+    key = commands.add_parser(
+        "key",
+        help="make the key initsplit signs modules with (Secure Boot)",
+        description="Make a machine owner key (MOK) pair for signing split modules, the way\n"
+        "DKMS makes its own, and say how to enroll it with mokutil.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    key_commands = key.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    create = key_commands.add_parser("create", help="create DIR/mok.key (0600) and DIR/mok.pub (DER)")
+    create.add_argument("directory", metavar="DIR", nargs="?", type=Path, default=DEFAULT_KEY_DIR,
+                        help=f"where the pair goes (default: {DEFAULT_KEY_DIR})")
 
     check = commands.add_parser(
         "check",
@@ -177,21 +200,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _split(args)
     if args.command == "analyze":
         return _analyze(args)
+    if args.command == "key":
+        return _key_create(args.directory)
     return _check(args.module, _split_options(args, args.module))
 
 
 # -------------------------------------------------------------------- split
 
+def _sign_key(args: argparse.Namespace) -> SigningKey | None:
+    """The key --sign-key/--sign-cert or --sign name, checked; None: do not sign."""
+    if (args.sign_key is None) != (args.sign_cert is None):
+        raise TreeError("--sign-key and --sign-cert go together")
+    if args.sign_key is not None:
+        key: SigningKey | None = SigningKey(args.sign_key, args.sign_cert)
+    elif args.sign:
+        key = default_key()
+        if key is None:
+            raise TreeError(f"--sign: no key (neither DKMS's nor {DEFAULT_KEY_DIR}/mok.key); "
+                            "make one with 'initsplit key create'")
+    else:
+        return None
+    assert key is not None
+    try:
+        key.check()
+    except SigningError as exc:
+        raise TreeError(str(exc)) from None
+    return key
+
+
 def _split(args: argparse.Namespace) -> int:
     start = time.monotonic()
     try:
+        sign_key = _sign_key(args)
         jobs = find_modules(args.paths, exclude=args.output)
         if not jobs:
             raise TreeError(f"no {MODULE_SUFFIX} files in {' '.join(map(str, args.paths))}")
         options = _split_options(args, args.paths[0])
         with _progress(len(jobs), sys.stderr, enabled=not args.quiet) as tick:
             results = split_jobs(jobs, args.output, workers=args.jobs, progress=lambda _: tick(),
-                                 options=options)
+                                 options=options, sign_key=sign_key)
     except TreeError as exc:
         print(f"initsplit: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -241,6 +288,22 @@ def _progress(total: int, stream: TextIO, *, enabled: bool = True) -> Iterator[C
         # Erase the line so the summary (or an error) starts on a clean one.
         stream.write("\r\033[K")
         stream.flush()
+
+
+# ---------------------------------------------------------------------- key
+
+def _key_create(directory: Path) -> int:
+    try:
+        key = create_key(directory)
+    except (SigningError, OSError) as exc:
+        print(f"initsplit: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"initsplit: private key {key.key} (keep it: root only, never in an initramfs)")
+    print(f"initsplit: certificate {key.cert}")
+    print("To trust it under Secure Boot, enroll it and reboot to confirm in MokManager:")
+    print(f"  mokutil --import {key.cert}")
+    print("Anything signed with this key then loads on this machine.")
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------ analyze

@@ -26,6 +26,7 @@ from .elf import MalformedElf
 from .split import init_module_name
 from .split.decide import OUTCOMES, Decision, Outcome, decide, layout_figures, manifest_reason
 from .split.policy import DEFAULT_OPTIONS, SplitOptions
+from .signing import SigningKey, sign_module
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +114,18 @@ def split_tree(
     workers: int | None = None,
     progress: Callable[[ModuleResult], None] | None = None,
     options: SplitOptions = DEFAULT_OPTIONS,
+    sign_key: SigningKey | None = None,
 ) -> list[ModuleResult]:
     """Split and validate every module under *paths*, writing to *output* (None: do not write).
+
+    With *sign_key*, every module written (C, I, a rewritten original) is signed
+    with it (signing.py), after validation, before it reaches the cache.
 
     Returns one result per module, in the order find_modules() lists them. Never
     raises for a module's sake: whatever goes wrong becomes that module's outcome.
     """
     return split_jobs(find_modules(paths, exclude=output), output, workers=workers,
-                      progress=progress, options=options)
+                      progress=progress, options=options, sign_key=sign_key)
 
 
 def split_jobs(
@@ -130,6 +135,7 @@ def split_jobs(
     workers: int | None = None,
     progress: Callable[[ModuleResult], None] | None = None,
     options: SplitOptions = DEFAULT_OPTIONS,
+    sign_key: SigningKey | None = None,
 ) -> list[ModuleResult]:
     """split_tree() for jobs already found, so a caller can count them first.
 
@@ -137,7 +143,8 @@ def split_jobs(
     """
     if output is not None:
         _check_output(jobs, output)
-    return run_jobs(jobs, functools.partial(split_one, output=output, options=options), workers=workers,
+    return run_jobs(jobs, functools.partial(split_one, output=output, options=options, sign_key=sign_key),
+                    workers=workers,
                     progress=progress, on_pool_error=lambda job, exc: _error(job, exc, 0.0))
 
 
@@ -204,11 +211,15 @@ def _size(path: Path) -> int:
 
 
 def split_one(job: ModuleJob, output: Path | None,
-              options: SplitOptions = DEFAULT_OPTIONS) -> ModuleResult:
-    """Read, split, validate, weigh and write one module; runs in a worker process."""
+              options: SplitOptions = DEFAULT_OPTIONS, sign_key: SigningKey | None = None) -> ModuleResult:
+    """Read, split, validate, weigh and write one module; runs in a worker process.
+
+    A module that cannot be signed when *sign_key* is given is an error and gets
+    no entry: an unsigned split in the cache of a signing machine would be refused
+    by an enforcing kernel."""
     start = time.perf_counter()
     try:
-        return _split_one(job, output, start, options)
+        return _split_one(job, output, start, options, sign_key)
     except Exception as exc:
         if output is not None:
             try:
@@ -219,7 +230,7 @@ def split_one(job: ModuleJob, output: Path | None,
 
 
 def _split_one(job: ModuleJob, output: Path | None, start: float,
-               options: SplitOptions) -> ModuleResult:
+               options: SplitOptions, sign_key: SigningKey | None = None) -> ModuleResult:
     try:
         data = read_module(job.source)
         decision = decide(data, options)
@@ -230,6 +241,12 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
 
     # An invalid split is never written: the caller loads the original instead.
     split = decision.split if decision.outcome == "split" else None
+
+    def signed(module: bytes) -> bytes:
+        # After validation (which reads the unsigned bytes), before the cache
+        # writer hashes them into the manifest: the entry holds what is loaded.
+        return module if sign_key is None else sign_module(module, sign_key)
+
     if output is not None:
         # Every entry gets a manifest (initsplit/cache.py), also for modules that are
         # not split, so the daemon knows the decision without splitting again.
@@ -238,7 +255,7 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
             if init_relative == job.relative:
                 raise TreeError(f"init module {split.init_name} would replace the core")
             write_entry(output, job.relative, source=data, decision="split", name=split.name,
-                        init_name=split.init_name, core=split.core, init=split.init,
+                        init_name=split.init_name, core=signed(split.core), init=signed(split.init),
                         options=options.tag, discarded=",".join(decision.discarded),
                         btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
                         reached=split.reached, **layout_figures(decision, options.rules))
@@ -250,7 +267,8 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
                 write_entry(output, job.relative, source=data, decision=decision.outcome,
                             reason=manifest_reason(decision), options=options.tag,
                             discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
-                            kallsyms_bytes=decision.kallsyms_bytes, rewritten=decision.rewritten)
+                            kallsyms_bytes=decision.kallsyms_bytes,
+                            rewritten=None if decision.rewritten is None else signed(decision.rewritten))
     return ModuleResult(
         path=job.relative,
         source=job.source,

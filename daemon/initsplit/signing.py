@@ -1,0 +1,150 @@
+"""Sign kernel modules with a key and certificate, in the kernel's own format.
+
+The format is the one scripts/sign-file.c writes and kernel/module/signing.c
+(module_sig_check(), mod_verify_sig()) reads, declared in
+include/linux/module_signature.h:
+
+    module bytes
+    PKCS#7 (CMS) SignedData, DER, detached (no content), no certificates, no
+        signed attributes, the signer named by issuer and serial number
+    struct module_signature {
+        u8 algo, hash;    0, 0: both are named inside the PKCS#7 message
+        u8 id_type;       PKEY_ID_PKCS7 (2)
+        u8 signer_len;    0
+        u8 key_id_len;    0
+        u8 __pad[3];
+        __be32 sig_len;   length of the PKCS#7 message
+    }
+    "~Module signature appended~\\n"
+
+sign-file builds the message with CMS_sign() and CMS_add1_signer() under
+CMS_NOCERTS | CMS_BINARY | CMS_DETACHED | CMS_NOATTR (its default, without -k);
+`openssl cms -sign -binary -noattr -nocerts -outform DER` is the same call, and
+RSA PKCS#1 v1.5 signatures are deterministic, so the bytes are sign-file's
+(tests/test_signing.py compares them with Debian's sign-file).
+
+A module already signed (every Debian module is) has its signature stripped
+first: the new one covers the module alone, as the kernel checks it. Signing
+runs where the cache is built (`initsplit split`), never in the daemon: the
+private key never enters an initramfs.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .elf.discard import MODULE_SIG_STRING, signature_length
+
+# include/linux/module_signature.h
+PKEY_ID_PKCS7 = 2
+_MODULE_SIGNATURE = struct.Struct(">BBBBB3xI")  # algo, hash, id_type, signer_len, key_id_len, pad, sig_len
+
+# DKMS's machine owner key (dkms's mok_signing_key / mok_certificate defaults).
+DKMS_KEY = Path("/var/lib/dkms/mok.key")
+DKMS_CERT = Path("/var/lib/dkms/mok.pub")
+# initsplit's own pair when DKMS has none (initsplit key create).
+DEFAULT_KEY_DIR = Path("/var/lib/initsplit")
+KEY_NAME = "mok.key"
+CERT_NAME = "mok.pub"
+KEY_SUBJECT = "/CN=initsplit module signing key"
+
+OPENSSL = "openssl"
+
+
+class SigningError(Exception):
+    """The module could not be signed (no key, openssl failed); nothing is written."""
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A private key (PEM) and its X.509 certificate (DER or PEM), as sign-file takes them.
+
+    Only paths: picklable for the splitter's worker processes, and the key is read
+    by openssl alone.
+    """
+
+    key: Path
+    cert: Path
+    digest: str = "sha256"
+
+    def check(self) -> None:
+        for path in (self.key, self.cert):
+            if not path.is_file():
+                raise SigningError(f"{path}: no such file")
+            if not os.access(path, os.R_OK):
+                raise SigningError(f"{path}: not readable (signing needs root)")
+
+
+def default_key() -> SigningKey | None:
+    """DKMS's MOK when both its files exist, else initsplit's own pair, else None."""
+    for key in (SigningKey(DKMS_KEY, DKMS_CERT),
+                SigningKey(DEFAULT_KEY_DIR / KEY_NAME, DEFAULT_KEY_DIR / CERT_NAME)):
+        if key.key.is_file() and key.cert.is_file():
+            return key
+    return None
+
+
+def strip_signature(data: bytes) -> bytes:
+    """*data* without its appended module signature (unchanged if unsigned)."""
+    return data[:len(data) - signature_length(data)]
+
+
+def is_signed(data: bytes) -> bool:
+    return signature_length(data) > 0
+
+
+def pkcs7_signature(data: bytes, key: SigningKey) -> bytes:
+    """The detached DER PKCS#7 message sign-file makes for *data*."""
+    with tempfile.NamedTemporaryFile(prefix="initsplit-sign-") as content:
+        content.write(data)
+        content.flush()
+        run = subprocess.run(
+            [OPENSSL, "cms", "-sign", "-binary", "-noattr", "-nocerts", "-outform", "DER",
+             "-md", key.digest, "-signer", str(key.cert), "-inkey", str(key.key),
+             "-in", content.name],
+            capture_output=True, check=False)
+    if run.returncode != 0 or not run.stdout:
+        message = run.stderr.decode(errors="replace").strip().splitlines()
+        raise SigningError(f"openssl cms -sign failed: {message[-1] if message else run.returncode}")
+    return run.stdout
+
+
+def sign_module(data: bytes, key: SigningKey) -> bytes:
+    """*data* (its old signature stripped) with a signature by *key* appended."""
+    body = strip_signature(data)
+    message = pkcs7_signature(body, key)
+    info = _MODULE_SIGNATURE.pack(0, 0, PKEY_ID_PKCS7, 0, 0, len(message))
+    return body + message + info + MODULE_SIG_STRING
+
+
+def create_key(directory: Path, *, subject: str = KEY_SUBJECT, days: int = 36500) -> SigningKey:
+    """A new MOK pair in *directory* the DKMS way: KEY (PEM, mode 0600) and CERT (DER).
+
+    Refuses to replace an existing pair: a key enrolled with mokutil would no
+    longer match the modules signed after it.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = SigningKey(directory / KEY_NAME, directory / CERT_NAME)
+    for path in (key.key, key.cert):
+        if path.exists():
+            raise SigningError(f"{path} exists already; remove it first to make a new key")
+    # openssl writes the key with the umask's mode: create it 0600 first.
+    fd = os.open(key.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    run = subprocess.run(
+        [OPENSSL, "req", "-new", "-x509", "-nodes", "-days", str(days), "-subj", subject,
+         "-newkey", "rsa:2048", "-keyout", str(key.key), "-outform", "DER", "-out", str(key.cert)],
+        capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        key.key.unlink(missing_ok=True)
+        key.cert.unlink(missing_ok=True)
+        lines = run.stderr.strip().splitlines()
+        raise SigningError(f"openssl req failed: {lines[-1] if lines else run.returncode}")
+    os.chmod(key.key, 0o600)
+    os.chmod(key.cert, 0o644)
+    return key

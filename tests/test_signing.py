@@ -1,0 +1,179 @@
+"""Module signing (initsplit/signing.py): byte for byte what Debian's sign-file writes,
+an already-signed input re-signed over the module alone, and `initsplit split
+--sign-key/--sign-cert` signing every module it puts into the cache.
+
+Host only: real Debian 6.1 modules from the test bed's kernel, a key made here,
+and sign-file from linux-kbuild-6.1 (tools/install-deps). No QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from initsplit import cli, signing
+from initsplit.cache import CacheHit, read_entry
+from initsplit.elf.discard import MODULE_SIG_STRING, signature_length
+from initsplit.split import split_module
+from tests.testbed.kernel import debian_kernel
+
+SIGN_FILE = Path("/usr/lib/linux-kbuild-6.1/scripts/sign-file")
+MODULES = ("kernel/drivers/net/dummy.ko", "kernel/drivers/block/loop.ko", "kernel/lib/crc7.ko")
+
+
+def sign_file(key: signing.SigningKey, module: bytes, tmp: Path) -> bytes:
+    """Debian's own sign-file on *module* (which must be unsigned)."""
+    assert SIGN_FILE.is_file(), f"{SIGN_FILE} missing: run tools/install-deps (linux-kbuild-6.1)"
+    path = tmp / "sign-file-input.ko"
+    path.write_bytes(module)
+    subprocess.run([str(SIGN_FILE), key.digest, str(key.key), str(key.cert), str(path)], check=True)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> signing.SigningKey:
+    return signing.create_key(tmp_path_factory.mktemp("mok"))
+
+
+@pytest.fixture(scope="module")
+def modules_dir() -> Path:
+    return debian_kernel("6.1.0-57-amd64").modules_dir
+
+
+@pytest.mark.parametrize("relative", MODULES)
+def test_same_bytes_as_sign_file(key: signing.SigningKey, modules_dir: Path, relative: str,
+                                 tmp_path: Path) -> None:
+    original = (modules_dir / relative).read_bytes()
+    assert signing.is_signed(original), "Debian's modules come signed by Debian"
+    body = signing.strip_signature(original)
+    assert not signing.is_signed(body)
+    reference = sign_file(key, body, tmp_path)
+    # An unsigned input and the Debian-signed original give sign-file's bytes:
+    # the old signature goes, the new one covers the module alone.
+    assert signing.sign_module(body, key) == reference
+    assert signing.sign_module(original, key) == reference
+    # Signing again replaces our own signature the same way.
+    assert signing.sign_module(reference, key) == reference
+    assert reference.endswith(MODULE_SIG_STRING)
+    assert len(reference) - signature_length(reference) == len(body)
+
+
+def test_signature_verifies_with_the_certificate(key: signing.SigningKey, modules_dir: Path,
+                                                 tmp_path: Path) -> None:
+    signed = signing.sign_module((modules_dir / MODULES[0]).read_bytes(), key)
+    body = signing.strip_signature(signed)
+    end = len(signed) - len(MODULE_SIG_STRING)
+    algo, hash_, id_type, signer_len, key_id_len, sig_len = signing._MODULE_SIGNATURE.unpack_from(
+        signed, end - signing._MODULE_SIGNATURE.size)
+    assert (algo, hash_, id_type, signer_len, key_id_len) == (0, 0, signing.PKEY_ID_PKCS7, 0, 0)
+    (tmp_path / "body").write_bytes(body)
+    (tmp_path / "sig").write_bytes(signed[len(body):len(body) + sig_len])
+    run = subprocess.run(["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in",
+                          str(tmp_path / "sig"), "-content", str(tmp_path / "body"),
+                          "-certfile", str(key.cert), "-noverify", "-out", os.devnull],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "Verification successful" in run.stderr, run.stderr
+
+
+def test_split_ignores_the_appended_signature(modules_dir: Path) -> None:
+    """The splitter reads the ELF, not the bytes after it: a Debian-signed original and
+    the same module unsigned give the same C and I, neither of which carries the
+    original's signature (it signs other bytes)."""
+    original = (modules_dir / MODULES[0]).read_bytes()
+    signed_split = split_module(original)
+    unsigned_split = split_module(signing.strip_signature(original))
+    assert signed_split.core == unsigned_split.core
+    assert signed_split.init == unsigned_split.init
+    assert not signing.is_signed(signed_split.core) and not signing.is_signed(signed_split.init)
+
+
+def test_split_signs_every_module_it_writes(key: signing.SigningKey, modules_dir: Path,
+                                            tmp_path: Path) -> None:
+    """--two-stage always: dummy and loop get C and I; crc7 (nothing to split) and, under
+    the default Discard=btf, every original is rewritten. Each file written is
+    sign-file's signature over what the unsigned run writes, and the manifests
+    vouch for the signed bytes."""
+    tree = tmp_path / "tree"
+    for relative in MODULES:
+        (tree / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(modules_dir / relative, tree / relative)
+    plain, signed = tmp_path / "plain", tmp_path / "signed"
+    assert cli.main(["split", "--two-stage", "always", str(tree), "-o", str(plain), "-q", "-j", "1"]) == 0
+    assert cli.main(["split", "--two-stage", "always", str(tree), "-o", str(signed), "-q", "-j", "1",
+                     "--sign-key", str(key.key), "--sign-cert", str(key.cert)]) == 0
+    written = sorted(p.relative_to(plain) for p in plain.rglob("*.ko"))
+    assert sorted(p.relative_to(signed) for p in signed.rglob("*.ko")) == written
+    assert {p.name for p in written} >= {"dummy.ko", "dummy__init.ko", "loop.ko", "loop__init.ko",
+                                         "crc7.ko"}
+    for relative in written:
+        unsigned = (plain / relative).read_bytes()
+        assert not signing.is_signed(unsigned), relative
+        assert (signed / relative).read_bytes() == sign_file(key, unsigned, tmp_path), relative
+    for relative in MODULES:
+        hit = read_entry(signed, Path(relative), source=(tree / relative).read_bytes())
+        assert isinstance(hit, CacheHit), (relative, hit)
+        with hit:
+            assert hit.manifest.core_size == (signed / relative).stat().st_size, hit.manifest
+
+
+def test_unusable_key_writes_nothing(key: signing.SigningKey, modules_dir: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A key openssl cannot use: every module is an error and gets no entry (an unsigned
+    split would be refused by an enforcing kernel), exit 1."""
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key\n")
+    bad.chmod(0o600)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    shutil.copyfile(modules_dir / MODULES[0], tree / "dummy.ko")
+    out = tmp_path / "out"
+    assert cli.main(["split", "--two-stage", "always", str(tree), "-o", str(out), "-q",
+                     "--sign-key", str(bad), "--sign-cert", str(key.cert)]) == cli.EXIT_FAILED
+    assert "openssl cms -sign failed" in capsys.readouterr().err
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_sign_options_usage(key: signing.SigningKey, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "out")
+    assert cli.main(["split", str(key.cert.parent), "-o", out, "--sign-key", str(key.key)]) == cli.EXIT_USAGE
+    assert "--sign-key and --sign-cert go together" in capsys.readouterr().err
+    assert cli.main(["split", str(key.cert.parent), "-o", out, "--sign-key", str(tmp_path / "none"),
+                     "--sign-cert", str(key.cert)]) == cli.EXIT_USAGE
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_key_create(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = tmp_path / "keys"
+    assert cli.main(["key", "create", str(directory)]) == cli.EXIT_OK
+    stdout = capsys.readouterr().out
+    key, cert = directory / "mok.key", directory / "mok.pub"
+    assert f"mokutil --import {cert}" in stdout
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    subject = subprocess.run(["openssl", "x509", "-inform", "DER", "-in", str(cert), "-noout",
+                              "-subject"], capture_output=True, text=True, check=True).stdout
+    assert "CN = initsplit module signing key" in subject
+    assert key.read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    # An existing pair is never replaced: it may be enrolled already.
+    before = key.read_bytes()
+    assert cli.main(["key", "create", str(directory)]) == cli.EXIT_FAILED
+    assert "exists already" in capsys.readouterr().err
+    assert key.read_bytes() == before
+
+
+def test_default_key_prefers_dkms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dkms, own = tmp_path / "dkms", tmp_path / "own"
+    monkeypatch.setattr(signing, "DKMS_KEY", dkms / "mok.key")
+    monkeypatch.setattr(signing, "DKMS_CERT", dkms / "mok.pub")
+    monkeypatch.setattr(signing, "DEFAULT_KEY_DIR", own)
+    assert signing.default_key() is None
+    signing.create_key(own)
+    assert signing.default_key() == signing.SigningKey(own / "mok.key", own / "mok.pub")
+    signing.create_key(dkms)
+    assert signing.default_key() == signing.SigningKey(dkms / "mok.key", dkms / "mok.pub")
