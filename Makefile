@@ -25,7 +25,8 @@ bench: deps
 	$(PYTHON) bench/split_tree.py
 
 # The Debian package, initsplit_VERSION_all.deb, built with dpkg-buildpackage from a
-# copy of HEAD (committed files only) into DEBDIR (default: dist/).
+# copy of the checkout's files (tracked and untracked, not ignored: uncommitted
+# changes included) into DEBDIR (default: dist/).
 DEBDIR ?= dist
 deb: deps
 	tools/build-deb $(DEBDIR)

@@ -55,8 +55,7 @@ def main() -> int:
     if work.exists():
         remove_tree(work)
     work.mkdir(parents=True)
-    extra = install_initsplit(work / "destdir")
-    image = build_disk(rootfs, out=work, extra_files=extra)
+    image = build_disk(rootfs, out=work, prepare=[install_initsplit()])
     print(f"image: {image.initrd.stat().st_size / 1e6:.1f} MB initramfs, kernel {kernel.kver}",
           flush=True)
 

@@ -10,8 +10,10 @@ On a fresh Debian 12 machine, as root:
 1. fetches the release's kernel package and builds a root of that release with
    debootstrap (both cached in ~/.cache/initsplit or $INITSPLIT_CACHE, outside the
    repository; only the first run pays for them);
-2. installs initsplit into that root with `make install` (daemon, units, udev rules,
-   dracut module) and enables initsplitd.service on the real root;
+2. builds initsplit's Debian package (`make deb`, cached by the tree's content)
+   and installs it into (an overlay of) that root with `dpkg -i`, as a user
+   would: its postinst puts initsplit's 80-drivers.rules in place of udev's and
+   enables initsplitd.service on the real root;
 3. builds the initramfs with dracut: the initsplit dracut module adds python3, the
    daemon and a pre-split cache of every kernel module in the image;
 4. boots the disk in QEMU (TCG, root on a virtio ext4 disk) to multi-user;
@@ -53,7 +55,7 @@ from initsplit.daemon.journal import (  # noqa: E402
 from tests.testbed import TestbedError, cache_dir, debian_kernel  # noqa: E402
 from tests.testbed.apt import RELEASE_ENV, RELEASES, DebianRelease, debian_release  # noqa: E402
 from tests.testbed.given_back import check_given_back  # noqa: E402
-from tests.testbed.install import install_initsplit  # noqa: E402
+from tests.testbed.install import initsplit_deb, install_initsplit  # noqa: E402
 from tests.testbed.rootfs import RootFS, debian_rootfs  # noqa: E402
 from tests.testbed.system import SystemBoot, boot_system, build_disk  # noqa: E402
 
@@ -181,12 +183,16 @@ def main(argv: list[str] | None = None) -> int:
             remove_tree(work)
         work.mkdir(parents=True)
 
-        step("installing initsplit into the image (make install, initsplitd.service enabled)")
-        extra = install_initsplit(work / "destdir", conf_dropins={"50-demo.conf": DROPIN}, rootfs=rootfs)
-
-        step("building the initramfs with dracut (the initsplit module pre-splits its kernel modules)")
+        step("building initsplit's Debian package (make deb; cached by the tree's content)")
         t = time.monotonic()
-        image = build_disk(rootfs, out=work, extra_files=extra,
+        deb = initsplit_deb()
+        info(f"{deb} ({time.monotonic() - t:.0f} s)")
+
+        step("installing it into the image (dpkg -i), then building the initramfs with dracut "
+             "(the initsplit module pre-splits its kernel modules)")
+        t = time.monotonic()
+        image = build_disk(rootfs, out=work,
+                           prepare=[install_initsplit(conf_dropins={"50-demo.conf": DROPIN})],
                            report_commands={"wait_daemon": WAIT_DAEMON, "modules_after": "cat /proc/modules",
                                             "btf_after": "ls /sys/kernel/btf"})
         log = image.dracut_log.read_text()

@@ -1,8 +1,8 @@
 """initsplit installed into a whole Debian 13 system: trixie's dracut, systemd 257, udev,
 Python 3.13, and Linux 6.12 with its .ko.xz modules.
 
-`make install` puts initsplit into the cached trixie root (bytecode compiled by the
-root's own Python), dracut builds the initramfs with the initsplit module and its
+initsplit's Debian package is installed with dpkg -i into an overlay of the cached
+trixie root (its postinst compiles the bytecode with the root's own Python), dracut builds the initramfs with the initsplit module and its
 pre-split cache (entries under NAME.ko for the image's NAME.ko.xz), and the disk
 boots once in QEMU (TCG), with the installed defaults. On 6.12 the splitter refuses
 every module ("unsupported kernel": its tables are 6.1's), so both daemons load
@@ -46,8 +46,7 @@ def rootfs() -> RootFS:
 @pytest.fixture(scope="module")
 def image(rootfs: RootFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemImage]:
     out = tmp_path_factory.mktemp("boot-debian13")
-    extra = install_initsplit(out / "destdir", rootfs=rootfs)
-    image = build_disk(rootfs, out=out, extra_files=extra, report_commands=REPORT)
+    image = build_disk(rootfs, out=out, prepare=[install_initsplit()], report_commands=REPORT)
     yield image
     image.disk.unlink(missing_ok=True)
 

@@ -1,8 +1,10 @@
 """initsplit installed into a whole Debian 12 system: dracut initramfs, systemd, udev.
 
-`make install` puts initsplit into the cached Debian root (the real-root unit enabled
-too), dracut builds the initramfs with the initsplit module (the dracut.conf.d
-snippet make install drops in asks for it), and the disk boots in QEMU (TCG) twice:
+initsplit's Debian package is installed with dpkg -i into an overlay of the cached
+Debian root (tests/testbed/install.py: its postinst diverts udev's 80-drivers.rules
+and enables the real-root unit), dracut builds the initramfs with the initsplit
+module (the dracut.conf.d snippet the package ships asks for it), and the disk boots
+in QEMU (TCG) twice:
 
 * normally: initsplitd in the initramfs loads the root disk's drivers two-stage from
   the pre-split cache, initsplitd-settle holds the root mount until they are in, the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import posixpath
 import re
 import stat
 from collections.abc import Iterator
@@ -38,7 +41,7 @@ from initsplit.split.decide import decide, manifest_reason
 from initsplit.split.policy import SplitOptions
 from tests.testbed import debian_kernel
 from tests.testbed.given_back import check_given_back
-from tests.testbed.install import DAEMON_REPORT, INITRD_UNIT, ROOT_UNIT, SETTLE_UNIT, install_initsplit
+from tests.testbed.install import DAEMON_REPORT, INITRD_UNIT, ROOT_UNIT, RULE, SETTLE_UNIT, install_initsplit
 from tests.testbed.rootfs import RootFS, debian_rootfs
 from tests.testbed.system import SystemBoot, SystemImage, boot_system, build_disk
 
@@ -129,13 +132,13 @@ def image(rootfs: RootFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     # The boots exercise two-stage loads and their faults: TwoStage=always, for the
     # image's `initsplit split` and its daemons alike (the default weighs the init
     # module's slab and loads every module of Debian 6.1 plain).
-    extra = install_initsplit(out / "destdir", conf_dropins={"50-two-stage.conf": TWO_STAGE_DROPIN})
-    rules = out / "destdir/etc/udev/rules.d/70-isplit-hostile.rules"
-    rules.write_text(HOSTILE_RULES)
-    (out / "destdir/etc/dracut.conf.d").mkdir(parents=True, exist_ok=True)
-    (out / "destdir/etc/dracut.conf.d/70-isplit-hostile.conf").write_text(
-        'install_items+=" /etc/udev/rules.d/70-isplit-hostile.rules "\n')
-    image = build_disk(rootfs, out=out, extra_files=extra, report_commands=REPORT)
+    extra = {
+        "/etc/udev/rules.d/70-isplit-hostile.rules": HOSTILE_RULES.encode(),
+        "/etc/dracut.conf.d/70-isplit-hostile.conf":
+            b'install_items+=" /etc/udev/rules.d/70-isplit-hostile.rules "\n',
+    }
+    image = build_disk(rootfs, out=out, prepare=[install_initsplit(conf_dropins={"50-two-stage.conf": TWO_STAGE_DROPIN})],
+                       extra_files=extra, report_commands=REPORT)
     yield image
     image.disk.unlink(missing_ok=True)  # ~750 MB; initrd and dracut.log stay
 
@@ -291,7 +294,13 @@ def test_initramfs_contents(image: SystemImage) -> None:
     for target, unit in wants.items():
         link = files.get(f"etc/systemd/system/{target}/{unit}")
         assert isinstance(link, str) and link.endswith(f"/systemd/system/{unit}"), (target, link)
-    assert files["etc/udev/rules.d/80-drivers.rules"] == (REPO / "udev/80-drivers.rules").read_bytes()
+    # initsplit's rule at udev's name (dracut's inst_rules takes it through the
+    # postinst's link to the package's RULE: a copy, or the link and its target).
+    rule = files.get("usr/lib/udev/rules.d/80-drivers.rules")
+    if isinstance(rule, str):  # dracut makes an absolute link relative
+        rule = files.get(posixpath.normpath(posixpath.join("usr/lib/udev/rules.d", rule)).lstrip("/"))
+    assert rule == (REPO / "udev/80-drivers.rules").read_bytes(), sorted(n for n in files if "80-drivers" in n)
+    assert not [n for n in files if "80-drivers.rules.udev" in n]
     # Only the part of the standard library the daemon imports, with its bytecode.
     stdlib = [n for n in files if n.startswith("usr/lib/python3.11/") and n.endswith(".py")]
     assert 50 < len(stdlib) < 250, len(stdlib)

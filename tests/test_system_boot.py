@@ -1,11 +1,17 @@
-"""A whole Debian system boots in QEMU from the test bed's disk image, before any
-initsplit code is involved: this is the reference boot later daemon tests compare to.
-On both releases: Debian 12 (Linux 6.1, Python 3.11) and Debian 13 (Linux 6.12,
-Python 3.13, .ko.xz modules, merged /usr).
+"""A whole Debian system boots in QEMU from the test bed's disk image without
+initsplit: this is the reference boot later daemon tests compare to, udev loading
+the drivers itself. On both releases: Debian 12 (Linux 6.1, Python 3.11) and Debian
+13 (Linux 6.12, Python 3.13, .ko.xz modules, merged /usr).
 
-Per release, one image is built (cached debootstrap root + a plain dracut initramfs) and booted once
-per module; each test then checks its own part of the report. Nothing is skipped: if
-the root, the image or QEMU cannot be had, the fixtures raise TestbedError.
+Per release, one image is built (cached debootstrap root + a plain dracut initramfs)
+and booted once per module; each test then checks its own part of the report. The
+root is the one a user has after `apt install ./initsplit_*.deb` and `apt purge
+initsplit`: initsplit's package is installed with dpkg -i and purged again with
+dpkg --purge (tests/testbed/install.py) before dracut runs, so the same boot shows
+that a purge leaves a system that boots with udev's own loading: multi-user, the
+drivers in, no initsplit unit, file or diversion left, udev's own 80-drivers.rules
+back. Nothing is skipped: if the root, the image or QEMU cannot be had, the fixtures
+raise TestbedError.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.testbed import debian_kernel
+from tests.testbed.install import install_initsplit
 from tests.testbed.rootfs import PACKAGES, RootFS, debian_rootfs
 from tests.testbed.system import (
     GuestFile,
@@ -61,6 +68,24 @@ journal.send("isplit hello from the guest", ISPLIT_TEST="hello")
 """
 
 
+# What the purge of initsplit must have left: each prints nothing when all is well.
+PURGED_REPORT = {
+    "initsplit_package": "dpkg-query -W -f='${db:Status-Abbrev}' initsplit 2>/dev/null; true",
+    "initsplit_diversions": "dpkg-divert --list | grep -i -e initsplit -e 80-drivers; true",
+    "initsplit_files": "ls -d /usr/lib/initsplit /usr/bin/initsplit /etc/initsplit /run/initsplit "
+                       "/etc/kernel/postinst.d/initsplit /etc/kernel/postrm.d/initsplit "
+                       "/usr/lib/dracut/modules.d/90initsplit /usr/lib/systemd/catalog/initsplit.catalog "
+                       "/lib/udev/rules.d/80-drivers.rules.udev /usr/lib/udev/rules.d/80-drivers.rules.udev-usr "
+                       "2>/dev/null; true",
+    "initsplit_units": "systemctl list-unit-files --no-legend --no-pager 'initsplit*'; "
+                       "systemctl list-units --all --no-legend --no-pager --plain 'initsplit*'; "
+                       "ls /etc/systemd/system/*.wants | grep initsplit; true",
+    # udev's own rule back under the name udev ships it as, with udev's bytes.
+    "udev_rule": "cd / && grep -E ' (usr/)?lib/udev/rules.d/80-drivers.rules$' "
+                 "/var/lib/dpkg/info/udev.md5sums | md5sum -c --strict",
+}
+
+
 @pytest.fixture(scope="module", params=["12", "13"], ids=["debian12", "debian13"])
 def rootfs(request: pytest.FixtureRequest) -> RootFS:
     return debian_rootfs(debian_kernel(release=request.param))
@@ -71,6 +96,7 @@ def image(rootfs: RootFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     image = build_disk(
         rootfs,
         out=tmp_path_factory.mktemp("system"),
+        prepare=[install_initsplit(purge=True)],
         extra_files={"/usr/local/lib/isplit-test/hello.py": GuestFile(HELLO_PY, 0o644),
                      "/usr/local/lib/isplit-test/check.py": GUEST_PY_CHECK.encode()},
         units={"isplit-hello.service": HELLO_UNIT},
@@ -78,6 +104,7 @@ def image(rootfs: RootFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "python": "python3 /usr/local/lib/isplit-test/check.py",
             "uname": "uname -r",
             "failed_status": "systemctl status --failed --no-pager --full --lines=30",
+            **PURGED_REPORT,
         },
     )
     yield image
@@ -164,6 +191,26 @@ def test_guest_python(booted: SystemBoot, rootfs: RootFS) -> None:
     assert lines["python"].endswith("/usr/bin/python3"), sec.output
     assert "vda" in lines["block"].split(), sec.output
     assert int(lines["modules"]) > 3, sec.output
+
+
+@pytest.mark.vm
+def test_purged_initsplit_left_udev_loading(booted: SystemBoot) -> None:
+    """The image's root had initsplit installed and purged: nothing of it is left,
+    udev's own 80-drivers.rules is back, and no initsplit unit ran (the drivers
+    were loaded by udev: test_root_drivers_loaded_in_initramfs)."""
+    for name in PURGED_REPORT:
+        sec = booted.sections[name]
+        assert sec.rc == 0, booted.report()
+        if name == "udev_rule":
+            assert re.fullmatch(r"\S*lib/udev/rules\.d/80-drivers\.rules: OK\n?", sec.output), sec.output
+        else:
+            assert not sec.output.strip(), f"{name}:\n{sec.output}"
+    ran = [e for e in booted.journal_json if str(e.get("_SYSTEMD_UNIT", "")).startswith("initsplit")
+           or e.get("SYSLOG_IDENTIFIER") in ("initsplitd", "initsplit")]
+    assert not ran, ran[:3]
+    # udev's module loading ran: the report's /proc/modules has more than the
+    # initramfs's root drivers.
+    assert len(booted.modules) > 5, booted.proc_modules
 
 
 def test_parse_report() -> None:

@@ -1,29 +1,52 @@
-"""initsplit installed into a test bed image the way a package would install it.
+"""initsplit installed into a test bed image as a user installs it: the Debian package.
 
-`make install DESTDIR=...` puts the daemon, the CLI, both units, the configuration,
-the journal catalog, the udev rules, the dracut module and its dracut.conf.d snippet
-into a staging tree; the real-root unit is enabled there as `systemctl enable`
-would (a symlink in /etc/systemd/system/sysinit.target.wants). build_disk() then
-overlays the tree on the cached root, so dracut in the image finds the module.
+initsplit_deb() builds initsplit_VERSION_all.deb from this checkout once (tools/build-deb,
+as `make deb`), cached under cache_dir()/deb/ by the content of the files build-deb
+packs (tracked and untracked, not ignored: uncommitted edits make a new package).
+DebInstall is build_disk()'s `prepare` step: in a chroot of the image's overlay of the
+cached root, the conf drop-ins are written and `dpkg -i` installs the package, so its
+maintainer scripts do what they do on a user's machine (udev's 80-drivers.rules
+diverted and linked to /usr/lib/initsplit/udev/80-drivers.rules, initsplitd.service
+enabled by deb-systemd-helper, bytecode compiled by the root's own python3, the
+journal catalog updated by systemd's trigger); with purge=True `dpkg --purge`
+removes it again. build_disk() then runs dracut, which finds the package's dracut
+module, in the same overlay.
+
+The postinst runs with INITSPLIT_NO_CACHE=1: building the real root's pre-split
+cache of the whole tree (~4,000 modules on Debian 12) takes one to five minutes and
+adds ~350 MB to every image, and the boot tests never relied on it (the dracut
+module splits the initramfs's modules into the image; the real-root daemon splits
+what is missing when it loads it). INITRD=No: dracut's update-initramfs trigger is
+skipped, build_disk() runs dracut itself.
 """
 
 from __future__ import annotations
 
-import io
+import functools
+import hashlib
+import re
 import shutil
 import subprocess
-import tarfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._util import TestbedError, run, tail
-from .rootfs import CHROOT_ENV, RootFS
+from ._util import TestbedError, file_lock, run
+from .kernel import cache_dir
+from .rootfs import chroot_mounts, chroot_run
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
 INITRD_UNIT = "initsplitd-initrd.service"
 ROOT_UNIT = "initsplitd.service"
 SETTLE_UNIT = "initsplitd-settle.service"
+PACKAGE = "initsplit"
+# Where the package ships its rule; the postinst links udev's own name to it.
+RULE = "/usr/lib/initsplit/udev/80-drivers.rules"
+DROPIN_DIR = "/etc/initsplit/initsplitd.conf.d"
+
+# Every dpkg run in an image (see the module docstring).
+DPKG_ENV = {"INITRD": "No", "INITSPLIT_NO_CACHE": "1"}
 
 # build_disk() report commands every boot of an installed initsplit needs: the state
 # once both daemons are done, which the journal's given-back total is held against.
@@ -45,96 +68,93 @@ DAEMON_REPORT = {
     "failed_status": "systemctl status --failed --no-pager --full --lines=30",
 }
 
-# The real-root unit's [Install] section: WantedBy=sysinit.target.
-ENABLE_LINKS = {
-    "etc/systemd/system/sysinit.target.wants/initsplitd.service":
-        "/usr/lib/systemd/system/initsplitd.service",
-}
 
-
-def install_initsplit(destdir: Path, *, enable: bool = True,
-                      conf_dropins: Mapping[str, str] = {},
-                      rootfs: RootFS | None = None) -> dict[str, Path]:
-    """`make install DESTDIR=destdir` from this checkout; returns build_disk's
-    extra_files for the tree (top-level directories, copied with their symlinks).
-
-    enable: also enable initsplitd.service on the real root.
-    conf_dropins: name -> text, written as /etc/initsplit/initsplitd.conf.d/NAME
-        (they end up in the initramfs too, as the daemon's configuration there).
-    rootfs: the root the tree is for; its python3 compiles the bytecode (None:
-        the host's /usr/bin/python3, which is Debian 12's, the bookworm root's).
-    """
-    destdir = Path(destdir)
-    if destdir.exists():
-        shutil.rmtree(destdir)
-    destdir.mkdir(parents=True)
-    run(["make", "-s", "-C", REPO, "install", f"DESTDIR={destdir}"],
-        what="install initsplit into a staging tree", timeout=300)
-    for name, text in conf_dropins.items():
-        (destdir / "etc/initsplit/initsplitd.conf.d" / name).write_text(text)
-    if enable:
-        for link, target in ENABLE_LINKS.items():
-            path = destdir / link
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.symlink_to(target)
-    # Bytecode, as Debian's py3compile makes it when a package is installed: without
-    # it the daemon compiles its ~40 modules at every boot of a -snapshot disk.
-    # It has to be the image's interpreter's (3.11 on bookworm, 3.13 on trixie:
-    # another magic number and __pycache__ tag).
-    if rootfs is None or rootfs.kernel.release.python == _host_python():
-        run(["/usr/bin/python3", "-m", "compileall", "-q", "-s", destdir, "-p", "/",
-             destdir / "usr/lib/initsplit/python"], what="compile initsplit's bytecode")
+def _tree_files() -> list[str]:
+    """The files tools/build-deb packs: git ls-files, tracked and untracked, not
+    ignored; outside a checkout, the whole tree but dist/."""
+    proc = subprocess.run(["git", "-C", REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                          capture_output=True)
+    if proc.returncode == 0:
+        names = set(proc.stdout.decode().split("\0"))
     else:
-        _compile_in_root(rootfs.path, destdir, destdir / "usr/lib/initsplit/python")
-    tops = sorted(p for p in destdir.iterdir() if p.is_dir())
-    if not any((destdir / "usr/lib/dracut/modules.d/90initsplit").glob("module-setup.sh")):
-        raise TestbedError(f"make install left no dracut module in {destdir}")
-    return {f"/{p.name}": p for p in tops}
+        names = {str(p.relative_to(REPO)) for p in REPO.rglob("*")
+                 if p.relative_to(REPO).parts[0] not in ("dist", ".git")}
+    return sorted(f for f in names if f and (REPO / f).is_file())
 
 
-
-def _host_python() -> str:
-    out = run(["/usr/bin/python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-              what="ask the host's python3 for its version")
-    return out.strip()
-
-
-# Run by the root's python3 in a chroot: reads a tar of sources (named by their guest
-# path, with their mtime) on stdin, writes a tar of their timestamp-based .pyc files
-# (named as cache_from_source names them) on stdout. Nothing is written in the root.
-_COMPILE_SCRIPT = """
-import importlib._bootstrap_external as ext, importlib.util, io, sys, tarfile
-src = tarfile.open(fileobj=io.BytesIO(sys.stdin.buffer.read()), mode="r:")
-out = io.BytesIO()
-dst = tarfile.open(fileobj=out, mode="w:")
-for member in src.getmembers():
-    data = src.extractfile(member).read()
-    path = "/" + member.name
-    code = compile(data, path, "exec", dont_inherit=True)
-    pyc = bytes(ext._code_to_timestamp_pyc(code, int(member.mtime), len(data)))
-    info = tarfile.TarInfo(importlib.util.cache_from_source(path).lstrip("/"))
-    info.size, info.mtime, info.mode = len(pyc), member.mtime, 0o644
-    dst.addfile(info, io.BytesIO(pyc))
-dst.close()
-sys.stdout.buffer.write(out.getvalue())
-"""
+def _tree_key() -> str:
+    h = hashlib.sha256()
+    for rel in _tree_files():
+        path = REPO / rel
+        h.update(rel.encode() + b"\0" + oct(path.stat().st_mode & 0o111).encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:20]
 
 
-def _compile_in_root(root: Path, destdir: Path, tree: Path) -> None:
-    """compileall with the interpreter of *root* (a chroot; -I -B: it neither reads
-    the environment nor writes bytecode of its own), for the sources under *tree*
-    as they will be installed at their path below *destdir*."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:") as tar:
-        for path in sorted(tree.rglob("*.py")):
-            tar.add(path, arcname=str(path.relative_to(destdir)), recursive=False)
-    proc = subprocess.run(["chroot", root, "/usr/bin/python3", "-I", "-B", "-c", _COMPILE_SCRIPT],
-                          input=buf.getvalue(), capture_output=True, env=CHROOT_ENV, timeout=300)
-    if proc.returncode != 0:
-        raise TestbedError(f"compile initsplit's bytecode with {root}/usr/bin/python3 failed "
-                           f"(exit {proc.returncode}):\n{tail(proc.stderr.decode(errors='replace'))}")
-    with tarfile.open(fileobj=io.BytesIO(proc.stdout), mode="r:") as tar:
-        for member in tar.getmembers():
-            dest = destdir / member.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(tar.extractfile(member).read())
+@functools.cache
+def initsplit_deb() -> Path:
+    """initsplit_VERSION_all.deb of this checkout as it is now, built once (~20 s)
+    and cached under cache_dir()/deb/KEY/ (KEY: the content of the packed files).
+    Needs debhelper, dpkg-dev and fakeroot (tools/install-deps)."""
+    missing = [t for t in ("dpkg-buildpackage", "dh", "fakeroot") if shutil.which(t) is None]
+    if missing:
+        raise TestbedError(f"building the Debian package needs {', '.join(missing)} (tools/install-deps)")
+    key = _tree_key()
+    version = re.search(r'^version = "(.*)"$', (REPO / "pyproject.toml").read_text(), re.M)
+    if not version:
+        raise TestbedError("no version in pyproject.toml")
+    out = cache_dir() / "deb" / key
+    deb = out / f"{PACKAGE}_{version.group(1)}_all.deb"
+    with file_lock(cache_dir() / "locks" / f"deb-{key}.lock"):
+        if not deb.is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            printed = run([REPO / "tools" / "build-deb", out], what="build the Debian package (make deb)",
+                          timeout=600)
+            if Path(printed.strip()) != deb or not deb.is_file():
+                raise TestbedError(f"tools/build-deb printed {printed.strip()!r}, expected {deb}")
+    return deb
+
+
+@dataclass(frozen=True)
+class DebInstall:
+    """build_disk(prepare=...) step: the package installed with dpkg -i in a chroot of
+    the image's root (the overlay of the cached root), as a user installs it.
+
+    conf_dropins: name -> text, written as /etc/initsplit/initsplitd.conf.d/NAME before
+        the installation (the administrator's files: dpkg leaves them alone; they end
+        up in the initramfs too, as the daemon's configuration there).
+    purge: remove the package again with dpkg --purge (what is left is the system
+        udev loads the modules of alone).
+    deb: the package (default: initsplit_deb()).
+    """
+
+    conf_dropins: Mapping[str, str] = field(default_factory=dict)
+    purge: bool = False
+    deb: Path | None = None
+
+    def __call__(self, root: Path) -> None:
+        deb = self.deb or initsplit_deb()
+        for name, text in self.conf_dropins.items():
+            if "/" in name or name.startswith("."):
+                raise TestbedError(f"bad drop-in name {name!r}")
+            path = root / DROPIN_DIR.lstrip("/") / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        staged = root / "var/tmp" / deb.name
+        shutil.copyfile(deb, staged)
+        try:
+            with chroot_mounts(root):
+                chroot_run(root, ["dpkg", "-i", f"/var/tmp/{deb.name}"], env=DPKG_ENV,
+                           what=f"dpkg -i {deb.name} in the image's root")
+                if self.purge:
+                    chroot_run(root, ["dpkg", "--purge", PACKAGE], env=DPKG_ENV,
+                               what="dpkg --purge initsplit in the image's root")
+        finally:
+            staged.unlink(missing_ok=True)
+        if not self.purge and not (root / "usr/lib/dracut/modules.d/90initsplit/module-setup.sh").is_file():
+            raise TestbedError(f"dpkg -i {deb.name} left no dracut module in the image")
+
+
+def install_initsplit(*, conf_dropins: Mapping[str, str] = {}, purge: bool = False) -> DebInstall:
+    """The prepare step of build_disk() that installs this checkout's package."""
+    return DebInstall(conf_dropins=dict(conf_dropins), purge=purge)

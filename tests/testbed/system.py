@@ -4,7 +4,9 @@ initramfs built inside it, QEMU (TCG) to multi-user, and the guest's journal on 
 build_disk() makes the image:
   1. an overlay mount puts a scratch layer over the cached root, so neither copying the
      ~650 MB tree nor touching the cache is needed (the cache stays pristine for others);
-  2. the caller's files and units and the report service are written into the overlay;
+  2. the caller's prepare steps run on it (install.DebInstall: initsplit's package
+     installed with dpkg -i in a chroot), then the caller's files and units and the
+     report service are written into the overlay;
   3. dracut runs in a chroot of the overlay, with /proc, /sys, /dev, /dev/pts mounted;
   4. `mkfs.ext4 -d` packs the overlay into a fresh sparse ext4 image without mounting it
      (no loop devices needed).
@@ -27,7 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,6 +184,7 @@ def build_disk(
     rootfs: RootFS,
     *,
     out: Path,
+    prepare: Sequence[Callable[[Path], None]] = (),
     extra_files: Mapping[str, ExtraFile] = {},
     units: Mapping[str, str] = {},
     report_commands: Mapping[str, str] = {},
@@ -192,6 +195,9 @@ def build_disk(
 ) -> SystemImage:
     """Make a bootable disk + initramfs from `rootfs` in the directory `out`.
 
+    prepare: callables run in order with the image's root (the overlay's merged
+        directory) before anything else is written into it, e.g.
+        install.install_initsplit() (dpkg -i of initsplit's package in a chroot).
     extra_files: guest path -> host file (mode kept), directory (copied recursively),
         bytes (0644) or GuestFile. Written before dracut runs, so dracut modules and
         configuration (/etc/dracut.conf.d/...) given here take effect.
@@ -235,6 +241,9 @@ def build_disk(
              f"lowerdir={rootfs.path},upperdir={work / 'upper'},workdir={work / 'work'}", merged],
             what="mount an overlay over the cached root",
         )
+        for step in prepare:
+            step(merged)
+        timings["prepare"] = time.monotonic() - t0
         _write_files(merged, extra_files)
         _install_report(merged, report_commands)
         _install_units(merged, units)
