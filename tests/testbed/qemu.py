@@ -266,9 +266,17 @@ def boot(
             argv += ["-virtfs", f"local,path={host_dir},mount_tag=share{n},security_model=none,"
                      "readonly=on,multidevs=remap"]
         argv += list(qemu_args)
-        run = run_qemu(argv, log=tmp / "qemu.log", timeout=timeout)
-        console = _read_serial(console_log)
-        output = _read_serial(out_log)
+        return run_guest(argv, console_log=console_log, out_log=out_log, log=tmp / "qemu.log",
+                         timeout=timeout)
+
+
+def run_guest(argv: list[str], *, console_log: Path, out_log: Path, log: Path,
+              timeout: float) -> BootResult:
+    """Run a guest whose two serial ports go to *console_log* and *out_log* (the
+    test bed's init writes its sections to the second) and read what it said."""
+    run = run_qemu(argv, log=log, timeout=timeout)
+    console = _read_serial(console_log)
+    output = _read_serial(out_log)
     run.check(argv, produced=bool(output or console))
     return _parse(console, output, run.duration, run.timed_out, run.log)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ._util import TestbedError
 from .kernel import DebianKernel
-from .qemu import BASE_APPEND, QEMU, BootResult, _parse, _read_serial, build_initramfs, run_qemu
+from .qemu import BASE_APPEND, QEMU, BootResult, build_initramfs, run_guest
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
@@ -226,8 +226,5 @@ def secureboot_boot(kernel: DebianKernel, *, script: str, mok_cert_der: bytes,
             "-serial", f"file:{console_log}", "-serial", f"file:{out_log}",
             "-nic", "none",
         ]
-        run = run_qemu(argv, log=tmp / "qemu.log", timeout=timeout)
-        console = _read_serial(console_log)
-        output = _read_serial(out_log)
-    run.check(argv, produced=bool(output or console))
-    return _parse(console, output, run.duration, run.timed_out, run.log)
+        return run_guest(argv, console_log=console_log, out_log=out_log, log=tmp / "qemu.log",
+                         timeout=timeout)
