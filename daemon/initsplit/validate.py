@@ -95,6 +95,7 @@ from .split.tables import (
     KernelTables,
     StructModuleLayout,
     kernel_tables,
+    pack_orc_entry,
 )
 
 C, I = "C", "I"
@@ -117,14 +118,6 @@ ENOEXEC = 8
 def _shifted(target: Target, delta: int) -> Target:
     """*target* moved by *delta* bytes (every form ends in its offset or addend)."""
     return (*target[:-1], target[-1] + delta)
-
-
-def _orc_entry(sp_offset: int, sp_reg: int, orc_type: int) -> bytes:
-    """struct orc_entry (arch/x86/include/asm/orc_types.h), packed: s16 sp_offset,
-    s16 bp_offset, then the bitfields sp_reg:4 bp_reg:4 type:2 end:1 (6.1; 6.12:
-    type:3 signal:1), little-endian; *orc_type* is the kernel's (KernelTables)."""
-    bits = sp_reg | (ORC_REG_UNDEFINED << 4) | (orc_type << 8)
-    return struct.pack("<hhH", sp_offset, 0, bits)
 
 
 def _init_result_class(low: int, high: int) -> tuple[str, int] | None:
@@ -796,10 +789,10 @@ class _Validator:
         for insn in analysis.insns:
             sp = analysis.sp_at.get(insn.offset, depth)
             if sp != depth:
-                orc.append((insn.offset, _orc_entry(sp, ORC_REG_SP, orc_type)))
+                orc.append((insn.offset, pack_orc_entry(sp, ORC_REG_SP, orc_type)))
                 depth = sp
         end = analysis.insns[-1].end
-        orc.append((end, _orc_entry(0, ORC_REG_UNDEFINED, ORC_TYPE_TERMINATOR)))
+        orc.append((end, pack_orc_entry(0, ORC_REG_UNDEFINED, ORC_TYPE_TERMINATOR)))
         sites = sorted({p.exit.offset for p in analysis.paths
                         if p.exit is not None and p.exit.op == "jmp"})
         return _Routine(orc, sites)

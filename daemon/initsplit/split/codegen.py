@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from ..elf.constants import R_X86_64_PC32, R_X86_64_PLT32
 from .initresult import INIT_FAILED_BIAS
-from .tables import MAX_ERRNO, ORC_REG_SP, ORC_REG_UNDEFINED, ORC_TYPE_TERMINATOR
+from .tables import MAX_ERRNO, ORC_REG_SP, ORC_REG_UNDEFINED, ORC_TYPE_TERMINATOR, pack_orc_entry
 
 ENDBR64 = bytes.fromhex("f30f1efa")  # a NOP on CPUs without IBT, the landing pad on those with it
 
@@ -57,10 +57,8 @@ class OrcEntry:
     bp_reg: int = ORC_REG_UNDEFINED
 
     def pack(self) -> bytes:
-        # struct orc_entry, little-endian bitfields: sp_reg:4 bp_reg:4 type:2 end:1 (6.1),
-        # type:3 signal:1 (6.12); the types codegen writes fit both.
-        bits = (self.sp_reg & 0xF) | ((self.bp_reg & 0xF) << 4) | ((self.type & 7) << 8)
-        return struct.pack("<hhH", self.sp_offset, self.bp_offset, bits)
+        return pack_orc_entry(self.sp_offset, self.sp_reg, self.type,
+                              bp_offset=self.bp_offset, bp_reg=self.bp_reg)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ one anchor no longer reaches all of C (layout/linux612.py).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 
@@ -108,6 +109,16 @@ ORC_TYPE_CALL_612 = 2
 # 6.1's UNWIND_HINT_TYPE_CALL and 6.12's ORC_TYPE_UNDEFINED (measured: every entry
 # with sp_reg 0 in Debian's dummy and loop is all zero, on 6.1 and 6.12).
 ORC_TYPE_TERMINATOR = 0
+_ORC_ENTRY = struct.Struct("<hhH")  # s16 sp_offset, s16 bp_offset, u16 bitfields
+
+
+def pack_orc_entry(sp_offset: int, sp_reg: int, orc_type: int, *, bp_offset: int = 0,
+                   bp_reg: int = ORC_REG_UNDEFINED) -> bytes:
+    """struct orc_entry, packed and little-endian: s16 sp_offset, s16 bp_offset, then
+    the bitfields sp_reg:4 bp_reg:4 type:2 end:1 (6.1) or type:3 signal:1 (6.12);
+    *orc_type* is the kernel's (KernelTables), and the types written fit both."""
+    bits = (sp_reg & 0xF) | ((bp_reg & 0xF) << 4) | ((orc_type & 7) << 8)
+    return _ORC_ENTRY.pack(sp_offset, bp_offset, bits)
 
 
 @dataclass(frozen=True, slots=True)
