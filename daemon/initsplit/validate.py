@@ -189,7 +189,9 @@ class _Validator:
         self.bytes_checked = 0
         self.relocs_checked = 0
         self.synthesized = 0
-        self.routines: dict[int, _Routine] | None = None
+        # I's wrapper and stub, section index -> what was derived of each: set
+        # by run() (_routines) before the tables, whose records for them it gives.
+        self.routines: dict[int, _Routine] = {}
         # (side, section index) -> {offset: (type, target)}; entries are removed when accounted for.
         self.pending: dict[tuple[str, int], dict[int, tuple[int, Target]]] = {}
 
@@ -207,6 +209,8 @@ class _Validator:
         self.anchors = self._check_exports()
         self._index_output_relocations(I)
         self._check_plain_sections()
+        self._module_fields()
+        self.routines = self._routines()
         moved = self._check_tables()
         self._check_struct_modules()
         self._check_eval_map_copies()
@@ -260,17 +264,16 @@ class _Validator:
 
     def _index_output_relocations(self, side: str) -> None:
         obj = self.out[side]
-        if True:
-            for target, table in obj.relocations.items():
-                if not obj.sections[target].flags & SHF_ALLOC:
-                    continue
-                out_target = self._out_target
-                places = {offset: (type_, out_target(side, symbol, addend))
-                          for offset, type_, symbol, addend
-                          in zip(table.offsets, table.types, table.symbols, table.addends)}
-                if len(places) != len(table):
-                    _fail(f"{side}: two relocations at one place in {obj.sections[target].name}")
-                self.pending[(side, target)] = places
+        out_target = self._out_target
+        for target, table in obj.relocations.items():
+            if not obj.sections[target].flags & SHF_ALLOC:
+                continue
+            places = {offset: (type_, out_target(side, symbol, addend))
+                      for offset, type_, symbol, addend
+                      in zip(table.offsets, table.types, table.symbols, table.addends)}
+            if len(places) != len(table):
+                _fail(f"{side}: two relocations at one place in {obj.sections[target].name}")
+            self.pending[(side, target)] = places
 
     # ---------------------------------------------------------------- targets
     def _orig_target(self, symbol: int, addend: int) -> Target:
@@ -568,7 +571,7 @@ class _Validator:
     def _check_synthesized_records(self, table, extra, first_index: int) -> None:
         """The records I has beyond the original's: exactly the ones for our code,
         as the validator's own reading of that code (_routines) derives them."""
-        routines = self._routines()
+        routines = self.routines
         expected: list[tuple[bytes, tuple, bytes]] = []
         zero = bytes(table.record_size)
         if table.section == ".orc_unwind_ip":
@@ -592,14 +595,12 @@ class _Validator:
     # ------------------------------------------------------ synthesized code
     def _routines(self) -> dict[int, _Routine]:
         """I's wrapper and stub (section index -> what was derived), each decoded
-        and checked once, its relocations taken (validate_x86.py: decode, analyse).
+        and checked, its relocations taken (validate_x86.py: decode, analyse).
+        Run once, by run(), after the struct module fields and C's exports.
 
         Nothing here asks the code generator: the expectations are the
         validator's own (struct module fields from the layout table, sizes from
         its run of the layout model, counts from its reading of C's exports)."""
-        if self.routines is not None:
-            return self.routines
-        self._module_fields()
         w_index, s_index = self.by_name[I].get(WRAPPER_SECTION), self.by_name[I].get(STUB_SECTION)
         if w_index is None or s_index is None:
             _fail("I lacks its wrapper or stub")
@@ -614,8 +615,7 @@ class _Validator:
         if [i.op for i in stub.insns if i.offset in stub.sp_at] != ["endbr64", stub.paths[0].exit.op]:
             _fail("I's exit stub does more than return")
         orc_type = self.kernel.orc_type_call
-        self.routines = {w_index: self._derived(wrapper, orc_type), s_index: self._derived(stub, orc_type)}
-        return self.routines
+        return {w_index: self._derived(wrapper, orc_type), s_index: self._derived(stub, orc_type)}
 
     def _analyse(self, index: int, what: str) -> x86.Analysis:
         """Decode I's routine in section *index*, attach its relocations to the
@@ -817,8 +817,8 @@ class _Validator:
         return kernel
 
     def _module_fields(self) -> None:
-        if hasattr(self, "init_field"):
-            return
+        """->init and ->exit of the original's struct module (by its relocations),
+        and the struct module layout of its kernel; run once, by run()."""
         mod = self._section(self.orig, THIS_MODULE)
         fields = {}
         for rel in self.orig.relocations_for(mod):
@@ -844,7 +844,6 @@ class _Validator:
             self.exit_field = self.layout.exit
 
     def _check_struct_modules(self) -> None:
-        self._module_fields()
         orig = self._section(self.orig, THIS_MODULE)
         core = self._section(self.out[C], THIS_MODULE)
         init = self._section(self.out[I], THIS_MODULE)
@@ -873,12 +872,6 @@ class _Validator:
             _fail("I's struct module has extra relocations")
         self.relocs_checked += 1 if self.has_cleanup else 0
         self.relocs_checked += 1
-        self._check_routines()
-
-    def _check_routines(self) -> None:
-        """I's wrapper and stub, decoded and proved right (their relocations are
-        taken there): done in _check_tables already when I has ORC records."""
-        self._routines()
 
     # ------------------------------------------------------- eval map copies
     def _check_eval_map_copies(self) -> None:
