@@ -41,8 +41,9 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from dataclasses import dataclass
+from typing import Sequence
 
-from .elf import ElfObject, MalformedElf, read_elf
+from .elf import ElfObject, MalformedElf, Section, read_elf
 from .layout import LayoutRules
 from .layout.linux61 import module_layout
 from .elf.constants import (
@@ -93,6 +94,7 @@ from .split.tables import (
     ORC_TYPE_TERMINATOR,
     TRACE_EVAL_MAP_SIZE,
     KernelTables,
+    RecordTable,
     StructModuleLayout,
     kernel_tables,
     pack_orc_entry,
@@ -108,6 +110,9 @@ _NOT_LOADED = (".modinfo", "__versions")
 # anchor, so what they are compared with is first turned into "core" offsets
 # (_as_seen_from).
 Target = tuple
+# One record of a per-record table as compared: its bytes, its relocations
+# ((offset in the record, type, Target), sorted) and its parallel table's record.
+_Record = tuple[bytes, tuple, bytes]
 
 # include/uapi/asm-generic/errno-base.h, "Exec format error": what the wrapper
 # returns when C's core_layout is not the layout model's (the original init has
@@ -226,7 +231,7 @@ class _Validator:
 
     # ------------------------------------------------------------- structure
     @staticmethod
-    def _section(obj: ElfObject, name: str):
+    def _section(obj: ElfObject, name: str) -> Section:
         section = obj.section(name)
         if section is None:
             _fail(f"missing section {name}")
@@ -377,7 +382,7 @@ class _Validator:
             self.publish_counts[table] = (len(visible) if table == KSYMTAB else 0) + len(got)
         return anchors
 
-    def _c_export_records(self, table: str, crcs: str, strings) -> list[tuple[bytes, Target, bytes, int]]:
+    def _c_export_records(self, table: str, crcs: str, strings: Section) -> list[tuple[bytes, Target, bytes, int]]:
         """(name, value, namespace, CRC) of each record of C's *table*; its relocations are taken."""
         core = self.out[C]
         ksymtab, kcrctab = self._section(core, table), self._section(core, crcs)
@@ -422,7 +427,7 @@ class _Validator:
             records.append((name, self._orig_target(*got[0]), namespace, crc))
         return records
 
-    def _string(self, side: str, strings, target: Target) -> bytes:
+    def _string(self, side: str, strings: Section, target: Target) -> bytes:
         if target[:3] != ("loc", side, strings.index):
             _fail("export name outside __ksymtab_strings")
         start = target[3]
@@ -431,7 +436,7 @@ class _Validator:
             _fail("bad export string")
         return strings.data[start:end]
 
-    def _orig_string(self, strings, symbol: int, addend: int) -> bytes:
+    def _orig_string(self, strings: Section, symbol: int, addend: int) -> bytes:
         sym = self.orig.symbols[symbol]
         if sym.shndx != strings.index:
             _fail("original export name outside __ksymtab_strings")
@@ -500,7 +505,7 @@ class _Validator:
             moved += self._check_table(table, src)
         return moved
 
-    def _records(self, side: str, name: str, table) -> list[tuple[bytes, tuple, bytes]]:
+    def _records(self, side: str, name: str, table: RecordTable) -> list[_Record]:
         index = self.by_name[side].get(name)
         if index is None:
             return []
@@ -526,12 +531,12 @@ class _Validator:
         return [(data[n * size:(n + 1) * size], tuple(sorted(by_record.get(n, ()))),
                  parallel[n * psize:(n + 1) * psize]) for n in range(section.size // size)]
 
-    def _record_seen_from_i(self, record: tuple[bytes, tuple, bytes]) -> tuple[bytes, tuple, bytes]:
+    def _record_seen_from_i(self, record: _Record) -> _Record:
         data, relocs, parallel = record
         return (data, tuple(sorted((inner, type_, self._as_seen_from(I, target))
                                    for inner, type_, target in relocs)), parallel)
 
-    def _check_table(self, table, src) -> int:
+    def _check_table(self, table: RecordTable, src: Section) -> int:
         size = table.record_size
         if src.size % size:
             _fail(f"{src.name} is not whole records")
@@ -568,11 +573,12 @@ class _Validator:
         self._check_synthesized_records(table, init[ii:], ii)
         return ii
 
-    def _check_synthesized_records(self, table, extra, first_index: int) -> None:
+    def _check_synthesized_records(self, table: RecordTable, extra: Sequence[_Record],
+                                   first_index: int) -> None:
         """The records I has beyond the original's: exactly the ones for our code,
         as the validator's own reading of that code (_routines) derives them."""
         routines = self.routines
-        expected: list[tuple[bytes, tuple, bytes]] = []
+        expected: list[_Record] = []
         zero = bytes(table.record_size)
         if table.section == ".orc_unwind_ip":
             for index, routine in routines.items():
