@@ -2,7 +2,7 @@
 PYTHON ?= /usr/bin/python3
 PYTEST_ARGS ?=
 
-.PHONY: deps demo demo-modules test bench deb
+.PHONY: deps demo demo-modules test check bench deb
 
 deps:
 	tools/install-deps
@@ -20,6 +20,11 @@ demo-modules: deps
 
 test: deps
 	$(PYTHON) -m pytest -v -rfEs --durations=30 $(PYTEST_ARGS) tests
+
+# The suite without a QEMU boot or the whole-tree corpus: every test not marked vm
+# or corpus (tests/conftest.py keeps a test that boots from running unmarked).
+check: deps
+	$(PYTHON) -m pytest -q -rfEs -m "not vm and not corpus" $(PYTEST_ARGS) tests
 
 bench: deps
 	$(PYTHON) bench/split_tree.py

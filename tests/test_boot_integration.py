@@ -309,11 +309,13 @@ def test_initramfs_contents(image: SystemImage) -> None:
     assert "usr/lib/python3.11/__pycache__/os.cpython-311.pyc" in files
     assert "usr/lib/initsplit/python/initsplit/daemon/__pycache__/service.cpython-311.pyc" in files
     assert not [n for n in files if "lib-dynload/_hashlib" in n]
-    # The command line and its reports stay out (dracut/90initsplit/python-closure.py).
+    # The command line, its reports, the tree splitter and the signer stay out
+    # (dracut/90initsplit/python-closure.py).
     pkg = "usr/lib/initsplit/python/initsplit/"
     assert f"{pkg}daemon/service.py" in files
-    assert not [n for n in files if n.startswith((f"{pkg}cli.", f"{pkg}analyze.", f"{pkg}__main__.",
-                                                   f"{pkg}__pycache__/cli.", f"{pkg}__pycache__/analyze."))]
+    left_out = ("cli", "analyze", "__main__", "tree", "signing")
+    assert not [n for n in files if n.startswith(tuple(f"{pkg}{m}." for m in left_out)
+                                                 + tuple(f"{pkg}__pycache__/{m}." for m in left_out))]
 
 
 def test_units_verify(booted: SystemBoot) -> None:

@@ -6,7 +6,8 @@ Debian 13 root (never the cached roots themselves), where udev's 80-drivers.rule
 its names and initsplit's rule is in its place, initsplitd.service is enabled, the journal catalog is compiled
 (systemd's dpkg trigger), the kernel hooks build and remove the pre-split cache,
 dracut puts the package's module, rule and units into an initramfs, and a purge
-leaves no initsplit file behind and udev's own 80-drivers.rules back.
+leaves no initsplit file behind and udev's own 80-drivers.rules back. A stray file
+at the name udev's rule is diverted to does not fail the installation.
 
 The root's kernel tree is trimmed to a few modules in the overlay (then depmod):
 the package's postinst and the kernel hook each split the whole tree, which for
@@ -246,6 +247,43 @@ def _manifests(cache: Path) -> set[str]:
 
 def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_stray_file_at_the_divert_to_name(deb: Path, root: Root) -> None:
+    """A file at the name udev's rule is diverted to, no diversion registered (an
+    interrupted purge, a copy put there by hand), does not fail the installation,
+    though dpkg-divert --rename refuses to overwrite any file: one with udev's bytes
+    is removed, any other kept as NAME.dpkg-old, and udev's own file is diverted
+    as always. Runs before test_install_hooks_and_purge, on the root as debootstrap
+    made it (that test swaps udev for a stand-in)."""
+    r = root.path
+    env = {**DPKG_ENV, "INITSPLIT_NO_CACHE": "1"}
+    to = r / DIVERT_TO[root.udev_name]
+    kept = to.with_name(to.name + ".dpkg-old")
+    stray = "# not udev's 80-drivers.rules\n"
+    _check_udev_rule_back(root)
+    try:
+        to.write_text(stray)
+        shutil.copyfile(deb, r / "tmp" / deb.name)
+        installed = root.run(["dpkg", "-i", f"/tmp/{deb.name}"], what="dpkg -i over a stray file", env=env)
+        assert f"kept as /{DIVERT_TO[root.udev_name]}.dpkg-old" in installed.stderr, installed.stderr
+        assert kept.read_text() == stray
+        _check_rule_in_place(root)
+        root.run(["dpkg", "--purge", "initsplit"], what="purge", env=env)
+        kept.unlink()
+        _check_udev_rule_back(root)
+
+        # A stray with udev's bytes: removed, nothing kept, nothing said.
+        shutil.copyfile(r / root.udev_name, to)
+        installed = root.run(["dpkg", "-i", f"/tmp/{deb.name}"], what="dpkg -i over a copy", env=env)
+        assert "in the way" not in installed.stderr, installed.stderr
+        assert not kept.exists()
+        _check_rule_in_place(root)
+        root.run(["dpkg", "--purge", "initsplit"], what="purge", env=env)
+        _check_udev_rule_back(root)
+    finally:
+        (r / "tmp" / deb.name).unlink(missing_ok=True)
+        kept.unlink(missing_ok=True)
 
 
 def test_install_hooks_and_purge(deb: Path, old_deb: Path, root: Root) -> None:

@@ -14,9 +14,13 @@ REPO = Path(__file__).resolve().parent.parent
 # entry): the splitter, the ELF model and pyelftools under it, the layout model,
 # the validator.
 ON_DEMAND = ("elftools", "initsplit.split.splitter", "initsplit.split.decide", "initsplit.elf",
-             "initsplit.layout.linux61", "initsplit.validate", "initsplit.tree")
-# Never in the daemon: the command line and its reports.
-NEVER = ("initsplit.cli", "initsplit.analyze", "initsplit.__main__")
+             "initsplit.layout.linux61", "initsplit.validate")
+# Never in the daemon: the command line, its reports and plot, splitting whole
+# trees (tree.py, with its summaries) and signing with a private key (signing.py).
+NEVER = ("initsplit.cli", "initsplit.analyze", "initsplit.__main__", "initsplit.tree",
+         "initsplit.signing")
+# Where initsplitd starts: bin/initsplitd runs the first, the units the second.
+DAEMON_ENTRY_POINTS = ("initsplit.daemon.main", "initsplit.daemon.__main__")
 
 
 def daemon_modules() -> set[str]:
@@ -53,10 +57,13 @@ def test_initramfs_carries_the_daemon_not_the_cli() -> None:
                           "--libdir", str(package)], check=True, capture_output=True, text=True).stdout
     listed = {Path(line) for line in out.splitlines()}
     ours = {p.relative_to(package) for p in listed if p.is_relative_to(package)}
-    everything = {p.relative_to(package) for p in (package / "initsplit").rglob("*.py")}
-    never = {Path("initsplit/cli.py"), Path("initsplit/analyze.py"), Path("initsplit/__main__.py")}
-    assert never <= everything
-    assert ours == everything - never, sorted(map(str, ours ^ (everything - never)))
+    files = _module_files()
+    never = {files[name].relative_to(package) for name in NEVER}
+    assert not ours & never, sorted(map(str, ours & never))
+    # Exactly what the daemon can import, by its source (function-level and
+    # importlib imports included): nothing it cannot reach, nothing it can missing.
+    closure = {files[name].relative_to(package) for name in _daemon_closure()}
+    assert ours == closure, sorted(map(str, ours ^ closure))
     stdlib = Path(subprocess.__file__).parent
     assert not [p for p in listed if p.is_relative_to(stdlib)
                 and p.relative_to(stdlib).parts[0] in ("email", "http", "xml", "tkinter")]
@@ -64,12 +71,8 @@ def test_initramfs_carries_the_daemon_not_the_cli() -> None:
                 == ("urllib", "request.py")]
 
 
-def _import_graph() -> dict[str, set[str]]:
-    """initsplit's modules -> the initsplit modules each imports, function-level
-    imports included (which a plain import does not run, and so hides)."""
-    import ast
-    import importlib.util
-
+def _module_files() -> dict[str, Path]:
+    """initsplit's module names -> their files."""
     root = REPO / "daemon"
     files = {}
     for path in (root / "initsplit").rglob("*.py"):
@@ -77,6 +80,17 @@ def _import_graph() -> dict[str, set[str]]:
         if parts[-1] == "__init__":
             parts.pop()
         files[".".join(parts)] = path
+    return files
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """initsplit's modules -> the initsplit modules each imports, function-level
+    imports included (which a plain import does not run, and so hides), and the
+    lazy ones of PEP 562 __getattr__s: importlib.import_module(".name", __name__)."""
+    import ast
+    import importlib.util
+
+    files = _module_files()
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -91,8 +105,78 @@ def _import_graph() -> dict[str, set[str]]:
                     deps.add(sub if sub in files else base)
             elif isinstance(node, ast.Import):
                 deps.update(alias.name for alias in node.names)
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr == "import_module" and node.args):
+                deps.update(_import_module_targets(node, package, name))
         graph[name] = {d for d in deps if d in files and d != name}
     return graph
+
+
+def _import_module_targets(call: "ast.Call", package: str, module: str) -> set[str]:
+    """What an importlib.import_module() call imports: a literal name, relative to
+    __name__ (or __package__) when it starts with a dot, or any value of a dict
+    literal (the _LAZY tables) when it is a subscript of one. Anything else fails:
+    an import this test cannot see would be one the initramfs may lack."""
+    import ast
+    import importlib.util
+
+    arg = call.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        names = {arg.value}
+    elif isinstance(arg, ast.Subscript) and isinstance(arg.value, ast.Name):
+        names = set(_LAZY_TABLES[(module, arg.value.id)])
+    else:
+        raise AssertionError(f"{module}: importlib.import_module({ast.unparse(arg)}) is not a name this test can follow")
+    anchor = package if len(call.args) > 1 else ""
+    return {importlib.util.resolve_name(n, anchor) if n.startswith(".") else n for n in names}
+
+
+def _lazy_tables() -> dict[tuple[str, str], tuple[str, ...]]:
+    """(module, name) -> the values of each module-level dict literal of strings
+    (elf/__init__.py's _LAZY: attribute -> submodule)."""
+    import ast
+
+    tables = {}
+    for name, path in _module_files().items():
+        for node in ast.parse(path.read_bytes()).body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Dict)
+                    and all(isinstance(v, ast.Constant) and isinstance(v.value, str)
+                            for v in node.value.values)):
+                tables[(name, node.targets[0].id)] = tuple(v.value for v in node.value.values)
+    return tables
+
+
+_LAZY_TABLES = _lazy_tables()
+
+
+def _daemon_closure() -> set[str]:
+    """Every initsplit module the daemon can import, from its entry points through
+    the import graph (a module's packages are imported with it)."""
+    graph = _import_graph()
+    seen: set[str] = set()
+    todo = list(DAEMON_ENTRY_POINTS)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:n]) for n in range(1, len(parts))]
+        todo += sorted(graph[name])
+    return seen
+
+
+def test_daemon_reaches_no_cli_report_or_plot_code() -> None:
+    """By the daemon's source, not only what it imports at start: no path of
+    imports, however lazy, leads from initsplitd to the command line, its reports,
+    the tree splitter or the signer; and it does reach the splitter it may need at
+    boot (so the walk is not blind to lazy imports)."""
+    closure = _daemon_closure()
+    assert not closure & set(NEVER), sorted(closure & set(NEVER))
+    lazy = {"initsplit.split.splitter", "initsplit.elf.reader", "initsplit.elf.writer",
+            "initsplit.layout.models", "initsplit.layout.linux612", "initsplit.validate"}
+    assert lazy <= closure, sorted(lazy - closure)
 
 
 def test_no_import_cycles() -> None:

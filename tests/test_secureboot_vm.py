@@ -22,6 +22,8 @@ from tests.testbed import BootResult, DebianKernel, dmesg_problems, script_secti
 from tests.testbed.fixtures import kernel  # noqa: F401  (pytest fixture)
 from tests.testbed.secureboot import secureboot_boot
 
+pytestmark = pytest.mark.vm
+
 SPLIT = ("dummy", "loop")
 # What the kernel says to the two refusals the script asks for (busybox's insmod
 # tries finit_module() and then init_module(): each is said twice).

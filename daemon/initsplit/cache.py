@@ -37,9 +37,11 @@ MANIFEST_SUFFIX = ".initsplit"
 # are not used.
 FORMAT = 7
 
-# "plain": the module splits, but the options load it plain (the reason says why).
-Decision = Literal["split", "plain", "nothing", "refused"]
-DECISIONS: tuple[Decision, ...] = ("split", "plain", "nothing", "refused")
+# What a manifest records of split.decide.Decision: its outcome, one of those
+# the daemon can use ("invalid" and "error" get no entry). "plain": the module
+# splits, but the options load it plain (the reason says why).
+ManifestDecision = Literal["split", "plain", "nothing", "refused"]
+DECISIONS: tuple[ManifestDecision, ...] = ("split", "plain", "nothing", "refused")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +49,7 @@ class Manifest:
     format: int
     source_sha256: str
     source_size: int
-    decision: Decision
+    decision: ManifestDecision
     reason: str = ""
     name: str = ""
     init_name: str = ""
@@ -84,7 +86,7 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_entry(root: Path, relpath: Path, *, source: bytes, decision: Decision, reason: str = "",
+def write_entry(root: Path, relpath: Path, *, source: bytes, decision: ManifestDecision, reason: str = "",
                 name: str = "", init_name: str = "", core: bytes = b"", init: bytes = b"",
                 plain_core_bytes: int = 0, init_layout_pages: int = 0,
                 options: str = DEFAULT_OPTIONS.tag, discarded: str = "", btf_bytes: int = 0,

@@ -41,8 +41,9 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from dataclasses import dataclass
+from typing import Sequence
 
-from .elf import ElfObject, MalformedElf, read_elf
+from .elf import ElfObject, MalformedElf, Section, read_elf
 from .layout import LayoutRules
 from .layout.linux61 import module_layout
 from .elf.constants import (
@@ -93,6 +94,7 @@ from .split.tables import (
     ORC_TYPE_TERMINATOR,
     TRACE_EVAL_MAP_SIZE,
     KernelTables,
+    RecordTable,
     StructModuleLayout,
     kernel_tables,
     pack_orc_entry,
@@ -108,6 +110,9 @@ _NOT_LOADED = (".modinfo", "__versions")
 # anchor, so what they are compared with is first turned into "core" offsets
 # (_as_seen_from).
 Target = tuple
+# One record of a per-record table as compared: its bytes, its relocations
+# ((offset in the record, type, Target), sorted) and its parallel table's record.
+_Record = tuple[bytes, tuple, bytes]
 
 # include/uapi/asm-generic/errno-base.h, "Exec format error": what the wrapper
 # returns when C's core_layout is not the layout model's (the original init has
@@ -189,7 +194,9 @@ class _Validator:
         self.bytes_checked = 0
         self.relocs_checked = 0
         self.synthesized = 0
-        self.routines: dict[int, _Routine] | None = None
+        # I's wrapper and stub, section index -> what was derived of each: set
+        # by run() (_routines) before the tables, whose records for them it gives.
+        self.routines: dict[int, _Routine] = {}
         # (side, section index) -> {offset: (type, target)}; entries are removed when accounted for.
         self.pending: dict[tuple[str, int], dict[int, tuple[int, Target]]] = {}
 
@@ -207,6 +214,8 @@ class _Validator:
         self.anchors = self._check_exports()
         self._index_output_relocations(I)
         self._check_plain_sections()
+        self._module_fields()
+        self.routines = self._routines()
         moved = self._check_tables()
         self._check_struct_modules()
         self._check_eval_map_copies()
@@ -222,7 +231,7 @@ class _Validator:
 
     # ------------------------------------------------------------- structure
     @staticmethod
-    def _section(obj: ElfObject, name: str):
+    def _section(obj: ElfObject, name: str) -> Section:
         section = obj.section(name)
         if section is None:
             _fail(f"missing section {name}")
@@ -260,17 +269,16 @@ class _Validator:
 
     def _index_output_relocations(self, side: str) -> None:
         obj = self.out[side]
-        if True:
-            for target, table in obj.relocations.items():
-                if not obj.sections[target].flags & SHF_ALLOC:
-                    continue
-                out_target = self._out_target
-                places = {offset: (type_, out_target(side, symbol, addend))
-                          for offset, type_, symbol, addend
-                          in zip(table.offsets, table.types, table.symbols, table.addends)}
-                if len(places) != len(table):
-                    _fail(f"{side}: two relocations at one place in {obj.sections[target].name}")
-                self.pending[(side, target)] = places
+        out_target = self._out_target
+        for target, table in obj.relocations.items():
+            if not obj.sections[target].flags & SHF_ALLOC:
+                continue
+            places = {offset: (type_, out_target(side, symbol, addend))
+                      for offset, type_, symbol, addend
+                      in zip(table.offsets, table.types, table.symbols, table.addends)}
+            if len(places) != len(table):
+                _fail(f"{side}: two relocations at one place in {obj.sections[target].name}")
+            self.pending[(side, target)] = places
 
     # ---------------------------------------------------------------- targets
     def _orig_target(self, symbol: int, addend: int) -> Target:
@@ -374,7 +382,7 @@ class _Validator:
             self.publish_counts[table] = (len(visible) if table == KSYMTAB else 0) + len(got)
         return anchors
 
-    def _c_export_records(self, table: str, crcs: str, strings) -> list[tuple[bytes, Target, bytes, int]]:
+    def _c_export_records(self, table: str, crcs: str, strings: Section) -> list[tuple[bytes, Target, bytes, int]]:
         """(name, value, namespace, CRC) of each record of C's *table*; its relocations are taken."""
         core = self.out[C]
         ksymtab, kcrctab = self._section(core, table), self._section(core, crcs)
@@ -419,7 +427,7 @@ class _Validator:
             records.append((name, self._orig_target(*got[0]), namespace, crc))
         return records
 
-    def _string(self, side: str, strings, target: Target) -> bytes:
+    def _string(self, side: str, strings: Section, target: Target) -> bytes:
         if target[:3] != ("loc", side, strings.index):
             _fail("export name outside __ksymtab_strings")
         start = target[3]
@@ -428,7 +436,7 @@ class _Validator:
             _fail("bad export string")
         return strings.data[start:end]
 
-    def _orig_string(self, strings, symbol: int, addend: int) -> bytes:
+    def _orig_string(self, strings: Section, symbol: int, addend: int) -> bytes:
         sym = self.orig.symbols[symbol]
         if sym.shndx != strings.index:
             _fail("original export name outside __ksymtab_strings")
@@ -497,7 +505,7 @@ class _Validator:
             moved += self._check_table(table, src)
         return moved
 
-    def _records(self, side: str, name: str, table) -> list[tuple[bytes, tuple, bytes]]:
+    def _records(self, side: str, name: str, table: RecordTable) -> list[_Record]:
         index = self.by_name[side].get(name)
         if index is None:
             return []
@@ -523,12 +531,12 @@ class _Validator:
         return [(data[n * size:(n + 1) * size], tuple(sorted(by_record.get(n, ()))),
                  parallel[n * psize:(n + 1) * psize]) for n in range(section.size // size)]
 
-    def _record_seen_from_i(self, record: tuple[bytes, tuple, bytes]) -> tuple[bytes, tuple, bytes]:
+    def _record_seen_from_i(self, record: _Record) -> _Record:
         data, relocs, parallel = record
         return (data, tuple(sorted((inner, type_, self._as_seen_from(I, target))
                                    for inner, type_, target in relocs)), parallel)
 
-    def _check_table(self, table, src) -> int:
+    def _check_table(self, table: RecordTable, src: Section) -> int:
         size = table.record_size
         if src.size % size:
             _fail(f"{src.name} is not whole records")
@@ -565,11 +573,12 @@ class _Validator:
         self._check_synthesized_records(table, init[ii:], ii)
         return ii
 
-    def _check_synthesized_records(self, table, extra, first_index: int) -> None:
+    def _check_synthesized_records(self, table: RecordTable, extra: Sequence[_Record],
+                                   first_index: int) -> None:
         """The records I has beyond the original's: exactly the ones for our code,
         as the validator's own reading of that code (_routines) derives them."""
-        routines = self._routines()
-        expected: list[tuple[bytes, tuple, bytes]] = []
+        routines = self.routines
+        expected: list[_Record] = []
         zero = bytes(table.record_size)
         if table.section == ".orc_unwind_ip":
             for index, routine in routines.items():
@@ -592,14 +601,12 @@ class _Validator:
     # ------------------------------------------------------ synthesized code
     def _routines(self) -> dict[int, _Routine]:
         """I's wrapper and stub (section index -> what was derived), each decoded
-        and checked once, its relocations taken (validate_x86.py: decode, analyse).
+        and checked, its relocations taken (validate_x86.py: decode, analyse).
+        Run once, by run(), after the struct module fields and C's exports.
 
         Nothing here asks the code generator: the expectations are the
         validator's own (struct module fields from the layout table, sizes from
         its run of the layout model, counts from its reading of C's exports)."""
-        if self.routines is not None:
-            return self.routines
-        self._module_fields()
         w_index, s_index = self.by_name[I].get(WRAPPER_SECTION), self.by_name[I].get(STUB_SECTION)
         if w_index is None or s_index is None:
             _fail("I lacks its wrapper or stub")
@@ -614,8 +621,7 @@ class _Validator:
         if [i.op for i in stub.insns if i.offset in stub.sp_at] != ["endbr64", stub.paths[0].exit.op]:
             _fail("I's exit stub does more than return")
         orc_type = self.kernel.orc_type_call
-        self.routines = {w_index: self._derived(wrapper, orc_type), s_index: self._derived(stub, orc_type)}
-        return self.routines
+        return {w_index: self._derived(wrapper, orc_type), s_index: self._derived(stub, orc_type)}
 
     def _analyse(self, index: int, what: str) -> x86.Analysis:
         """Decode I's routine in section *index*, attach its relocations to the
@@ -817,8 +823,8 @@ class _Validator:
         return kernel
 
     def _module_fields(self) -> None:
-        if hasattr(self, "init_field"):
-            return
+        """->init and ->exit of the original's struct module (by its relocations),
+        and the struct module layout of its kernel; run once, by run()."""
         mod = self._section(self.orig, THIS_MODULE)
         fields = {}
         for rel in self.orig.relocations_for(mod):
@@ -844,7 +850,6 @@ class _Validator:
             self.exit_field = self.layout.exit
 
     def _check_struct_modules(self) -> None:
-        self._module_fields()
         orig = self._section(self.orig, THIS_MODULE)
         core = self._section(self.out[C], THIS_MODULE)
         init = self._section(self.out[I], THIS_MODULE)
@@ -873,12 +878,6 @@ class _Validator:
             _fail("I's struct module has extra relocations")
         self.relocs_checked += 1 if self.has_cleanup else 0
         self.relocs_checked += 1
-        self._check_routines()
-
-    def _check_routines(self) -> None:
-        """I's wrapper and stub, decoded and proved right (their relocations are
-        taken there): done in _check_tables already when I has ORC records."""
-        self._routines()
 
     # ------------------------------------------------------- eval map copies
     def _check_eval_map_copies(self) -> None:

@@ -40,11 +40,13 @@ from pathlib import Path
 # imported, so the import graph below is the one the image will see.
 EXCLUDED = ("_hashlib",)
 
-# initsplit's command line and its reports (split, check, analyze and its plot):
-# the daemon never imports them (tests/test_import_closure.py), so neither they nor
-# what only they import (analyze's xml.sax, which pulls in urllib, http and email)
-# go into the image.
-NOT_IN_IMAGE = ("initsplit.cli", "initsplit.analyze", "initsplit.__main__")
+# initsplit's command line and what only it uses: split, check, analyze and its
+# plot, splitting whole trees in parallel with their summaries (tree), signing
+# with a private key on the host (signing). The daemon never imports them
+# (tests/test_import_closure.py), so neither they nor what only they import
+# (analyze's xml.sax, which pulls in urllib, http and email) go into the image.
+NOT_IN_IMAGE = ("initsplit.cli", "initsplit.analyze", "initsplit.__main__", "initsplit.tree",
+                "initsplit.signing")
 
 # What initsplitd imports, directly or on first use.
 ENTRY_POINTS = (
@@ -56,7 +58,6 @@ ENTRY_POINTS = (
     "initsplit.kmod.resolver",
     # Splitting a module at boot when the pre-split cache lacks it (imported on
     # first use: initsplit.split and initsplit.layout import these lazily).
-    "initsplit.tree",
     "initsplit.split",
     "initsplit.split.decide",
     "initsplit.split.splitter",

@@ -32,6 +32,12 @@ from initsplit.modfile import compression_of, read_module, uncompressed_path
 BUSYBOX = Path("/bin/busybox")  # busybox-static: no shared libraries to copy
 QEMU = "qemu-system-x86_64"
 
+# Why the running test may not start a guest, or None. tests/conftest.py sets it
+# for each test: a test (or a fixture it asks for) that boots must be marked vm,
+# so that `pytest -m "not vm"` is exactly the suite without QEMU. Outside pytest
+# (make demo, bench/) it stays None.
+boot_refused: str | None = None
+
 BEGIN = "@@ISPLIT-BEGIN@@"
 # Guest programs print their findings as one line: RESULT_MARKER + JSON.
 RESULT_MARKER = "@@RESULT@@"
@@ -296,7 +302,10 @@ class QemuRun:
 
 def run_qemu(argv: list[str], *, log: Path, timeout: float,
              env: Mapping[str, str] | None = None) -> QemuRun:
-    """Run QEMU until it exits, or kill it at *timeout*; its own output goes to *log*."""
+    """Run QEMU until it exits, or kill it at *timeout*; its own output goes to *log*.
+    Every test-bed guest starts here (run_guest(), system.py)."""
+    if boot_refused is not None:
+        raise TestbedError(boot_refused)
     start = time.monotonic()
     with open(log, "wb") as qlog:
         try:

@@ -14,12 +14,8 @@ from typing import Iterator, NamedTuple
 
 from .constants import (
     SHF_ALLOC,
-    SHF_EXECINSTR,
-    SHF_WRITE,
     SHN_LORESERVE,
     SHN_UNDEF,
-    SHT_NOBITS,
-    STB_LOCAL,
     STT_SECTION,
 )
 
@@ -56,18 +52,6 @@ class Section:
     def is_alloc(self) -> bool:
         return bool(self.flags & SHF_ALLOC)
 
-    @property
-    def is_exec(self) -> bool:
-        return bool(self.flags & SHF_EXECINSTR)
-
-    @property
-    def is_write(self) -> bool:
-        return bool(self.flags & SHF_WRITE)
-
-    @property
-    def is_nobits(self) -> bool:
-        return self.type == SHT_NOBITS
-
 
 @dataclass(frozen=True, slots=True)
 class Symbol:
@@ -78,14 +62,6 @@ class Symbol:
     type: int
     other: int
     shndx: int
-
-    @property
-    def is_undefined(self) -> bool:
-        return self.shndx == SHN_UNDEF
-
-    @property
-    def is_local(self) -> bool:
-        return self.bind == STB_LOCAL
 
     @property
     def is_section(self) -> bool:

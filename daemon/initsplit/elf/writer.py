@@ -9,11 +9,10 @@ section name table named by e_shstrndx.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from array import array
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from .constants import (
     ELF64_EHDR_SIZE,
@@ -114,18 +113,8 @@ class ObjectBuilder:
         self._sections.append(_OutSection(name, type, flags, addralign, entsize, bytes(data), size))
         return len(self._sections) - 1
 
-    def replace_section_data(self, index: int, data: bytes) -> None:
-        """Give section *index* new bytes of the same length (code patched after layout)."""
-        section = self._sections[index]
-        if section.type == SHT_NOBITS or len(data) != section.size:
-            raise ValueError("replacement data must keep the section's size")
-        self._sections[index] = dataclasses.replace(section, data=bytes(data))
-
     def section_name(self, index: int) -> str:
         return self._sections[index].name
-
-    def section_size(self, index: int) -> int:
-        return self._sections[index].size
 
     # -- symbols ----------------------------------------------------------
     def add_symbol(
@@ -245,7 +234,3 @@ class ObjectBuilder:
         _EHDR.pack_into(out, 0, ident, ET_REL, self._machine, 1, 0, 0, shoff, self._flags,
                         ELF64_EHDR_SIZE, 0, 0, ELF64_SHDR_SIZE, len(sections), shstrndx)
         return bytes(out)
-
-
-def pack_words(fmt: str, values: Sequence[int]) -> bytes:
-    return struct.pack("<" + fmt * len(values), *values)

@@ -208,7 +208,8 @@ def layout_checks(core: ElfObject | ModuleLayout, rules: LayoutRules, module_lay
 # those offsets. C comes first because I's references into C depend on C's layout.
 
 # A relocation to emit: (offset in its section, type, symbol handle in the output
-# builder, addend).
+# builder, addend). Every emitter collects a list of these for one section and
+# hands it over with _add_relocs().
 _OutReloc = tuple[int, int, int, int]
 # Which symbol of the output each original symbol became (None: it has none there).
 _SymbolMap = list[int | None]
@@ -297,7 +298,7 @@ class _Export(NamedTuple):
     record), CRC, and its record number in the original (None for an anchor)."""
 
     name: bytes
-    relocs: list[_OutReloc]
+    relocs: tuple[_OutReloc, ...]
     crc: bytes
     record: int | None
 
@@ -529,6 +530,15 @@ class _ExportStrings(NamedTuple):
     anchor: int
 
 
+def _add_relocs(builder: ObjectBuilder, out: int, relocs: Sequence[_OutReloc]) -> None:
+    """Give the builder *relocs* for its section *out*, in order. A section copied
+    from the original with relocations gets its .rela section even when none is
+    left (as it always has); the callers for sections of our own call this only
+    with relocations to add."""
+    builder.add_relocations(out, [r[0] for r in relocs], [r[1] for r in relocs],
+                            [r[2] for r in relocs], [r[3] for r in relocs])
+
+
 def _build_core(original: _Original, anchor: _Anchor) -> _Core:
     """C: the original without its init sections and the records describing them,
     its export tables rebuilt around the anchor (see _emit_exports)."""
@@ -646,19 +656,19 @@ def _emit_core_relocs(builder: ObjectBuilder, original: _Original, out: int, sec
     is_eval = name == EVAL_MAP
     fields = original.fields
     drop = {fields.init_field, fields.exit_field} if is_module else set()
-    offsets: list[int] = []
-    types: list[int] = []
-    handles: list[int] = []
-    addends: list[int] = []
+    # Where each copy sits in EVAL_MAP_COPIES: the copies in order, one
+    # struct trace_eval_map each (_emit_eval_map_copies lays them out so).
+    copy_at = {key: n * TRACE_EVAL_MAP_SIZE for n, key in enumerate(eval_copies)} if is_eval else {}
+    relocs: list[_OutReloc] = []
     for offset, type_, symbol, addend in zip(table.offsets, table.types, table.symbols,
                                               table.addends):
         if offset in drop:
             continue
         handle = c_symbol[symbol]
         if handle is None:
-            if is_eval and eval_sec is not None and (symbol, addend) in eval_copies:
+            if eval_sec is not None and (symbol, addend) in copy_at:
                 handle = builder.section_symbol(eval_sec)
-                addend = list(eval_copies).index((symbol, addend)) * TRACE_EVAL_MAP_SIZE
+                addend = copy_at[(symbol, addend)]
             elif original.is_init_symbol(symbol):
                 target = original.sections[original.symbols[symbol].shndx].name
                 raise SplitRefused(f"{name} points into init", f"{target}")
@@ -666,31 +676,22 @@ def _emit_core_relocs(builder: ObjectBuilder, original: _Original, out: int, sec
                 raise SplitRefused("relocation against a dropped symbol", name)
         if type_ not in X86_64_RELOC_WIDTH and section.flags & SHF_ALLOC:
             raise SplitRefused("unsupported relocation type", f"{type_} in {name}")
-        offsets.append(offset)
-        types.append(type_)
-        handles.append(handle)
-        addends.append(addend)
-    builder.add_relocations(out, offsets, types, handles, addends)
+        relocs.append((offset, type_, handle, addend))
+    _add_relocs(builder, out, relocs)
 
 
 def _emit_core_table(builder: ObjectBuilder, out: int, split: _TableSplit, c_symbol: _SymbolMap
                      ) -> None:
     """The relocations of C's records of a per-record table, renumbered."""
     size = split.table.record_size
-    offsets: list[int] = []
-    types: list[int] = []
-    handles: list[int] = []
-    addends: list[int] = []
+    relocs: list[_OutReloc] = []
     for new, record in enumerate(split.core):
         for rel in split.relocs.get(record, ()):
             handle = c_symbol[rel.symbol]
             if handle is None:
                 raise SplitRefused(f"{split.section.name} record of core code points into init")
-            offsets.append(new * size + rel.offset)
-            types.append(rel.type)
-            handles.append(handle)
-            addends.append(rel.addend)
-    builder.add_relocations(out, offsets, types, handles, addends)
+            relocs.append((new * size + rel.offset, rel.type, handle, rel.addend))
+    _add_relocs(builder, out, relocs)
 
 
 def _eval_map_copies(original: _Original) -> _EvalCopies:
@@ -724,14 +725,17 @@ def _eval_map_copies(original: _Original) -> _EvalCopies:
 def _emit_eval_map_copies(builder: ObjectBuilder, original: _Original, eval_sec: int,
                           eval_copies: _EvalCopies, c_symbol: _SymbolMap) -> None:
     """The relocations inside the copied trace_eval_map objects (their strings)."""
+    out: list[_OutReloc] = []
     offset = 0
     for blob, relocs in eval_copies.values():
         for rel in relocs:
             mapped = c_symbol[rel.symbol]
             if mapped is None:
                 raise SplitRefused("trace eval map points into init", original.symbols[rel.symbol].name)
-            builder.add_relocation(eval_sec, offset + rel.offset, rel.type, mapped, rel.addend)
+            out.append((offset + rel.offset, rel.type, mapped, rel.addend))
         offset += len(blob)
+    if out:
+        _add_relocs(builder, eval_sec, out)
 
 
 def _emit_exports(builder: ObjectBuilder, original: _Original, anchor: _Anchor,
@@ -763,17 +767,17 @@ def _emit_exports(builder: ObjectBuilder, original: _Original, anchor: _Anchor,
     target = c_index.get(anchor.section)
     if target is None:
         raise SplitRefused("anchor section missing from core", original.sections[anchor.section].name)
-    relocs = [
+    relocs = (
         (0, R_X86_64_PC32, builder.section_symbol(target), 0),
         (4, R_X86_64_PC32, strings_sym, names.anchor),
         (8, R_X86_64_PC32, strings_sym, names.namespace),
-    ]
-    anchors = [_Export(anchor.name.encode(), relocs, struct.pack("<I", anchor_crc(anchor.name)), None)]
+    )
+    anchors = (_Export(anchor.name.encode(), relocs, struct.pack("<I", anchor_crc(anchor.name)), None),)
     for table, crcs in EXPORT_TABLES:
         exports = _original_exports(original, table, crcs, strings, c_symbol)
         if exports and min(e.name for e in exports) <= anchors[-1].name:
             raise SplitRefused("an export name sorts before the anchors")
-        visible = anchors if table == KSYMTAB else []
+        visible = anchors if table == KSYMTAB else ()
         if not visible and not exports and table != KSYMTAB:
             continue
         _emit_export_table(builder, original, table, crcs, visible, exports)
@@ -810,7 +814,7 @@ def _original_exports(original: _Original, table: str, crcs: str, strings: Secti
                 raise SplitRefused("export points into init")
             relocs.append((rel.offset % KSYMTAB_RECORD_SIZE, rel.type, handle, rel.addend))
         crc = kcrctab.data[record * 4:record * 4 + 4]
-        entries.append(_Export(strings.data[start:end], relocs, crc, record))
+        entries.append(_Export(strings.data[start:end], tuple(relocs), crc, record))
     entries.sort(key=lambda e: e.name)
     return entries
 
@@ -836,10 +840,10 @@ def _emit_export_table(builder: ObjectBuilder, original: _Original, table: str, 
         out[name] = builder.add_section(name, type=SHT_PROGBITS, flags=flags,
                                         data=_export_record_bytes(name, entries), addralign=4)
     for section_name, entries in ((table, visible), (HIDDEN[table], hidden)):
-        for n, export in enumerate(entries):
-            for inner, type_, handle, addend in export.relocs:
-                builder.add_relocation(out[section_name], n * KSYMTAB_RECORD_SIZE + inner, type_,
-                                       handle, addend)
+        relocs = [(n * KSYMTAB_RECORD_SIZE + inner, type_, handle, addend)
+                  for n, export in enumerate(entries) for inner, type_, handle, addend in export.relocs]
+        if relocs:
+            _add_relocs(builder, out[section_name], relocs)
     # The original's __ksymtab_NAME and __crc_NAME symbols (kallsyms shows them)
     # follow their records to the new places, so C's symbol table stays the
     # original's.
@@ -991,21 +995,15 @@ def _copy_init_symbols(builder: ObjectBuilder, original: _Original, i_index: dic
 
 def _emit_init_relocs(builder: ObjectBuilder, symbols: _InitSymbols, out: int,
                       table: RelocationTable, where: str) -> None:
-    offsets: list[int] = []
-    types: list[int] = []
-    handles: list[int] = []
-    addends: list[int] = []
+    relocs: list[_OutReloc] = []
     target = symbols.target
     for offset, type_, symbol, addend in zip(table.offsets, table.types, table.symbols,
                                               table.addends):
         if type_ not in X86_64_RELOC_WIDTH:
             raise SplitRefused("unsupported relocation type", f"{type_} in {where}")
         handle, extra = target(symbol)
-        offsets.append(offset)
-        types.append(type_)
-        handles.append(handle)
-        addends.append(addend + extra)
-    builder.add_relocations(out, offsets, types, handles, addends)
+        relocs.append((offset, type_, handle, addend + extra))
+    _add_relocs(builder, out, relocs)
 
 
 class _Routines(NamedTuple):
@@ -1048,9 +1046,10 @@ def _emit_routines(builder: ObjectBuilder, original: _Original, symbols: _InitSy
                       if arm_exit else (this_module_anchor, 0)),
     }
     for routine, sec in ((wrapper, wrapper_sec), (stub, stub_sec)):
-        for r in routine.relocs:
-            handle, extra = roles[r.target]
-            builder.add_relocation(sec, r.offset, r.type, handle, r.addend + extra)
+        relocs = [(r.offset, r.type, roles[r.target][0], r.addend + roles[r.target][1])
+                  for r in routine.relocs]
+        if relocs:
+            _add_relocs(builder, sec, relocs)
     return _Routines(wrapper, stub, wrapper_sec, stub_sec, wrapper_sym, stub_sym)
 
 
@@ -1059,32 +1058,29 @@ def _emit_init_tables(builder: ObjectBuilder, original: _Original, symbols: _Ini
     """The per-record tables of I: the records describing init code, plus ours."""
     wrapper, stub = routines.wrapper, routines.stub
     wrapper_sec, stub_sec = routines.wrapper_sec, routines.stub_sec
+    # The records of the synthesized code: (section, ORC entry) and (section,
+    # offset of a jmp to the return thunk), the wrapper's first.
+    orc = tuple((wrapper_sec, e) for e in wrapper.orc) + tuple((stub_sec, e) for e in stub.orc)
+    sites = tuple((wrapper_sec, o) for o in wrapper.return_sites) + \
+        tuple((stub_sec, o) for o in stub.return_sites)
     for split in original.tables.values():
-        extra_orc: list[tuple[int, codegen.OrcEntry]] = []
-        extra_sites: list[tuple[int, int]] = []
-        if split.section.name == ".orc_unwind_ip":
-            extra_orc = [(wrapper_sec, e) for e in wrapper.orc] + [(stub_sec, e) for e in stub.orc]
-        if split.section.name == ".return_sites":
-            extra_sites = [(wrapper_sec, o) for o in wrapper.return_sites] + \
-                          [(stub_sec, o) for o in stub.return_sites]
+        extra_orc = orc if split.section.name == ".orc_unwind_ip" else ()
+        extra_sites = sites if split.section.name == ".return_sites" else ()
         if not split.init and not extra_orc and not extra_sites:
             continue
         _emit_init_table(builder, original, symbols, split, extra_orc, extra_sites)
     if wrapper.return_sites and ".return_sites" not in original.tables:
-        data = bytes(4 * (len(wrapper.return_sites) + len(stub.return_sites)))
         sec = builder.add_section(".return_sites", type=SHT_PROGBITS, flags=SHF_ALLOC,
-                                  data=data, addralign=1)
-        sites = [(wrapper_sec, o) for o in wrapper.return_sites] + \
-                [(stub_sec, o) for o in stub.return_sites]
-        for n, (target_sec, off) in enumerate(sites):
-            builder.add_relocation(sec, 4 * n, R_X86_64_PC32, builder.section_symbol(target_sec), off)
+                                  data=bytes(4 * len(sites)), addralign=1)
+        _add_relocs(builder, sec, [(4 * n, R_X86_64_PC32, builder.section_symbol(target_sec), off)
+                                   for n, (target_sec, off) in enumerate(sites)])
     if ".orc_unwind_ip" not in original.tables:
         raise SplitRefused("no ORC unwind tables")
 
 
 def _emit_init_table(builder: ObjectBuilder, original: _Original, symbols: _InitSymbols,
-                     split: _TableSplit, extra_orc: Sequence[tuple[int, codegen.OrcEntry]],
-                     extra_sites: Sequence[tuple[int, int]]) -> None:
+                     split: _TableSplit, extra_orc: tuple[tuple[int, codegen.OrcEntry], ...],
+                     extra_sites: tuple[tuple[int, int], ...]) -> None:
     """I's records of one table (and of its parallel table): the original's records
     of init code, then one per (section, entry) of *extra_orc* or (section, offset)
     of *extra_sites*, describing the synthesized code."""
@@ -1115,7 +1111,7 @@ def _emit_init_table(builder: ObjectBuilder, original: _Original, symbols: _Init
                               data=bytes(data), addralign=section.addralign,
                               entsize=section.entsize)
     if relocs:
-        builder.add_relocations(out, *zip(*relocs))
+        _add_relocs(builder, out, relocs)
     if par is not None:
         builder.add_section(par.name, type=par.type, flags=par.flags, data=parallel,
                             addralign=par.addralign, entsize=par.entsize)
@@ -1130,8 +1126,8 @@ def _emit_init_module_info(builder: ObjectBuilder, original: _Original, anchor: 
         original.init_name.encode().ljust(MODULE_NAME_LEN, b"\0")
     mod_sec = builder.add_section(THIS_MODULE, type=SHT_PROGBITS, flags=this_module.flags,
                                   data=bytes(mod), addralign=this_module.addralign)
-    builder.add_relocation(mod_sec, fields.init_field, R_X86_64_64, routines.wrapper_sym, 0)
-    builder.add_relocation(mod_sec, fields.exit_field, R_X86_64_64, routines.stub_sym, 0)
+    _add_relocs(builder, mod_sec, [(fields.init_field, R_X86_64_64, routines.wrapper_sym, 0),
+                                   (fields.exit_field, R_X86_64_64, routines.stub_sym, 0)])
     builder.add_symbol("__this_module", bind=STB_GLOBAL, type=1, shndx=mod_sec,
                        size=this_module.size)
 
