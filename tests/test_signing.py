@@ -177,3 +177,78 @@ def test_default_key_prefers_dkms(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert signing.default_key() == signing.SigningKey(own / "mok.key", own / "mok.pub")
     signing.create_key(dkms)
     assert signing.default_key() == signing.SigningKey(dkms / "mok.key", dkms / "mok.pub")
+
+
+@pytest.fixture
+def no_default_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """DKMS's and initsplit's default key directories moved under tmp_path (empty)."""
+    dkms, own = tmp_path / "dkms", tmp_path / "own"
+    monkeypatch.setattr(signing, "DKMS_KEY", dkms / "mok.key")
+    monkeypatch.setattr(signing, "DKMS_CERT", dkms / "mok.pub")
+    monkeypatch.setattr(signing, "DEFAULT_KEY_DIR", own)
+    return dkms, own
+
+
+def test_configured_key(key: signing.SigningKey, no_default_keys: tuple[Path, Path]) -> None:
+    dkms, own = no_default_keys
+    # auto without any key: no signing (today's unsigned cache); yes: an error.
+    assert signing.configured_key() is None
+    with pytest.raises(signing.SigningError, match="Sign=yes but no key"):
+        signing.configured_key(sign="yes")
+    # The default key once there is one; an explicit pair before it; no: never.
+    signing.create_key(own)
+    assert signing.configured_key() == signing.SigningKey(own / "mok.key", own / "mok.pub")
+    assert signing.configured_key(sign="yes") == signing.SigningKey(own / "mok.key", own / "mok.pub")
+    assert signing.configured_key(key=key.key, cert=key.cert) == key
+    assert signing.configured_key(sign="no", key=key.key, cert=key.cert) is None
+    # An explicit pair that is not there, or half a pair, is an error, never unsigned.
+    with pytest.raises(signing.SigningError, match="no such file"):
+        signing.configured_key(key=dkms / "missing.key", cert=key.cert)
+    with pytest.raises(signing.SigningError, match="go together"):
+        signing.configured_key(key=key.key)
+
+
+def _config_root(tmp_path: Path, text: str) -> Path:
+    root = tmp_path / "config-root"
+    conf = root / "etc/initsplit/initsplitd.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(text)
+    return root
+
+
+def test_split_sign_configured(key: signing.SigningKey, modules_dir: Path, tmp_path: Path,
+                               no_default_keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--sign-configured (the kernel hook's and dracut module's option) signs with the
+    [Signing] section's key, and not at all with Sign=no or, under Sign=auto, no key."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    shutil.copyfile(modules_dir / MODULES[0], tree / "dummy.ko")
+
+    def split(config: str, name: str) -> tuple[int, Path, str]:
+        monkeypatch.setenv("INITSPLIT_CONFIG_ROOT", str(_config_root(tmp_path / name, config)))
+        out = tmp_path / name / "out"
+        rc = cli.main(["split", "--two-stage", "always", str(tree), "-o", str(out), "-q", "-j", "1",
+                       "--sign-configured"])
+        return rc, out, capsys.readouterr().err
+
+    rc, out, err = split(f"[Signing]\nSignKey={key.key}\nSignCert={key.cert}\n", "explicit")
+    assert rc == cli.EXIT_OK and f"signing with {key.key}" in err, err
+    written = sorted(out.rglob("*.ko"))
+    assert {p.name for p in written} == {"dummy.ko", "dummy__init.ko"}
+    assert all(signing.is_signed(p.read_bytes()) for p in written)
+
+    rc, out, err = split(f"[Signing]\nSign=no\nSignKey={key.key}\nSignCert={key.cert}\n", "off")
+    assert rc == cli.EXIT_OK and "signing" not in err, err
+    written = sorted(out.rglob("*.ko"))
+    assert written and not any(signing.is_signed(p.read_bytes()) for p in written)
+
+    rc, out, err = split("", "auto-no-key")
+    assert rc == cli.EXIT_OK and not any(signing.is_signed(p.read_bytes()) for p in out.rglob("*.ko"))
+
+    rc, out, err = split("[Signing]\nSign=yes\n", "yes-no-key")
+    assert rc == cli.EXIT_USAGE and "[Signing]: Sign=yes but no key" in err, err
+    assert not out.exists()
+    assert cli.main(["split", str(tree), "-o", str(tmp_path / "x"), "--sign", "--sign-configured"]) \
+        == cli.EXIT_USAGE
+    assert "exclude each other" in capsys.readouterr().err

@@ -89,6 +89,35 @@ def default_key() -> SigningKey | None:
     return None
 
 
+def configured_key(*, sign: str = "auto", key: Path | None = None,
+                   cert: Path | None = None) -> SigningKey | None:
+    """The key the configuration's [Signing] section names (daemon/config.py), or None.
+
+    ``sign`` is "auto", "yes" or "no". "no": None. Otherwise ``key``/``cert`` when
+    set (both or neither), else :func:`default_key`. "auto" with no key found is
+    None (an unsigned cache, as before Secure Boot support); "yes" with none, a
+    key configured but missing or unreadable, or only one of the two set, is a
+    :class:`SigningError`: an explicit choice must not quietly produce an unsigned
+    cache that an enforcing kernel would not use.
+    """
+    if sign == "no":
+        return None
+    if (key is None) != (cert is None):
+        raise SigningError("SignKey= and SignCert= go together: set both or neither")
+    if key is not None and cert is not None:
+        chosen = SigningKey(key, cert)
+        chosen.check()
+        return chosen
+    found = default_key()
+    if found is None:
+        if sign == "yes":
+            raise SigningError(f"Sign=yes but no key: neither {DKMS_KEY} nor {DEFAULT_KEY_DIR / KEY_NAME} "
+                               "exists; make one with 'initsplit key create' or set SignKey=/SignCert=")
+        return None
+    found.check()
+    return found
+
+
 def strip_signature(data: bytes) -> bytes:
     """*data* without its appended module signature (unchanged if unsigned)."""
     return data[:len(data) - signature_length(data)]
