@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from initsplit import cli, signing
-from initsplit.cache import CacheHit, read_entry
-from initsplit.elf.discard import MODULE_SIG_STRING, signature_length
+from initsplit.cache import CacheHit, read_entry, signature_problem
+from initsplit.elf.discard import signature_length
+from initsplit.modsig import MODULE_SIG_STRING, SIGNATURE_TRAILER
+from initsplit.modsig import signature_problem as trailer_problem
 from initsplit.split import split_module
 from tests.testbed.kernel import debian_kernel
 
@@ -68,9 +70,20 @@ def test_signature_verifies_with_the_certificate(key: signing.SigningKey, module
     signed = signing.sign_module((modules_dir / MODULES[0]).read_bytes(), key)
     body = signing.strip_signature(signed)
     end = len(signed) - len(MODULE_SIG_STRING)
-    algo, hash_, id_type, signer_len, key_id_len, sig_len = signing._MODULE_SIGNATURE.unpack_from(
-        signed, end - signing._MODULE_SIGNATURE.size)
-    assert (algo, hash_, id_type, signer_len, key_id_len) == (0, 0, signing.PKEY_ID_PKCS7, 0, 0)
+    algo, hash_, id_type, signer_len, key_id_len, pad, sig_len = signing.MODULE_SIGNATURE.unpack_from(
+        signed, end - signing.MODULE_SIGNATURE.size)
+    assert (algo, hash_, id_type, signer_len, key_id_len, pad) == (0, 0, signing.PKEY_ID_PKCS7, 0, 0,
+                                                                   b"\0\0\0")
+    # What the daemon checks before it hands a signed split to an enforcing kernel.
+    assert trailer_problem(signed[-SIGNATURE_TRAILER:], len(signed)) is None
+    assert trailer_problem(body[-SIGNATURE_TRAILER:], len(body)) == \
+        "not signed (no appended module signature)"
+    for offset, value, problem in ((2, 1, "not a PKCS#7 message"), (0, 1, "unexpected non-zero"),
+                                   (6, 1, "unexpected non-zero"), (8, 0x7f, "does not fit")):
+        bad = bytearray(signed)
+        bad[end - signing.MODULE_SIGNATURE.size + offset] = value
+        found = trailer_problem(bytes(bad[-SIGNATURE_TRAILER:]), len(bad))
+        assert found is not None and problem in found, (offset, found)
     (tmp_path / "body").write_bytes(body)
     (tmp_path / "sig").write_bytes(signed[len(body):len(body) + sig_len])
     run = subprocess.run(["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in",
@@ -114,11 +127,22 @@ def test_split_signs_every_module_it_writes(key: signing.SigningKey, modules_dir
         unsigned = (plain / relative).read_bytes()
         assert not signing.is_signed(unsigned), relative
         assert (signed / relative).read_bytes() == sign_file(key, unsigned, tmp_path), relative
+    signer = key.described().signer
+    assert signer.startswith("CN = initsplit module signing key (sha256 "), signer
     for relative in MODULES:
         hit = read_entry(signed, Path(relative), source=(tree / relative).read_bytes())
         assert isinstance(hit, CacheHit), (relative, hit)
         with hit:
             assert hit.manifest.core_size == (signed / relative).stat().st_size, hit.manifest
+            # Who signed, for the daemon on an enforcing kernel; an unsigned cache says "".
+            assert hit.manifest.signer == signer, hit.manifest
+            assert signature_problem(hit) is None
+        unsigned = read_entry(plain, Path(relative), source=(tree / relative).read_bytes())
+        assert isinstance(unsigned, CacheHit), (relative, unsigned)
+        with unsigned:
+            assert unsigned.manifest.signer == ""
+            expected = None if unsigned.core is None else "the cache entry is not signed"
+            assert signature_problem(unsigned) == expected, relative
 
 
 def test_unusable_key_writes_nothing(key: signing.SigningKey, modules_dir: Path, tmp_path: Path,

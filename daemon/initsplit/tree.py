@@ -143,6 +143,8 @@ def split_jobs(
     """
     if output is not None:
         _check_output(jobs, output)
+    if sign_key is not None:
+        sign_key = sign_key.described()  # once here, not in every worker: openssl x509
     return run_jobs(jobs, functools.partial(split_one, output=output, options=options, sign_key=sign_key),
                     workers=workers,
                     progress=progress, on_pool_error=lambda job, exc: _error(job, exc, 0.0))
@@ -242,6 +244,9 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
     # An invalid split is never written: the caller loads the original instead.
     split = decision.split if decision.outcome == "split" else None
 
+    # What the manifest records; a key that was not described() still names its file.
+    signer = "" if sign_key is None else (sign_key.signer or str(sign_key.cert))
+
     def signed(module: bytes) -> bytes:
         # After validation (which reads the unsigned bytes), before the cache
         # writer hashes them into the manifest: the entry holds what is loaded.
@@ -258,7 +263,7 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
                         init_name=split.init_name, core=signed(split.core), init=signed(split.init),
                         options=options.tag, discarded=",".join(decision.discarded),
                         btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
-                        reached=split.reached, **layout_figures(decision, options.rules))
+                        reached=split.reached, signer=signer, **layout_figures(decision, options.rules))
         else:
             # A previous run may have split this module; a stale core left behind
             # would be loaded instead of the original.
@@ -268,7 +273,8 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
                             reason=manifest_reason(decision), options=options.tag,
                             discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
                             kallsyms_bytes=decision.kallsyms_bytes,
-                            rewritten=None if decision.rewritten is None else signed(decision.rewritten))
+                            rewritten=None if decision.rewritten is None else signed(decision.rewritten),
+                            signer=signer if decision.rewritten is not None else "")
     return ModuleResult(
         path=job.relative,
         source=job.source,
