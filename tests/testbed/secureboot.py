@@ -1,5 +1,7 @@
 """A Secure Boot test bed from Debian 12 packages: OVMF with Microsoft's keys, shim,
-grub and Debian's signed kernel, booting the test bed's busybox initramfs, with a
+grub and Debian's signed kernel, booting the test bed's busybox initramfs
+(secureboot_boot()) or a whole system of system.build_disk()'s, its dracut
+initramfs and its root on the virtio disk (secureboot_system_boot()), with a
 machine owner key (MOK) made by the tests and enrolled without MokManager.
 
     ovmf                   OVMF_CODE_4M.secboot.fd (SMM), OVMF_VARS_4M.ms.fd (MS keys, SB on)
@@ -8,6 +10,10 @@ machine owner key (MOK) made by the tests and enrolled without MokManager.
                            signed grub's prefix) and EFI/BOOT/
     dosfstools, mtools     the FAT ESP image (mkfs.vfat, mcopy)
     linux-image-6.1.0-57   its vmlinuz is signed by Debian (shim trusts Debian's CA)
+
+The ESP (kernel and initramfs on it, grub.cfg naming them) is a SATA disk of the q35
+board's own AHCI controller, which OVMF boots from; the guest's virtio disks are the
+caller's, so a system's root is /dev/vda as in the boots without Secure Boot.
 
 The MOK is enrolled by appending a MokList variable to a copy of the vars store
 (append_variable(), the authenticated variable format of edk2's
