@@ -18,6 +18,8 @@ import pytest
 
 from initsplit import cli, signing
 from initsplit.cache import CacheHit, read_entry, signature_problem
+from initsplit.split.policy import SplitOptions
+from initsplit.tree import split_tree
 from initsplit.elf.discard import signature_length
 from initsplit.modsig import MODULE_SIG_STRING, SIGNATURE_TRAILER
 from initsplit.modsig import signature_problem as trailer_problem
@@ -143,6 +145,30 @@ def test_split_signs_every_module_it_writes(key: signing.SigningKey, modules_dir
             assert unsigned.manifest.signer == ""
             expected = None if unsigned.core is None else "the cache entry is not signed"
             assert signature_problem(unsigned) == expected, relative
+
+
+def test_split_results_report_the_sizes_written(key: signing.SigningKey, modules_dir: Path,
+                                                tmp_path: Path) -> None:
+    """ModuleResult.core_size/init_size are the bytes of C and I as written, the sizes the
+    manifest records: with a key, signature included."""
+    tree = tmp_path / "tree"
+    (tree / MODULES[0]).parent.mkdir(parents=True)
+    shutil.copyfile(modules_dir / MODULES[0], tree / MODULES[0])
+    options = SplitOptions(two_stage="always")
+    for name, sign_key in (("plain", None), ("signed", key)):
+        out = tmp_path / name
+        [result] = split_tree([tree], out, workers=1, options=options, sign_key=sign_key)
+        assert result.outcome == "split", result
+        core, init = out / result.path, out / result.init_path
+        assert (result.core_size, result.init_size) == (core.stat().st_size, init.stat().st_size)
+        assert signing.is_signed(core.read_bytes()) == (sign_key is not None)
+        hit = read_entry(out, result.path, source=(tree / MODULES[0]).read_bytes())
+        assert isinstance(hit, CacheHit)
+        with hit:
+            assert (hit.manifest.core_size, hit.manifest.init_size) == (result.core_size, result.init_size)
+    # Without an output nothing is signed: the sizes are the split's own.
+    [dry] = split_tree([tree], None, workers=1, options=options, sign_key=key)
+    assert dry.core_size < result.core_size and dry.init_size < result.init_size
 
 
 def test_unusable_key_writes_nothing(key: signing.SigningKey, modules_dir: Path, tmp_path: Path,
