@@ -17,12 +17,10 @@ One image, two boots (each ~1.5 min under TCG): every test below reads one of th
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import posixpath
 import re
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from initsplit.split.decide import decide, manifest_reason
 from initsplit.split.policy import SplitOptions
 from tests.testbed import debian_kernel
 from tests.testbed.given_back import check_given_back
+from tests.testbed.cpio import read_initramfs
 from tests.testbed.install import DAEMON_REPORT, INITRD_UNIT, ROOT_UNIT, RULE, SETTLE_UNIT, install_initsplit
 from tests.testbed.rootfs import RootFS, debian_rootfs
 from tests.testbed.system import SystemBoot, SystemImage, boot_system, build_disk
@@ -203,35 +202,6 @@ def expected_mode(rootfs: RootFS, module: str) -> tuple[str, str]:
     if decision.outcome == "split":
         return "two-stage", ""
     return "plain", manifest_reason(decision)
-
-
-def read_initramfs(path: Path) -> dict[str, bytes | str]:
-    """Path -> contents (bytes for files, the target for symlinks) of a dracut image:
-    an optional uncompressed early cpio, then the gzip-compressed main one ("newc")."""
-    data = path.read_bytes()
-    out: dict[str, bytes | str] = {}
-
-    def parse(buf: bytes, pos: int = 0) -> int:
-        while buf[pos:pos + 6] == b"070701":
-            fields = [int(buf[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
-            mode, size, namesize = fields[1], fields[6], fields[11]
-            name = buf[pos + 110:pos + 110 + namesize - 1].decode()
-            pos = (pos + 110 + namesize + 3) & ~3
-            body = buf[pos:pos + size]
-            pos = (pos + size + 3) & ~3
-            if name == "TRAILER!!!":
-                while pos < len(buf) and buf[pos] == 0:
-                    pos += 1
-                return pos
-            if stat.S_ISREG(mode):
-                out[name] = body
-            elif stat.S_ISLNK(mode):
-                out[name] = body.decode()
-        return pos
-
-    rest = data[parse(data):] if data.startswith(b"070701") else data
-    parse(gzip.decompress(rest))
-    return out
 
 
 def reached_multi_user(boot: SystemBoot) -> None:

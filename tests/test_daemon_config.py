@@ -82,7 +82,7 @@ def test_shipped_file_documents_the_real_defaults(tmp_path: Path) -> None:
     assert sorted(keys) == sorted(
         ["QuietPeriodSec", "BatchSize", "Workers", "ExitAfterQuietSec", "Exclude", "CacheDir",
          "RuntimeDir", "LogLevel", "LoadTimeoutSec", "InstallCommandTimeoutSec", "TwoStage",
-         "WritableRoAfterInit", "Discard", "KeepBTF"]
+         "WritableRoAfterInit", "Discard", "KeepBTF", "Sign", "SignKey", "SignCert"]
     )
     path = write(tmp_path, "initsplitd.conf", uncommented)
     config, errors = load_config(paths=[path])
@@ -128,6 +128,31 @@ def test_discard_classes_and_modules_that_keep_their_btf(tmp_path: Path) -> None
     assert overrides.apply(Config()).discard == ()
     _, errors = kernel_command_line_overrides("initsplit.btf=maybe")
     assert "must be keep or discard" in errors[0].message
+
+
+def test_signing_section(tmp_path: Path) -> None:
+    """[Signing] is read beside [Daemon] (the cache builders use it, signing.configured_key())."""
+    assert (Config().sign, Config().sign_key, Config().sign_cert) == ("auto", None, None)
+    path = write(tmp_path, "initsplitd.conf",
+                 "[Daemon]\nWorkers=3\n[Signing]\nSign=yes\nSignKey=/root/mok.key\n"
+                 "SignCert=/root/mok.pub\nWorkers=4\n")
+    config, errors = load_config(paths=[path])
+    assert (config.sign, config.sign_key, config.sign_cert) == ("yes", Path("/root/mok.key"),
+                                                                Path("/root/mok.pub"))
+    # Keys belong to their section: Workers= under [Signing] is unknown there.
+    assert config.workers == 3
+    assert [(e.line, e.message) for e in errors] == [(7, "unknown key 'Workers' in [Signing], ignoring")]
+    # Booleans spell yes/no; auto resets; bad values and relative paths keep the value.
+    path = write(tmp_path, "initsplitd.conf",
+                 "[Signing]\nSign=off\nSignKey=/k\nSignKey=k\nSignCert=/c/\nSign=maybe\n")
+    config, errors = load_config(paths=[path])
+    assert (config.sign, config.sign_key, config.sign_cert) == ("no", Path("/k"), None)
+    assert [e.line for e in errors] == [4, 5, 6], errors
+    assert "not an absolute path" in errors[0].message and "names a directory" in errors[1].message
+    assert "not auto or a boolean" in errors[2].message
+    path = write(tmp_path, "initsplitd.conf", "[Signing]\nSign=no\nSignKey=/k\nSign=auto\nSignKey=\n")
+    config, errors = load_config(paths=[path])
+    assert errors == [] and (config.sign, config.sign_key) == ("auto", None)
 
 
 # --- main file and drop-ins ---

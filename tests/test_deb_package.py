@@ -39,7 +39,9 @@ from pathlib import Path
 
 import pytest
 
+from initsplit.signing import is_signed
 from tests.testbed import debian_kernel
+from tests.testbed.install import install_depends
 from tests.testbed.rootfs import CHROOT_ENV, chroot_mounts, chroot_run, debian_rootfs, remove_tree, unmount_all
 from tests.testbed._util import run
 
@@ -235,6 +237,7 @@ def root(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         assert len(kept) >= MIN_KEPT, f"only {kept} of {KEEP} are modules of {rootfs.kver}"
         with chroot_mounts(merged):
             chroot_run(merged, ["depmod", "-a", rootfs.kver], what="depmod the trimmed tree")
+            install_depends(merged, env=DPKG_ENV)  # openssl, which the cached roots lack
             yield Root(merged, release, rootfs.kver, kept, names[0], udev_md5[names[0]])
     finally:
         unmount_all(merged)
@@ -336,6 +339,20 @@ def test_install_hooks_and_purge(deb: Path, old_deb: Path, root: Root) -> None:
              what="postinst.d hook, not configure")
     assert _manifests(root.cache()) == root.entries()
 
+    # Signing (Secure Boot): with a key in [Signing] the hook signs every module it
+    # writes. The key is put under /etc/initsplit on purpose, the worst place for
+    # the dracut step below: dracut must still not copy it into the image.
+    key_dir = "/etc/initsplit/test-mok"
+    root.run(["initsplit", "key", "create", key_dir], what="initsplit key create")
+    dropin = r / "etc/initsplit/initsplitd.conf.d/50-signing.conf"
+    dropin.parent.mkdir(exist_ok=True)
+    dropin.write_text(f"[Signing]\nSign=yes\nSignKey={key_dir}/mok.key\nSignCert={key_dir}/mok.pub\n")
+    signed = root.run(["/etc/kernel/postinst.d/initsplit", root.kver], what="postinst.d hook, signing")
+    assert f"signing with {key_dir}/mok.key" in signed.stderr, signed.stderr
+    assert _manifests(root.cache()) == root.entries(), signed.stderr
+    cached = sorted(root.cache().rglob("*.ko"))
+    assert cached and all(is_signed(p.read_bytes()) for p in cached), signed.stderr
+
     # A kernel whose tree cannot be split never fails the kernel's installation.
     (r / "lib/modules/0.0.0-empty/kernel").mkdir(parents=True)
     failed = root.run(["/etc/kernel/postinst.d/initsplit", "0.0.0-empty"], what="postinst.d hook, empty tree")
@@ -373,7 +390,21 @@ def test_install_hooks_and_purge(deb: Path, old_deb: Path, root: Root) -> None:
     assert linked and linked.group(1).endswith(RULE.removeprefix("/usr/lib/")), listing
     rule = root.run(["lsinitrd", "-f", RULE.lstrip("/"), image], what="the initramfs's 80-drivers.rules").stdout
     assert "initsplit" in rule and "/run/initsplit/active" in rule, rule
+    # The signing drop-in is in the image (only paths); the key is not, under any
+    # name: no file of the unpacked image holds its bytes.
+    assert "etc/initsplit/initsplitd.conf.d/50-signing.conf" in listing, listing
+    assert "mok.key" not in listing and "test-mok" not in listing, listing
+    unpacked = "/tmp/initrd-deb-test.unpacked"
+    root.run(["sh", "-c", f"mkdir {unpacked} && cd {unpacked} && lsinitrd --unpack {image}"],
+             what="unpack the initramfs")
+    secret = (r / key_dir.lstrip("/") / "mok.key").read_bytes()
+    files = [p for p in (r / unpacked.lstrip("/")).rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len(files) > 100, files
+    assert not [p for p in files if secret in p.read_bytes()]
+    shutil.rmtree(r / unpacked.lstrip("/"))
     (r / image.lstrip("/")).unlink()
+    dropin.unlink()
+    shutil.rmtree(r / key_dir.lstrip("/"))
 
     # 4. Installed again over itself (preinst/prerm "upgrade"): one diversion, the
     # cache built again.

@@ -6,6 +6,8 @@ read-only over virtio-9p, so the code under test is exactly the code in the tree
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import shutil
 import struct
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from initsplit import signing
 from initsplit.cache import write_entry
 from initsplit.split.policy import SplitOptions
 from initsplit.elf import read_elf
@@ -320,7 +323,7 @@ def result(loader_boot: BootResult) -> dict:
 
 
 def test_kernel_capabilities(result: dict) -> None:
-    assert result["caps"] == {"can_unload": True, "accepts_unsigned": True, "reason": ""}
+    assert result["caps"] == {"can_unload": True, "accepts_unsigned": True, "reason": "", "signatures": ""}
 
 
 def test_two_stage_load_with_parameter(result: dict) -> None:
@@ -479,6 +482,29 @@ out = {"caps": asdict(probe_capabilities()),
        # Even if a caller ignored the capability check, nothing is left half-loaded:
        # the unsigned core is rejected and the signed original goes in plain.
        "load": asdict(load_two_stage(pair, original=dummy))}
+
+# A signed pre-split cache entry, as the daemon there uses it (signed_only), but
+# signed with a key the kernel does not trust (not enrolled): C is refused and the
+# original goes in plain again.
+from initsplit.cache import write_entry
+from initsplit.loader.syscalls import delete_module
+from initsplit.signing import SigningKey, sign_module
+from initsplit.split.decide import decide
+delete_module("dummy")
+key = SigningKey(Path(os.environ["ISPLIT_KEY"]), Path(os.environ["ISPLIT_CERT"])).described()
+source = dummy.read_bytes()
+decision = decide(source, SplitOptions(two_stage="always"))
+split = decision.split
+cache = Path("/run/signed-cache")
+write_entry(cache, dummy.relative_to(moddir), source=source, decision="split", name=split.name,
+            init_name=split.init_name, core=sign_module(split.core, key),
+            init=sign_module(split.init, key), reached=split.reached, discarded="btf",
+            options=SplitOptions(two_stage="always").tag, signer=key.signer)
+signed = SplitProvider(modules_dir=moddir, cache_dir=cache, runtime_dir=Path("/run/rt2"),
+                       options=SplitOptions(two_stage="always"), signed_only=True).get(dummy)
+out["signed_pair"] = type(signed).__name__
+out["signed_load"] = asdict(load_two_stage(signed, original=dummy))
+out["dummy_listed"] = any(line.startswith("dummy ") for line in open("/proc/modules"))
 print("@@RESULT@@" + json.dumps(out))
 """
 
@@ -486,7 +512,9 @@ print("@@RESULT@@" + json.dumps(out))
 def test_signature_enforcing_kernel_gets_plain_loads(kernel: DebianKernel, vmshare: Path) -> None:  # noqa: F811
     program = vmshare / "sig_enforce_check.py"
     program.write_text(SIG_ENFORCE_PROGRAM)
+    key = signing.create_key(vmshare / "untrusted-key")
     script = HOST_ROOT_SETUP + (
+        f"ISPLIT_KEY={key.key} ISPLIT_CERT={key.cert} "
         f"ISPLIT_REPO={REPO} ISPLIT_MODDIR={kernel.modules_dir} PYTHONDONTWRITEBYTECODE=1 "
         f"hostrun /usr/bin/python3 {program}\n")
     result = boot(kernel, script=script, files=host_root_files(kernel), host_root=True,
@@ -496,5 +524,14 @@ def test_signature_enforcing_kernel_gets_plain_loads(kernel: DebianKernel, vmsha
     assert out is not None, result.report()
     assert out["caps"]["accepts_unsigned"] is False, out
     assert "enforces module signatures" in out["caps"]["reason"], out
+    assert out["caps"]["signatures"] == "kernel enforces module signatures", out
     load = out["load"]
     assert load["mode"] == "plain" and "core module refused" in load["reason"], load
+    # kernel/module/signing.c module_sig_check(): "Loading of module with unavailable
+    # key is rejected", EKEYREJECTED under sig_enforce.
+    assert out["signed_pair"] == "SplitPair", out
+    load = out["signed_load"]
+    assert load["mode"] == "plain", load
+    assert load["reason"] == f"core module refused: {os.strerror(errno.EKEYREJECTED)}", load
+    assert out["dummy_listed"] is True, out
+    assert "Loading of module with unavailable key is rejected" in result.dmesg, result.dmesg[-3000:]

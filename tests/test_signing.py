@@ -17,8 +17,12 @@ from pathlib import Path
 import pytest
 
 from initsplit import cli, signing
-from initsplit.cache import CacheHit, read_entry
-from initsplit.elf.discard import MODULE_SIG_STRING, signature_length
+from initsplit.cache import CacheHit, read_entry, signature_problem
+from initsplit.split.policy import SplitOptions
+from initsplit.tree import split_tree
+from initsplit.elf.discard import signature_length
+from initsplit.modsig import MODULE_SIG_STRING, SIGNATURE_TRAILER
+from initsplit.modsig import signature_problem as trailer_problem
 from initsplit.split import split_module
 from tests.testbed.kernel import debian_kernel
 
@@ -68,9 +72,20 @@ def test_signature_verifies_with_the_certificate(key: signing.SigningKey, module
     signed = signing.sign_module((modules_dir / MODULES[0]).read_bytes(), key)
     body = signing.strip_signature(signed)
     end = len(signed) - len(MODULE_SIG_STRING)
-    algo, hash_, id_type, signer_len, key_id_len, sig_len = signing._MODULE_SIGNATURE.unpack_from(
-        signed, end - signing._MODULE_SIGNATURE.size)
-    assert (algo, hash_, id_type, signer_len, key_id_len) == (0, 0, signing.PKEY_ID_PKCS7, 0, 0)
+    algo, hash_, id_type, signer_len, key_id_len, pad, sig_len = signing.MODULE_SIGNATURE.unpack_from(
+        signed, end - signing.MODULE_SIGNATURE.size)
+    assert (algo, hash_, id_type, signer_len, key_id_len, pad) == (0, 0, signing.PKEY_ID_PKCS7, 0, 0,
+                                                                   b"\0\0\0")
+    # What the daemon checks before it hands a signed split to an enforcing kernel.
+    assert trailer_problem(signed[-SIGNATURE_TRAILER:], len(signed)) is None
+    assert trailer_problem(body[-SIGNATURE_TRAILER:], len(body)) == \
+        "not signed (no appended module signature)"
+    for offset, value, problem in ((2, 1, "not a PKCS#7 message"), (0, 1, "unexpected non-zero"),
+                                   (6, 1, "unexpected non-zero"), (8, 0x7f, "does not fit")):
+        bad = bytearray(signed)
+        bad[end - signing.MODULE_SIGNATURE.size + offset] = value
+        found = trailer_problem(bytes(bad[-SIGNATURE_TRAILER:]), len(bad))
+        assert found is not None and problem in found, (offset, found)
     (tmp_path / "body").write_bytes(body)
     (tmp_path / "sig").write_bytes(signed[len(body):len(body) + sig_len])
     run = subprocess.run(["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in",
@@ -114,11 +129,46 @@ def test_split_signs_every_module_it_writes(key: signing.SigningKey, modules_dir
         unsigned = (plain / relative).read_bytes()
         assert not signing.is_signed(unsigned), relative
         assert (signed / relative).read_bytes() == sign_file(key, unsigned, tmp_path), relative
+    signer = key.described().signer
+    assert signer.startswith("CN = initsplit module signing key (sha256 "), signer
     for relative in MODULES:
         hit = read_entry(signed, Path(relative), source=(tree / relative).read_bytes())
         assert isinstance(hit, CacheHit), (relative, hit)
         with hit:
             assert hit.manifest.core_size == (signed / relative).stat().st_size, hit.manifest
+            # Who signed, for the daemon on an enforcing kernel; an unsigned cache says "".
+            assert hit.manifest.signer == signer, hit.manifest
+            assert signature_problem(hit) is None
+        unsigned = read_entry(plain, Path(relative), source=(tree / relative).read_bytes())
+        assert isinstance(unsigned, CacheHit), (relative, unsigned)
+        with unsigned:
+            assert unsigned.manifest.signer == ""
+            expected = None if unsigned.core is None else "the cache entry is not signed"
+            assert signature_problem(unsigned) == expected, relative
+
+
+def test_split_results_report_the_sizes_written(key: signing.SigningKey, modules_dir: Path,
+                                                tmp_path: Path) -> None:
+    """ModuleResult.core_size/init_size are the bytes of C and I as written, the sizes the
+    manifest records: with a key, signature included."""
+    tree = tmp_path / "tree"
+    (tree / MODULES[0]).parent.mkdir(parents=True)
+    shutil.copyfile(modules_dir / MODULES[0], tree / MODULES[0])
+    options = SplitOptions(two_stage="always")
+    for name, sign_key in (("plain", None), ("signed", key)):
+        out = tmp_path / name
+        [result] = split_tree([tree], out, workers=1, options=options, sign_key=sign_key)
+        assert result.outcome == "split", result
+        core, init = out / result.path, out / result.init_path
+        assert (result.core_size, result.init_size) == (core.stat().st_size, init.stat().st_size)
+        assert signing.is_signed(core.read_bytes()) == (sign_key is not None)
+        hit = read_entry(out, result.path, source=(tree / MODULES[0]).read_bytes())
+        assert isinstance(hit, CacheHit)
+        with hit:
+            assert (hit.manifest.core_size, hit.manifest.init_size) == (result.core_size, result.init_size)
+    # Without an output nothing is signed: the sizes are the split's own.
+    [dry] = split_tree([tree], None, workers=1, options=options, sign_key=key)
+    assert dry.core_size < result.core_size and dry.init_size < result.init_size
 
 
 def test_unusable_key_writes_nothing(key: signing.SigningKey, modules_dir: Path, tmp_path: Path,
@@ -177,3 +227,78 @@ def test_default_key_prefers_dkms(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert signing.default_key() == signing.SigningKey(own / "mok.key", own / "mok.pub")
     signing.create_key(dkms)
     assert signing.default_key() == signing.SigningKey(dkms / "mok.key", dkms / "mok.pub")
+
+
+@pytest.fixture
+def no_default_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """DKMS's and initsplit's default key directories moved under tmp_path (empty)."""
+    dkms, own = tmp_path / "dkms", tmp_path / "own"
+    monkeypatch.setattr(signing, "DKMS_KEY", dkms / "mok.key")
+    monkeypatch.setattr(signing, "DKMS_CERT", dkms / "mok.pub")
+    monkeypatch.setattr(signing, "DEFAULT_KEY_DIR", own)
+    return dkms, own
+
+
+def test_configured_key(key: signing.SigningKey, no_default_keys: tuple[Path, Path]) -> None:
+    dkms, own = no_default_keys
+    # auto without any key: no signing (today's unsigned cache); yes: an error.
+    assert signing.configured_key() is None
+    with pytest.raises(signing.SigningError, match="Sign=yes but no key"):
+        signing.configured_key(sign="yes")
+    # The default key once there is one; an explicit pair before it; no: never.
+    signing.create_key(own)
+    assert signing.configured_key() == signing.SigningKey(own / "mok.key", own / "mok.pub")
+    assert signing.configured_key(sign="yes") == signing.SigningKey(own / "mok.key", own / "mok.pub")
+    assert signing.configured_key(key=key.key, cert=key.cert) == key
+    assert signing.configured_key(sign="no", key=key.key, cert=key.cert) is None
+    # An explicit pair that is not there, or half a pair, is an error, never unsigned.
+    with pytest.raises(signing.SigningError, match="no such file"):
+        signing.configured_key(key=dkms / "missing.key", cert=key.cert)
+    with pytest.raises(signing.SigningError, match="go together"):
+        signing.configured_key(key=key.key)
+
+
+def _config_root(tmp_path: Path, text: str) -> Path:
+    root = tmp_path / "config-root"
+    conf = root / "etc/initsplit/initsplitd.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(text)
+    return root
+
+
+def test_split_sign_configured(key: signing.SigningKey, modules_dir: Path, tmp_path: Path,
+                               no_default_keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--sign-configured (the kernel hook's and dracut module's option) signs with the
+    [Signing] section's key, and not at all with Sign=no or, under Sign=auto, no key."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    shutil.copyfile(modules_dir / MODULES[0], tree / "dummy.ko")
+
+    def split(config: str, name: str) -> tuple[int, Path, str]:
+        monkeypatch.setenv("INITSPLIT_CONFIG_ROOT", str(_config_root(tmp_path / name, config)))
+        out = tmp_path / name / "out"
+        rc = cli.main(["split", "--two-stage", "always", str(tree), "-o", str(out), "-q", "-j", "1",
+                       "--sign-configured"])
+        return rc, out, capsys.readouterr().err
+
+    rc, out, err = split(f"[Signing]\nSignKey={key.key}\nSignCert={key.cert}\n", "explicit")
+    assert rc == cli.EXIT_OK and f"signing with {key.key}" in err, err
+    written = sorted(out.rglob("*.ko"))
+    assert {p.name for p in written} == {"dummy.ko", "dummy__init.ko"}
+    assert all(signing.is_signed(p.read_bytes()) for p in written)
+
+    rc, out, err = split(f"[Signing]\nSign=no\nSignKey={key.key}\nSignCert={key.cert}\n", "off")
+    assert rc == cli.EXIT_OK and "signing" not in err, err
+    written = sorted(out.rglob("*.ko"))
+    assert written and not any(signing.is_signed(p.read_bytes()) for p in written)
+
+    rc, out, err = split("", "auto-no-key")
+    assert rc == cli.EXIT_OK and not any(signing.is_signed(p.read_bytes()) for p in out.rglob("*.ko"))
+
+    rc, out, err = split("[Signing]\nSign=yes\n", "yes-no-key")
+    assert rc == cli.EXIT_USAGE and "[Signing]: Sign=yes but no key" in err, err
+    assert not out.exists()
+    assert cli.main(["split", str(tree), "-o", str(tmp_path / "x"), "--sign", "--sign-configured"]) \
+        == cli.EXIT_USAGE
+    assert "exclude each other" in capsys.readouterr().err

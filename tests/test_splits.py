@@ -9,7 +9,7 @@ descriptor it is given), so the tests run on the host without loading anything.
 from __future__ import annotations
 
 import dataclasses
-
+import errno
 import json
 import os
 import shutil
@@ -18,12 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from initsplit import signing
 from initsplit.cache import CacheHit, manifest_path, read_entry, write_entry
+from initsplit.daemon.config import Config
+from initsplit.daemon.journal import Reporter
+from initsplit.daemon.main import loading_policy, make_provider
 from initsplit.daemon.service import Service, Settings
 from initsplit.daemon.splits import NotSplit, SplitProvider
 from initsplit.split.decide import decide
 from initsplit.split.policy import SplitOptions
-from initsplit.loader import twostage
+from initsplit.loader import kernel_state, twostage
 from initsplit.loader.recovery import LoadMarkers
 from initsplit.loader.twostage import SplitPair, load_two_stage
 from initsplit.split import split_module
@@ -542,3 +546,266 @@ def test_the_init_wrapper_carries_the_name_initcall_blacklist_matches(dummy_spli
     obj = read_elf(dummy_split.init)
     wrapper = next(s.index for s in obj.sections if s.name == WRAPPER_SECTION)
     assert [s.name for s in obj.symbols if s.shndx == wrapper and s.name] == ["dummy_init_module"]
+
+
+# ------------------------------------------------- a kernel that enforces signatures
+#
+# Secure Boot's lockdown (or module.sig_enforce=1): the provider hands over only
+# pre-split cache entries whose modules are signed, never splits at boot, and
+# everything else is the original, loaded plain. The fake kernel does not check
+# signatures; the Secure Boot VM tests show the real one does.
+
+@pytest.fixture(scope="module")
+def mok(tmp_path_factory: pytest.TempPathFactory) -> signing.SigningKey:
+    return signing.create_key(tmp_path_factory.mktemp("mok")).described()
+
+
+@pytest.fixture
+def signed_presplit(tree: Tree, dummy_source: bytes, dummy_split, mok: signing.SigningKey) -> Tree:
+    # As `initsplit split --sign-key` writes it.
+    write_entry(tree.cache, DUMMY, source=dummy_source, decision="split", name=dummy_split.name,
+                init_name=dummy_split.init_name, core=signing.sign_module(dummy_split.core, mok),
+                init=signing.sign_module(dummy_split.init, mok), discarded="btf", btf_bytes=1160,
+                reached=dummy_split.reached, options=TWO_STAGE.tag, signer=mok.signer)
+    return tree
+
+
+def _enforcing(t: Tree, reports: list[str] | None = None) -> SplitProvider:
+    return SplitProvider(modules_dir=t.modules, cache_dir=t.cache, runtime_dir=t.runtime,
+                         options=TWO_STAGE, signed_only=True,
+                         report=(reports.append if reports is not None else None))
+
+
+def test_enforcing_kernel_loads_a_signed_cache_entry_two_stage(signed_presplit: Tree, dummy_split,
+                                                               mok: signing.SigningKey,
+                                                               fake_kernel: FakeKernel) -> None:
+    assert "CN = initsplit module signing key (sha256 " in mok.signer
+    reports: list[str] = []
+    pair = _enforcing(signed_presplit, reports).get(signed_presplit.module)
+    assert isinstance(pair, SplitPair), pair
+    load = load_two_stage(pair, original=signed_presplit.module)
+    assert load.mode == "two-stage", load
+    assert fake_kernel.loaded == [signing.sign_module(dummy_split.core, mok),
+                                  signing.sign_module(dummy_split.init, mok)]
+    assert reports == []
+
+
+def test_enforcing_kernel_never_uses_an_unsigned_entry_and_says_how_to_sign_once(
+        presplit: Tree, fake_kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    reports: list[str] = []
+    provider = _enforcing(presplit, reports)
+    plain: list[Path] = []
+    monkeypatch.setattr(twostage, "finit_module_path", lambda path, params="", **_: plain.append(path))
+    for _ in range(3):
+        result = provider.get(presplit.module)
+        assert result == NotSplit("signatures enforced: the cache entry is not signed"), result
+        assert twostage.load_plain("dummy", presplit.module, reason=result.reason).mode == "plain"
+    assert plain == [presplit.module] * 3 and fake_kernel.loaded == []
+    assert len(reports) == 1, reports
+    assert reports[0].startswith(f"the kernel enforces module signatures and the pre-split cache "
+                                 f"{presplit.cache} is not signed (the cache entry is not signed)")
+    for step in ("initsplit key create", "mokutil --import", "[Signing]", "SignKey=",
+                 "/etc/kernel/postinst.d/initsplit", "dracut --force"):
+        assert step in reports[0], (step, reports[0])
+
+
+def test_enforcing_kernel_checks_the_files_signatures_not_only_the_manifest(
+        presplit: Tree, mok: signing.SigningKey) -> None:
+    # A manifest that names a signer over unsigned files (a cache written by hand,
+    # a bug): the files must carry the kernel's signature trailer themselves.
+    _edit_manifest(presplit, signer=mok.signer)
+    result = _enforcing(presplit).get(presplit.module)
+    assert isinstance(result, NotSplit)
+    assert result.reason == (f"signatures enforced: {presplit.cache / DUMMY}: not signed "
+                             "(no appended module signature)"), result.reason
+
+
+def test_enforcing_kernel_never_splits_at_boot_nor_uses_the_runtime_directory(
+        tree: Tree, dummy_source: bytes, dummy_split, mok: signing.SigningKey) -> None:
+    tree.cache.mkdir()
+    # A split an earlier daemon made at boot (the initramfs's, say): unsigned.
+    write_entry(tree.runtime, DUMMY, source=dummy_source, decision="split", name=dummy_split.name,
+                init_name=dummy_split.init_name, core=dummy_split.core, init=dummy_split.init,
+                reached=dummy_split.reached, options=TWO_STAGE.tag, discarded="btf")
+    before = sorted(p.relative_to(tree.runtime) for p in tree.runtime.rglob("*"))
+    reports: list[str] = []
+    result = _enforcing(tree, reports).get(tree.module)
+    assert result == NotSplit("signatures enforced: not in the pre-split cache, and a split made "
+                              "now would be unsigned"), result
+    assert sorted(p.relative_to(tree.runtime) for p in tree.runtime.rglob("*")) == before
+    # A module missing from a cache that exists is not the cache's signing problem.
+    assert reports == []
+    shutil.rmtree(tree.runtime)
+    assert isinstance(_enforcing(tree).get(tree.module), NotSplit)
+    assert not tree.runtime.exists()  # nothing was split and kept
+
+
+def test_enforcing_kernel_without_a_cache_says_how_to_get_one(tree: Tree) -> None:
+    reports: list[str] = []
+    result = _enforcing(tree, reports).get(tree.module)
+    assert result == NotSplit(f"signatures enforced: no pre-split cache {tree.cache}"), result
+    assert len(reports) == 1 and "initsplit key create" in reports[0], reports
+    assert not tree.runtime.exists()
+
+
+def test_enforcing_kernel_loads_a_signed_rewritten_original_and_not_an_unsigned_one(
+        tree: Tree, dummy_source: bytes, mok: signing.SigningKey) -> None:
+    decision = decide(dummy_source, SplitOptions())
+    assert decision.outcome == "plain" and decision.rewritten is not None, decision
+    fields = dict(source=dummy_source, decision="plain", reason="policy", discarded="btf",
+                  btf_bytes=decision.btf_bytes, options=SplitOptions().tag)
+    write_entry(tree.cache, DUMMY, rewritten=signing.sign_module(decision.rewritten, mok),
+                signer=mok.signer, **fields)
+    provider = SplitProvider(modules_dir=tree.modules, cache_dir=tree.cache, runtime_dir=tree.runtime,
+                             signed_only=True)
+    result = provider.get(tree.module)
+    assert isinstance(result, NotSplit) and result.rewritten is not None, result
+    assert result.reason == "policy" and result.btf_bytes == decision.btf_bytes
+    result.close()
+    # Unsigned: the original as its distribution signed it, not the rewritten copy.
+    write_entry(tree.cache, DUMMY, rewritten=decision.rewritten, **fields)
+    result = provider.get(tree.module)
+    assert result == NotSplit("signatures enforced: the cache entry is not signed"), result
+
+
+def test_a_format_7_cache_still_serves_as_unsigned(presplit: Tree, fake_kernel: FakeKernel) -> None:
+    # Caches built before signers were recorded (format 7) hold the same entries.
+    fields = json.loads(_manifest(presplit).read_text())
+    assert fields.pop("signer") == "" and fields["format"] == 8
+    fields["format"] = 7
+    _manifest(presplit).write_text(json.dumps(fields))
+    pair = presplit.provider().get(presplit.module)
+    assert isinstance(pair, SplitPair), pair
+    pair.close()
+    assert _enforcing(presplit).get(presplit.module) == \
+        NotSplit("signatures enforced: the cache entry is not signed")
+    # A format 7 manifest cannot name a signer; format 6 is not read at all.
+    _edit_manifest(presplit, signer="CN = someone")
+    assert "which records no signer" in presplit.provider().get(presplit.module).reason
+    _edit_manifest(presplit, format=6, signer="")
+    assert "has format 6, not 8" in presplit.provider().get(presplit.module).reason
+
+
+@pytest.mark.parametrize("refusal", [errno.EKEYREJECTED, errno.ENOKEY, errno.EPERM, errno.EBADMSG])
+def test_a_signed_core_the_kernel_refuses_falls_back_to_the_original(
+        signed_presplit: Tree, fake_kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch,
+        refusal: int) -> None:
+    """The key is not enrolled (ENOKEY: unavailable key; EKEYREJECTED; EPERM under
+    lockdown): kernel/module/signing.c module_sig_check() refuses C before anything of it
+    runs, and the original goes in plain."""
+    def refuse_core(target: int | Path, params: str = "", *, flags: int = 0) -> int:
+        raise OSError(refusal, os.strerror(refusal))
+
+    plain: list[Path] = []
+    monkeypatch.setattr(twostage, "finit_module", refuse_core)
+    monkeypatch.setattr(twostage, "finit_module_path", lambda path, params="", **_: plain.append(path))
+    pair = _enforcing(signed_presplit).get(signed_presplit.module)
+    assert isinstance(pair, SplitPair), pair
+    load = load_two_stage(pair, original=signed_presplit.module)
+    assert load.mode == "plain", load
+    assert load.reason == f"core module refused: {os.strerror(refusal)}", load
+    assert plain == [signed_presplit.module] and fake_kernel.deleted == []
+
+
+def _sysfs(root: Path, *, lockdown: str | None = None, sig_enforce: str | None = None) -> Path:
+    if lockdown is not None:
+        (root / "kernel/security").mkdir(parents=True)
+        (root / "kernel/security/lockdown").write_text(lockdown + "\n")
+    if sig_enforce is not None:
+        (root / "module/module/parameters").mkdir(parents=True)
+        (root / "module/module/parameters/sig_enforce").write_text(sig_enforce + "\n")
+    return root
+
+
+@pytest.mark.parametrize(("lockdown", "sig_enforce", "signatures"), [
+    ("[none] integrity confidentiality", "N", ""),
+    ("none [integrity] confidentiality", None, "kernel lockdown is active (integrity)"),
+    ("none integrity [confidentiality]", None, "kernel lockdown is active (confidentiality)"),
+    (None, "Y", "kernel enforces module signatures"),
+    ("none [integrity] confidentiality", "Y",
+     "kernel enforces module signatures; kernel lockdown is active (integrity)"),
+])
+def test_probe_capabilities_reads_lockdown_and_sig_enforce(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           lockdown: str | None, sig_enforce: str | None,
+                                                           signatures: str) -> None:
+    monkeypatch.setattr(kernel_state, "_probe_unload", lambda: True)
+    caps = kernel_state.probe_capabilities(sys_root=_sysfs(tmp_path, lockdown=lockdown,
+                                                           sig_enforce=sig_enforce))
+    assert caps.signatures == signatures and caps.reason == signatures
+    assert caps.signed_only == bool(signatures) and caps.two_stage  # two-stage, where signed
+    monkeypatch.setattr(kernel_state, "_probe_unload", lambda: False)
+    caps = kernel_state.probe_capabilities(sys_root=tmp_path)
+    assert not caps.two_stage and caps.reason.startswith("kernel cannot unload modules")
+
+
+ENFORCING = kernel_state.KernelCapabilities(can_unload=True, accepts_unsigned=False,
+                                            reason="kernel lockdown is active (integrity)",
+                                            signatures="kernel lockdown is active (integrity)")
+
+
+def _policy(config: Config, capabilities: kernel_state.KernelCapabilities) -> tuple[tuple[str, bool], list[str]]:
+    entries: list[dict] = []
+    policy = loading_policy(config, capabilities, kver="6.1.0-57-amd64",
+                            reporter=Reporter(sink=entries.append))
+    return policy, [e["MESSAGE"] for e in entries]
+
+
+def test_loading_policy_on_an_enforcing_kernel_is_signed_only_and_said_once(tree: Tree) -> None:
+    (plain_only, signed_only), messages = _policy(Config(), ENFORCING)
+    assert (plain_only, signed_only) == ("", True)
+    assert messages == ["initsplitd: kernel lockdown is active (integrity): only modules whose signed "
+                        "split is in the pre-split cache /usr/lib/initsplit/cache/6.1.0-57-amd64 are "
+                        "loaded two-stage, every other one plain (its original, as its distribution "
+                        "signed it)"]
+    provider = make_provider(dataclasses.replace(Config(), cache_dir=tree.cache), kver="6.1.0-57-amd64",
+                             reporter=Reporter(sink=lambda _: None), signed_only=signed_only)
+    assert provider.signed_only
+    # The rescue switch and a kernel that cannot unload still mean every module plain.
+    (plain_only, signed_only), messages = _policy(dataclasses.replace(Config(), enabled=False), ENFORCING)
+    assert (plain_only, signed_only) == ("initsplit=off on the kernel command line", False)
+    no_unload = dataclasses.replace(ENFORCING, can_unload=False,
+                                    reason="kernel cannot unload modules; kernel lockdown is active (integrity)")
+    (plain_only, signed_only), messages = _policy(Config(), no_unload)
+    assert (plain_only, signed_only) == (no_unload.reason, False)
+    assert messages == [f"initsplitd: loading every module plain: {no_unload.reason}"]
+    # A kernel that takes unsigned modules: nothing said, nothing limited.
+    accepting = kernel_state.KernelCapabilities(can_unload=True, accepts_unsigned=True, reason="")
+    assert _policy(Config(), accepting) == (("", False), [])
+
+
+def test_service_on_an_enforcing_kernel_two_stages_signed_entries_only(
+        signed_presplit: Tree, trusted_tmp: Path, dummy_source: bytes, mok: signing.SigningKey,  # noqa: F811
+        fake_kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the Service: dummy's signed entry goes in two-stage; a second module with
+    an unsigned entry, and a third with none, go in plain as their originals."""
+    plain: list[Path] = []
+    monkeypatch.setattr(twostage, "finit_module_path", lambda path, params="", **_: plain.append(path))
+    others = {}
+    for name in ("unsigned", "missing"):
+        relative = DUMMY.with_name(f"{name}.ko")
+        (signed_presplit.modules / relative).write_bytes(dummy_source)
+        others[name] = signed_presplit.modules / relative
+    decision = decide(dummy_source, TWO_STAGE)
+    write_entry(signed_presplit.cache, DUMMY.with_name("unsigned.ko"), source=dummy_source,
+                decision="split", name="unsigned", init_name="unsigned__init",
+                core=decision.split.core, init=decision.split.init, reached=decision.split.reached,
+                options=TWO_STAGE.tag, discarded="btf")
+    reports: list[str] = []
+    service = Service(settings=Settings(), resolver=_Quiet(), source=_Quiet(),
+                      provider=_enforcing(signed_presplit, reports), reporter=_Quiet(),
+                      notifier=_Quiet(), markers=LoadMarkers(signed_presplit.runtime / "loading"))
+    try:
+        loads = [service._load(Step(name, path)) for name, path in
+                 (("dummy", signed_presplit.module), ("unsigned", others["unsigned"]),
+                  ("missing", others["missing"]))]
+    finally:
+        service.scheduler.shutdown()
+    assert [load.mode for load in loads] == ["two-stage", "plain", "plain"], loads
+    assert loads[1].reason == "signatures enforced: the cache entry is not signed"
+    assert loads[2].reason == ("signatures enforced: not in the pre-split cache, and a split made "
+                               "now would be unsigned")
+    assert plain == [others["unsigned"], others["missing"]]
+    assert fake_kernel.loaded == [signing.sign_module(decision.split.core, mok),
+                                  signing.sign_module(decision.split.init, mok)]
+    assert len(reports) == 1 and "mokutil --import" in reports[0]
+    assert not signed_presplit.runtime.joinpath(DUMMY.with_name("missing.ko")).exists()

@@ -22,6 +22,8 @@ from typing import Literal
 
 from .fsio import (OpenFile, Untrusted, atomic_write, make_dirs, open_checked, ownership_problem,
                    read_fd, sha256_fd)
+from .modsig import SIGNATURE_TRAILER
+from .modsig import signature_problem as file_signature_problem
 from .split.policy import DEFAULT_OPTIONS
 
 MANIFEST_SUFFIX = ".initsplit"
@@ -33,9 +35,11 @@ MANIFEST_SUFFIX = ".initsplit"
 # a module loaded plain the rewritten original at RELPATH. 6: one anchor (I
 # reaches C by offsets, checked against the kernel before I is loaded: reached),
 # the kallsyms-data class and what it gives back. 7: the slab a two-stage load
-# takes more than the plain one (twostage_slab_bytes). Entries of an older format
-# are not used.
-FORMAT = 7
+# takes more than the plain one (twostage_slab_bytes). 8: who signed the modules
+# (signer), for kernels that enforce module signatures. Entries of an older format
+# are not used, but for 7: its entries are 8's with signer "" (unsigned).
+FORMAT = 8
+READ_FORMATS = (7, 8)
 
 # What a manifest records of split.decide.Decision: its outcome, one of those
 # the daemon can use ("invalid" and "error" get no entry). "plain": the module
@@ -80,6 +84,11 @@ class Manifest:
     # For a split: the unreclaimable slab the two-stage load takes more than the
     # plain one (layout/twostage_slab.py), which the journal counts against it.
     twostage_slab_bytes: int = 0
+    # Who signed the entry's modules (C, I, a rewritten original) when the cache was
+    # built, "SUBJECT (sha256 FINGERPRINT)" of the certificate (signing.py), or ""
+    # for unsigned ones. Only signed entries are loaded where the kernel enforces
+    # module signatures (daemon/splits.py, with signature_problem() on the files).
+    signer: str = ""
 
 
 def digest(data: bytes) -> str:
@@ -91,10 +100,12 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: ManifestD
                 plain_core_bytes: int = 0, init_layout_pages: int = 0,
                 options: str = DEFAULT_OPTIONS.tag, discarded: str = "", btf_bytes: int = 0,
                 kallsyms_bytes: int = 0, reached: tuple[tuple[str, int], ...] = (),
-                twostage_slab_bytes: int = 0, rewritten: bytes | None = None) -> Manifest:
+                twostage_slab_bytes: int = 0, rewritten: bytes | None = None,
+                signer: str = "") -> Manifest:
     """Write one cache entry (files first, manifest last), decided under *options*
     (split.policy.SplitOptions.tag). *rewritten*: for a module loaded plain, the
-    original without the *discarded* classes, loaded instead of it."""
+    original without the *discarded* classes, loaded instead of it. *signer*: who
+    signed *core*, *init* and *rewritten* (they are given signed)."""
     core_path = root / relpath
     manifest_path(root, relpath).unlink(missing_ok=True)
     # Never group- or world-writable, whatever the umask: the daemon refuses
@@ -114,7 +125,7 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: ManifestD
                         init_file, len(core), len(init), digest(core) if core else "",
                         digest(init) if init else "", plain_core_bytes, init_layout_pages, options,
                         discarded, btf_bytes, kallsyms_bytes, render_reached(reached),
-                        twostage_slab_bytes)
+                        twostage_slab_bytes, signer)
     atomic_write(manifest_path(root, relpath), json.dumps(asdict(manifest), sort_keys=True).encode())
     return manifest
 
@@ -268,8 +279,10 @@ def parse_manifest(raw: bytes) -> Manifest:
 
 
 def _manifest_problem(manifest: Manifest, source: bytes) -> str | None:
-    if manifest.format != FORMAT:
+    if manifest.format not in READ_FORMATS:
         return f"has format {manifest.format}, not {FORMAT}"
+    if manifest.format < 8 and manifest.signer:
+        return f"has format {manifest.format}, which records no signer"
     if manifest.source_size != len(source) or manifest.source_sha256 != digest(source):
         return "is stale: it was made from another version of the module"
     if manifest.decision != "split":
@@ -280,6 +293,26 @@ def _manifest_problem(manifest: Manifest, source: bytes) -> str | None:
     if not manifest.init_name.endswith("__init") or "/" in manifest.init_name \
             or manifest.init_file != expected:
         return f"names init module file {manifest.init_file!r} (expected {expected!r})"
+    return None
+
+
+def signature_problem(hit: CacheHit) -> str | None:
+    """None when every module of *hit* (C and I, or the rewritten original) is signed,
+    by the manifest and by the files' own appended signatures; else why not.
+
+    Read from the hit's open descriptors, whose bytes read_entry() hashed: these
+    are the bytes the kernel is given. A hit without files (the original is loaded
+    as it is, the distribution's signature intact) has nothing to be signed.
+    """
+    files = [f for f in (hit.core, hit.init) if f is not None]
+    if files and not hit.manifest.signer:
+        return "the cache entry is not signed"
+    for f in files:
+        size = os.fstat(f.fileno()).st_size
+        tail = os.pread(f.fileno(), SIGNATURE_TRAILER, max(0, size - SIGNATURE_TRAILER))
+        problem = file_signature_problem(tail, size)
+        if problem:
+            return f"{f.label}: {problem}"
     return None
 
 

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, TextIO
 
 from . import __version__
+from .daemon.config import Config, ConfigError, load_config
 from .elf import MalformedElf
 from .split import SplitModule
 from .layout import rules_for_tree
 from .split.decide import decide
 from .split.policy import DISCARD_CLASSES, TWO_STAGE_POLICIES, SplitOptions
 from .modfile import MODULE_SUFFIX, CompressedModuleError, read_module
-from .signing import DEFAULT_KEY_DIR, SigningError, SigningKey, create_key, default_key
+from .signing import DEFAULT_KEY_DIR, SigningError, SigningKey, configured_key, create_key, default_key
 from .tree import TreeError, find_modules, refusal_reasons, split_jobs, summary_line
 
 EXIT_OK = 0
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--sign", action="store_true",
                        help="sign with the default key: DKMS's /var/lib/dkms/mok.key and mok.pub, "
                        f"else {DEFAULT_KEY_DIR}/mok.key and mok.pub (initsplit key create)")
+    split.add_argument("--sign-configured", action="store_true",
+                       help="sign as the [Signing] section of /etc/initsplit/initsplitd.conf (and its "
+                       "drop-ins) says: Sign=auto (default) uses SignKey=/SignCert=, else the default "
+                       "key as --sign, else does not sign; Sign=no never signs (the kernel hook and "
+                       "dracut module use this)")
     _add_policy_options(split)
 
     key = commands.add_parser(
@@ -161,13 +167,16 @@ def _discard_classes(text: str) -> frozenset[str]:
     return names
 
 
+def _load_config() -> tuple[Config, list[ConfigError]]:
+    """The daemon's configuration as it reads it at /, or under $INITSPLIT_CONFIG_ROOT (tests)."""
+    return load_config(root=Path(os.environ.get("INITSPLIT_CONFIG_ROOT") or "/"))
+
+
 def _split_options(args: argparse.Namespace, tree: Path | None) -> SplitOptions:
     """The daemon's own TwoStage= and WritableRoAfterInit= unless the command line
     says otherwise, and the layout rules of the tree's kernel: the cache must hold
     what the daemon would load."""
-    from .daemon.config import load_config
-
-    config, _errors = load_config()  # the daemon reports the errors; here defaults stand
+    config, _errors = _load_config()  # the daemon reports the errors; here defaults stand
     options = config.split_options(rules_for_tree(tree))
     return SplitOptions(
         two_stage=args.two_stage or options.two_stage,
@@ -208,9 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -------------------------------------------------------------------- split
 
 def _sign_key(args: argparse.Namespace) -> SigningKey | None:
-    """The key --sign-key/--sign-cert or --sign name, checked; None: do not sign."""
+    """The key --sign-key/--sign-cert, --sign or --sign-configured name, checked; None: do not sign."""
     if (args.sign_key is None) != (args.sign_cert is None):
         raise TreeError("--sign-key and --sign-cert go together")
+    if sum((args.sign_key is not None, args.sign, args.sign_configured)) > 1:
+        raise TreeError("--sign-key, --sign and --sign-configured exclude each other")
+    if args.sign_configured:
+        return _configured_key()
     if args.sign_key is not None:
         key: SigningKey | None = SigningKey(args.sign_key, args.sign_cert)
     elif args.sign:
@@ -225,6 +238,20 @@ def _sign_key(args: argparse.Namespace) -> SigningKey | None:
         key.check()
     except SigningError as exc:
         raise TreeError(str(exc)) from None
+    return key
+
+
+def _configured_key() -> SigningKey | None:
+    """The key of the configuration's [Signing] section, checked; None: do not sign."""
+    config, errors = _load_config()
+    for error in errors:
+        print(f"initsplit: {error}", file=sys.stderr)
+    try:
+        key = configured_key(sign=config.sign, key=config.sign_key, cert=config.sign_cert)
+    except SigningError as exc:
+        raise TreeError(f"[Signing]: {exc}") from None
+    if key is not None:
+        print(f"initsplit: signing with {key.key} (certificate {key.cert})", file=sys.stderr)
     return key
 
 

@@ -31,18 +31,15 @@ private key never enters an initramfs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .elf.discard import MODULE_SIG_STRING, signature_length
-
-# include/linux/module_signature.h
-PKEY_ID_PKCS7 = 2
-_MODULE_SIGNATURE = struct.Struct(">BBBBB3xI")  # algo, hash, id_type, signer_len, key_id_len, pad, sig_len
+from .elf.discard import signature_length
+from .modsig import MODULE_SIG_STRING, MODULE_SIGNATURE, PKEY_ID_PKCS7
 
 # DKMS's machine owner key (dkms's mok_signing_key / mok_certificate defaults).
 DKMS_KEY = Path("/var/lib/dkms/mok.key")
@@ -71,6 +68,9 @@ class SigningKey:
     key: Path
     cert: Path
     digest: str = "sha256"
+    # Who signs, as the cache manifests record it (cache.Manifest.signer):
+    # described() fills it in once, before the worker processes start.
+    signer: str = ""
 
     def check(self) -> None:
         for path in (self.key, self.cert):
@@ -78,6 +78,33 @@ class SigningKey:
                 raise SigningError(f"{path}: no such file")
             if not os.access(path, os.R_OK):
                 raise SigningError(f"{path}: not readable (signing needs root)")
+
+    def described(self) -> SigningKey:
+        """This key with *signer* set: "SUBJECT (sha256 FINGERPRINT)" of its certificate."""
+        if self.signer:
+            return self
+        return dataclasses.replace(self, signer=certificate_identity(self.cert))
+
+
+def certificate_identity(cert: Path) -> str:
+    """ "SUBJECT (sha256 AB:CD:...)" of a DER or PEM X.509 certificate, as openssl prints it."""
+    for form in ("DER", "PEM"):
+        run = subprocess.run([OPENSSL, "x509", "-inform", form, "-in", str(cert), "-noout",
+                              "-subject", "-fingerprint", "-sha256", "-nameopt", "oneline"],
+                             capture_output=True, text=True, check=False)
+        if run.returncode == 0:
+            break
+    else:
+        lines = run.stderr.strip().splitlines()
+        raise SigningError(f"{cert}: not an X.509 certificate ({lines[-1] if lines else run.returncode})")
+    subject = fingerprint = ""
+    for line in run.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "subject":
+            subject = value.strip()
+        elif "Fingerprint" in key:
+            fingerprint = value.strip()
+    return f"{subject} (sha256 {fingerprint})"
 
 
 def default_key() -> SigningKey | None:
@@ -87,6 +114,35 @@ def default_key() -> SigningKey | None:
         if key.key.is_file() and key.cert.is_file():
             return key
     return None
+
+
+def configured_key(*, sign: str = "auto", key: Path | None = None,
+                   cert: Path | None = None) -> SigningKey | None:
+    """The key the configuration's [Signing] section names (daemon/config.py), or None.
+
+    ``sign`` is "auto", "yes" or "no". "no": None. Otherwise ``key``/``cert`` when
+    set (both or neither), else :func:`default_key`. "auto" with no key found is
+    None (an unsigned cache, as before Secure Boot support); "yes" with none, a
+    key configured but missing or unreadable, or only one of the two set, is a
+    :class:`SigningError`: an explicit choice must not quietly produce an unsigned
+    cache that an enforcing kernel would not use.
+    """
+    if sign == "no":
+        return None
+    if (key is None) != (cert is None):
+        raise SigningError("SignKey= and SignCert= go together: set both or neither")
+    if key is not None and cert is not None:
+        chosen = SigningKey(key, cert)
+        chosen.check()
+        return chosen
+    found = default_key()
+    if found is None:
+        if sign == "yes":
+            raise SigningError(f"Sign=yes but no key: neither {DKMS_KEY} nor {DEFAULT_KEY_DIR / KEY_NAME} "
+                               "exists; make one with 'initsplit key create' or set SignKey=/SignCert=")
+        return None
+    found.check()
+    return found
 
 
 def strip_signature(data: bytes) -> bytes:
@@ -118,7 +174,7 @@ def sign_module(data: bytes, key: SigningKey) -> bytes:
     """*data* (its old signature stripped) with a signature by *key* appended."""
     body = strip_signature(data)
     message = pkcs7_signature(body, key)
-    info = _MODULE_SIGNATURE.pack(0, 0, PKEY_ID_PKCS7, 0, 0, len(message))
+    info = MODULE_SIGNATURE.pack(0, 0, PKEY_ID_PKCS7, 0, 0, b"\0\0\0", len(message))
     return body + message + info + MODULE_SIG_STRING
 
 

@@ -42,6 +42,9 @@ class ModuleResult:
     outcome: Outcome
     reason: str = ""  # refusal reason, validation message or exception text
     detail: str = ""  # where, for refusals (SplitRefused.detail)
+    # Bytes of C and I for "split" (0 otherwise) as written to the output, which is
+    # what the cache manifest records and the kernel is given: with a signing key
+    # these include the appended signature. Without an output, as split (unsigned).
     core_size: int = 0
     init_size: int = 0
     seconds: float = 0.0
@@ -143,6 +146,8 @@ def split_jobs(
     """
     if output is not None:
         _check_output(jobs, output)
+    if sign_key is not None:
+        sign_key = sign_key.described()  # once here, not in every worker: openssl x509
     return run_jobs(jobs, functools.partial(split_one, output=output, options=options, sign_key=sign_key),
                     workers=workers,
                     progress=progress, on_pool_error=lambda job, exc: _error(job, exc, 0.0))
@@ -242,11 +247,16 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
     # An invalid split is never written: the caller loads the original instead.
     split = decision.split if decision.outcome == "split" else None
 
+    # What the manifest records; a key that was not described() still names its file.
+    signer = "" if sign_key is None else (sign_key.signer or str(sign_key.cert))
+
     def signed(module: bytes) -> bytes:
         # After validation (which reads the unsigned bytes), before the cache
         # writer hashes them into the manifest: the entry holds what is loaded.
         return module if sign_key is None else sign_module(module, sign_key)
 
+    # C and I as they are written: signed when a key is given (ModuleResult.core_size).
+    core, init = (b"", b"") if split is None else (split.core, split.init)
     if output is not None:
         # Every entry gets a manifest (initsplit/cache.py), also for modules that are
         # not split, so the daemon knows the decision without splitting again.
@@ -254,11 +264,12 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
             init_relative = job.relative.with_name(split.init_name + MODULE_SUFFIX)
             if init_relative == job.relative:
                 raise TreeError(f"init module {split.init_name} would replace the core")
+            core, init = signed(split.core), signed(split.init)
             write_entry(output, job.relative, source=data, decision="split", name=split.name,
-                        init_name=split.init_name, core=signed(split.core), init=signed(split.init),
+                        init_name=split.init_name, core=core, init=init,
                         options=options.tag, discarded=",".join(decision.discarded),
                         btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
-                        reached=split.reached, **layout_figures(decision, options.rules))
+                        reached=split.reached, signer=signer, **layout_figures(decision, options.rules))
         else:
             # A previous run may have split this module; a stale core left behind
             # would be loaded instead of the original.
@@ -268,15 +279,16 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
                             reason=manifest_reason(decision), options=options.tag,
                             discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
                             kallsyms_bytes=decision.kallsyms_bytes,
-                            rewritten=None if decision.rewritten is None else signed(decision.rewritten))
+                            rewritten=None if decision.rewritten is None else signed(decision.rewritten),
+                            signer=signer if decision.rewritten is not None else "")
     return ModuleResult(
         path=job.relative,
         source=job.source,
         outcome=decision.outcome,
         reason=decision.reason,
         detail=decision.detail,
-        core_size=len(split.core) if split else 0,
-        init_size=len(split.init) if split else 0,
+        core_size=len(core),
+        init_size=len(init),
         seconds=time.perf_counter() - start,
         input_size=len(data),
         init_path=job.relative.with_name(split.init_name + MODULE_SUFFIX) if split else None,

@@ -22,10 +22,15 @@
 #     loading to the daemon while it runs);
 #   * the pre-split cache: every kernel module in the image split ahead of time
 #     into /usr/lib/initsplit/cache/$kernel, so the daemon never has to split (nor
-#     import pyelftools) at boot.
+#     import pyelftools) at boot, signed as [Signing] in initsplitd.conf says (by
+#     default with DKMS's MOK or initsplit's own key, when one exists) so that a
+#     kernel enforcing module signatures (Secure Boot) loads the splits. The
+#     signing happens here, on the host; the private key is never copied into
+#     the image (only *.conf files of /etc/initsplit are, and they hold paths).
 
 initsplit_libdir=/usr/lib/initsplit
 initsplit_python=/usr/bin/python3
+initsplit_bin=/usr/bin/initsplit
 
 # Prerequisite check(s) for module.
 check() {
@@ -92,8 +97,10 @@ _initsplit_split_cache() {
         # The modules are read in place; the cache goes beside them, so depmod's
         # files (modules.dep, ...) stay exactly as dracut_kernel_post wrote them.
         # Exit 1 only means some module failed validation: that one is loaded plain.
-        /usr/bin/initsplit split "${initdir}/lib/modules/$kernel" \
-            -o "${initdir}${_cache}" --quiet 2>&1 | while read -r _line; do dwarn "initsplit: $_line"; done
+        # A signing problem (Sign=yes without a key, a configured key missing) is
+        # exit 2, fatal: the image would not be what was configured.
+        "$initsplit_bin" split "${initdir}/lib/modules/$kernel" \
+            -o "${initdir}${_cache}" --quiet --sign-configured 2>&1 | while read -r _line; do dwarn "initsplit: $_line"; done
         if ((PIPESTATUS[0] > 1)); then
             dfatal "initsplit: splitting the modules in ${initdir}/lib/modules/$kernel failed"
             exit 1

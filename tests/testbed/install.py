@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._util import TestbedError, file_lock, run
-from .kernel import cache_dir
+from .apt import RELEASES
+from .kernel import cache_dir, fetch_deb
 from .rootfs import chroot_mounts, chroot_run
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -47,6 +48,44 @@ DROPIN_DIR = "/etc/initsplit/initsplitd.conf.d"
 
 # Every dpkg run in an image (see the module docstring).
 DPKG_ENV = {"INITRD": "No", "INITSPLIT_NO_CACHE": "1"}
+
+# The package's Depends that the test bed's cached roots (rootfs.PACKAGES) do not
+# have: install_depends() puts them in from their own .deb (fetch_deb) before the
+# package. Not added to PACKAGES: that would change the key of the roots every
+# checkout on this machine shares, which would then be rebuilt back and forth.
+EXTRA_DEPENDS = ("openssl",)  # signing.py runs openssl (Secure Boot, issue 13)
+
+
+def _root_release(root: Path) -> str:
+    """The Debian version ("12", "13") of the root, from its /etc/os-release."""
+    for line in (root / "etc/os-release").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key == "VERSION_CODENAME":
+            suite = value.strip().strip('"')
+            for version, release in RELEASES.items():
+                if release.suite == suite:
+                    return version
+            raise TestbedError(f"{root}: unknown Debian suite {suite!r}")
+    raise TestbedError(f"{root}/etc/os-release names no VERSION_CODENAME")
+
+
+def install_depends(root: Path, *, env: Mapping[str, str] = DPKG_ENV) -> None:
+    """dpkg -i the EXTRA_DEPENDS the root lacks, of its own release (chroot mounts needed)."""
+    missing = [name for name in EXTRA_DEPENDS if not (root / f"var/lib/dpkg/info/{name}.list").exists()]
+    if not missing:
+        return
+    release = RELEASES[_root_release(root)]
+    staged = []
+    try:
+        for name in missing:
+            deb = fetch_deb(name, release)
+            shutil.copyfile(deb, root / "var/tmp" / deb.name)
+            staged.append(deb.name)
+        chroot_run(root, ["dpkg", "-i", *(f"/var/tmp/{name}" for name in staged)], env=dict(env),
+                   what=f"dpkg -i {' '.join(missing)} (initsplit's Depends) in the image's root")
+    finally:
+        for name in staged:
+            (root / "var/tmp" / name).unlink(missing_ok=True)
 
 # build_disk() report commands every boot of an installed initsplit needs: the state
 # once both daemons are done, which the journal's given-back total is held against.
@@ -144,6 +183,7 @@ class DebInstall:
         shutil.copyfile(deb, staged)
         try:
             with chroot_mounts(root):
+                install_depends(root)
                 chroot_run(root, ["dpkg", "-i", f"/var/tmp/{deb.name}"], env=DPKG_ENV,
                            what=f"dpkg -i {deb.name} in the image's root")
                 if self.purge:

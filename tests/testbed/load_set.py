@@ -25,7 +25,7 @@ from pathlib import Path
 
 from initsplit.daemon.config import load_config
 from initsplit.daemon.journal import Reporter
-from initsplit.daemon.main import make_provider, make_settings
+from initsplit.daemon.main import loading_policy, make_provider, make_settings
 from initsplit.daemon.notify import Notifier
 from initsplit.daemon.service import Service
 from initsplit.daemon.udev_source import ModuleRequest
@@ -62,11 +62,11 @@ def main(argv: Sequence[str]) -> int:
         print("\n".join(str(e) for e in errors), file=sys.stderr)
         return 2
     reporter = Reporter(sink=lambda fields: print(json.dumps(fields), flush=True))
-    capabilities = probe_capabilities()
-    settings = make_settings(config, in_initrd=False, modprobe="/sbin/modprobe",
-                             plain_only="" if capabilities.two_stage else capabilities.reason,
+    kver = os.uname().release
+    plain_only, signed_only = loading_policy(config, probe_capabilities(), kver=kver, reporter=reporter)
+    settings = make_settings(config, in_initrd=False, modprobe="/sbin/modprobe", plain_only=plain_only,
                              udev_handover=False)
-    provider = make_provider(config, kver=os.uname().release, reporter=reporter)
+    provider = make_provider(config, kver=kver, reporter=reporter, signed_only=signed_only)
     with Resolver(kernel_cmdline="") as resolver:
         service = Service(settings=settings, resolver=resolver, source=ModuleListSource(argv[1:]),
                           provider=provider, reporter=reporter, notifier=Notifier(),

@@ -1,5 +1,7 @@
 """A Secure Boot test bed from Debian 12 packages: OVMF with Microsoft's keys, shim,
-grub and Debian's signed kernel, booting the test bed's busybox initramfs, with a
+grub and Debian's signed kernel, booting the test bed's busybox initramfs
+(secureboot_boot()) or a whole system of system.build_disk()'s, its dracut
+initramfs and its root on the virtio disk (secureboot_system_boot()), with a
 machine owner key (MOK) made by the tests and enrolled without MokManager.
 
     ovmf                   OVMF_CODE_4M.secboot.fd (SMM), OVMF_VARS_4M.ms.fd (MS keys, SB on)
@@ -8,6 +10,10 @@ machine owner key (MOK) made by the tests and enrolled without MokManager.
                            signed grub's prefix) and EFI/BOOT/
     dosfstools, mtools     the FAT ESP image (mkfs.vfat, mcopy)
     linux-image-6.1.0-57   its vmlinuz is signed by Debian (shim trusts Debian's CA)
+
+The ESP (kernel and initramfs on it, grub.cfg naming them) is a SATA disk of the q35
+board's own AHCI controller, which OVMF boots from; the guest's virtio disks are the
+caller's, so a system's root is /dev/vda as in the boots without Secure Boot.
 
 The MOK is enrolled by appending a MokList variable to a copy of the vars store
 (append_variable(), the authenticated variable format of edk2's
@@ -30,6 +36,8 @@ from pathlib import Path
 from ._util import TestbedError
 from .kernel import DebianKernel
 from .qemu import BASE_APPEND, QEMU, BootResult, build_initramfs, run_guest
+from .system import BASE_APPEND as SYSTEM_APPEND
+from .system import SystemBoot, SystemImage, root_drive, run_system_guest
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
@@ -159,6 +167,8 @@ def _require(*paths: Path) -> None:
 
 
 ESP_START = 2048  # sectors of 512 bytes
+# The ESP's room for FAT, grub.cfg and the partition table beyond the files it holds.
+ESP_SLACK_MB = 16
 
 
 def _write_mbr(image: Path, *, start: int, sectors: int) -> None:
@@ -169,12 +179,17 @@ def _write_mbr(image: Path, *, start: int, sectors: int) -> None:
         f.write(entry + bytes(48) + b"\x55\xaa")
 
 
-def make_esp(image: Path, kernel: DebianKernel, initrd: Path, append: str, size_mb: int = 64) -> None:
-    """A FAT ESP: shim as the removable-media boot loader, grub beside it, the kernel."""
+def make_esp(image: Path, *, vmlinuz: Path, initrd: Path, append: str) -> None:
+    """A FAT ESP: shim as the removable-media boot loader, grub beside it, and the
+    kernel and initramfs grub loads (shim verifies the kernel, grub hands it over
+    with the command line *append*). Sized for what it holds."""
     _require(SHIM, GRUB)
     for tool in ("mkfs.vfat", "mcopy", "mmd"):
         if shutil.which(tool) is None:
             raise TestbedError(f"{tool} not found: install {PACKAGES} (tools/install-deps)")
+    payload = sum(path.stat().st_size for path in (SHIM, GRUB, vmlinuz, initrd))
+    # FAT32 wants at least 65,525 clusters: 33 MB with mkfs.vfat's 512-byte ones.
+    size_mb = max(64, -(-payload // (1024 * 1024)) + ESP_SLACK_MB)
     with image.open("wb") as f:
         f.truncate(size_mb * 1024 * 1024)
     env = {"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
@@ -193,38 +208,67 @@ def make_esp(image: Path, kernel: DebianKernel, initrd: Path, append: str, size_
     run("mmd", "-i", fat, "::/EFI", "::/EFI/BOOT", "::/EFI/debian")
     for source, target in ((SHIM, "::/EFI/BOOT/BOOTX64.EFI"), (GRUB, "::/EFI/BOOT/grubx64.efi"),
                            (grub_cfg, "::/EFI/BOOT/grub.cfg"), (grub_cfg, "::/EFI/debian/grub.cfg"),
-                           (kernel.vmlinuz, "::/vmlinuz"), (initrd, "::/initrd")):
+                           (vmlinuz, "::/vmlinuz"), (initrd, "::/initrd")):
         run("mcopy", "-i", fat, str(source), target)
+
+
+def secureboot_argv(*, tmp: Path, vmlinuz: Path, initrd: Path, append: str, mok_cert_der: bytes,
+                    smp: int, memory_mb: int, serial: tuple[Path, Path]) -> list[str]:
+    """The QEMU command line of a Secure Boot guest, written into *tmp*: OVMF with
+    *mok_cert_der* in MokList, and an ESP with shim, grub, *vmlinuz* and *initrd*
+    on the q35 board's own AHCI controller (SATA), so that the guest's virtio disks
+    are the caller's (a system's root stays /dev/vda). Callers add their devices."""
+    _require(OVMF_CODE, OVMF_VARS)
+    if shutil.which(QEMU) is None:
+        raise TestbedError(f"{QEMU} not found: install qemu-system-x86")
+    esp = tmp / "esp.img"
+    make_esp(esp, vmlinuz=vmlinuz, initrd=initrd, append=append)
+    vars_fd = tmp / "vars.fd"
+    vars_fd.write_bytes(vars_with_mok(mok_cert_der))
+    return [
+        QEMU, "-nodefaults", "-no-user-config", "-display", "none",
+        "-accel", "tcg", "-cpu", "max", "-smp", str(smp), "-m", str(memory_mb),
+        # Secure Boot needs SMM, and the flash writable only from SMM.
+        "-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}",
+        "-drive", f"if=none,format=raw,id=esp,file={esp}",
+        "-device", "ide-hd,drive=esp,bus=ide.0,bootindex=0",
+        "-no-reboot",
+        "-serial", f"file:{serial[0]}", "-serial", f"file:{serial[1]}",
+        "-nic", "none",
+    ]
 
 
 def secureboot_boot(kernel: DebianKernel, *, script: str, mok_cert_der: bytes,
                     files: Mapping[str, Path | bytes] = {}, append: str = "",
                     timeout: float = 180, memory_mb: int = 1024, smp: int = 2) -> BootResult:
     """boot() through OVMF, shim and grub with Secure Boot on and *mok_cert_der* enrolled."""
-    _require(OVMF_CODE, OVMF_VARS)
-    if shutil.which(QEMU) is None:
-        raise TestbedError(f"{QEMU} not found: install qemu-system-x86")
     with tempfile.TemporaryDirectory(prefix="initsplit-sb-") as tmp_s:
         tmp = Path(tmp_s)
         initrd = tmp / "initrd.cpio"
         initrd.write_bytes(build_initramfs(script, files))
-        esp = tmp / "esp.img"
-        make_esp(esp, kernel, initrd, f"{BASE_APPEND} {append}".strip())
-        vars_fd = tmp / "vars.fd"
-        vars_fd.write_bytes(vars_with_mok(mok_cert_der))
         console_log, out_log = tmp / "console.log", tmp / "out.log"
-        argv = [
-            QEMU, "-nodefaults", "-no-user-config", "-display", "none",
-            "-accel", "tcg", "-cpu", "max", "-smp", str(smp), "-m", str(memory_mb),
-            # Secure Boot needs SMM, and the flash writable only from SMM.
-            "-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on",
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}",
-            "-drive", f"if=none,format=raw,id=esp,file={esp}",
-            "-device", "virtio-blk-pci,drive=esp,bootindex=0",
-            "-no-reboot",
-            "-serial", f"file:{console_log}", "-serial", f"file:{out_log}",
-            "-nic", "none",
-        ]
+        argv = secureboot_argv(tmp=tmp, vmlinuz=kernel.vmlinuz, initrd=initrd,
+                               append=f"{BASE_APPEND} {append}".strip(), mok_cert_der=mok_cert_der,
+                               smp=smp, memory_mb=memory_mb, serial=(console_log, out_log))
         return run_guest(argv, console_log=console_log, out_log=out_log, log=tmp / "qemu.log",
                          timeout=timeout)
+
+
+def secureboot_system_boot(image: SystemImage, *, mok_cert_der: bytes, initrd: Path | None = None,
+                           append: str = "", timeout: float = 420, memory_mb: int = 1024,
+                           smp: int = 2) -> SystemBoot:
+    """boot_system() through OVMF, shim and grub with Secure Boot on and
+    *mok_cert_der* enrolled: the image's signed bzImage (shim checks it against
+    Debian's CA) and its dracut initramfs (or *initrd*) from the ESP, the root on
+    the virtio disk (/dev/vda, a throw-away snapshot), the report on ttyS1."""
+    with tempfile.TemporaryDirectory(prefix="initsplit-sbsys-") as tmp_s:
+        tmp = Path(tmp_s)
+        console_log, report_log = tmp / "console.log", tmp / "report.log"
+        argv = secureboot_argv(tmp=tmp, vmlinuz=image.kernel, initrd=initrd or image.initrd,
+                               append=f"{SYSTEM_APPEND} {append}".strip(), mok_cert_der=mok_cert_der,
+                               smp=smp, memory_mb=memory_mb, serial=(console_log, report_log))
+        argv += ["-drive", root_drive(image)]
+        return run_system_guest(argv, console_log=console_log, report_log=report_log, tmp=tmp,
+                                timeout=timeout)

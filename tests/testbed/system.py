@@ -506,32 +506,46 @@ def boot_system(
     """
     if shutil.which(QEMU) is None:
         raise TestbedError(f"{QEMU} not found: install qemu-system-x86")
-    drive = f"file={image.disk},if=virtio,format=raw"
-    if snapshot:
-        # Flushes to the throw-away overlay are pointless: cache=unsafe skips them.
-        drive += ",snapshot=on,cache=unsafe"
+    drive = root_drive(image, snapshot=snapshot)
     with tempfile.TemporaryDirectory(prefix="initsplit-sys-") as tmp_s:
         tmp = Path(tmp_s)
         console_log, report_log = tmp / "console.log", tmp / "report.log"
         argv = qemu_argv(kernel=image.vmlinux if pvh else image.kernel, initrd=image.initrd,
                          append=f"{BASE_APPEND} {append}".strip(), smp=smp, memory_mb=memory_mb,
                          serial=(console_log, report_log)) + ["-drive", drive]
-        # QEMU puts the snapshot overlay in $TMPDIR; keep it in our directory.
-        env = {**os.environ, "TMPDIR": str(tmp)}
-        run = run_qemu(argv, log=tmp / "qemu.log", timeout=timeout, env=env)
-        console = _read_serial(console_log, strip_ansi=True)
-        report_text = _read_serial(report_log)
+        return run_system_guest(argv, console_log=console_log, report_log=report_log, tmp=tmp,
+                                timeout=timeout)
+
+
+def root_drive(image: SystemImage, *, snapshot: bool = True) -> str:
+    """The -drive value of the image's root disk (virtio: /dev/vda in the guest)."""
+    drive = f"file={image.disk},if=virtio,format=raw"
+    if snapshot:
+        # Flushes to the throw-away overlay are pointless: cache=unsafe skips them.
+        drive += ",snapshot=on,cache=unsafe"
+    return drive
+
+
+def run_system_guest(argv: list[str], *, console_log: Path, report_log: Path, tmp: Path,
+                     timeout: float) -> SystemBoot:
+    """Run a full-system guest (the ports: console on *console_log*, the report
+    service's sections on *report_log*) and read its report; boot_system() and
+    secureboot.secureboot_system_boot() alike. *tmp* holds QEMU's snapshot overlay."""
+    # QEMU puts the snapshot overlay in $TMPDIR; keep it in our directory.
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    run = run_qemu(argv, log=tmp / "qemu.log", timeout=timeout, env=env)
+    console = _read_serial(console_log, strip_ansi=True)
+    report_text = _read_serial(report_log)
     run.check(argv, produced=bool(console or report_text))
-    duration, timed_out, qemu_log = run.duration, run.timed_out, run.log
     sections, complete = parse_report(report_text)
     return SystemBoot(
         console=console,
         report_text=report_text,
         sections=sections,
         complete=complete,
-        duration=duration,
-        timed_out=timed_out,
-        qemu_log=qemu_log,
+        duration=run.duration,
+        timed_out=run.timed_out,
+        qemu_log=run.log,
         argv=argv,
     )
 

@@ -15,8 +15,10 @@ same-named files below it. Entries that are not regular files (a directory named
 
 Syntax as in systemd's parser: ``#`` and ``;`` start comment lines, a trailing
 backslash continues a line (comment lines inside the continuation are skipped),
-keys are case-sensitive, ``[X-...]`` sections are ignored silently. Settings live in
-``[Daemon]``. An empty assignment (``Key=``) resets a setting to its default; for
+keys are case-sensitive, ``[X-...]`` sections are ignored silently. The daemon's
+settings live in ``[Daemon]``; ``[Signing]`` is read where the pre-split cache is
+built (the kernel hook and dracut module run ``initsplit split --sign-configured``),
+never by the daemon at boot. An empty assignment (``Key=``) resets a setting to its default; for
 the list setting ``Exclude=`` it empties the list, and non-empty ``Exclude=`` lines
 accumulate. Unlike systemd, nothing here is fatal: every bad line (syntax error,
 unknown section or key, invalid value) becomes a :class:`ConfigError` and the
@@ -44,6 +46,14 @@ daemon trusts them when it uses them (daemon/splits.py), and only if the directo
 and every directory above it is owned by root (or the daemon's user) and not group-
 or world-writable; a sticky /tmp-like directory does not qualify. Otherwise the
 reason is logged once and modules are loaded plain.
+
+``[Signing]`` (Secure Boot, signing.py): ``Sign=auto`` (the default) signs every
+module the cache builders write with ``SignKey=``/``SignCert=`` when both are set,
+else with DKMS's MOK (/var/lib/dkms/mok.key, mok.pub) when it exists, else with
+initsplit's own pair (/var/lib/initsplit, ``initsplit key create``) when it exists,
+else not at all (today's unsigned cache). ``Sign=yes`` is the same but a missing
+key is an error; ``Sign=no`` never signs. Only paths are configured: the key stays
+where it is, and the dracut module copies only ``*.conf`` files.
 """
 
 from __future__ import annotations
@@ -71,6 +81,8 @@ DROPIN_DIRS = (
     Path("usr/lib/initsplit/initsplitd.conf.d"),
 )
 SECTION = "Daemon"
+SIGNING_SECTION = "Signing"
+SIGN_MODES = ("auto", "yes", "no")
 COMMAND_LINE = "kernel command line"
 
 # syslog priorities, named as systemd's LogLevel= settings name them.
@@ -139,6 +151,11 @@ class Config:
     discard: tuple[str, ...] = ("btf",)
     # Modules that keep their BTF anyway.
     keep_btf: tuple[str, ...] = ()
+    # [Signing], for the cache builders only (signing.configured_key()): auto,
+    # yes (a key is required) or no; the key and certificate, both or neither.
+    sign: str = "auto"
+    sign_key: Path | None = None
+    sign_cert: Path | None = None
 
     def default_load_timeout(self, *, in_initrd: bool) -> float:
         """LoadTimeoutSec= as configured, or the stage's default.
@@ -309,7 +326,23 @@ def _discard(text: str, current: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*current, *names)))
 
 
-# key -> (Config field, parser)
+def _file(text: str, _current: Any) -> Path:
+    path = _directory(text, _current)  # the same rules: absolute, no ".."
+    if text.endswith("/"):
+        raise ValueError("names a directory, not a file")
+    return path
+
+
+def _sign_mode(text: str, _current: Any) -> str:
+    if text == "auto":
+        return text
+    try:
+        return "yes" if parse_boolean(text) else "no"
+    except ValueError:
+        raise ValueError("not auto or a boolean") from None
+
+
+# key -> (Config field, parser), per section
 _KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "QuietPeriodSec": ("quiet_period_sec", _quiet_period),
     "BatchSize": ("batch_size", _int_parser(1, None)),
@@ -326,6 +359,12 @@ _KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "Discard": ("discard", _discard),
     "KeepBTF": ("keep_btf", _exclude),
 }
+_SIGNING_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
+    "Sign": ("sign", _sign_mode),
+    "SignKey": ("sign_key", _file),
+    "SignCert": ("sign_cert", _file),
+}
+_SECTION_KEYS = {SECTION: _KEYS, SIGNING_SECTION: _SIGNING_KEYS}
 # Settings whose lines accumulate; "Key=" empties them.
 _LIST_FIELDS = {"exclude", "discard", "keep_btf"}
 
@@ -458,7 +497,7 @@ def _apply_file(path: Path, values: dict[str, Any], errors: list[ConfigError]) -
                 section, ignore_section = None, True
                 continue
             section = text[1:-1]
-            ignore_section = section != SECTION
+            ignore_section = section not in _SECTION_KEYS
             if ignore_section and not section.startswith("X-"):
                 errors.append(ConfigError(file, number, f"unknown section [{section}], ignoring its settings"))
             continue
@@ -472,10 +511,11 @@ def _apply_file(path: Path, values: dict[str, Any], errors: list[ConfigError]) -
         if not equals:
             errors.append(ConfigError(file, number, f"missing '=' in {text!r}, ignoring"))
             continue
-        if key not in _KEYS:
-            errors.append(ConfigError(file, number, f"unknown key {key!r} in [{SECTION}], ignoring"))
+        keys = _SECTION_KEYS[section]
+        if key not in keys:
+            errors.append(ConfigError(file, number, f"unknown key {key!r} in [{section}], ignoring"))
             continue
-        field, parse = _KEYS[key]
+        field, parse = keys[key]
         if value == "":
             # systemd's rule: an empty assignment resets a setting, and empties a list.
             values[field] = () if field in _LIST_FIELDS else getattr(DEFAULTS, field)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import faults
 from ..layout.rules import rules_for_tree
-from ..loader.kernel_state import probe_capabilities
+from ..loader.kernel_state import KernelCapabilities, probe_capabilities
 from ..loader.recovery import LoadMarkers, delete_init_modules
 from ..loader.reprobe import reprobe_unbound
 from .config import Config, kernel_command_line_overrides, load_config
@@ -72,19 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.recover:
         return recover_only(markers, reporter)
 
-    capabilities = probe_capabilities()
-    plain_only = ""
-    if not config.enabled:
-        plain_only = "initsplit=off on the kernel command line"
-    elif not capabilities.two_stage:
-        plain_only = capabilities.reason
-    if plain_only:
-        reporter.log(5, f"initsplitd: loading every module plain: {plain_only}")
-
     kver = os.uname().release
+    plain_only, signed_only = loading_policy(config, probe_capabilities(), kver=kver, reporter=reporter)
     settings = make_settings(config, in_initrd=in_initrd, plain_only=plain_only,
                              modprobe=args.modprobe, udev_handover=not args.no_udev_handover)
-    provider = make_provider(config, kver=kver, reporter=reporter)
+    provider = make_provider(config, kver=kver, reporter=reporter, signed_only=signed_only)
     leftovers = provider.remove_leftover_temps()
     if leftovers:
         reporter.log(5, f"removed {leftovers} temp files a killed initsplitd left in "
@@ -122,6 +114,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def loading_policy(config: Config, capabilities: KernelCapabilities, *, kver: str,
+                   reporter: Reporter) -> tuple[str, bool]:
+    """(plain_only, signed_only) for this kernel, each said once in the journal.
+
+    plain_only, why every module is loaded plain ("" if not): the rescue switch, or
+    a kernel that cannot unload modules. signed_only: the kernel enforces module
+    signatures, so only modules whose signed split is in the pre-split cache are
+    loaded two-stage (daemon/splits.py), every other one plain as its original.
+    The one place this is decided (also tests/testbed/load_set.py).
+    """
+    plain_only = ""
+    if not config.enabled:
+        plain_only = "initsplit=off on the kernel command line"
+    elif not capabilities.two_stage:
+        plain_only = capabilities.reason
+    if plain_only:
+        reporter.log(5, f"initsplitd: loading every module plain: {plain_only}")
+        return plain_only, False
+    if capabilities.signed_only:
+        reporter.log(5, f"initsplitd: {capabilities.signatures}: only modules whose signed split "
+                        f"is in the pre-split cache {config.cache_dir / kver} are loaded two-stage, "
+                        "every other one plain (its original, as its distribution signed it)")
+    return "", capabilities.signed_only
+
+
 def make_settings(config: Config, *, in_initrd: bool, plain_only: str, modprobe: str,
                   udev_handover: bool = True) -> Settings:
     """The service's settings from the configuration (also tests/testbed/load_set.py)."""
@@ -142,13 +159,16 @@ def make_settings(config: Config, *, in_initrd: bool, plain_only: str, modprobe:
     )
 
 
-def make_provider(config: Config, *, kver: str, reporter: Reporter) -> SplitProvider:
-    """Where the service gets each module's split, under the configured options."""
+def make_provider(config: Config, *, kver: str, reporter: Reporter,
+                  signed_only: bool = False) -> SplitProvider:
+    """Where the service gets each module's split, under the configured options
+    (*signed_only*: signed pre-split cache entries only, loading_policy())."""
     modules_dir = Path("/lib/modules") / kver
     return SplitProvider(modules_dir=modules_dir, cache_dir=config.cache_dir / kver,
                          runtime_dir=config.runtime_dir / kver,
                          report=lambda message: reporter.log(4, message),
-                         options=config.split_options(rules_for_tree(modules_dir)))
+                         options=config.split_options(rules_for_tree(modules_dir)),
+                         signed_only=signed_only)
 
 
 def recover_only(markers: LoadMarkers, reporter: Reporter) -> int:

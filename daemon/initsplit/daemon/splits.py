@@ -11,6 +11,15 @@ have written them: the directory and every directory above it (fsio.directory_pr
 the entry's directories and its files (cache.read_entry). Anything else costs a
 plain load of the original with the reason; a directory's reason is also logged
 once, since it concerns every module.
+
+On a kernel that enforces module signatures (``signed_only``: Secure Boot's
+lockdown, module.sig_enforce=1) a split made now, or kept in the runtime
+directory, is unsigned and would be refused: only pre-split cache entries whose
+modules are signed (cache.signature_problem()) are used, and every other module is
+loaded plain as its original, which its distribution signed. Nothing is split at
+boot there. Whether the kernel trusts the signer only finit_module() can tell; a
+refused C falls back to a plain load (loader/twostage.py). How to get a signed
+cache is said once (ENABLE_SIGNING).
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import MANIFEST_SUFFIX, BadEntry, CacheHit, Manifest, parse_manifest, parse_reached, read_entry, write_entry
+from ..cache import (MANIFEST_SUFFIX, BadEntry, CacheHit, Manifest, parse_manifest, parse_reached, read_entry,
+                     signature_problem, write_entry)
 from ..fsio import OpenFile, Untrusted, directory_problem, is_leftover_temp, open_checked, read_fd, sealed_memfd
 from ..loader.twostage import SplitPair
 from ..modfile import CompressedModuleError, is_module_file, module_file_name, read_module, uncompressed_path
@@ -32,6 +42,17 @@ from ..split.names import init_module_name
 from ..split.policy import DEFAULT_OPTIONS, SplitOptions
 
 log = logging.getLogger(__name__)
+
+# Said once where the kernel enforces signatures and the cache has no signed entry
+# for a module (README "Secure Boot").
+ENABLE_SIGNING = (
+    "to load modules two-stage here, sign the pre-split cache with a key the kernel "
+    "trusts: make one with 'initsplit key create' (or use DKMS's /var/lib/dkms/mok.key), "
+    "enroll its certificate with 'mokutil --import /var/lib/initsplit/mok.pub' (or "
+    "/var/lib/dkms/mok.pub) and confirm at the next boot, name it in [Signing] of "
+    "/etc/initsplit/initsplitd.conf if it is elsewhere (SignKey=, SignCert=), then "
+    "rebuild the cache and the initramfs ('/etc/kernel/postinst.d/initsplit $(uname -r)', "
+    "'dracut --force')")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +78,15 @@ class SplitProvider:
 
     def __init__(self, *, modules_dir: Path, cache_dir: Path, runtime_dir: Path,
                  report: Callable[[str], None] | None = None,
-                 options: SplitOptions = DEFAULT_OPTIONS) -> None:
+                 options: SplitOptions = DEFAULT_OPTIONS, signed_only: bool = False) -> None:
         self.modules_dir = modules_dir.resolve()
         self.cache_dir = cache_dir
         self.runtime_dir = runtime_dir
         # Which splits are loaded two-stage; an entry decided under other options
         # is decided again here (split/decide.py).
         self.options = options
+        # The kernel loads signed modules only: signed cache entries or the original.
+        self.signed_only = signed_only
         # Where a directory's problem is said once (the daemon's stderr goes to the journal).
         self._report = report or log.warning
         self._reported: set[str] = set()
@@ -161,7 +184,13 @@ class SplitProvider:
         relpath = uncompressed_path(relpath)
         # Kbuild names a module after its file, "-" read as "_" (KBUILD_MODNAME).
         module_name = module_file_name(real.name)
-        for root, kind in ((self.cache_dir, "cache"), (self.runtime_dir, "runtime")):
+        roots = [(self.cache_dir, "cache"), (self.runtime_dir, "runtime")]
+        if self.signed_only:
+            # The runtime directory holds splits made at boot: unsigned.
+            roots = roots[:1]
+            if not self.cache_dir.is_dir():
+                return self._unsigned(f"no pre-split cache {self.cache_dir}")
+        for root, kind in roots:
             # Checked at every use, not once: a directory can change while we run.
             problem = self._directory_problem(root, kind)
             if problem:
@@ -169,6 +198,11 @@ class SplitProvider:
             found = read_entry(root, relpath, source=source, options=self.options.tag)
             if isinstance(found, BadEntry):
                 return NotSplit(found.reason)
+            if found is not None and self.signed_only:
+                unsigned = signature_problem(found)
+                if unsigned is not None:
+                    found.close()
+                    return self._unsigned(unsigned)
             if found is not None:
                 if not self.options.accepts(found.manifest.discarded, found.manifest.name or module_name):
                     found.close()
@@ -181,7 +215,7 @@ class SplitProvider:
                                     f"({', '.join(lacking)})")
                 if found.init is None:
                     reason = found.manifest.reason or found.manifest.decision
-                    if found.core is None and found.manifest.discarded:
+                    if found.core is None and found.manifest.discarded and not self.signed_only:
                         # A runtime entry: the rewritten original is made again
                         # (no copy is kept in /run, which is memory).
                         return self._rewritten(reason, relpath, source, found.manifest)
@@ -190,7 +224,22 @@ class SplitProvider:
                     return NotSplit(reason, rewritten=found.core, btf_bytes=found.manifest.btf_bytes,
                                     kallsyms_bytes=found.manifest.kallsyms_bytes)
                 return _pair(found)
+        if self.signed_only:
+            return NotSplit("signatures enforced: not in the pre-split cache, and a split "
+                            "made now would be unsigned")
         return self._split_now(relpath, source)
+
+    def _unsigned(self, problem: str) -> NotSplit:
+        """The plain load where the kernel enforces signatures and the cache has no
+        signed entry; how to get one is said once."""
+        with self._lock:
+            first = ENABLE_SIGNING not in self._reported
+            self._reported.add(ENABLE_SIGNING)
+        if first:
+            self._report(f"the kernel enforces module signatures and the pre-split cache "
+                         f"{self.cache_dir} is not signed ({problem}): modules are loaded plain; "
+                         f"{ENABLE_SIGNING}")
+        return NotSplit(f"signatures enforced: {problem}")
 
     def _rewritten(self, reason: str, relpath: Path, source: bytes, manifest: Manifest) -> NotSplit:
         """The original without the manifest's discarded classes, made now (no pyelftools)."""

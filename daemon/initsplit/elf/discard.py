@@ -35,12 +35,8 @@ from .constants import (
     SHT_RELA,
     SHT_SYMTAB,
 )
+from ..modsig import MODULE_SIG_STRING, MODULE_SIGNATURE
 from .model import MalformedElf
-
-# include/linux/module_signature.h: the marker at the very end of a signed module,
-# after a struct module_signature whose last field is the big-endian sig_len.
-MODULE_SIG_STRING = b"~Module signature appended~\n"
-_MODULE_SIGNATURE = struct.Struct(">BBBBB3xI")
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _SHDR = struct.Struct("<IIQQQQIIQQ")
@@ -74,10 +70,10 @@ def signature_length(data: bytes) -> int:
     if not data.endswith(MODULE_SIG_STRING):
         return 0
     end = len(data) - len(MODULE_SIG_STRING)
-    if end < _MODULE_SIGNATURE.size:
+    if end < MODULE_SIGNATURE.size:
         raise MalformedElf("module signature marker without a signature")
-    *_, sig_len = _MODULE_SIGNATURE.unpack_from(data, end - _MODULE_SIGNATURE.size)
-    total = sig_len + _MODULE_SIGNATURE.size + len(MODULE_SIG_STRING)
+    *_, sig_len = MODULE_SIGNATURE.unpack_from(data, end - MODULE_SIGNATURE.size)
+    total = sig_len + MODULE_SIGNATURE.size + len(MODULE_SIG_STRING)
     if total > len(data):
         raise MalformedElf(f"module signature of {sig_len} bytes is longer than the file")
     return total

@@ -18,33 +18,47 @@ _PROC_MODULES_LINE = re.compile(r"^(\S+) (\d+) (\d+) (\S+) (\S+) ")
 class KernelCapabilities:
     can_unload: bool
     accepts_unsigned: bool
-    # Why two-stage loading is off on this kernel, or "" when it is on.
+    # What limits two-stage loading on this kernel ("; "-joined), or "" when nothing does.
     reason: str
+    # Why the kernel loads signed modules only (sig_enforce, lockdown), or "".
+    signatures: str = ""
 
     @property
     def two_stage(self) -> bool:
-        return self.can_unload and self.accepts_unsigned
+        """Whether any module can be loaded two-stage: only if its init module can be
+        deleted again. Where the kernel enforces signatures, only signed splits can
+        (signed_only)."""
+        return self.can_unload
+
+    @property
+    def signed_only(self) -> bool:
+        return not self.accepts_unsigned
 
 
 def probe_capabilities(*, sys_root: Path = Path("/sys")) -> KernelCapabilities:
-    """Decide once, up front, whether two-stage loads can work at all.
+    """Decide once, up front, what two-stage loads can do here.
 
-    Split modules are unsigned, so a kernel that enforces module signatures
-    (module.sig_enforce, or lockdown, which implies it) would refuse every one;
-    a kernel without CONFIG_MODULE_UNLOAD could never give the init modules back.
+    A kernel without CONFIG_MODULE_UNLOAD could never give the init modules back:
+    no two-stage loads at all. A kernel that enforces module signatures
+    (module.sig_enforce, or lockdown integrity/confidentiality, which implies it:
+    kernel/module/signing.c module_sig_check() refuses an unsigned module with
+    EKEYREJECTED, or EPERM under lockdown) loads only splits signed with a key it
+    trusts, which only a signed pre-split cache holds (daemon/splits.py).
     """
     can_unload = _probe_unload()
     sig_enforce = _read(sys_root / "module/module/parameters/sig_enforce") == "Y"
     lockdown = _read(sys_root / "kernel/security/lockdown") or ""
-    locked = "[integrity]" in lockdown or "[confidentiality]" in lockdown
+    level = next((lvl for lvl in ("integrity", "confidentiality") if f"[{lvl}]" in lockdown), None)
     reasons = []
     if not can_unload:
         reasons.append("kernel cannot unload modules")
+    signatures = []
     if sig_enforce:
-        reasons.append("kernel enforces module signatures")
-    if locked:
-        reasons.append("kernel lockdown is active")
-    return KernelCapabilities(can_unload, not (sig_enforce or locked), "; ".join(reasons))
+        signatures.append("kernel enforces module signatures")
+    if level is not None:
+        signatures.append(f"kernel lockdown is active ({level})")
+    return KernelCapabilities(can_unload, not signatures, "; ".join(reasons + signatures),
+                              "; ".join(signatures))
 
 
 def _probe_unload() -> bool:
