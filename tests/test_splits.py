@@ -630,8 +630,8 @@ def test_enforcing_kernel_never_splits_at_boot_nor_uses_the_runtime_directory(
     before = sorted(p.relative_to(tree.runtime) for p in tree.runtime.rglob("*"))
     reports: list[str] = []
     result = _enforcing(tree, reports).get(tree.module)
-    assert result == NotSplit("signatures enforced: not in the pre-split cache, and a split made "
-                              "now would be unsigned"), result
+    assert result == NotSplit("signatures enforced: no pre-split cache entry (for these options), "
+                              "and a split made now would be unsigned"), result
     assert sorted(p.relative_to(tree.runtime) for p in tree.runtime.rglob("*")) == before
     # A module missing from a cache that exists is not the cache's signing problem.
     assert reports == []
@@ -802,8 +802,8 @@ def test_service_on_an_enforcing_kernel_two_stages_signed_entries_only(
         service.scheduler.shutdown()
     assert [load.mode for load in loads] == ["two-stage", "plain", "plain"], loads
     assert loads[1].reason == "signatures enforced: the cache entry is not signed"
-    assert loads[2].reason == ("signatures enforced: not in the pre-split cache, and a split made "
-                               "now would be unsigned")
+    assert loads[2].reason == ("signatures enforced: no pre-split cache entry (for these options), "
+                               "and a split made now would be unsigned")
     assert plain == [others["unsigned"], others["missing"]]
     assert fake_kernel.loaded == [signing.sign_module(decision.split.core, mok),
                                   signing.sign_module(decision.split.init, mok)]

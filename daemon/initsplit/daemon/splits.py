@@ -225,8 +225,8 @@ class SplitProvider:
                                     kallsyms_bytes=found.manifest.kallsyms_bytes)
                 return _pair(found)
         if self.signed_only:
-            return NotSplit("signatures enforced: not in the pre-split cache, and a split "
-                            "made now would be unsigned")
+            return NotSplit("signatures enforced: no pre-split cache entry (for these options), "
+                            "and a split made now would be unsigned")
         return self._split_now(relpath, source)
 
     def _unsigned(self, problem: str) -> NotSplit:
