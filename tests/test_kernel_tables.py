@@ -86,11 +86,10 @@ def test_612_reaches_its_tables_and_is_refused(kernel612: DebianKernel,  # noqa:
     with pytest.raises(SplitRefused) as refused:
         split_module(original)
     assert refused.value.reason == "unsupported kernel" and refused.value.detail.startswith("6.12.")
-    # Past the vermagic check, the module_layout CRC finds 6.12's tables and the
-    # splitter anchors each memory of C (tests/test_split612.py); the validator
-    # does not check that yet, so the daemon would still load plain.
+    # Past the vermagic check, the module_layout CRC finds 6.12's tables, the
+    # splitter anchors each memory of C (tests/test_split612.py) and the validator
+    # checks that (tests/test_validate612.py).
     monkeypatch.setattr(splitter, "SUPPORTED_VERMAGIC_PREFIX", "6.1")
     split = split_module(original)
     assert len(split.anchors) > 1 and not split.reached and split.reached_from
-    with pytest.raises(ValidationError, match="struct module_memory kernels are not validated yet"):
-        validate_split(original, split.core, split.init)
+    assert validate_split(original, split.core, split.init).reached_from == split.reached_from

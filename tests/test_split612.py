@@ -18,7 +18,7 @@ of the splitter's own bookkeeping:
   stays in C whole.
 
 The splitter still refuses 6.12 by its vermagic (SUPPORTED_VERMAGIC_PREFIX) until
-the validator and the loader check per memory (issue 10); these tests lift it.
+the loader checks C's placement per memory (issue 10); these tests lift it.
 """
 
 from __future__ import annotations
