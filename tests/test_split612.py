@@ -16,23 +16,22 @@ of the splitter's own bookkeeping:
 * the tables 6.12 adds go where the issue's measurements say: records of init
   code of .call_sites and __patchable_function_entries move to I, .orc_header
   stays in C whole.
-
-The splitter still refuses 6.12 by its vermagic (SUPPORTED_VERMAGIC_PREFIX) until
-the loader checks C's placement per memory (issue 10); these tests lift it.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
 
+from initsplit.cache import FORMAT, parse_manifest, parse_reached_from, render_reached_from
 from initsplit.elf import ElfObject, read_elf
 from initsplit.elf.constants import R_X86_64_PC32, SHN_UNDEF
 from initsplit.layout import linux612
 from initsplit.layout.rules import LayoutRules
 from initsplit.modfile import read_module
-from initsplit.split import SplitModule, splitter, split_module
+from initsplit.split import SplitModule, split_module
 from initsplit.split.errors import SplitRefused
 from initsplit.split.splitter import (KCRCTAB, KSYMTAB, KSYMTAB_STRINGS, RO_AFTER_INIT, RO_AFTER_INIT_RENAMED,
                                       WRAPPER_SECTION, anchor_crc)
@@ -47,11 +46,6 @@ MODULES = ("dummy", "loop", "mbcache", "jbd2", "ext4")
 LAYOUT = next(iter(KNOWN_STRUCT_MODULE_MEMORY_LAYOUTS.values()))
 SUFFIX_MEMORY = {"0": "data", "1": "text", "2": "rodata", "3": "ro_after_init"}
 CMPL_RIP = bytes.fromhex("813d")  # cmpl $imm32,disp32(%rip)
-
-
-@pytest.fixture(autouse=True)
-def past_vermagic(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(splitter, "SUPPORTED_VERMAGIC_PREFIX", "6.1")
 
 
 @pytest.fixture(scope="module")
@@ -194,9 +188,34 @@ def test_612_tables_go_where_their_keys_are(originals: dict[str, bytes],  # noqa
     assert dummy.get(".call_sites") and dummy.get("__patchable_function_entries"), dummy
 
 
-def test_vermagic_still_refuses_612(originals: dict[str, bytes], rules612: LayoutRules,  # noqa: F811
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(splitter, "SUPPORTED_VERMAGIC_PREFIX", "6.1.")
+def test_the_module_layout_crc_decides(originals: dict[str, bytes], rules612: LayoutRules) -> None:  # noqa: F811
+    """No version prefix keeps 6.12 out any more; a build whose module_layout CRC
+    is not known is refused, and so is a kernel that cannot unload (no mod_unload)."""
+    data = originals["dummy"]
+    crc = next(iter(KNOWN_STRUCT_MODULE_MEMORY_LAYOUTS))
+    name = b"module_layout".ljust(MODVERSION_RECORD_SIZE - 8, b"\0")
+    entry = struct.pack("<Q", crc) + name
+    assert data.count(entry) == 1
     with pytest.raises(SplitRefused) as refused:
-        split(originals, rules612, "dummy")
+        split_module(data.replace(entry, struct.pack("<Q", crc ^ 1) + name), rules612)
+    assert refused.value.reason == "struct module layout unknown (kernel build not known)"
+    assert data.count(b" mod_unload ") == 1
+    with pytest.raises(SplitRefused) as refused:
+        split_module(data.replace(b" mod_unload ", b" mod_unlXad "), rules612)
     assert refused.value.reason == "unsupported kernel" and refused.value.detail.startswith("6.12.")
+
+
+def test_the_cache_keeps_reached_from(originals: dict[str, bytes], rules612: LayoutRules) -> None:  # noqa: F811
+    """A 6.12 split's manifest carries reached_from (cache format 8) and gives it
+    back as the loader checks it; a split with no placement at all is no entry."""
+    s = split(originals, rules612, "loop")
+    text = render_reached_from(s.reached_from)
+    assert parse_reached_from(text) == s.reached_from
+    fields = dict(format=FORMAT, source_sha256="0" * 64, source_size=1, decision="split",
+                  name="loop", init_name="loop__init", init_file="loop__init.ko", reached_from=text)
+    assert parse_manifest(json.dumps(fields).encode()).reached_from == text
+    with pytest.raises(ValueError, match="without the placement"):
+        parse_manifest(json.dumps({**fields, "reached_from": ""}).encode())
+    for bad in (".text=0", ".text=.text=x", "a/b=.text=0", "=.text=0"):
+        with pytest.raises(ValueError):
+            parse_reached_from(bad)

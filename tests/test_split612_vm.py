@@ -2,8 +2,7 @@
 
 tests/test_kernel_split.py's two-stage loads, on 6.12, where each struct
 module_memory type of C is an allocation of its own: dummy, loop and ext4 with
-its dependencies are split (the splitter's 6.12 path, past the vermagic check
-that keeps the daemon from it) and validated, then loaded by busybox's insmod, C
+its dependencies are split (the splitter's 6.12 path) and validated, then loaded by busybox's insmod, C
 then I, in one boot. The modules must work (a dummy link added and deleted, a
 loop device, an ext4 image written and read back), each I must delete, and the
 kernel must place C where the model says: every section of C that I reaches
@@ -28,7 +27,7 @@ from initsplit.elf.constants import SHF_ALLOC
 from initsplit.layout import linux612
 from initsplit.layout.rules import LayoutRules
 from initsplit.modfile import read_module
-from initsplit.split import NothingToSplit, SplitModule, split_module, splitter
+from initsplit.split import NothingToSplit, SplitModule, split_module
 from initsplit.validate import validate_split
 from tests.test_kernel_split import GUEST_LIB, make_filesystem
 from tests.testbed import BootResult, DebianKernel, boot, decode_taint, dmesg_problems
@@ -71,23 +70,21 @@ echo "== end"
 @pytest.fixture(scope="module")
 def splits(kernel612: DebianKernel, rules612: LayoutRules) -> dict[str, tuple[bytes, SplitModule | None]]:  # noqa: F811
     """Module name -> (original, its split or None when it has nothing to split), in load order."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(splitter, "SUPPORTED_VERMAGIC_PREFIX", "6.1")
-        out: dict[str, tuple[bytes, SplitModule | None]] = {}
-        for target in TARGETS:
-            for ko in kernel612.module_deps(target):
-                data = read_module(ko)
-                name = ko.name.split(".ko")[0].replace("-", "_")
-                if name in out:
-                    continue
-                try:
-                    split = split_module(data, rules612)
-                except NothingToSplit:
-                    out[name] = (data, None)
-                    continue
-                report = validate_split(data, split.core, split.init, rules612)
-                assert report.reached_from == split.reached_from, name
-                out[name] = (data, split)
+    out: dict[str, tuple[bytes, SplitModule | None]] = {}
+    for target in TARGETS:
+        for ko in kernel612.module_deps(target):
+            data = read_module(ko)
+            name = ko.name.split(".ko")[0].replace("-", "_")
+            if name in out:
+                continue
+            try:
+                split = split_module(data, rules612)
+            except NothingToSplit:
+                out[name] = (data, None)
+                continue
+            report = validate_split(data, split.core, split.init, rules612)
+            assert report.reached_from == split.reached_from, name
+            out[name] = (data, split)
     assert {"dummy", "loop", "ext4", "jbd2", "mbcache"} <= {n for n, (_, s) in out.items() if s}, list(out)
     return out
 

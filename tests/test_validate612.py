@@ -32,11 +32,6 @@ MODULES = ("dummy", "loop", "mbcache", "jbd2", "ext4")
 LAYOUT = next(iter(KNOWN_STRUCT_MODULE_MEMORY_LAYOUTS.values()))
 
 
-@pytest.fixture(autouse=True)
-def past_vermagic(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(splitter, "SUPPORTED_VERMAGIC_PREFIX", "6.1")
-
-
 @pytest.fixture(scope="module")
 def originals(kernel612: DebianKernel) -> dict[str, bytes]:  # noqa: F811
     return {name: read_module(kernel612.module(name)) for name in MODULES}

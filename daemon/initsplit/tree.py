@@ -258,7 +258,8 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
                         init_name=split.init_name, core=signed(split.core), init=signed(split.init),
                         options=options.tag, discarded=",".join(decision.discarded),
                         btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
-                        reached=split.reached, **layout_figures(decision, options.rules))
+                        reached=split.reached, reached_from=split.reached_from,
+                        **layout_figures(decision, options.rules))
         else:
             # A previous run may have split this module; a stale core left behind
             # would be loaded instead of the original.

@@ -120,9 +120,6 @@ NOT_LOADED = (".modinfo", "__versions")
 # Sections of C that _emit_exports builds rather than copies.
 _REBUILT_IN_C = {KSYMTAB, KCRCTAB, KSYMTAB_GPL, KCRCTAB_GPL}
 
-# The layouts in tables.py and the struct module handling are those of 6.1 on x86-64.
-SUPPORTED_VERMAGIC_PREFIX = "6.1."
-
 _MODVERSION = struct.Struct(f"<Q{MODULE_NAME_LEN}s")
 
 
@@ -404,7 +401,10 @@ def _check_modinfo(obj: ElfObject) -> tuple[list[tuple[str, str]], str]:
     vermagic = first(modinfo, "vermagic") or ""
     if not name or len(name) >= MODULE_NAME_LEN or not name.replace("_", "a").isalnum():
         raise SplitRefused("bad module name", repr(name))
-    if not vermagic.startswith(SUPPORTED_VERMAGIC_PREFIX) or "mod_unload" not in vermagic:
+    # Which kernel builds are known is the module_layout CRC's to say (tables.py,
+    # _kernel_tables()), not the version's: struct module changes within a stable
+    # series. A kernel without CONFIG_MODULE_UNLOAD could never delete I.
+    if "mod_unload" not in vermagic:
         # (Kbuild's vermagic ends in a space: VERMAGIC_STRING's MODULE_ARCH_VERMAGIC "".)
         raise SplitRefused("unsupported kernel", vermagic.strip() or "no vermagic")
     return modinfo, name

@@ -14,10 +14,9 @@ KERNEL_TABLES gathers each known build's tables in one KernelTables record, keye
 by the module_layout CRC in the module's __versions; the splitter and the
 validator look them up there (kernel_tables()) and nowhere else. 6.12 gives each
 struct module_memory type an allocation of its own (layout/linux612.py), so the
-splitter anchors each memory of C that I reaches (splitter.py) and the validator
-checks I's offsets per memory; a 6.12 module is still refused by the splitter's
-vermagic check ("unsupported kernel", a plain load) until the loader checks C's
-placement per memory too.
+splitter anchors each memory of C that I reaches (splitter.py), the validator
+checks I's offsets per memory and the loader C's placement per memory
+(SplitModule.reached_from).
 
 6.12's other sections need no table: .orc_header (the 20-byte ORC_HASH of
 orc_types.h that arch/x86/include/asm/orc_header.h's ORC_HEADER emits for tools,
