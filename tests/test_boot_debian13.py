@@ -4,11 +4,13 @@ Python 3.13, and Linux 6.12 with its .ko.xz modules.
 initsplit's Debian package is installed with dpkg -i into an overlay of the cached
 trixie root (its postinst compiles the bytecode with the root's own Python), dracut builds the initramfs with the initsplit module and its
 pre-split cache (entries under NAME.ko for the image's NAME.ko.xz), and the disk
-boots once in QEMU (TCG), with the installed defaults. On 6.12 the splitter refuses
-every module ("unsupported kernel": its tables are 6.1's), so both daemons load
-every module plain, without its BTF (Discard=btf): what the journal says came back
-must be what the kernel shows. The two-stage machinery and its faults are the
-Debian 12 boots' (tests/test_boot_integration.py).
+boots once in QEMU (TCG), with the installed defaults but TwoStage=always (as the
+Debian 12 boots of tests/test_boot_integration.py: under the default
+TwoStage=when-not-worse no root driver of 6.12 gains from a split, on 6.1 neither).
+On 6.12 the modules split with one anchor per struct module_memory type of C, so
+the daemons load them two-stage, checking C's placement per memory before I is
+loaded, each without its BTF (Discard=btf): what the journal says came back must
+be what the kernel shows. The two-stage faults are the Debian 12 boots'.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.vm
 
 # The root disk's driver and file system; on 6.12 virtio_pci is built in.
 ROOT_TARGETS = ("virtio_blk", "ext4")
+TWO_STAGE_DROPIN = "[Daemon]\nTwoStage=always\n"
 
 REPORT = {
     **DAEMON_REPORT,
@@ -46,7 +49,8 @@ def rootfs() -> RootFS:
 @pytest.fixture(scope="module")
 def image(rootfs: RootFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemImage]:
     out = tmp_path_factory.mktemp("boot-debian13")
-    image = build_disk(rootfs, out=out, prepare=[install_initsplit()], report_commands=REPORT)
+    image = build_disk(rootfs, out=out, prepare=[install_initsplit(conf_dropins={"50-two-stage.conf": TWO_STAGE_DROPIN})],
+                       report_commands=REPORT)
     yield image
     image.disk.unlink(missing_ok=True)
 
@@ -77,24 +81,36 @@ def test_boots_debian13_to_multi_user(booted: SystemBoot, rootfs: RootFS) -> Non
     assert rootfs.kver.startswith("6.12."), rootfs.kver
 
 
-def test_root_drivers_loaded_plain_without_btf_by_the_initramfs_daemon(
+def test_root_drivers_loaded_without_btf_by_the_initramfs_daemon(
         booted: SystemBoot, rootfs: RootFS) -> None:
     """The root disk's driver and file system, with what they need, come from the
-    initramfs daemon, from the pre-split cache's decisions: plain (6.12 is not split),
-    each without its BTF, before switch-root."""
+    initramfs daemon, from the pre-split cache's decisions, each without its BTF,
+    before switch-root: two-stage (C's placement checked per memory), never
+    refused as a kernel initsplit does not know; every init module is deleted."""
     wanted = {ko.name.split(".ko")[0].replace("-", "_") for target in ROOT_TARGETS
               for ko in rootfs.kernel.module_deps(target)}
     assert {"virtio_blk", "ext4", "jbd2"} <= wanted, wanted
-    got = {e["INITSPLIT_MODULE"]: e for e in entries(booted, INITRD_UNIT, MESSAGE_ID_LOADED_PLAIN)}
+    loaded = entries(booted, INITRD_UNIT, MESSAGE_ID_LOADED_PLAIN) + \
+        entries(booted, INITRD_UNIT, MESSAGE_ID_LOADED_TWO_STAGE)
+    got = {e["INITSPLIT_MODULE"]: e for e in loaded}
     switch = next(at(e) for e in booted.journal_json if e.get("MESSAGE") == "Switching root.")
     for name in sorted(wanted):
         assert name in got, f"{name} not loaded by {INITRD_UNIT}: {sorted(got)}\n{booted.report()}"
         entry = got[name]
-        assert entry["INITSPLIT_REASON"].startswith("refused: unsupported kernel: 6.12."), entry
+        assert "unsupported kernel" not in entry.get("INITSPLIT_REASON", ""), entry
+        assert "struct module layout unknown" not in entry.get("INITSPLIT_REASON", ""), entry
         assert int(entry["INITSPLIT_BTF_BYTES"]) > 0, entry
         assert at(entry) < switch
+    two_stage = {e["INITSPLIT_MODULE"] for unit in (INITRD_UNIT, ROOT_UNIT)
+                 for e in entries(booted, unit, MESSAGE_ID_LOADED_TWO_STAGE)}
+    print(f"\ntwo-stage on 6.12: {sorted(two_stage)}")
+    assert {"virtio_blk", "ext4", "jbd2", "mbcache"} <= two_stage, (sorted(two_stage), booted.report())
+    assert "__init" not in booted.sections["modules_after"].output, booted.sections["modules_after"].output
     for unit in (INITRD_UNIT, ROOT_UNIT):
-        assert not entries(booted, unit, MESSAGE_ID_LOADED_TWO_STAGE), unit
+        # No load fell back for a reason of initsplit's: C's placement, I refused.
+        for e in entries(booted, unit, MESSAGE_ID_LOADED_PLAIN):
+            assert "init module not loaded" not in e.get("INITSPLIT_REASON", ""), e
+            assert "core module refused" not in e.get("INITSPLIT_REASON", ""), e
         # A module without its hardware fails as modprobe's would (ENODEV), and so
         # do the modules that need it; none fails for a reason of initsplit's (a
         # file it could not read or hand over).
@@ -113,7 +129,7 @@ def test_given_back_total_is_what_the_kernel_shows(booted: SystemBoot) -> None:
     result = check_given_back(booted.journal_json, proc_modules=booted.sections["modules_after"].output,
                               btf_listing=booted.sections["btf_after"].output, daemons=2)
     assert not result.problems, "\n".join(result.problems)
-    assert result.btf > 0 and result.total == result.btf, result
+    assert result.btf > 0 and result.total != 0, result
     assert len(result.btf_confirmed) >= 20, result.btf_confirmed
     print(f"\nDebian 13: given back for good {result.total} bytes (BTF {result.btf}) over "
           f"{len(result.core_confirmed)} modules, as the kernel shows")

@@ -181,6 +181,31 @@ def test_placement_is_checked_against_the_kernels_section_addresses(tmp_path: Pa
         "dummy", ((".text", -8448),), sys_root=hidden)
 
 
+def test_612_placement_is_checked_from_each_memorys_anchor(tmp_path: Path) -> None:
+    """6.12: one allocation per struct module_memory type, each section's offset
+    from the anchor section of its memory (SplitModule.reached_from)."""
+    from initsplit.loader.kernel_state import placement_problem
+
+    data, text, rodata = 0xFFFFFFFFC0A05000, 0xFFFFFFFFC0A01000, 0xFFFFFFFFC0A07000
+    sys_root = _fake_sections(tmp_path, "dummy", {
+        ".gnu.linkonce.this_module": data, ".data": data - 256, ".text": text, ".exit.text": text + 704,
+        "__mcount_loc": rodata, ".rodata.str1.1": rodata + 56})
+    good = ((".data", ".gnu.linkonce.this_module", -256), (".exit.text", ".text", 704),
+            (".gnu.linkonce.this_module", ".gnu.linkonce.this_module", 0),
+            (".rodata.str1.1", "__mcount_loc", 56), (".text", ".text", 0), ("__mcount_loc", "__mcount_loc", 0))
+    assert placement_problem("dummy", (), from_anchors=good, sys_root=sys_root) is None
+    # An offset taken from the struct module (6.1's one allocation) is wrong here.
+    assert placement_problem("dummy", (), from_anchors=((".exit.text", ".gnu.linkonce.this_module",
+                                                         704),), sys_root=sys_root) == \
+        (f"C's .exit.text is at {text + 704 - data:+#x} from its memory's anchor .gnu.linkonce.this_module, "
+         "not at +0x2c0 as the layout model has it")
+    assert placement_problem("dummy", (), from_anchors=((".rodata", "__ksymtab", 0),), sys_root=sys_root) == \
+        "the kernel does not list C's __ksymtab"
+    hidden = _fake_sections(tmp_path / "hidden", "dummy", {".gnu.linkonce.this_module": 0, ".text": 0})
+    assert "does not show C's section addresses" in placement_problem(
+        "dummy", (), from_anchors=good, sys_root=hidden)
+
+
 def test_c_placed_otherwise_costs_a_plain_load_before_i_is_loaded(
         kernel_for, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = kernel_for(Kernel(0))

@@ -36,8 +36,10 @@ MANIFEST_SUFFIX = ".initsplit"
 # reaches C by offsets, checked against the kernel before I is loaded: reached),
 # the kallsyms-data class and what it gives back. 7: the slab a two-stage load
 # takes more than the plain one (twostage_slab_bytes). 8: who signed the modules
-# (signer), for kernels that enforce module signatures. Entries of an older format
-# are not used, but for 7: its entries are 8's with signer "" (unsigned).
+# (signer), for kernels that enforce module signatures, and 6.12 splits, I reaching
+# C from one anchor per struct module_memory type (reached_from). Entries of an
+# older format are not used, but for 7: its entries are 8's with signer "" (unsigned)
+# and no reached_from (format 7 had no 6.12 splits).
 FORMAT = 8
 READ_FORMATS = (7, 8)
 
@@ -81,6 +83,9 @@ class Manifest:
     # For a split: "SECTION=OFFSET ..." for each section of C that I reaches, its
     # offset from C's struct module by the layout model (SplitModule.reached).
     reached: str = ""
+    # For a split on 6.12 instead: "SECTION=ANCHOR=OFFSET ...", each section's offset
+    # from its memory's anchor section (SplitModule.reached_from).
+    reached_from: str = ""
     # For a split: the unreclaimable slab the two-stage load takes more than the
     # plain one (layout/twostage_slab.py), which the journal counts against it.
     twostage_slab_bytes: int = 0
@@ -100,6 +105,7 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: ManifestD
                 plain_core_bytes: int = 0, init_layout_pages: int = 0,
                 options: str = DEFAULT_OPTIONS.tag, discarded: str = "", btf_bytes: int = 0,
                 kallsyms_bytes: int = 0, reached: tuple[tuple[str, int], ...] = (),
+                reached_from: tuple[tuple[str, str, int], ...] = (),
                 twostage_slab_bytes: int = 0, rewritten: bytes | None = None,
                 signer: str = "") -> Manifest:
     """Write one cache entry (files first, manifest last), decided under *options*
@@ -125,7 +131,7 @@ def write_entry(root: Path, relpath: Path, *, source: bytes, decision: ManifestD
                         init_file, len(core), len(init), digest(core) if core else "",
                         digest(init) if init else "", plain_core_bytes, init_layout_pages, options,
                         discarded, btf_bytes, kallsyms_bytes, render_reached(reached),
-                        twostage_slab_bytes, signer)
+                        render_reached_from(reached_from), twostage_slab_bytes, signer)
     atomic_write(manifest_path(root, relpath), json.dumps(asdict(manifest), sort_keys=True).encode())
     return manifest
 
@@ -253,6 +259,24 @@ def parse_reached(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def render_reached_from(reached_from: tuple[tuple[str, str, int], ...]) -> str:
+    for name, anchor, _ in reached_from:
+        if "=" in name or "=" in anchor:
+            raise ValueError(f"reached_from: a section name with '=' ({name!r}, {anchor!r})")
+    return " ".join(f"{name}={anchor}={offset}" for name, anchor, offset in reached_from)
+
+
+def parse_reached_from(text: str) -> tuple[tuple[str, str, int], ...]:
+    """Manifest.reached_from back as triples; ValueError for anything else."""
+    out = []
+    for item in text.split():
+        parts = item.split("=")
+        if len(parts) != 3 or not all(parts[:2]) or any("/" in p for p in parts[:2]):
+            raise ValueError(f"reached_from: bad item {item!r}")
+        out.append((parts[0], parts[1], int(parts[2])))
+    return tuple(out)
+
+
 def parse_manifest(raw: bytes) -> Manifest:
     """The manifest in *raw*; ValueError says what is wrong with it."""
     try:
@@ -273,7 +297,8 @@ def parse_manifest(raw: bytes) -> Manifest:
     if manifest.decision not in DECISIONS:
         raise ValueError(f"unknown decision {manifest.decision!r}")
     parse_reached(manifest.reached)
-    if manifest.decision == "split" and not manifest.reached:
+    parse_reached_from(manifest.reached_from)
+    if manifest.decision == "split" and not manifest.reached and not manifest.reached_from:
         raise ValueError("a split without the placement of C that I reaches")
     return manifest
 
@@ -281,8 +306,8 @@ def parse_manifest(raw: bytes) -> Manifest:
 def _manifest_problem(manifest: Manifest, source: bytes) -> str | None:
     if manifest.format not in READ_FORMATS:
         return f"has format {manifest.format}, not {FORMAT}"
-    if manifest.format < 8 and manifest.signer:
-        return f"has format {manifest.format}, which records no signer"
+    if manifest.format < 8 and (manifest.signer or manifest.reached_from):
+        return f"has format {manifest.format}, which records no signer and no reached_from"
     if manifest.source_size != len(source) or manifest.source_sha256 != digest(source):
         return "is stale: it was made from another version of the module"
     if manifest.decision != "split":

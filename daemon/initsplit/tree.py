@@ -269,7 +269,8 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
                         init_name=split.init_name, core=core, init=init,
                         options=options.tag, discarded=",".join(decision.discarded),
                         btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
-                        reached=split.reached, signer=signer, **layout_figures(decision, options.rules))
+                        reached=split.reached, reached_from=split.reached_from, signer=signer,
+                        **layout_figures(decision, options.rules))
         else:
             # A previous run may have split this module; a stale core left behind
             # would be loaded instead of the original.

@@ -9,8 +9,12 @@ splitter computed. It proves that:
   place, with an equivalent target: the same undefined symbol, the same absolute
   value, or the same byte of the same section after the move. Places in C are
   compared as offsets in C's core layout, which the layout model computes from
-  C's own section headers (initsplit.layout): I reaches C only through C's one
-  anchor, its struct module, plus such an offset;
+  C's own section headers (initsplit.layout): on 6.1 I reaches C only through
+  C's one anchor, its struct module, plus such an offset; on 6.12, where each
+  struct module_memory type is an allocation of its own, as (memory, offset in
+  it), through one anchor per memory I reaches (layout/linux612.py), each named
+  for its memory and at the start of a non-empty section of it, C's struct
+  module for MOD_DATA;
 * everything else in the outputs is the synthesized glue and exactly that: the
   anchors (sorted, namespaced, with CRCs I's __versions agrees on), I's struct
   module, .modinfo and __versions, the init wrapper and exit stub, their ORC and
@@ -19,8 +23,9 @@ splitter computed. It proves that:
   generator (split/codegen.py is never asked): validate_x86.py decodes them,
   refusing any instruction outside the small subset codegen emits, attaches I's
   relocations to the operands they patch, and follows every path. Each path must
-  then have the effects derived here: compares of C's core_layout sizes with
-  this validator's run of the layout model, returning -ENOEXEC without calling
+  then have the effects derived here: compares of C's core_layout sizes (6.1)
+  or of mem[type].size of each core memory type (6.12) with this validator's
+  run of the layout model, returning -ENOEXEC without calling
   anything when one differs; otherwise exactly one call, to the original init,
   with the stack 16-byte aligned; an init result -MAX_ERRNO..-1 returned less
   INIT_FAILED_BIAS, other negatives unchanged, neither storing anything; a
@@ -44,7 +49,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .elf import ElfObject, MalformedElf, Section, read_elf
-from .layout import LayoutRules
+from .layout import LayoutRules, linux612
 from .layout.linux61 import module_layout
 from .elf.constants import (
     R_X86_64_64,
@@ -81,6 +86,7 @@ from .split.splitter import (
     THIS_MODULE,
     WRAPPER_SECTION,
     anchor_crc,
+    anchor_prefix,
     init_module_name,
 )
 from .split.tables import (
@@ -93,9 +99,10 @@ from .split.tables import (
     ORC_REG_UNDEFINED,
     ORC_TYPE_TERMINATOR,
     TRACE_EVAL_MAP_SIZE,
+    MODULE_MEMORY_FIELDS,
     KernelTables,
     RecordTable,
-    StructModuleLayout,
+    StructModuleMemoryLayout,
     kernel_tables,
     pack_orc_entry,
 )
@@ -105,14 +112,18 @@ _MODVERSION = struct.Struct(f"<Q{MODULE_NAME_LEN}s")
 _NOT_LOADED = (".modinfo", "__versions")
 
 # A canonical relocation target: ("sym", name, addend) | ("abs", value) |
-# ("loc", side, section, offset) | ("core", offset in C's core layout). C's own
+# ("loc", side, section, offset) | ("core", offset in C's core layout) (6.1) |
+# ("mem", C's memory, offset in it) (6.12, struct module_memory). C's own
 # relocations name C's sections, as the original's do; I's reach C through the
-# anchor, so what they are compared with is first turned into "core" offsets
-# (_as_seen_from).
+# anchors, so what they are compared with is first turned into "core" or "mem"
+# places (_as_seen_from).
 Target = tuple
 # One record of a per-record table as compared: its bytes, its relocations
 # ((offset in the record, type, Target), sorted) and its parallel table's record.
 _Record = tuple[bytes, tuple, bytes]
+# The last character of each memory's anchor name (split/splitter.py), in
+# __ksymtab's order.
+_MEMORY_ANCHOR_SUFFIX = {"data": "0", "text": "1", "rodata": "2", "ro_after_init": "3"}
 
 # include/uapi/asm-generic/errno-base.h, "Exec format error": what the wrapper
 # returns when C's core_layout is not the layout model's (the original init has
@@ -160,6 +171,9 @@ class ValidationReport:
     # (C's name, offset from C's struct module) of each non-empty section of C that
     # I reaches, by this validator's run of the layout model (SplitModule.reached).
     reached: tuple[tuple[str, int], ...] = ()
+    # 6.12: (C's name, its memory's anchor section, offset from it) of each
+    # non-empty section I reaches and of each anchor's (SplitModule.reached_from).
+    reached_from: tuple[tuple[str, str, int], ...] = ()
 
 
 def validate_split(original: bytes, core: bytes, init: bytes,
@@ -185,9 +199,6 @@ class _Validator:
     def __init__(self, orig: ElfObject, core: ElfObject, init: ElfObject, rules: LayoutRules) -> None:
         self.orig, self.out = orig, {C: core, I: init}
         self.rules = rules
-        # Where the kernel puts each of C's sections (C's section index -> offset).
-        self.c_layout = module_layout(core, rules)
-        self.c_offsets = self.c_layout.core_offsets
         self.reached: set[int] = set()  # C's sections I's relocations land in
         self.init_secs = {s.index for s in orig.sections
                           if s.flags & SHF_ALLOC and s.name.startswith(".init")}
@@ -208,6 +219,7 @@ class _Validator:
         self.name = first(modinfo, "name") or ""
         self.init_name = init_module_name(self.name)
         self.kernel = self._kernel_tables()
+        self._place_c()
         self._index_sections()
         self.anchors = None
         self._index_output_relocations(C)
@@ -223,11 +235,48 @@ class _Validator:
         self._check_headers()
         self._check_all_accounted()
         module = self._section(self.out[C], THIS_MODULE).index
+        if self.kernel.has_module_memory:
+            return ValidationReport(self.name, self.bytes_checked, self.relocs_checked, moved,
+                                    len(self.anchors), self.synthesized, (), self._reached_from(module))
         base = self.c_offsets[module]
         reached = tuple(sorted((self.out[C].sections[i].name, self.c_offsets[i] - base)
                                for i in self.reached | {module} if self.out[C].sections[i].size))
         return ValidationReport(self.name, self.bytes_checked, self.relocs_checked, moved,
                                 len(self.anchors), self.synthesized, reached)
+
+    # ------------------------------------------------------------ C's layout
+    def _place_c(self) -> None:
+        """Where the kernel puts each of C's sections, by this validator's run of
+        the layout model of the original's kernel: self.c_place maps C's section
+        index to its place as I's relocations name it, ("core", offset) in 6.1's
+        one core layout, ("mem", memory, offset) in one of 6.12's core memories
+        (layout/linux612.py core_placement())."""
+        core = self.out[C]
+        if self.kernel.has_module_memory:
+            self.c_layout, where = linux612.layout_and_placement(core, self.rules)
+            self.c_place = {i: ("mem", memory, offset) for i, (memory, offset) in where.items()}
+        else:
+            self.c_layout = module_layout(core, self.rules)
+            self.c_place = {i: ("core", offset) for i, offset in self.c_layout.core_offsets.items()}
+        self.c_offsets = self.c_layout.core_offsets
+
+    def _reached_from(self, module: int) -> tuple[tuple[str, str, int], ...]:
+        """ValidationReport.reached_from; also that each memory C anchors is one I
+        reaches (C exports no anchor I does not need) and that the struct module
+        anchors MOD_DATA."""
+        core = self.out[C]
+        anchor_at = {place[1]: (section, place[2]) for section, place in self.anchor_sections.items()}
+        reached = self.reached | {module}
+        if {self.c_place[i][1] for i in reached} != set(anchor_at):
+            _fail(f"C anchors the memories {sorted(anchor_at)}, I reaches "
+                  f"{sorted({self.c_place[i][1] for i in reached})}")
+        out = []
+        for i in reached | set(self.anchor_sections):
+            if core.sections[i].size:
+                _, memory, offset = self.c_place[i]
+                section, at = anchor_at[memory]
+                out.append((core.sections[i].name, core.sections[section].name, offset - at))
+        return tuple(sorted(out))
 
     # ------------------------------------------------------------- structure
     @staticmethod
@@ -297,19 +346,19 @@ class _Validator:
         """*target* as a relocation of *side* names it: from I, a place in C is an
         offset in C's core layout (I reaches it from the anchor)."""
         if side == I and target[0] == "loc" and target[1] == C:
-            offset = self.c_offsets.get(target[2])
-            if offset is None:
+            place = self.c_place.get(target[2])
+            if place is None:
                 _fail(f"I refers to C's {self.out[C].sections[target[2]].name}, "
                       "outside C's core layout")
             self.reached.add(target[2])
-            return ("core", offset + target[3])
+            return _shifted(place, target[3])
         return target
 
     def _out_target(self, side: str, symbol: int, addend: int) -> Target:
         sym = self.out[side].symbols[symbol]
         if sym.shndx == SHN_UNDEF:
             if side == I and self.anchors is not None and sym.name in self.anchors:
-                return ("core", self.anchors[sym.name] + addend)
+                return _shifted(self.anchors[sym.name], addend)
             return ("sym", sym.name, addend)
         if sym.shndx == SHN_ABS:
             return ("abs", sym.value + addend)
@@ -345,17 +394,19 @@ class _Validator:
         core = self.out[C]
         strings = self._section(core, KSYMTAB_STRINGS)
         visible = self._c_export_records(KSYMTAB, KCRCTAB, strings)
-        anchors: dict[str, int] = {}
+        anchors: dict[str, Target] = {}
         module = self._section(core, THIS_MODULE)
-        for name, value, namespace, crc in visible:
+        if self.kernel.has_module_memory:
+            anchors = self._memory_anchors(visible, module.index)
+        for name, value, namespace, crc in visible if not anchors else ():
             if namespace != NAMESPACE.encode():
                 _fail(f"C's __ksymtab exports {name!r} before init")
             if value != ("loc", C, module.index, 0) or module.index not in self.c_offsets:
                 _fail(f"anchor {name!r} is not C's struct module")
             if crc != anchor_crc(name.decode()):
                 _fail(f"anchor {name!r} has the wrong CRC")
-            anchors[name.decode()] = self.c_offsets[module.index]
-        if len(visible) != 1:
+            anchors[name.decode()] = self.c_place[module.index]
+        if len(visible) != 1 and not self.kernel.has_module_memory:
             _fail(f"C exports {len(visible)} anchors, not one")
         names = [record[0] for record in visible]
         if names != sorted(names) or len(set(names)) != len(names):
@@ -380,6 +431,39 @@ class _Validator:
             self._check_adjacent(crcs, HIDDEN[crcs])
             self.relocs_checked += 3 * len(want)
             self.publish_counts[table] = (len(visible) if table == KSYMTAB else 0) + len(got)
+        return anchors
+
+    def _memory_anchors(self, visible: list[tuple[bytes, Target, bytes, int]], module: int
+                        ) -> dict[str, Target]:
+        """6.12's anchors (anchor name -> its place in C's memories): each at the
+        start of a non-empty section of C (the loader finds its address in
+        /sys/module/NAME/sections, which lists no empty section), named for its
+        memory, so one per memory, C's struct module the one of MOD_DATA. That
+        each anchors a memory I reaches is checked once I's relocations are
+        (_reached_from)."""
+        core = self.out[C]
+        prefix = anchor_prefix(self.name)
+        anchors: dict[str, Target] = {}
+        self.anchor_sections: dict[int, Target] = {}
+        for raw, value, namespace, crc in visible:
+            name = raw.decode()
+            if namespace != NAMESPACE.encode():
+                _fail(f"C's __ksymtab exports {name!r} before init")
+            place = self.c_place.get(value[2]) if value[:2] == ("loc", C) else None
+            if place is None or value[3] != 0:
+                _fail(f"anchor {name!r} does not mark the start of a section in C's core memories")
+            if name != prefix + _MEMORY_ANCHOR_SUFFIX[place[1]]:
+                _fail(f"anchor {name!r} is not the anchor of C's memory {place[1]}")
+            if crc != anchor_crc(name):
+                _fail(f"anchor {name!r} has the wrong CRC")
+            if not core.sections[value[2]].size:
+                _fail(f"anchor {name!r} marks an empty section")
+            if place[1] == "data" and value[2] != module:
+                _fail(f"anchor {name!r} of MOD_DATA is not C's struct module")
+            anchors[name] = place
+            self.anchor_sections[value[2]] = place
+        if prefix + _MEMORY_ANCHOR_SUFFIX["data"] not in anchors:
+            _fail("C does not export its struct module as the anchor of MOD_DATA")
         return anchors
 
     def _c_export_records(self, table: str, crcs: str, strings: Section) -> list[tuple[bytes, Target, bytes, int]]:
@@ -729,6 +813,13 @@ class _Validator:
         """What C's core_layout holds once the kernel has laid C out as this
         validator's run of the layout model did: each group's end and the total
         (layout_sections(), layout_symtab()), page-rounded under STRICT_MODULE_RWX."""
+        if isinstance(self.layout, StructModuleMemoryLayout):
+            # 6.12: mem[type].size of each core memory type, page-aligned and stored
+            # back by module_memory_alloc() (kernel/module/main.c); 0 for a type C
+            # has nothing in (move_module() allocates nothing for it).
+            m = MODULE_MEMORY_FIELDS
+            return sorted((self._field(self.layout.mem + mem_type * m.record_size + m.size), size)
+                          for mem_type, size in linux612.core_memory_sizes(self.c_layout).items())
         f = MODULE_LAYOUT_FIELDS
         fields = (f.text_size, f.ro_size, f.ro_after_init_size, f.size)
         return sorted((self._field(self.layout.core_layout + off), value & 0xFFFFFFFF)
@@ -818,8 +909,6 @@ class _Validator:
         kernel = kernel_tables(crc)
         if kernel is None:
             _fail("kernel build unknown (module_layout CRC)")
-        if kernel.has_module_memory:
-            _fail(f"{kernel.kernel}: struct module_memory kernels are not validated yet")
         return kernel
 
     def _module_fields(self) -> None:
@@ -835,8 +924,7 @@ class _Validator:
             _fail("original has no init routine")
         self.init_field, self.init_sym, _ = fields["init_module"]
         self.has_cleanup = "cleanup_module" in fields
-        layout = self.kernel.struct_module
-        self.layout = layout if isinstance(layout, StructModuleLayout) else None
+        self.layout = self.kernel.struct_module
         if self.layout is not None:
             # The table must agree with what the module itself says about ->init/->exit.
             if self.layout.size != mod.size or self.layout.init != self.init_field or \

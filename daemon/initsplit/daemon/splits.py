@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import (MANIFEST_SUFFIX, BadEntry, CacheHit, Manifest, parse_manifest, parse_reached, read_entry,
-                     signature_problem, write_entry)
+from ..cache import (MANIFEST_SUFFIX, BadEntry, CacheHit, Manifest, parse_manifest, parse_reached,
+                     parse_reached_from, read_entry, signature_problem, write_entry)
 from ..fsio import OpenFile, Untrusted, directory_problem, is_leftover_temp, open_checked, read_fd, sealed_memfd
 from ..loader.twostage import SplitPair
 from ..modfile import CompressedModuleError, is_module_file, module_file_name, read_module, uncompressed_path
@@ -316,7 +316,8 @@ class SplitProvider:
         self._keep(relpath, source=source, decision="split", name=result.name,
                    init_name=result.init_name, core=result.core, init=result.init,
                    discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
-                   kallsyms_bytes=decision.kallsyms_bytes, reached=result.reached, **figures)
+                   kallsyms_bytes=decision.kallsyms_bytes, reached=result.reached,
+                   reached_from=result.reached_from, **figures)
         # Loaded from the bytes the validator checked, not from the copy just written.
         try:
             with ExitStack() as opened:
@@ -329,7 +330,8 @@ class SplitProvider:
                          init_pages=figures["init_layout_pages"] or None,
                          plain_core_bytes=figures["plain_core_bytes"] or None,
                          btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
-                         reached=result.reached, twostage_slab_bytes=decision.twostage_slab_bytes)
+                         reached=result.reached, reached_from=result.reached_from,
+                         twostage_slab_bytes=decision.twostage_slab_bytes)
 
     def _keep(self, relpath: Path, **entry: Any) -> None:
         """Write a decision to the runtime directory for the next daemon (after switch-root)."""
@@ -348,4 +350,5 @@ def _pair(hit: CacheHit) -> SplitPair:
                      plain_core_bytes=manifest.plain_core_bytes or None,
                      btf_bytes=manifest.btf_bytes, kallsyms_bytes=manifest.kallsyms_bytes,
                      reached=parse_reached(manifest.reached),
+                     reached_from=parse_reached_from(manifest.reached_from),
                      twostage_slab_bytes=manifest.twostage_slab_bytes)

@@ -210,7 +210,10 @@ def module_layout(obj: ElfObject, rules: LayoutRules = LayoutRules(), *,
     core_offsets are per memory type (see the module docstring, core_placement()).
     rules.strict_module_rwx is not consulted: 6.12 page-rounds every memory anyway.
     """
-    placed = _place(obj, rules, init_resident)
+    return _module_layout(_place(obj, rules, init_resident), rules)
+
+
+def _module_layout(placed: _Placed, rules: LayoutRules) -> ModuleLayout:
     page = rules.page_size
     sizes = [_page_align(size, page) for size in placed.sizes]
     data = _page_align(placed.data_end, page)
@@ -233,6 +236,30 @@ def _core_placement(placed: _Placed) -> dict[int, tuple[str, int]]:
         if group is not None:
             out[i] = (group, entsize & SH_ENTSIZE_OFFSET_MASK)
     return out
+
+
+def layout_and_placement(obj: ElfObject, rules: LayoutRules = LayoutRules(), *,
+                         init_resident: bool = False
+                         ) -> tuple[ModuleLayout, dict[int, tuple[str, int]]]:
+    """module_layout() and core_placement() of *obj* from one run of the layout."""
+    placed = _place(obj, rules, init_resident)
+    return _module_layout(placed, rules), _core_placement(placed)
+
+
+# The core memories by their group names (core_placement()), in enum mod_mem_type order.
+CORE_MEMORIES = {"text": MOD_TEXT, "data": MOD_DATA, "rodata": MOD_RODATA,
+                 "ro_after_init": MOD_RO_AFTER_INIT}
+
+
+def core_memory_sizes(layout: ModuleLayout) -> dict[int, int]:
+    """mem[type].size of each core memory type as the kernel keeps it once the
+    module is loaded: kernel/module/main.c module_memory_alloc() stores
+    PAGE_ALIGN(mem[type].size) back into it before it allocates, and nothing
+    changes a core type's size afterwards (do_init_module() zeroes the init
+    types' only). MOD_DATA is the "data" and "kallsyms" groups together."""
+    core = layout.core
+    return {MOD_TEXT: core.group("text"), MOD_DATA: core.group("data") + core.group("kallsyms"),
+            MOD_RODATA: core.group("rodata"), MOD_RO_AFTER_INIT: core.group("ro_after_init")}
 
 
 def core_placement(obj: ElfObject, rules: LayoutRules = LayoutRules(), *,

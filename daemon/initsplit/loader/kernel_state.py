@@ -130,16 +130,24 @@ def section_address(name: str, section: str, *, sys_root: Path = Path("/sys")) -
 
 
 def placement_problem(name: str, expected: Sequence[tuple[str, int]], *,
+                      from_anchors: Sequence[tuple[str, str, int]] = (),
                       sys_root: Path = Path("/sys")) -> str | None:
     """None when each (section, offset) of *expected* lies at that offset from the
-    module's struct module as the kernel placed it; otherwise what differs.
+    module's struct module as the kernel placed it, or each (section, anchor
+    section, offset) of *from_anchors* at that offset from the anchor section;
+    otherwise what differs.
 
     For a split's core module C: kernel/module/main.c move_module() puts each
-    section at core_layout.base + sh_entsize, layout_sections() having chosen the
-    sh_entsize; the splitter computed the same offsets (initsplit.layout) for
-    every section of C that I reaches, so this compares the model with the kernel
-    exactly, before anything of I is loaded.
+    section at core_layout.base + sh_entsize (6.1), or at mem[type].base plus the
+    offset in sh_entsize's low bits (6.12, one allocation per struct
+    module_memory type: SplitModule.reached_from names each section's offset from
+    the anchor of its memory), layout_sections() having chosen the sh_entsize;
+    the splitter computed the same offsets (initsplit.layout) for every section
+    of C that I reaches, so this compares the model with the kernel exactly,
+    before anything of I is loaded.
     """
+    if from_anchors:
+        return _anchored_problem(name, from_anchors, sys_root)
     if not expected:
         return "no placement of C to check I's offsets against"
     base = section_address(name, ".gnu.linkonce.this_module", sys_root=sys_root)
@@ -151,6 +159,21 @@ def placement_problem(name: str, expected: Sequence[tuple[str, int]], *,
             return f"the kernel does not list C's {section}"
         if address - base != offset:
             return (f"C's {section} is at {address - base:+#x} from its struct module, "
+                    f"not at {offset:+#x} as the layout model has it")
+    return None
+
+
+def _anchored_problem(name: str, expected: Sequence[tuple[str, str, int]], sys_root: Path) -> str | None:
+    """placement_problem() of (section, anchor section, offset) triples."""
+    if section_address(name, ".gnu.linkonce.this_module", sys_root=sys_root) is None:
+        return "the kernel does not show C's section addresses (kptr_restrict=2, or no CAP_SYSLOG)"
+    for section, anchor, offset in expected:
+        base = section_address(name, anchor, sys_root=sys_root)
+        address = section_address(name, section, sys_root=sys_root)
+        if base is None or address is None:
+            return f"the kernel does not list C's {anchor if base is None else section}"
+        if address - base != offset:
+            return (f"C's {section} is at {address - base:+#x} from its memory's anchor {anchor}, "
                     f"not at {offset:+#x} as the layout model has it")
     return None
 

@@ -49,6 +49,9 @@ class SplitPair:
     # by the layout model (SplitModule.reached): checked against where the kernel
     # put C before I is loaded. Empty: nothing to check against, no two-stage load.
     reached: tuple[tuple[str, int], ...] = ()
+    # On 6.12 instead (one allocation per struct module_memory type): (section,
+    # its memory's anchor section, offset from it), SplitModule.reached_from.
+    reached_from: tuple[tuple[str, str, int], ...] = ()
     # The unreclaimable slab the two-stage load takes more than the plain one
     # (layout/twostage_slab.py): the init module's sysfs and section attributes,
     # and the holes they leave in slabs that live objects share once it is deleted.
@@ -253,11 +256,13 @@ def _load_two_stage(pair: SplitPair, original: Path, params: str,
         # someone else loads under the same name once C is gone (recovery.py).
         markers.core_loaded(pair.name, pair.init_name)
         faults.hit("after-core", pair.name)
-        # I reaches C by offsets from C's struct module, and the kernel follows some
+        # I reaches C by offsets from C's struct module (6.1) or from the anchor of
+        # each of C's memories (6.12), and the kernel follows some
         # of I's pointers into C while it loads I (jump_label_add_module() writes to a
         # static key of C that I's jump entries name), before I's init can check
         # anything: C must lie where the layout model put it, or I stays out.
-        misplaced = placement_problem(pair.name, pair.reached, sys_root=SYS_ROOT)
+        misplaced = placement_problem(pair.name, pair.reached, from_anchors=pair.reached_from,
+                                      sys_root=SYS_ROOT)
         if misplaced is not None:
             return _remove_core_then_plain(pair, original, params, started,
                                            f"init module not loaded: {misplaced}", markers, None)

@@ -5,9 +5,12 @@ sites objtool would have produced for them:
 
 * the init wrapper, I's ->init, in four steps:
   (0) a coarse check that C lies in memory as the layout model put it: I
-      reaches C through one anchor and offsets from it (splitter.py), so each
-      of C's core_layout sizes (page-rounded) must be the model's, or the
-      wrapper returns -ENOEXEC before the original init runs. The exact check
+      reaches C through anchors and offsets from them (splitter.py), so each
+      of C's core_layout sizes (6.1; page-rounded), or mem[type].size of each
+      core memory type (6.12: struct module_memory, page-aligned and stored
+      back by kernel/module/main.c module_memory_alloc()), must be the model's,
+      or the wrapper returns -ENOEXEC before the original init runs. Either is
+      an unsigned int in C's struct module (a Check). The exact check
       is the daemon's, before I is loaded at all (loader/kernel_state.py
       placement_problem()): the kernel follows some of I's pointers into C
       while it loads I, before this code runs. This one is for an I loaded by

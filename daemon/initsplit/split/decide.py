@@ -187,7 +187,7 @@ def _decide_load(data: bytes, original: ElfObject, options: SplitOptions) -> Dec
         report = validate_split(data, split.core, split.init, options.rules)
     except ValidationError as exc:
         return Decision("invalid", reason=str(exc) or type(exc).__name__, split=split)
-    if report.reached != split.reached:
+    if report.reached != split.reached or report.reached_from != split.reached_from:
         # What the daemon checks against the kernel before it loads I must be what
         # the validator proved I reaches.
         return Decision("invalid", reason="the sections I reaches differ from the validator's",

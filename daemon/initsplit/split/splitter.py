@@ -18,6 +18,14 @@ The method (verified on Debian 6.1.0-56-amd64, see README and the issue tracker)
   the model's, a coarser check for an I loaded by hand. No export of C can serve
   as the anchor: C's exports stay hidden until I's init has succeeded (see
   _emit_exports).
+* On 6.4 and later (Debian 13's 6.12) C is no longer one allocation: each
+  struct module_memory type (MOD_TEXT, MOD_DATA, MOD_RODATA, MOD_RO_AFTER_INIT)
+  is its own execmem_alloc() (kernel/module/main.c module_memory_alloc()), and
+  offsets compare only within one (layout/linux612.py core_placement()). So C
+  exports one anchor per memory I reaches (_anchor_memories): the struct module
+  for MOD_DATA, as on 6.1, and for each other memory the first section the
+  layout puts in it; I reaches each section of C from the anchor of its memory
+  (SplitModule.reached_from), and the wrapper compares each mem[type].size.
 * I holds the .init* sections, the per-record table entries describing them, a
   struct module named NAME__init whose ->init is a synthesized wrapper (see
   codegen.py) and whose ->exit is a stub.
@@ -60,7 +68,7 @@ from ..elf.constants import (
     STT_SECTION,
     X86_64_RELOC_WIDTH,
 )
-from ..layout import LayoutRules, ModuleLayout
+from ..layout import LayoutRules, ModuleLayout, linux612
 from ..layout.linux61 import module_layout
 from . import codegen
 from .errors import NothingToSplit, SplitRefused
@@ -72,10 +80,12 @@ from .tables import (
     MODULE_NAME_LEN,
     MODVERSION_RECORD_SIZE,
     MODULE_LAYOUT_FIELDS,
+    MODULE_MEMORY_FIELDS,
     TRACE_EVAL_MAP_SIZE,
     KernelTables,
     RecordTable,
     StructModuleLayout,
+    StructModuleMemoryLayout,
     kernel_tables,
 )
 
@@ -109,9 +119,6 @@ RETURN_THUNK = "__x86_return_thunk"
 NOT_LOADED = (".modinfo", "__versions")
 # Sections of C that _emit_exports builds rather than copies.
 _REBUILT_IN_C = {KSYMTAB, KCRCTAB, KSYMTAB_GPL, KCRCTAB_GPL}
-
-# The layouts in tables.py and the struct module handling are those of 6.1 on x86-64.
-SUPPORTED_VERMAGIC_PREFIX = "6.1."
 
 _MODVERSION = struct.Struct(f"<Q{MODULE_NAME_LEN}s")
 
@@ -161,6 +168,12 @@ class SplitModule:
     core_layout: ModuleLayout | None = None
     # C as parsed for that layout (its sections weigh in the decision's slab model).
     core_object: ElfObject | None = None
+    # On a kernel with struct module_memory (6.12), where offsets from the struct
+    # module mean nothing outside MOD_DATA: each non-empty section of C that I
+    # reaches as (C's name, C's section its memory's anchor marks, the offset from
+    # that section), the anchor sections included; reached is then empty, so a
+    # loader that checks offsets from the struct module only loads plain.
+    reached_from: tuple[tuple[str, str, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -197,6 +210,18 @@ def layout_checks(core: ElfObject | ModuleLayout, rules: LayoutRules, module_lay
     f = MODULE_LAYOUT_FIELDS
     fields = (f.text_size, f.ro_size, f.ro_after_init_size, f.size)
     return tuple(codegen.Check(module_layout_field + off, value) for off, value in zip(fields, marks))
+
+
+def memory_checks(placed: ModuleLayout, mem_field: int) -> tuple[codegen.Check, ...]:
+    """layout_checks() for a kernel with struct module_memory (6.12): mem[type].size
+    of each core memory type, as module_memory_alloc() (kernel/module/main.c)
+    stores it back page-aligned, against the model's for C (linux612.py
+    core_memory_sizes()); a type C has nothing in must read 0 (move_module()
+    allocates nothing for it). mem[] is struct module_memory's array, indexed
+    by enum mod_mem_type. Coarse like 6.1's: whole pages per memory."""
+    f = MODULE_MEMORY_FIELDS
+    return tuple(codegen.Check(mem_field + mem_type * f.record_size + f.size, size)
+                 for mem_type, size in sorted(linux612.core_memory_sizes(placed).items()))
 
 
 # ------------------------------------------------------------------ phases
@@ -247,7 +272,7 @@ class _Original:
     versions: list[tuple[int, str]]
     exports: dict[str, int]  # export table -> records the original has in it
     kernel: KernelTables  # the per-kernel tables, by the module_layout CRC
-    layout: StructModuleLayout
+    layout: StructModuleLayout | StructModuleMemoryLayout
 
     @property
     def sections(self) -> list[Section]:
@@ -263,10 +288,12 @@ class _Original:
 
 @dataclass(frozen=True, slots=True)
 class _Anchor:
-    """The one symbol C exports before I's init has run: C's struct module."""
+    """A symbol C exports before I's init has run: C's struct module (on 6.1 the
+    only one), or the first section of one of C's memories (_anchor_memories)."""
 
     name: str
     section: int  # the original's index of the section it marks
+    memory: str = ""  # its struct module_memory type, by group name (6.12)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,14 +304,16 @@ class _Core:
 
 @dataclass(frozen=True, slots=True)
 class _Placement:
-    """C as the layout model places it (_place_core)."""
+    """C as the layout model places it (_place_core, _place_core_memories)."""
 
-    anchor_delta: dict[int, int]  # the original's section index -> offset from the anchor in C
+    anchor_delta: dict[int, int]  # the original's section index -> offset from its anchor in C
+    anchor_of: dict[int, _Anchor]  # ... and that anchor (6.1: C's one)
     names: dict[int, str]  # the original's section index -> the section's name in C
     sizes: dict[int, int]  # ... and its size there
     checks: tuple[codegen.Check, ...]  # what I's wrapper compares in C's struct module
     layout: ModuleLayout
     core_object: ElfObject
+    anchors: tuple[_Anchor, ...]  # C's, in __ksymtab order
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,21 +334,26 @@ class _Export(NamedTuple):
 
 def _split(obj: ElfObject, rules: LayoutRules) -> SplitModule:
     original = _examine(obj)
-    # One anchor, C's struct module: I's wrapper reaches it anyway.
-    anchor = _Anchor(f"{anchor_prefix(original.name)}0", original.this_module.index)
-    core = _build_core(original, anchor)
-    placement = _place_core(original, core, rules)
-    init = _build_init(original, anchor, placement)
+    memories = original.kernel.has_module_memory
+    if memories:
+        core, placement, init = _anchor_memories(original, rules)
+    else:
+        # One anchor, C's struct module: I's wrapper reaches it anyway.
+        anchor = _Anchor(f"{anchor_prefix(original.name)}0", original.this_module.index)
+        core = _build_core(original, (anchor,))
+        placement = _place_core(original, core, rules, anchor)
+        init = _build_init(original, placement)
     return SplitModule(
         name=original.name,
         init_name=original.init_name,
         core=core.data,
         init=init.data,
-        anchors=(anchor.name,),
+        anchors=tuple(a.name for a in placement.anchors),
         moved_records={t.section.name: len(t.init) for t in original.tables.values() if t.init},
-        reached=_reached_sections(placement, init.reached),
+        reached=() if memories else _reached_sections(placement, init.reached),
         core_layout=placement.layout,
         core_object=placement.core_object,
+        reached_from=_reached_from(placement, init.reached) if memories else (),
     )
 
 
@@ -368,7 +402,10 @@ def _check_modinfo(obj: ElfObject) -> tuple[list[tuple[str, str]], str]:
     vermagic = first(modinfo, "vermagic") or ""
     if not name or len(name) >= MODULE_NAME_LEN or not name.replace("_", "a").isalnum():
         raise SplitRefused("bad module name", repr(name))
-    if not vermagic.startswith(SUPPORTED_VERMAGIC_PREFIX) or "mod_unload" not in vermagic:
+    # Which kernel builds are known is the module_layout CRC's to say (tables.py,
+    # _kernel_tables()), not the version's: struct module changes within a stable
+    # series. A kernel without CONFIG_MODULE_UNLOAD could never delete I.
+    if "mod_unload" not in vermagic:
         # (Kbuild's vermagic ends in a space: VERMAGIC_STRING's MODULE_ARCH_VERMAGIC "".)
         raise SplitRefused("unsupported kernel", vermagic.strip() or "no vermagic")
     return modinfo, name
@@ -427,20 +464,14 @@ def _kernel_tables(versions: list[tuple[int, str]]) -> KernelTables:
     if kernel is None:
         raise SplitRefused("struct module layout unknown (kernel build not known)",
                            "no module_layout" if crc is None else f"module_layout {crc:#010x}")
-    if kernel.has_module_memory:
-        # Known (tables.py declares 6.12's), but C's placement per module_memory type
-        # and I's anchors into it are not built yet (layout/linux612.py).
-        raise SplitRefused("unsupported kernel", kernel.kernel)
     return kernel
 
 
-def _struct_module_layout(kernel: KernelTables, this_module: Section,
-                          fields: _ModuleFields) -> StructModuleLayout | None:
+def _struct_module_layout(kernel: KernelTables, this_module: Section, fields: _ModuleFields
+                          ) -> StructModuleLayout | StructModuleMemoryLayout | None:
     """struct module's layout for *kernel*, or None when the module's own
     relocations disagree with it."""
     layout = kernel.struct_module
-    if not isinstance(layout, StructModuleLayout):
-        return None
     if (layout.size != this_module.size or layout.init != fields.init_field
             or fields.exit_field not in (-1, layout.exit)):
         return None
@@ -527,7 +558,7 @@ class _ExportStrings(NamedTuple):
     """Offsets in C's __ksymtab_strings of the names _build_core appends."""
 
     namespace: int
-    anchor: int
+    anchors: tuple[int, ...]  # one per anchor, in its order
 
 
 def _add_relocs(builder: ObjectBuilder, out: int, relocs: Sequence[_OutReloc]) -> None:
@@ -539,18 +570,21 @@ def _add_relocs(builder: ObjectBuilder, out: int, relocs: Sequence[_OutReloc]) -
                             [r[2] for r in relocs], [r[3] for r in relocs])
 
 
-def _build_core(original: _Original, anchor: _Anchor) -> _Core:
+def _build_core(original: _Original, anchors: tuple[_Anchor, ...]) -> _Core:
     """C: the original without its init sections and the records describing them,
     its export tables rebuilt around the anchor (see _emit_exports)."""
     obj = original.obj
     builder = ObjectBuilder(machine=EM_X86_64, flags=obj.flags)
     strings = obj.section(KSYMTAB_STRINGS)
     eval_copies = _eval_map_copies(original)
-    # The namespace and the anchor's name go at the end of __ksymtab_strings.
+    # The namespace and the anchors' names go at the end of __ksymtab_strings.
     base = strings.size if strings is not None else 0
     extra = NAMESPACE.encode() + b"\0"
-    names = _ExportStrings(namespace=base, anchor=base + len(extra))
-    extra += anchor.name.encode() + b"\0"
+    at: list[int] = []
+    for anchor in anchors:
+        at.append(base + len(extra))
+        extra += anchor.name.encode() + b"\0"
+    names = _ExportStrings(namespace=base, anchors=tuple(at))
 
     c_index = _copy_core_sections(builder, original, extra)
     c_symbol = _copy_core_symbols(builder, original, c_index)
@@ -580,7 +614,7 @@ def _build_core(original: _Original, anchor: _Anchor) -> _Core:
                                           data=extra, addralign=1, entsize=1)
     else:
         strings_out = c_index[strings.index]
-    _emit_exports(builder, original, anchor, c_index, c_symbol, builder.section_symbol(strings_out),
+    _emit_exports(builder, original, anchors, c_index, c_symbol, builder.section_symbol(strings_out),
                   names)
     return _Core(builder.build(), c_index)
 
@@ -738,10 +772,10 @@ def _emit_eval_map_copies(builder: ObjectBuilder, original: _Original, eval_sec:
         _add_relocs(builder, eval_sec, out)
 
 
-def _emit_exports(builder: ObjectBuilder, original: _Original, anchor: _Anchor,
+def _emit_exports(builder: ObjectBuilder, original: _Original, anchor_symbols: tuple[_Anchor, ...],
                   c_index: dict[int, int], c_symbol: _SymbolMap, strings_sym: int,
                   names: _ExportStrings) -> None:
-    """Rebuild C's export tables: the anchor visible, the original's exports hidden.
+    """Rebuild C's export tables: the anchors visible, the original's exports hidden.
 
     find_module_sections() (kernel/module/main.c) sets mod->syms to the start
     of __ksymtab and mod->num_syms to its size / 12, mod->crcs to __kcrctab, and
@@ -749,8 +783,8 @@ def _emit_exports(builder: ObjectBuilder, original: _Original, anchor: _Anchor,
     syms[0..num_syms) by name (find_exported_symbol_in_section) and takes the
     CRC at the same index in crcs. So:
 
-    * __ksymtab holds only the anchor; __kcrctab its CRC. The kernel counts only
-      it, and nobody but I can link against C.
+    * __ksymtab holds only the anchors (one on 6.1); __kcrctab their CRCs. The
+      kernel counts only them, and nobody but I can link against C.
     * the original's records follow, sorted, in __initsplit_ksymtab (and
       __initsplit_kcrctab), which layout_sections() places right behind:
       sections of one flags class go in section-header order, each at the
@@ -764,15 +798,18 @@ def _emit_exports(builder: ObjectBuilder, original: _Original, anchor: _Anchor,
     by storing the full counts into num_syms / num_gpl_syms after init.
     """
     strings = original.obj.section(KSYMTAB_STRINGS)
-    target = c_index.get(anchor.section)
-    if target is None:
-        raise SplitRefused("anchor section missing from core", original.sections[anchor.section].name)
-    relocs = (
-        (0, R_X86_64_PC32, builder.section_symbol(target), 0),
-        (4, R_X86_64_PC32, strings_sym, names.anchor),
-        (8, R_X86_64_PC32, strings_sym, names.namespace),
-    )
-    anchors = (_Export(anchor.name.encode(), relocs, struct.pack("<I", anchor_crc(anchor.name)), None),)
+    anchors: list[_Export] = []
+    for anchor, name_at in zip(anchor_symbols, names.anchors):
+        target = c_index.get(anchor.section)
+        if target is None:
+            raise SplitRefused("anchor section missing from core", original.sections[anchor.section].name)
+        relocs = (
+            (0, R_X86_64_PC32, builder.section_symbol(target), 0),
+            (4, R_X86_64_PC32, strings_sym, name_at),
+            (8, R_X86_64_PC32, strings_sym, names.namespace),
+        )
+        anchors.append(_Export(anchor.name.encode(), relocs, struct.pack("<I", anchor_crc(anchor.name)),
+                               None))
     for table, crcs in EXPORT_TABLES:
         exports = _original_exports(original, table, crcs, strings, c_symbol)
         if exports and min(e.name for e in exports) <= anchors[-1].name:
@@ -865,21 +902,104 @@ def _emit_export_table(builder: ObjectBuilder, original: _Original, table: str, 
 
 # ------------------------------------------------------------ C's placement
 
-def _place_core(original: _Original, core: _Core, rules: LayoutRules) -> _Placement:
+def _place_core(original: _Original, core: _Core, rules: LayoutRules, anchor: _Anchor) -> _Placement:
     """Where the kernel will put each of C's sections, relative to the anchor."""
     obj = read_elf(core.data)
     placed = module_layout(obj, rules)
     anchor_at = placed.core_offsets.get(core.index[original.this_module.index])
     if anchor_at is None:
         raise SplitRefused("C's struct module is not in its core layout")
+    assert isinstance(original.layout, StructModuleLayout)
+    delta = {orig: placed.core_offsets[out] - anchor_at
+             for orig, out in core.index.items() if out in placed.core_offsets}
     return _Placement(
-        anchor_delta={orig: placed.core_offsets[out] - anchor_at
-                      for orig, out in core.index.items() if out in placed.core_offsets},
+        anchor_delta=delta,
+        anchor_of=dict.fromkeys(delta, anchor),
         names={orig: obj.sections[out].name for orig, out in core.index.items()},
         sizes={orig: obj.sections[out].size for orig, out in core.index.items()},
         checks=layout_checks(placed, rules, original.layout.core_layout),
         layout=placed,
         core_object=obj,
+        anchors=(anchor,),
+    )
+
+
+# The last character of each memory's anchor name: C's struct module (MOD_DATA)
+# keeps 6.1's "0"; __ksymtab lists the anchors in this order, which is strcmp's.
+_MEMORY_ANCHOR_SUFFIX = {"data": "0", "text": "1", "rodata": "2", "ro_after_init": "3"}
+
+
+def _anchor_memories(original: _Original, rules: LayoutRules) -> tuple[_Core, _Placement, _Init]:
+    """C, its placement and I on a kernel with struct module_memory (6.12): one
+    anchor per memory of C that I reaches.
+
+    Which memories I reaches is known once I is built, and I is built from C's
+    placement, so a trial C anchors every memory that has a section of the
+    original in it, a trial I built on it tells which anchors are used, and C
+    and I are built again with those alone. The anchors mark the same sections
+    in both Cs: fewer anchors change only the export tables' sizes, which
+    decides no section's memory or order (layout_sections() walks the masks,
+    then the section headers, in order)."""
+    prefix = anchor_prefix(original.name)
+    module = _Anchor(f"{prefix}{_MEMORY_ANCHOR_SUFFIX['data']}", original.this_module.index, "data")
+    trial_core = _build_core(original, (module,))
+    trial_obj = read_elf(trial_core.data)
+    every = (module, *_first_in_memories(trial_core, trial_obj, rules, prefix))
+    trial = _place_core_memories(original, trial_core, trial_obj, rules, every)
+    used = {trial.anchor_of[s].memory for s in _build_init(original, trial).reached}
+    anchors = tuple(a for a in every if a.memory in used)
+    core = _build_core(original, anchors)
+    placement = _place_core_memories(original, core, read_elf(core.data), rules, anchors)
+    return core, placement, _build_init(original, placement)
+
+
+def _first_in_memories(core: _Core, obj: ElfObject, rules: LayoutRules, prefix: str
+                       ) -> list[_Anchor]:
+    """An anchor for each memory of C but MOD_DATA (C's struct module anchors
+    that): the first non-empty section of the original that the layout puts
+    there. Non-empty, because /sys/module/NAME/sections lists no empty section
+    (kernel/module/sysfs.c add_sect_attrs(), sect_empty()) and the loader reads
+    the anchor section's address there."""
+    where = linux612.core_placement(obj, rules)
+    original_of = {out: orig for orig, out in core.index.items()}
+    first: dict[str, tuple[int, int]] = {}
+    for out, (memory, offset) in where.items():
+        if out in original_of and obj.sections[out].size and memory != "data":
+            first[memory] = min(first.get(memory, (offset, out)), (offset, out))
+    return [_Anchor(f"{prefix}{suffix}", original_of[first[memory][1]], memory)
+            for memory, suffix in _MEMORY_ANCHOR_SUFFIX.items() if memory in first]
+
+
+def _place_core_memories(original: _Original, core: _Core, obj: ElfObject, rules: LayoutRules,
+                         anchors: tuple[_Anchor, ...]) -> _Placement:
+    """Where the kernel will put each of C's sections: in which memory, at which
+    offset from that memory's anchor (layout/linux612.py core_placement()). A
+    section of a memory without an anchor has no offset (I cannot reach it).
+    *obj* is C, read."""
+    placed, where = linux612.layout_and_placement(obj, rules)
+    by_memory: dict[str, tuple[_Anchor, int]] = {}
+    for anchor in anchors:
+        got = where.get(core.index.get(anchor.section, -1))
+        if got is None or got[0] != anchor.memory:
+            raise SplitRefused("an anchor is not in its memory of C", anchor.name)
+        by_memory[anchor.memory] = (anchor, got[1])
+    delta: dict[int, int] = {}
+    anchor_of: dict[int, _Anchor] = {}
+    for orig, out in core.index.items():
+        memory, offset = where.get(out, ("", 0))
+        if memory in by_memory:
+            anchor_of[orig], at = by_memory[memory]
+            delta[orig] = offset - at
+    assert isinstance(original.layout, StructModuleMemoryLayout)
+    return _Placement(
+        anchor_delta=delta,
+        anchor_of=anchor_of,
+        names={orig: obj.sections[out].name for orig, out in core.index.items()},
+        sizes={orig: obj.sections[out].size for orig, out in core.index.items()},
+        checks=memory_checks(placed, original.layout.mem),
+        layout=placed,
+        core_object=obj,
+        anchors=anchors,
     )
 
 
@@ -890,6 +1010,14 @@ def _reached_sections(placement: _Placement, reached: frozenset[int]) -> tuple[t
                         if placement.sizes[s]))
 
 
+def _reached_from(placement: _Placement, reached: frozenset[int]) -> tuple[tuple[str, str, int], ...]:
+    """SplitModule.reached_from: (C's name, its anchor's section, the offset from
+    it) of each non-empty section I reaches, and of every anchor's section."""
+    sections = reached | {a.section for a in placement.anchors}
+    return tuple(sorted((placement.names[s], placement.names[placement.anchor_of[s].section],
+                         placement.anchor_delta[s]) for s in sections if placement.sizes[s]))
+
+
 # ------------------------------------------------------------ init module
 
 class _InitSymbols:
@@ -897,11 +1025,11 @@ class _InitSymbols:
     them. The state lives for one _build_init: its builder, the handles made so
     far, and which sections of C I reaches (returned in _Init.reached)."""
 
-    def __init__(self, builder: ObjectBuilder, original: _Original, anchor: _Anchor,
-                 placement: _Placement, defined: dict[int, int]) -> None:
+    def __init__(self, builder: ObjectBuilder, original: _Original, placement: _Placement,
+                 defined: dict[int, int]) -> None:
         self.builder = builder
         self.original = original
-        self.anchor_name = anchor.name
+        self.anchor_of = placement.anchor_of
         self.anchor_delta = placement.anchor_delta
         self.symbols = defined  # the original's index -> I's handle
         self.undefined: dict[str, int] = {}
@@ -915,14 +1043,14 @@ class _InitSymbols:
         return handle
 
     def anchor(self, core_section: int) -> tuple[int, int]:
-        """(I's undefined symbol naming C's anchor, the offset of *core_section*
-        from it in C's core layout)."""
+        """(I's undefined symbol naming the anchor of *core_section*, the offset of
+        the section from it in C's core layout, or in its memory on 6.12)."""
         delta = self.anchor_delta.get(core_section)
         if delta is None:
             raise SplitRefused("init refers to a part of C outside its core layout",
                                self.original.sections[core_section].name)
         self.reached.add(core_section)
-        return self.undefined_symbol(self.anchor_name), delta
+        return self.undefined_symbol(self.anchor_of[core_section].name), delta
 
     def target(self, index: int) -> tuple[int, int]:
         """Map an original symbol to (I symbol handle, addend correction)."""
@@ -952,13 +1080,13 @@ class _InitSymbols:
         return handle, sym.value + delta
 
 
-def _build_init(original: _Original, anchor: _Anchor, placement: _Placement) -> _Init:
+def _build_init(original: _Original, placement: _Placement) -> _Init:
     """I: the init sections, the table records describing them, the wrapper and
     exit stub, and a struct module of its own; its references into C are offsets
-    from the anchor, by C's placement."""
+    from the anchors, by C's placement."""
     builder = ObjectBuilder(machine=EM_X86_64, flags=original.obj.flags)
     i_index = _copy_init_sections(builder, original)
-    symbols = _InitSymbols(builder, original, anchor, placement,
+    symbols = _InitSymbols(builder, original, placement,
                            _copy_init_symbols(builder, original, i_index))
     for orig, out in i_index.items():
         table = original.obj.relocations.get(orig)
@@ -966,7 +1094,7 @@ def _build_init(original: _Original, anchor: _Anchor, placement: _Placement) -> 
             _emit_init_relocs(builder, symbols, out, table, original.sections[orig].name)
     routines = _emit_routines(builder, original, symbols, placement)
     _emit_init_tables(builder, original, symbols, routines)
-    _emit_init_module_info(builder, original, anchor, routines)
+    _emit_init_module_info(builder, original, placement.anchors, routines)
     return _Init(builder.build(), frozenset(symbols.reached))
 
 
@@ -1026,7 +1154,8 @@ def _emit_routines(builder: ObjectBuilder, original: _Original, symbols: _InitSy
     slot = fields.exit_field if arm_exit else fields.init_field
     orc_type = original.kernel.orc_type_call
     wrapper = codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, orc_type=orc_type,
-                                   publish=_publish(original), checks=placement.checks)
+                                   publish=_publish(original, placement.anchors),
+                                   checks=placement.checks)
     stub = codegen.exit_stub(rethunk=rethunk, orc_type=orc_type)
     wrapper_sec = builder.add_section(WRAPPER_SECTION, type=SHT_PROGBITS,
                                       flags=SHF_ALLOC | SHF_EXECINSTR, data=wrapper.code,
@@ -1117,7 +1246,7 @@ def _emit_init_table(builder: ObjectBuilder, original: _Original, symbols: _Init
                             addralign=par.addralign, entsize=par.entsize)
 
 
-def _emit_init_module_info(builder: ObjectBuilder, original: _Original, anchor: _Anchor,
+def _emit_init_module_info(builder: ObjectBuilder, original: _Original, anchors: tuple[_Anchor, ...],
                            routines: _Routines) -> None:
     """struct module, .modinfo and __versions of I."""
     this_module, fields = original.this_module, original.fields
@@ -1136,18 +1265,19 @@ def _emit_init_module_info(builder: ObjectBuilder, original: _Original, anchor: 
     versions = bytearray()
     for crc, vname in original.versions:
         versions += _MODVERSION.pack(crc, vname.encode())
-    versions += _MODVERSION.pack(anchor_crc(anchor.name), anchor.name.encode())
+    for anchor in anchors:
+        versions += _MODVERSION.pack(anchor_crc(anchor.name), anchor.name.encode())
     builder.add_section("__versions", type=SHT_PROGBITS, flags=SHF_ALLOC, data=bytes(versions),
                         addralign=32)
     builder.add_section(".note.GNU-stack", type=SHT_PROGBITS, flags=0, data=b"")
 
 
-def _publish(original: _Original) -> tuple[codegen.Publish, ...]:
+def _publish(original: _Original, anchors: tuple[_Anchor, ...]) -> tuple[codegen.Publish, ...]:
     """The wrapper's stores: the full count of each export table that has hidden records."""
     stores: list[codegen.Publish] = []
     if original.exports[KSYMTAB]:
-        # The anchor and then the hidden records (see _emit_exports).
-        stores.append(codegen.Publish(original.layout.num_syms, 1 + original.exports[KSYMTAB]))
+        # The anchors and then the hidden records (see _emit_exports).
+        stores.append(codegen.Publish(original.layout.num_syms, len(anchors) + original.exports[KSYMTAB]))
     if original.exports[KSYMTAB_GPL]:
         stores.append(codegen.Publish(original.layout.num_gpl_syms, original.exports[KSYMTAB_GPL]))
     return tuple(stores)

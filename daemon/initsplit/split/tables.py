@@ -12,10 +12,20 @@ modules (tests/test_tables612.py).
 
 KERNEL_TABLES gathers each known build's tables in one KernelTables record, keyed
 by the module_layout CRC in the module's __versions; the splitter and the
-validator look them up there (kernel_tables()) and nowhere else. A 6.12 module
-finds its tables but is still refused as "unsupported kernel" (a plain load),
-because 6.12 gives each struct module_memory type an allocation of its own, so
-one anchor no longer reaches all of C (layout/linux612.py).
+validator look them up there (kernel_tables()) and nowhere else. 6.12 gives each
+struct module_memory type an allocation of its own (layout/linux612.py), so the
+splitter anchors each memory of C that I reaches (splitter.py), the validator
+checks I's offsets per memory and the loader C's placement per memory
+(SplitModule.reached_from).
+
+6.12's other sections need no table: .orc_header (the 20-byte ORC_HASH of
+orc_types.h that arch/x86/include/asm/orc_header.h's ORC_HEADER emits for tools,
+no relocations; kernel/module/ does not read it) moves to C whole like any
+allocated section. I's synthesized code gets no
+.call_sites record (its one call is not redirected by call depth tracking, which
+only costs that accounting under retbleed=stuff), no __patchable_function_entries
+record (it has no padding) and no .ibt_endbr_seal record (->init is called
+indirectly: its endbr64 must stay).
 """
 
 from __future__ import annotations
