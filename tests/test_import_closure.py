@@ -199,3 +199,29 @@ def test_no_import_cycles() -> None:
         if name not in done:
             visit(name, (name,))
     assert not cycles, cycles[:5]
+
+
+def test_exit_report_says_whether_the_daemon_split_on_the_fly() -> None:
+    """report_splitter_use() (daemon/main.py, at exit) reads the proof from
+    sys.modules: it names the modules SplitProvider imports at its first split on
+    the fly and nowhere else (daemon/splits.py _split_now(), _rewritten())."""
+    from initsplit.daemon import main
+
+    splits = (REPO / "daemon/initsplit/daemon/splits.py").read_text()
+    for name in main.ON_THE_FLY_MODULES:
+        assert f"from ..{name.removeprefix('initsplit.')} import" in splits, name
+    code = ("import json, sys\n"
+            "from initsplit.daemon.journal import Reporter\n"
+            "from initsplit.daemon.main import report_splitter_use\n"
+            "seen = []\n"
+            "reporter = Reporter(max_priority=7, sink=lambda e: seen.append(dict(e)))\n"
+            "report_splitter_use(reporter)\n"
+            "import initsplit.split.decide\n"
+            "report_splitter_use(reporter)\n"
+            "print(json.dumps(seen))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "daemon", check=True,
+                         capture_output=True, text=True).stdout
+    cached, on_the_fly = json.loads(out)
+    assert cached["INITSPLIT_SPLIT_ON_THE_FLY"] == "no", cached
+    assert on_the_fly["INITSPLIT_SPLIT_ON_THE_FLY"] == "yes", on_the_fly
+    assert "initsplit.split.decide" in on_the_fly["MESSAGE"], on_the_fly
