@@ -199,3 +199,51 @@ def test_no_import_cycles() -> None:
         if name not in done:
             visit(name, (name,))
     assert not cycles, cycles[:5]
+
+
+def test_exit_report_says_whether_the_daemon_split_on_the_fly() -> None:
+    """report_splitter_use() (daemon/main.py, at exit) reads the proof from
+    sys.modules: it names the modules SplitProvider imports at its first split on
+    the fly and nowhere else (daemon/splits.py _split_now(), _rewritten())."""
+    from initsplit.daemon import main
+
+    splits = (REPO / "daemon/initsplit/daemon/splits.py").read_text()
+    for name in main.ON_THE_FLY_MODULES:
+        assert f"from ..{name.removeprefix('initsplit.')} import" in splits, name
+    code = ("import json, sys\n"
+            "from initsplit.daemon.journal import Reporter\n"
+            "from initsplit.daemon.main import report_splitter_use\n"
+            "seen = []\n"
+            "reporter = Reporter(max_priority=7, sink=lambda e: seen.append(dict(e)))\n"
+            "report_splitter_use(reporter)\n"
+            "import initsplit.split.decide\n"
+            "report_splitter_use(reporter)\n"
+            "print(json.dumps(seen))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "daemon", check=True,
+                         capture_output=True, text=True).stdout
+    cached, on_the_fly = json.loads(out)
+    assert cached["INITSPLIT_SPLIT_ON_THE_FLY"] == "no", cached
+    assert on_the_fly["INITSPLIT_SPLIT_ON_THE_FLY"] == "yes", on_the_fly
+    assert "initsplit.split.decide" in on_the_fly["MESSAGE"], on_the_fly
+
+
+def test_launcher_keeps_openssl_out_as_the_initramfs_does() -> None:
+    """bin/initsplitd blocks what python-closure.py leaves out of the initramfs
+    (_hashlib: libcrypto, 3.6 MB of the real-root daemon's RSS), so the daemon
+    hashes with the built-in SHA-256 on the real root too, and gets the same digest."""
+    closure = (REPO / "dracut/90initsplit/python-closure.py").read_text()
+    assert 'EXCLUDED = ("_hashlib",)' in closure
+    code = ("import runpy, sys\n"
+            "sys.argv = ['initsplitd', '--help']\n"
+            "try:\n"
+            f"    runpy.run_path({str(REPO / 'bin/initsplitd')!r}, run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "import hashlib\n"
+            "print('initsplit.cache' in sys.modules, sys.modules.get('_hashlib', 'absent'),\n"
+            "      hashlib.sha256.__module__, hashlib.sha256(b'abc').hexdigest())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "daemon", check=True,
+                         capture_output=True, text=True).stdout.split()
+    # The built-in module: _sha256 up to Python 3.11, _sha2 since 3.12 (OpenSSL's is _hashlib).
+    assert out[-4:-1] == ["True", "None", {True: "_sha2", False: "_sha256"}[sys.version_info >= (3, 12)]], out
+    assert out[-1] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", out

@@ -9,6 +9,7 @@ had, the fixtures raise TestbedError with the reason.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -255,3 +256,25 @@ def test_initramfs_is_valid_cpio(tmp_path: Path) -> None:
     ).stdout.decode().split()
     for path in ("init", "bin/busybox", "sbin/insmod", "dev/console", "a/b", "a/b/c.txt", "isplit/script.sh"):
         assert path in listing, path
+
+
+def test_prune_debs_keeps_the_current_the_newest_the_young_and_the_locked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tests.testbed.install as install
+    from tests.testbed._util import file_lock
+
+    monkeypatch.setattr(install, "cache_dir", lambda: tmp_path)
+    now = 1_000_000_000.0
+    day = 24 * 3600.0
+    ages = {"current": 9 * day, "locked": 8 * day, "young": day / 2,
+            **{f"old{i}": (2 + i) * day for i in range(5)}}
+    for key, age in ages.items():
+        build = tmp_path / "deb" / key
+        build.mkdir(parents=True)
+        (build / "initsplit_0_all.deb").write_bytes(b"!<arch>\n")
+        os.utime(build, (now - age, now - age))
+    with file_lock(tmp_path / "locks" / "deb-locked.lock"):
+        removed = install.prune_debs(tmp_path / "deb", keep="current", newest=2, now=now)
+    # Newest by use: young, old0 | old1, old2, old3, old4, locked, current.
+    assert sorted(removed) == ["old1", "old2", "old3", "old4"]
+    assert sorted(p.name for p in (tmp_path / "deb").iterdir()) == ["current", "locked", "old0", "young"]

@@ -16,7 +16,9 @@ The postinst runs with INITSPLIT_NO_CACHE=1: building the real root's pre-split
 cache of the whole tree (~4,000 modules on Debian 12) takes one to five minutes and
 adds ~350 MB to every image, and the boot tests never relied on it (the dracut
 module splits the initramfs's modules into the image; the real-root daemon splits
-what is missing when it loads it). INITRD=No: dracut's update-initramfs trigger is
+what is missing when it loads it). DebInstall(real_root_cache=True) leaves it out, so
+the postinst runs the kernel hook as on a user's machine: the boot tests that check
+the real-root daemon serves everything from that cache (real_root_cache_problems()). INITRD=No: dracut's update-initramfs trigger is
 skipped, build_disk() runs dracut itself.
 """
 
@@ -27,11 +29,12 @@ import hashlib
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._util import TestbedError, file_lock, run
+from ._util import TestbedError, file_lock, run, try_file_lock
 from .apt import RELEASES
 from .kernel import cache_dir, fetch_deb
 from .rootfs import chroot_mounts, chroot_run
@@ -144,14 +147,53 @@ def initsplit_deb() -> Path:
         raise TestbedError("no version in pyproject.toml")
     out = cache_dir() / "deb" / key
     deb = out / f"{PACKAGE}_{version.group(1)}_all.deb"
-    with file_lock(cache_dir() / "locks" / f"deb-{key}.lock"):
+    with file_lock(_deb_lock(key)):
         if not deb.is_file():
             out.mkdir(parents=True, exist_ok=True)
             printed = run([REPO / "tools" / "build-deb", out], what="build the Debian package (make deb)",
                           timeout=600)
             if Path(printed.strip()) != deb or not deb.is_file():
                 raise TestbedError(f"tools/build-deb printed {printed.strip()!r}, expected {deb}")
+        out.touch()  # used now: the pruning below goes by this time
+    prune_debs(cache_dir() / "deb", keep=key)
     return deb
+
+
+# Every edit of the tree makes a new package (~200 kB): builds older than this many
+# newest ones are removed, unless younger than DEB_MIN_AGE (other worktrees and
+# pytest sessions use their own KEY at the same time).
+DEB_KEEP = 8
+DEB_MIN_AGE = 24 * 3600.0
+
+
+def _deb_lock(key: str) -> Path:
+    return cache_dir() / "locks" / f"deb-{key}.lock"
+
+
+def prune_debs(root: Path, *, keep: str, newest: int = DEB_KEEP, min_age: float = DEB_MIN_AGE,
+               now: float | None = None) -> list[str]:
+    """Remove the old package builds under root (cache_dir()/deb/KEY/): all but
+    `keep` and the `newest` most recently used, and none used within `min_age`
+    seconds. A KEY whose lock another process holds (it is building or checking
+    that package) is left alone. The KEYs removed."""
+    now = time.time() if now is None else now
+    builds = []
+    for path in root.iterdir() if root.is_dir() else ():
+        try:
+            if path.is_dir() and not path.is_symlink():
+                builds.append((path.stat().st_mtime, path))
+        except OSError:
+            continue  # removed by another process meanwhile
+    builds.sort(reverse=True)
+    removed = []
+    for mtime, path in builds[newest:]:
+        if path.name == keep or now - mtime < min_age:
+            continue
+        with try_file_lock(_deb_lock(path.name)) as locked:
+            if locked:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -165,11 +207,16 @@ class DebInstall:
     purge: remove the package again with dpkg --purge (what is left is the system
         udev loads the modules of alone).
     deb: the package (default: initsplit_deb()).
+    real_root_cache: let the postinst build the real root's pre-split cache, as on a
+        user's machine: it runs the kernel hook (/etc/kernel/postinst.d/initsplit)
+        for the installed kernel, which splits the whole tree (one to five minutes,
+        ~350 MB more in the image on Debian 12).
     """
 
     conf_dropins: Mapping[str, str] = field(default_factory=dict)
     purge: bool = False
     deb: Path | None = None
+    real_root_cache: bool = False
 
     def __call__(self, root: Path) -> None:
         deb = self.deb or initsplit_deb()
@@ -184,8 +231,12 @@ class DebInstall:
         try:
             with chroot_mounts(root):
                 install_depends(root)
-                chroot_run(root, ["dpkg", "-i", f"/var/tmp/{deb.name}"], env=DPKG_ENV,
-                           what=f"dpkg -i {deb.name} in the image's root")
+                env = dict(DPKG_ENV)
+                if self.real_root_cache:
+                    del env["INITSPLIT_NO_CACHE"]
+                chroot_run(root, ["dpkg", "-i", f"/var/tmp/{deb.name}"], env=env,
+                           what=f"dpkg -i {deb.name} in the image's root",
+                           timeout=1500 if self.real_root_cache else 600)
                 if self.purge:
                     chroot_run(root, ["dpkg", "--purge", PACKAGE], env=DPKG_ENV,
                                what="dpkg --purge initsplit in the image's root")
@@ -193,8 +244,51 @@ class DebInstall:
             staged.unlink(missing_ok=True)
         if not self.purge and not (root / "usr/lib/dracut/modules.d/90initsplit/module-setup.sh").is_file():
             raise TestbedError(f"dpkg -i {deb.name} left no dracut module in the image")
+        if self.real_root_cache and not self.purge:
+            _check_real_root_cache(root)
 
 
-def install_initsplit(*, conf_dropins: Mapping[str, str] = {}, purge: bool = False) -> DebInstall:
+# Issue 12's goal for the real-root daemon served by the pre-split cache is 30 MB;
+# Debian 12's daemon measured 28.6 and 28.7 MB with boot-to-boot noise of about
+# +-1.5 MB (PERFORMANCE.md), too close to the goal for a test that must not be
+# flaky. The boot test holds it below this bound instead: a guard against the
+# regressions that matter (a daemon splitting on the fly peaks at ~71 MB, one
+# importing OpenSSL's _hashlib costs 3.6 MB more), not the proof of the goal.
+REAL_ROOT_PEAK_RSS_BYTES = 32_000_000
+
+
+def split_on_the_fly_problems(entries: Sequence[Mapping[str, object]]) -> list[str]:
+    """What is wrong with a real-root daemon's journal entries (its unit's) when the
+    kernel hook built the pre-split cache: it must have said once, at exit, that it
+    split nothing on the fly (daemon/main.py report_splitter_use())."""
+    said = [e for e in entries if "INITSPLIT_SPLIT_ON_THE_FLY" in e]
+    if [e["INITSPLIT_SPLIT_ON_THE_FLY"] for e in said] != ["no"]:
+        return [f"split on the fly: {[e.get('MESSAGE') for e in said]}"]
+    return []
+
+
+def peak_rss_bytes(entries: Sequence[Mapping[str, object]]) -> int:
+    """The daemon's peak RSS from its one exit entry (service.py: getrusage's
+    ru_maxrss, KiB on Linux)."""
+    peaks = [int(str(e["INITSPLIT_PEAK_RSS_KIB"])) for e in entries if "INITSPLIT_PEAK_RSS_KIB" in e]
+    if len(peaks) != 1:
+        raise AssertionError(f"{len(peaks)} exit entries with a peak RSS, not 1")
+    return peaks[0] * 1024
+
+
+def _check_real_root_cache(root: Path) -> None:
+    """The hook never fails the installation (it only says so on stderr): an image
+    asked to have the cache must have one for each installed kernel."""
+    kvers = [d.name for d in (root / "lib/modules").iterdir() if (d / "modules.dep").is_file()]
+    for kver in kvers:
+        cache = root / "usr/lib/initsplit/cache" / kver
+        if not cache.is_dir() or next(cache.rglob("*.initsplit"), None) is None:
+            raise TestbedError(f"the kernel hook built no pre-split cache {cache} for {kver}")
+    if not kvers:
+        raise TestbedError(f"no kernel in {root}/lib/modules")
+
+
+def install_initsplit(*, conf_dropins: Mapping[str, str] = {}, purge: bool = False,
+                      real_root_cache: bool = False) -> DebInstall:
     """The prepare step of build_disk() that installs this checkout's package."""
-    return DebInstall(conf_dropins=dict(conf_dropins), purge=purge)
+    return DebInstall(conf_dropins=dict(conf_dropins), purge=purge, real_root_cache=real_root_cache)

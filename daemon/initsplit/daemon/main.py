@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             service = Service(settings=settings, resolver=resolver, source=source,
                               provider=provider, reporter=reporter, notifier=Notifier(),
                               markers=markers)
-            return service.run()
+            rc = service.run()
+            report_splitter_use(reporter)
+            return rc
     except LoadStuck as exc:
         # Service.run() has handed loading back to udev and given back what it
         # could. The stuck worker thread cannot be stopped, and Python's exit would
@@ -137,6 +139,26 @@ def loading_policy(config: Config, capabilities: KernelCapabilities, *, kver: st
                         f"is in the pre-split cache {config.cache_dir / kver} are loaded two-stage, "
                         "every other one plain (its original, as its distribution signed it)")
     return "", capabilities.signed_only
+
+
+# Imported only when a module is split (or a decision's rewritten original made)
+# on the fly, never on the path served by the pre-split cache (splits.py imports
+# them in SplitProvider._split_now() and _rewritten()).
+ON_THE_FLY_MODULES = ("initsplit.split.decide", "initsplit.split.discarding")
+
+
+def report_splitter_use(reporter: Reporter) -> None:
+    """Say at exit whether this daemon split anything itself: the import of the
+    splitter is the proof, as it happens at the first split and at no other time.
+    With a complete pre-split cache the answer is no (a "yes" costs the peak RSS
+    that PERFORMANCE.md shows, pyelftools and the split modules in memory)."""
+    used = [name for name in ON_THE_FLY_MODULES if name in sys.modules]
+    if used:
+        reporter.log(6, f"initsplitd split modules on the fly (imported {', '.join(used)})",
+                     INITSPLIT_SPLIT_ON_THE_FLY="yes")
+    else:
+        reporter.log(6, "initsplitd split nothing on the fly: every module came from the "
+                        "pre-split cache or was loaded as it is", INITSPLIT_SPLIT_ON_THE_FLY="no")
 
 
 def make_settings(config: Config, *, in_initrd: bool, plain_only: str, modprobe: str,
