@@ -17,17 +17,15 @@ the daemon's own SplitProvider and load_two_stage():
 from __future__ import annotations
 
 import re
-import struct
 from pathlib import Path
 
 import pytest
 
-from initsplit.elf import read_elf
 from initsplit.layout.rules import LayoutRules
 from initsplit.modfile import read_module
 from initsplit.split import split_module
-from initsplit.split.splitter import WRAPPER_SECTION
 from initsplit.split.tables import KNOWN_STRUCT_MODULE_MEMORY_LAYOUTS, MODULE_MEMORY_FIELDS
+from tests.test_loader_vm import expect_another_size
 from tests.testbed import HOST_ROOT_SETUP, BootResult, DebianKernel, boot, dmesg_problems, host_root_files
 from tests.testbed.fixtures import kernel612, rules612, vmshare  # noqa: F401  (pytest fixtures)
 from tests.testbed.rootfs import debian_rootfs
@@ -92,19 +90,8 @@ print("@@RESULT@@" + json.dumps(out))
 
 def expect_another_text_size(init: bytes) -> bytes:
     """*init* with its wrapper's check of C's mem[MOD_TEXT].size one page off."""
-    obj = read_elf(init)
-    wrapper = obj.section(WRAPPER_SECTION).data
     layout = next(iter(KNOWN_STRUCT_MODULE_MEMORY_LAYOUTS.values()))
-    field = layout.mem + MODULE_MEMORY_FIELDS.size  # mem[MOD_TEXT].size, MOD_TEXT = 0
-    relocs = obj.relocations_for(obj.section(WRAPPER_SECTION))
-    # cmpl $imm32,disp32(%rip): 81 3d, the displacement (relocated), the immediate.
-    at = next(r.offset - 2 for r in relocs if r.addend == field - 8)
-    assert wrapper[at:at + 2] == b"\x81\x3d", wrapper[at:at + 2].hex()
-    value = struct.unpack_from("<I", wrapper, at + 6)[0]
-    patched = bytearray(wrapper)
-    patched[at + 6:at + 10] = struct.pack("<I", value + 4096)
-    assert init.count(wrapper) == 1
-    return init.replace(wrapper, bytes(patched))
+    return expect_another_size(init, layout.mem + MODULE_MEMORY_FIELDS.size)  # MOD_TEXT = 0
 
 
 @pytest.fixture(scope="module")

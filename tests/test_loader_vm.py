@@ -264,12 +264,17 @@ def corrupt_import_crc(init: bytes) -> bytes:
 
 def expect_another_layout(init: bytes) -> bytes:
     """*init* with its wrapper's check of C's core_layout.size one page off."""
+    layout = next(iter(KNOWN_STRUCT_MODULE_LAYOUTS.values()))
+    return expect_another_size(init, layout.core_layout + MODULE_LAYOUT_FIELDS.size)
+
+
+def expect_another_size(init: bytes, size_field: int) -> bytes:
+    """*init* with its wrapper's check of the struct module field at *size_field*
+    (a layout's size: 6.1's core_layout.size, 6.12's mem[type].size) one page off."""
     obj = read_elf(init)
     wrapper = obj.section(WRAPPER_SECTION).data
-    layout = next(iter(KNOWN_STRUCT_MODULE_LAYOUTS.values()))
     # cmpl $imm32,disp32(%rip): 81 3d, the displacement (relocated), the immediate.
     relocs = obj.relocations_for(obj.section(WRAPPER_SECTION))
-    size_field = layout.core_layout + MODULE_LAYOUT_FIELDS.size
     at = next(r.offset - 2 for r in relocs if r.addend == size_field - 8)
     assert wrapper[at:at + 2] == b"\x81\x3d", wrapper[at:at + 2].hex()
     value = struct.unpack_from("<I", wrapper, at + 6)[0]

@@ -25,6 +25,7 @@ from initsplit.split.policy import SplitOptions
 from initsplit.split.tables import KNOWN_STRUCT_MODULE_MEMORY_LAYOUTS
 from initsplit.validate import ValidationError, validate_split
 from tests.elfmut import RELA_SIZE, RawElf, put
+from tests.test_one_anchor import anchor_relocations
 from tests.testbed.fixtures import kernel612, rules612  # noqa: F401  (pytest fixtures)
 from tests.testbed.kernel import DebianKernel
 
@@ -35,20 +36,6 @@ LAYOUT = next(iter(KNOWN_STRUCT_MODULE_MEMORY_LAYOUTS.values()))
 @pytest.fixture(scope="module")
 def originals(kernel612: DebianKernel) -> dict[str, bytes]:  # noqa: F811
     return {name: read_module(kernel612.module(name)) for name in MODULES}
-
-
-def anchor_relocations(init: bytes, anchor: str) -> list[tuple[int, int]]:
-    """(file offset of the r_addend, the addend) of every relocation of I against *anchor*."""
-    obj = read_elf(init)
-    index = next(i for i, s in enumerate(obj.symbols) if s.name == anchor)
-    raw = RawElf(init)
-    out = []
-    for rela in raw.relas(alloc_target=True):
-        for entry in range(rela.size // RELA_SIZE):
-            _, symbol, _, addend = raw.rela(rela, entry)
-            if symbol == index:
-                out.append((rela.offset + entry * RELA_SIZE + 16, addend))
-    return out
 
 
 @pytest.mark.parametrize("name", MODULES)
