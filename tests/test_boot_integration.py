@@ -494,6 +494,15 @@ def test_fault_boot_journal_says_what_happened(fault_boot: tuple[str, SystemBoot
         else:
             expected = "initsplitd failed: InjectedFault"
         assert any(expected in m for m in said), (unit, expected, said)
+        if expected.startswith(("initsplitd failed", "initsplitd gives up")):
+            # A daemon that fails still says whether it split on the fly (main.py
+            # report_splitter_use()), between its start and its last word.
+            entries = [e for e in boot.journal_json if e.get("_SYSTEMD_UNIT") == unit]
+            last = max(i for i, e in enumerate(entries) if expected in str(e.get("MESSAGE")))
+            start = max(i for i, e in enumerate(entries[:last])
+                        if str(e.get("MESSAGE")).startswith("initsplitd starting"))
+            assert any("INITSPLIT_SPLIT_ON_THE_FLY" in e for e in entries[start:last]), \
+                (unit, [e.get("MESSAGE") for e in entries[start:last + 1]])
     if "after-core:ext4" in spec:
         # The killed daemon's inert ext4 core was removed before anything else ran.
         assert any("ext4: removed the inert core module" in str(e.get("MESSAGE"))

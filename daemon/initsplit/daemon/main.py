@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             report_splitter_use(reporter)
             return rc
     except LoadStuck as exc:
+        report_splitter_use(reporter)
         # Service.run() has handed loading back to udev and given back what it
         # could. The stuck worker thread cannot be stopped, and Python's exit would
         # wait for it for ever: end the process here. systemd restarts the daemon.
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         # flag is gone) and deleted the init modules it could; exit non-zero so that
         # systemd restarts us (Restart=on-failure) and the next daemon's recovery and
         # coldplug pick up whatever this one left.
+        report_splitter_use(reporter)
         reporter.log(2, f"initsplitd failed: {type(exc).__name__}: {exc}; udev loads "
                         "modules itself until initsplitd runs again")
         return 1
@@ -148,8 +150,9 @@ ON_THE_FLY_MODULES = ("initsplit.split.decide", "initsplit.split.discarding")
 
 
 def report_splitter_use(reporter: Reporter) -> None:
-    """Say at exit whether this daemon split anything itself: the import of the
-    splitter is the proof, as it happens at the first split and at no other time.
+    """Say at exit, a failed one's too, whether this daemon split anything itself:
+    the import of the splitter is the proof, as it happens at the first split and
+    at no other time.
     With a complete pre-split cache the answer is no (a "yes" costs the peak RSS
     that PERFORMANCE.md shows, pyelftools and the split modules in memory)."""
     used = [name for name in ON_THE_FLY_MODULES if name in sys.modules]
