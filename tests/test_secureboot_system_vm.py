@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from initsplit import signing
+from initsplit import modsig, signing
 from initsplit.cache import MANIFEST_SUFFIX
 from initsplit.daemon.journal import (MESSAGE_ID_BATCH_UNLOADED, MESSAGE_ID_LOADED_PLAIN,
                                       MESSAGE_ID_LOADED_TWO_STAGE, MESSAGE_ID_SUMMARY, SYSLOG_IDENTIFIER)
@@ -223,23 +223,63 @@ def reached_multi_user(boot: SystemBoot) -> None:
 # --- the image ------------------------------------------------------------------------
 
 
+def loadable_files(files: dict[str, bytes | str], kver: str) -> dict[str, str]:
+    """Every file of the image's cache that the daemon could hand the kernel, each
+    path -> the manifest's SHA-256 of it: C and I of a split, the rewritten original
+    (Discard= classes dropped) of any other decision that names one (core_sha256;
+    daemon/splits.py loads it instead of the original). A manifest naming a file
+    the image lacks fails here."""
+    named: dict[str, str] = {}
+    for core_path, manifest in cache_entries(files, kver).values():
+        if manifest["decision"] == "split":
+            named[core_path] = manifest["core_sha256"]
+            named[str(Path(core_path).with_name(manifest["init_file"]))] = manifest["init_sha256"]
+        elif manifest["core_sha256"]:
+            named[core_path] = manifest["core_sha256"]
+    missing = sorted(path for path in named if not isinstance(files.get(path), bytes))
+    assert not missing, f"cache manifests name files the image lacks: {missing}"
+    return named
+
+
 def test_cache_signed_with_the_mok(image: SystemImage, keys: Keys, tmp_path: Path) -> None:
-    """dracut's initsplit module signed every C and I of the initramfs's cache with
-    the MOK (DKMS's key in the image): the kernel will take them under lockdown."""
+    """dracut's initsplit module signed every module of the initramfs's cache with
+    the MOK (DKMS's key in the image): every C and I, and every rewritten original
+    (a module loaded plain without its BTF), each file's own trailer as the daemon
+    reads it (modsig.signature_problem()) and its signature verified with the MOK's
+    certificate by openssl; every manifest names the MOK as its signer and the bytes
+    of its files. Nothing else in the cache is a module: any ELF file there that no
+    manifest names counts as loadable and is held to the same rule."""
     files = read_initramfs(image.initrd)
     entries = cache_entries(files, image.kver)
     for name in (*ROOT_MODULES, *SATA_DRIVERS):
         assert name in entries, f"no cache entry for {name}: {sorted(entries)}"
     split = {name: entry for name, entry in entries.items() if entry[1]["decision"] == "split"}
     assert {"virtio_blk", "ext4", "jbd2", "mbcache", *SATA_DRIVERS} <= set(split), sorted(split)
-    unsigned = []
-    for name, (core_path, manifest) in sorted(split.items()):
-        for path in (core_path, str(Path(core_path).with_name(manifest["init_file"]))):
-            data = files[path]
-            assert isinstance(data, bytes)
-            if not (signing.is_signed(data) and verifies(data, keys.mok.cert, tmp_path)):
-                unsigned.append(path)
-    assert not unsigned, f"cache modules not signed with the MOK: {unsigned}"
+    rewritten = sorted(name for name, (_, m) in entries.items() if m["decision"] != "split" and m["core_sha256"])
+    # With the default Discard=btf every entry has a file to load, so the check
+    # below covers rewritten originals, not only splits.
+    assert rewritten, {name: m["decision"] for name, (_, m) in entries.items()}
+    assert all(m["discarded"] for name, (_, m) in entries.items() if name in rewritten), entries
+    signer = signing.certificate_identity(keys.mok.cert)
+    assert {name: m["signer"] for name, (_, m) in entries.items() if m["signer"] != signer} == {}, signer
+    named = loadable_files(files, image.kver)
+    prefix = f"usr/lib/initsplit/cache/{image.kver}/"
+    stray = {path for path, data in files.items() if path.startswith(prefix) and isinstance(data, bytes)
+             and data.startswith(b"\x7fELF") and path not in named}
+    problems = []
+    for path in sorted({*named, *stray}):
+        data = files[path]
+        assert isinstance(data, bytes)
+        if path in named and hashlib.sha256(data).hexdigest() != named[path]:
+            problems.append(f"{path}: not the bytes its manifest names")
+        trailer = modsig.signature_problem(data[-modsig.SIGNATURE_TRAILER:], len(data))
+        if trailer is not None:
+            problems.append(f"{path}: {trailer}")
+        elif not verifies(data, keys.mok.cert, tmp_path):
+            problems.append(f"{path}: its signature does not verify with the MOK")
+    assert not problems, "cache modules not signed with the MOK:\n" + "\n".join(problems)
+    print(f"\nSigned with the MOK: {len(named) + len(stray)} cache files, C and I of {len(split)} splits, "
+          f"{len(rewritten)} rewritten originals, {len(stray)} files no manifest names")
 
 
 def test_private_key_not_in_the_initramfs(image: SystemImage, initrd: Path, keys: Keys) -> None:

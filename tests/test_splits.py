@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from initsplit.daemon.main import loading_policy, make_provider
 from initsplit.daemon.service import Service, Settings
 from initsplit.daemon.splits import NotSplit, SplitProvider
 from initsplit.split.decide import decide
+from initsplit.split import tables
 from initsplit.split.policy import SplitOptions
 from initsplit.loader import kernel_state, twostage
 from initsplit.loader.recovery import LoadMarkers
@@ -262,6 +264,13 @@ def _edit_manifest(t: Tree, **changes: object) -> None:
     _manifest(t).write_text(json.dumps(fields))
 
 
+def _edit_reached(t: Tree, prefix: str) -> None:
+    """The manifest's reached with *prefix* before the first offset."""
+    first, *rest = json.loads(_manifest(t).read_text())["reached"].split(" ")
+    name, offset = first.rsplit("=", 1)
+    _edit_manifest(t, reached=" ".join([f"{name}={prefix}{offset}", *rest]))
+
+
 BAD_ENTRIES = {
     "corrupt manifest": (lambda t: _manifest(t).write_text('{"format": 1, "source_sha'),
                          "is corrupt: not JSON"),
@@ -279,6 +288,12 @@ BAD_ENTRIES = {
                                                                init_file="x/dummy__init.ko"),
                                       "names init module file 'x/dummy__init.ko'"),
     "stale manifest": (lambda t: _edit_manifest(t, source_sha256="0" * 64), "is stale"),
+    # What int() takes but render_reached() never writes, and both placements at once.
+    "reached offset with a plus": (lambda t: _edit_reached(t, "+"), "is corrupt: reached: bad offset '+"),
+    "reached offset after a blank": (lambda t: _edit_reached(t, "\t"),
+                                     "is corrupt: reached: bad offset '\\t"),
+    "reached and reached_from": (lambda t: _edit_manifest(t, reached_from=".text=.text=0"),
+                                 "is corrupt: both reached and reached_from"),
     "core changed since the split": (
         lambda t: (t.cache / DUMMY).write_bytes((t.cache / DUMMY).read_bytes() + b"\0"),
         "does not match its manifest"),
@@ -684,6 +699,26 @@ def test_a_format_7_cache_still_serves_as_unsigned(presplit: Tree, fake_kernel: 
     assert "which records no signer" in presplit.provider().get(presplit.module).reason
     _edit_manifest(presplit, format=6, signer="")
     assert "has format 6, not 8" in presplit.provider().get(presplit.module).reason
+
+
+def test_a_format_7_entry_of_a_build_not_known_is_stale(presplit: Tree, dummy_split) -> None:
+    """Format 7 is read only for a build KERNEL_TABLES knows with 6.1's layout
+    (by its module_layout CRC); of any other build its verdicts may be what 8's
+    splitter no longer says (tests/test_cache612.py: 6.12's)."""
+    source = presplit.module.read_bytes()
+    crc = next(iter(tables.KNOWN_STRUCT_MODULE_LAYOUTS))
+    name = b"module_layout".ljust(tables.MODULE_NAME_LEN, b"\0")
+    assert source.count(struct.pack("<Q", crc) + name) == 1
+    other = source.replace(struct.pack("<Q", crc) + name, struct.pack("<Q", crc ^ 1) + name)
+    presplit.module.write_bytes(other)
+    write_entry(presplit.cache, DUMMY, source=other, decision="refused",
+                reason="struct module layout unknown (kernel build not known)", options=TWO_STAGE.tag)
+    _edit_manifest(presplit, format=7)
+    result = presplit.provider().get(presplit.module)
+    assert isinstance(result, NotSplit), result
+    assert result.reason.endswith("has format 7, made by a splitter that refused every 6.12 module, "
+                                  f"and is stale: the module's build is not known "
+                                  f"(module_layout CRC {crc ^ 1:#010x})"), result.reason
 
 
 @pytest.mark.parametrize("refusal", [errno.EKEYREJECTED, errno.ENOKEY, errno.EPERM, errno.EBADMSG])

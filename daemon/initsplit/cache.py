@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import stat
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -39,7 +40,10 @@ MANIFEST_SUFFIX = ".initsplit"
 # (signer), for kernels that enforce module signatures, and 6.12 splits, I reaching
 # C from one anchor per struct module_memory type (reached_from). Entries of an
 # older format are not used, but for 7: its entries are 8's with signer "" (unsigned)
-# and no reached_from (format 7 had no 6.12 splits).
+# and no reached_from, for modules of a build whose layout is 6.1's only: format 7's
+# splitter refused every module of a struct module_memory kernel (6.12) as an
+# "unsupported kernel", a verdict 8's splitter no longer makes, so such an entry is
+# stale (_format_7_problem()).
 FORMAT = 8
 READ_FORMATS = (7, 8)
 
@@ -248,14 +252,27 @@ def render_reached(reached: tuple[tuple[str, int], ...]) -> str:
     return " ".join(f"{name}={offset}" for name, offset in reached)
 
 
+# What render_reached() and render_reached_from() write for an offset: str() of an
+# int, so plain ASCII decimal with a "-" for the negative ones (6.1's sections
+# before C's struct module), no "+", blanks, "_", leading zeros or other digits,
+# all of which int() would take.
+_OFFSET = re.compile(r"-?(?:0|[1-9][0-9]*)", re.ASCII)
+
+
+def _offset(text: str, field: str, item: str) -> int:
+    if not _OFFSET.fullmatch(text) or text == "-0":
+        raise ValueError(f"{field}: bad offset {text!r} in {item!r} (not plain decimal)")
+    return int(text)
+
+
 def parse_reached(text: str) -> tuple[tuple[str, int], ...]:
     """Manifest.reached back as pairs; ValueError for anything else."""
     out = []
-    for item in text.split():
+    for item in text.split(" ") if text else ():
         name, sep, offset = item.rpartition("=")
         if not sep or not name or "/" in name:
             raise ValueError(f"reached: bad item {item!r}")
-        out.append((name, int(offset)))
+        out.append((name, _offset(offset, "reached", item)))
     return tuple(out)
 
 
@@ -269,11 +286,11 @@ def render_reached_from(reached_from: tuple[tuple[str, str, int], ...]) -> str:
 def parse_reached_from(text: str) -> tuple[tuple[str, str, int], ...]:
     """Manifest.reached_from back as triples; ValueError for anything else."""
     out = []
-    for item in text.split():
+    for item in text.split(" ") if text else ():
         parts = item.split("=")
         if len(parts) != 3 or not all(parts[:2]) or any("/" in p for p in parts[:2]):
             raise ValueError(f"reached_from: bad item {item!r}")
-        out.append((parts[0], parts[1], int(parts[2])))
+        out.append((parts[0], parts[1], _offset(parts[2], "reached_from", item)))
     return tuple(out)
 
 
@@ -300,6 +317,10 @@ def parse_manifest(raw: bytes) -> Manifest:
     parse_reached_from(manifest.reached_from)
     if manifest.decision == "split" and not manifest.reached and not manifest.reached_from:
         raise ValueError("a split without the placement of C that I reaches")
+    # One anchor (6.1) or one per memory (6.12): a splitter writes one of the two
+    # (SplitModule.reached or .reached_from), and the loader would check only one.
+    if manifest.reached and manifest.reached_from:
+        raise ValueError("both reached and reached_from (a split has one anchor or one per memory)")
     return manifest
 
 
@@ -310,6 +331,10 @@ def _manifest_problem(manifest: Manifest, source: bytes) -> str | None:
         return f"has format {manifest.format}, which records no signer and no reached_from"
     if manifest.source_size != len(source) or manifest.source_sha256 != digest(source):
         return "is stale: it was made from another version of the module"
+    if manifest.format == 7:
+        problem = _format_7_problem(source)
+        if problem:
+            return problem
     if manifest.decision != "split":
         return None
     # The init module must be the file beside the core that this manifest's own
@@ -318,6 +343,35 @@ def _manifest_problem(manifest: Manifest, source: bytes) -> str | None:
     if not manifest.init_name.endswith("__init") or "/" in manifest.init_name \
             or manifest.init_file != expected:
         return f"names init module file {manifest.init_file!r} (expected {expected!r})"
+    return None
+
+
+def _format_7_problem(source: bytes) -> str | None:
+    """None when a format 7 entry of the module in *source* says what format 8's
+    would: the module's build is one split/tables.KERNEL_TABLES knows, keyed by its
+    module_layout CRC as the splitter keys it, with 6.1's layout (no struct
+    module_memory). Format 7's splitter refused every 6.12 module ("unsupported
+    kernel"); its entries of such a build, or of one not known, are stale."""
+    # Imported here, for format 7 entries only: the daemon's start stays without
+    # the ELF package (tests/test_import_closure.py); discard.sections() reads the
+    # section headers without pyelftools.
+    from .elf import MalformedElf
+    from .elf.discard import sections
+    from .split.tables import kernel_tables, module_layout_crc
+
+    stale = "has format 7, made by a splitter that refused every 6.12 module, and is stale"
+    try:
+        versions = next((s for s in sections(source) if s.name == "__versions"), None)
+    except MalformedElf as exc:
+        return f"{stale}: the module's build is not known ({exc})"
+    crc = module_layout_crc(source[versions.offset:versions.offset + versions.size]) \
+        if versions is not None else None
+    kernel = kernel_tables(crc)
+    if kernel is None:
+        what = "no module_layout CRC" if crc is None else f"module_layout CRC {crc:#010x}"
+        return f"{stale}: the module's build is not known ({what})"
+    if kernel.has_module_memory:
+        return f"{stale} for this kernel build ({kernel.kernel}, struct module_memory)"
     return None
 
 

@@ -309,3 +309,19 @@ KERNEL_TABLES: dict[int, KernelTables] = {
 def kernel_tables(module_layout_crc: int | None) -> KernelTables | None:
     """The tables of the kernel build a module's module_layout CRC names, or None."""
     return KERNEL_TABLES.get(module_layout_crc) if module_layout_crc is not None else None
+
+
+_MODVERSION_RECORD = struct.Struct(f"<Q{MODULE_NAME_LEN}s")
+
+
+def module_layout_crc(versions: bytes) -> int | None:
+    """The CRC a module's __versions section (its bytes, *versions*) records for
+    module_layout, the key of KERNEL_TABLES; None without one or for a section that
+    is not whole struct modversion_info records (kernel/module/version.c
+    check_modstruct_version() looks the same name up)."""
+    if len(versions) % MODVERSION_RECORD_SIZE:
+        return None
+    for crc, raw in _MODVERSION_RECORD.iter_unpack(versions):
+        if raw.split(b"\0", 1)[0] == b"module_layout":
+            return crc
+    return None
