@@ -352,6 +352,7 @@ def test_install_hooks_and_purge(deb: Path, old_deb: Path, root: Root) -> None:
     assert _manifests(root.cache()) == root.entries(), signed.stderr
     cached = sorted(root.cache().rglob("*.ko"))
     assert cached and all(is_signed(p.read_bytes()) for p in cached), signed.stderr
+    _check_hook_keeps_cache_when_key_cannot_sign(root, key_dir, dropin)
 
     # A kernel whose tree cannot be split never fails the kernel's installation.
     (r / "lib/modules/0.0.0-empty/kernel").mkdir(parents=True)
@@ -511,6 +512,50 @@ def _check_udev_rule_back(root: Root) -> None:
     assert not (r / "etc/udev/rules.d/80-drivers.rules").exists()
     diversions = root.run(["dpkg-divert", "--list"], what="list diversions").stdout
     assert "initsplit" not in diversions, diversions
+
+
+def _check_hook_keeps_cache_when_key_cannot_sign(root: Root, key_dir: str, dropin: Path) -> None:
+    """A [Signing] key that cannot sign makes the split exit 2 before the first module;
+    the hook then keeps the signed cache it has (a new one would be empty or unsigned),
+    says why, and exits 0. A mismatched pair, a corrupt certificate, an openssl that
+    fails (a fake one first on PATH), and a key others can read."""
+    r = root.path
+    before = {p: p.read_bytes() for p in root.cache().rglob("*") if p.is_file()}
+    root.run(["initsplit", "key", "create", "/etc/initsplit/other-mok"], what="initsplit key create (other)")
+    (r / "etc/initsplit/corrupt.pub").write_bytes(b"not a certificate\n")
+    fake = r / "tmp/fake-bin/openssl"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text('#!/bin/sh\nif [ "$1 $2" = "cms -sign" ]; then echo "fake openssl: no" >&2; exit 1; fi\n'
+                    'exec /usr/bin/openssl "$@"\n')
+    fake.chmod(0o755)
+    good = f"[Signing]\nSign=yes\nSignKey={key_dir}/mok.key\nSignCert={key_dir}/mok.pub\n"
+    cases = [
+        ("mismatched pair", f"[Signing]\nSign=yes\nSignKey=/etc/initsplit/other-mok/mok.key\n"
+                            f"SignCert={key_dir}/mok.pub\n", {}, "private key does not match certificate"),
+        # openssl 3.0 (Debian 12) and 3.5 (Debian 13) word the reason differently.
+        ("corrupt certificate", f"[Signing]\nSign=yes\nSignKey={key_dir}/mok.key\n"
+                                "SignCert=/etc/initsplit/corrupt.pub\n", {}, "openssl cms -sign failed"),
+        ("failing openssl", good, {"PATH": f"/tmp/fake-bin:{CHROOT_ENV['PATH']}"}, "fake openssl: no"),
+    ]
+    for name, config, env, message in cases:
+        dropin.write_text(config)
+        hook = root.run(["/etc/kernel/postinst.d/initsplit", root.kver], env=env, what=f"postinst.d hook, {name}")
+        assert message in hook.stderr, (name, hook.stderr)
+        assert f"(exit 2, above): no new pre-split cache for {root.kver}, the previous one stays" in hook.stderr, \
+            (name, hook.stderr)
+        assert "initsplit: initsplit:" not in hook.stderr, (name, hook.stderr)
+        assert {p: p.read_bytes() for p in root.cache().rglob("*") if p.is_file()} == before, name
+        assert not [p.name for p in root.cache().parent.iterdir() if p.name.startswith(".")], name
+    dropin.write_text(good)
+    key = r / key_dir.lstrip("/") / "mok.key"
+    key.chmod(0o644)
+    hook = root.run(["/etc/kernel/postinst.d/initsplit", root.kver], what="postinst.d hook, key readable by all")
+    assert "lets others read it" in hook.stderr and "the previous one stays" in hook.stderr, hook.stderr
+    assert {p: p.read_bytes() for p in root.cache().rglob("*") if p.is_file()} == before
+    key.chmod(0o600)
+    shutil.rmtree(r / "etc/initsplit/other-mok")
+    (r / "etc/initsplit/corrupt.pub").unlink()
+    shutil.rmtree(fake.parent)
 
 
 def _fake_package(root: Path, name: str, version: str, files: dict[str, str]) -> str:

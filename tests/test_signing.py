@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -171,21 +172,147 @@ def test_split_results_report_the_sizes_written(key: signing.SigningKey, modules
     assert dry.core_size < result.core_size and dry.init_size < result.init_size
 
 
-def test_unusable_key_writes_nothing(key: signing.SigningKey, modules_dir: Path, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
-    """A key openssl cannot use: every module is an error and gets no entry (an unsigned
-    split would be refused by an enforcing kernel), exit 1."""
-    bad = tmp_path / "bad.key"
-    bad.write_text("not a key\n")
-    bad.chmod(0o600)
+def _one_module_tree(modules_dir: Path, tmp_path: Path) -> Path:
     tree = tmp_path / "tree"
     tree.mkdir()
     shutil.copyfile(modules_dir / MODULES[0], tree / "dummy.ko")
+    return tree
+
+
+def _split_signed(tree: Path, out: Path, key: Path, cert: Path) -> int:
+    return cli.main(["split", "--two-stage", "always", str(tree), "-o", str(out), "-q",
+                     "--sign-key", str(key), "--sign-cert", str(cert)])
+
+
+def _fake_openssl(directory: Path) -> Path:
+    """An openssl on PATH that fails every signature and passes the rest to the real one."""
+    real = shutil.which("openssl")
+    assert real, "openssl missing"
+    directory.mkdir()
+    fake = directory / "openssl"
+    fake.write_text(f'#!/bin/sh\nif [ "$1 $2" = "cms -sign" ]; then echo "fake openssl: no" >&2; exit 1; fi\n'
+                    f'exec {real} "$@"\n')
+    fake.chmod(0o755)
+    return directory
+
+
+def test_key_that_cannot_sign_stops_before_writing(key: signing.SigningKey, modules_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A key that cannot sign would fail every module: one trial signature before the
+    first module finds it and the split exits 2 (EXIT_SIGNING, not 1, which the hook
+    and the dracut module take as "a good cache with a few errors"), writing nothing."""
+    assert cli.EXIT_SIGNING not in (cli.EXIT_OK, cli.EXIT_FAILED)
+    tree = _one_module_tree(modules_dir, tmp_path)
+    other = signing.create_key(tmp_path / "other")
+    corrupt = tmp_path / "corrupt.pub"
+    corrupt.write_bytes(key.cert.read_bytes()[:100])  # a certificate cut short: not X.509
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key\n")
+    bad.chmod(0o600)
+    cases = {"mismatched pair": (other.key, key.cert, "private key does not match certificate"),
+             "corrupt certificate": (key.key, corrupt, "Unable to load signer certificate"),
+             "not a key": (bad, key.cert, "openssl cms -sign failed")}
+    for name, (private, cert, message) in cases.items():
+        out = tmp_path / name
+        assert _split_signed(tree, out, private, cert) == cli.EXIT_SIGNING, name
+        assert message in capsys.readouterr().err, name
+        assert not out.exists(), name
+    monkeypatch.setenv("PATH", f"{_fake_openssl(tmp_path / 'bin')}:{os.environ['PATH']}")
+    out = tmp_path / "failing openssl"
+    assert _split_signed(tree, out, key.key, key.cert) == cli.EXIT_SIGNING
+    assert "fake openssl: no" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_trial_signature_is_verified(key: signing.SigningKey, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_signs() verifies the trial signature against the certificate, so a signature
+    openssl made but by another key is caught too (openssl is faked to sign with it)."""
+    key.check_signs()
+    other = signing.create_key(tmp_path / "other")
+    real = signing.pkcs7_signature
+    monkeypatch.setattr(signing, "pkcs7_signature", lambda data, _key: real(data, other))
+    with pytest.raises(signing.SigningError, match="does not verify with"):
+        key.check_signs()
+
+
+def test_signing_failure_mid_run_stops_it(key: signing.SigningKey, modules_dir: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A key that passed the trial and fails later stops the run at the first failure
+    (exit 2) rather than turning every remaining module into an error; in-process
+    (-j 1) and in worker processes (-j 2, forked: the patched function is theirs too)."""
+    tree = tmp_path / "tree"
+    copies = 16
+    for index in range(copies):
+        (tree / str(index)).mkdir(parents=True)
+        shutil.copyfile(modules_dir / MODULES[0], tree / str(index) / "dummy.ko")
+    calls = tmp_path / "calls"
+    real = signing.sign_module
+
+    def failing(data: bytes, signer: signing.SigningKey) -> bytes:
+        with calls.open("a") as log:
+            log.write("x")
+        # Slow, as openssl is: the pool has time to see the first failure and
+        # cancel the rest before the workers get through the queue.
+        time.sleep(0.5)
+        raise signing.SigningError("openssl cms -sign failed: injected")
+
+    monkeypatch.setattr("initsplit.tree.sign_module", failing)
+    for jobs in ("1", "2"):
+        calls.write_text("")
+        out = tmp_path / f"out-{jobs}"
+        assert cli.main(["split", "--two-stage", "always", str(tree), "-o", str(out), "-q", "-j", jobs,
+                         "--sign-key", str(key.key), "--sign-cert", str(key.cert)]) == cli.EXIT_SIGNING
+        err = capsys.readouterr().err
+        assert "signing failed, split stopped" in err and "injected" in err, err
+        assert err.count("injected") == 1, err  # one message, not one per module
+        # -j 1 stops at the first module; with two workers, what was running or
+        # already in the call queue (ProcessPoolExecutor keeps workers + 1 calls
+        # there, refilled as results come; 6 were measured) still runs, the rest
+        # is cancelled.
+        assert len(calls.read_text()) <= (1 if jobs == "1" else 8) < copies, calls.read_text()
+        assert not [p for p in out.rglob("*.ko")], "a module written unsigned"
+    assert real is signing.sign_module
+
+
+def test_private_key_must_be_root_only(key: signing.SigningKey, tmp_path: Path) -> None:
+    """SignKey= (and --sign-key) refuses a key others could read or replace: not owned
+    by root, any group/other bit, a directory above it not root's or writable by others
+    (unless sticky, as /tmp). `initsplit key create`'s pair (0700 directory, 0600 key)
+    passes. The tests run as root, so ownership is changed for real."""
+    assert os.geteuid() == 0, "needs root to chown the key to nobody"
+    made = signing.create_key(tmp_path / "keys")
+    assert stat.S_IMODE(made.key.parent.stat().st_mode) == 0o700
+    made.check()
+    for mode in (0o640, 0o604, 0o601):
+        made.key.chmod(mode)
+        with pytest.raises(signing.SigningError, match=f"mode {mode:04o} lets others read it"):
+            made.check()
+    made.key.chmod(0o600)
+    os.chown(made.key, 65534, -1)
+    with pytest.raises(signing.SigningError, match="owned by uid 65534, not root"):
+        made.check()
+    os.chown(made.key, 0, -1)
+    for mode in (0o770, 0o707, 0o777):
+        made.key.parent.chmod(mode)
+        with pytest.raises(signing.SigningError, match="which someone but root can write"):
+            made.check()
+    made.key.parent.chmod(0o1777)  # sticky, as /tmp: others cannot replace root's key
+    made.check()
+    made.key.parent.chmod(0o700)
+    os.chown(made.key.parent, 65534, -1)
+    with pytest.raises(signing.SigningError, match="which someone but root can write"):
+        made.check()
+    os.chown(made.key.parent, 0, -1)
+    # Through the configuration: the same refusal, exit 2.
+    made.key.chmod(0o644)
+    with pytest.raises(signing.SigningError, match="lets others read it"):
+        signing.configured_key(key=made.key, cert=made.cert)
     out = tmp_path / "out"
-    assert cli.main(["split", "--two-stage", "always", str(tree), "-o", str(out), "-q",
-                     "--sign-key", str(bad), "--sign-cert", str(key.cert)]) == cli.EXIT_FAILED
-    assert "openssl cms -sign failed" in capsys.readouterr().err
-    assert not [p for p in out.rglob("*") if p.is_file()]
+    assert _split_signed(made.cert.parent, out, made.key, made.cert) == cli.EXIT_SIGNING
+    assert not out.exists()
 
 
 def test_sign_options_usage(key: signing.SigningKey, tmp_path: Path,

@@ -36,12 +36,20 @@ from .tree import TreeError, find_modules, refusal_reasons, split_jobs, summary_
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# The kernel hook and the dracut module tell "some modules failed, the cache is
+# good for the others" (1) from "no usable cache" (2): a key that cannot sign is
+# the second, as it would fail every module.
+EXIT_SIGNING = EXIT_USAGE
 
 _EPILOG = """\
 exit codes:
   0  success (modules split, or nothing to split / refused: the original is used)
   1  some module failed validation or hit an unexpected error
-  2  usage error, input not found, or not an ELF kernel module
+  2  usage error, input not found, or not an ELF kernel module; or split: the
+     signing key cannot sign (missing, readable or replaceable by others than
+     root, not the certificate's, a certificate that is not X.509, openssl
+     failing): checked before the first module, and a signing failure during
+     the run stops it; the output is then incomplete and must not be used
 """
 
 
@@ -235,7 +243,7 @@ def _sign_key(args: argparse.Namespace) -> SigningKey | None:
         return None
     assert key is not None
     try:
-        key.check()
+        key.check_signs()
     except SigningError as exc:
         raise TreeError(str(exc)) from None
     return key
@@ -248,6 +256,8 @@ def _configured_key() -> SigningKey | None:
         print(f"initsplit: {error}", file=sys.stderr)
     try:
         key = configured_key(sign=config.sign, key=config.sign_key, cert=config.sign_cert)
+        if key is not None:
+            key.check_signs()
     except SigningError as exc:
         raise TreeError(f"[Signing]: {exc}") from None
     if key is not None:
@@ -269,6 +279,12 @@ def _split(args: argparse.Namespace) -> int:
     except TreeError as exc:
         print(f"initsplit: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except SigningError as exc:
+        # The key worked for the trial signature and failed later (openssl
+        # gone, the key replaced mid-run): the same for every module left.
+        print(f"initsplit: signing failed, split stopped, {args.output or 'the output'} is "
+              f"incomplete: {exc}", file=sys.stderr)
+        return EXIT_SIGNING
 
     problems = [result for result in results if not result.ok]
     for result in problems:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -54,7 +55,15 @@ OPENSSL = "openssl"
 
 
 class SigningError(Exception):
-    """The module could not be signed (no key, openssl failed); nothing is written."""
+    """The module could not be signed (no key, openssl failed); nothing is written.
+
+    Never one module's problem: the same key signs every module, so a split run
+    stops at the first one (tree.split_one re-raises it) rather than producing a
+    cache of errors."""
+
+
+# A few bytes signed and verified once before a run (SigningKey.check_signs()).
+_TRIAL = b"initsplit: does this key sign for this certificate?\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +82,24 @@ class SigningKey:
     signer: str = ""
 
     def check(self) -> None:
+        """Both files there and readable, the key root-only (check_private())."""
         for path in (self.key, self.cert):
             if not path.is_file():
                 raise SigningError(f"{path}: no such file")
             if not os.access(path, os.R_OK):
                 raise SigningError(f"{path}: not readable (signing needs root)")
+        check_private(self.key)
+
+    def check_signs(self) -> None:
+        """check(), then a trial signature of a few bytes verified against the certificate.
+
+        Catches before any module is written what would otherwise fail every one
+        of them: a key that is not the certificate's, a certificate that is not
+        X.509, an openssl that does not work.
+        """
+        self.check()
+        message = pkcs7_signature(_TRIAL, self)
+        verify_signature(_TRIAL, message, self.cert)
 
     def described(self) -> SigningKey:
         """This key with *signer* set: "SUBJECT (sha256 FINGERPRINT)" of its certificate."""
@@ -105,6 +127,64 @@ def certificate_identity(cert: Path) -> str:
         elif "Fingerprint" in key:
             fingerprint = value.strip()
     return f"{subject} (sha256 {fingerprint})"
+
+
+def check_private(key: Path, *, owner: int = 0) -> None:
+    """Refuse a private key anybody but root could read or replace.
+
+    Whoever can read the key can sign modules an enforcing kernel loads (the
+    MOK is trusted like the distribution's key); whoever can replace it, or a
+    directory above it, chooses the key the cache is signed with. So: the file
+    owned by *owner* (root) with no group/other bits, and every directory above
+    it owned by root and not writable by group/other, unless sticky (/tmp:
+    others cannot rename root's entries there). ``initsplit key create`` makes
+    its directory 0700 and the key 0600, which passes.
+    """
+    info = key.stat()
+    if info.st_uid != owner:
+        raise SigningError(f"{key}: owned by uid {info.st_uid}, not root: refusing to sign with it")
+    if info.st_mode & 0o077:
+        raise SigningError(f"{key}: mode {stat.S_IMODE(info.st_mode):04o} lets others read it "
+                           "(chmod 600): refusing to sign with it")
+    for directory in key.resolve().parents:
+        info = directory.stat()
+        writable = info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX
+        if info.st_uid != owner or writable:
+            raise SigningError(f"{key}: lies in {directory}, which someone but root can write: "
+                               "refusing to sign with it")
+
+
+def verify_signature(data: bytes, message: bytes, cert: Path) -> None:
+    """Check the detached PKCS#7 *message* over *data* against *cert* (DER or PEM).
+
+    What the kernel's pkcs7_verify() (crypto/asymmetric_keys/pkcs7_verify.c) checks
+    of a module signature: the signer is *cert* and the signature is over *data*.
+    -noverify: the certificate is self-signed, there is no chain to check.
+    """
+    with tempfile.TemporaryDirectory(prefix="initsplit-verify-") as tmp:
+        content, signature, pem = Path(tmp, "data"), Path(tmp, "sig"), Path(tmp, "cert.pem")
+        content.write_bytes(data)
+        signature.write_bytes(message)
+        _certificate_pem(cert, pem)
+        run = subprocess.run(
+            [OPENSSL, "cms", "-verify", "-binary", "-inform", "DER", "-in", str(signature),
+             "-content", str(content), "-certfile", str(pem), "-noverify", "-out", os.devnull],
+            capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        lines = run.stderr.strip().splitlines()
+        raise SigningError(f"a trial signature by the key does not verify with {cert}: the key is not "
+                           f"the certificate's ({lines[-1] if lines else run.returncode})")
+
+
+def _certificate_pem(cert: Path, pem: Path) -> None:
+    # cms -certfile reads PEM only; DKMS's and initsplit's certificates are DER.
+    for form in ("DER", "PEM"):
+        run = subprocess.run([OPENSSL, "x509", "-inform", form, "-in", str(cert), "-outform", "PEM",
+                              "-out", str(pem)], capture_output=True, text=True, check=False)
+        if run.returncode == 0:
+            return
+    lines = run.stderr.strip().splitlines()
+    raise SigningError(f"{cert}: not an X.509 certificate ({lines[-1] if lines else run.returncode})")
 
 
 def default_key() -> SigningKey | None:

@@ -26,7 +26,7 @@ from .elf import MalformedElf
 from .split import init_module_name
 from .split.decide import OUTCOMES, Decision, Outcome, decide, layout_figures, manifest_reason
 from .split.policy import DEFAULT_OPTIONS, SplitOptions
-from .signing import SigningKey, sign_module
+from .signing import SigningError, SigningKey, sign_module
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +125,10 @@ def split_tree(
     with it (signing.py), after validation, before it reaches the cache.
 
     Returns one result per module, in the order find_modules() lists them. Never
-    raises for a module's sake: whatever goes wrong becomes that module's outcome.
+    raises for a module's sake: whatever goes wrong becomes that module's outcome,
+    except a SigningError, which is the key's and would be every module's: it stops
+    the run and propagates (what was written so far stays; callers write into a
+    new directory and throw it away).
     """
     return split_jobs(find_modules(paths, exclude=output), output, workers=workers,
                       progress=progress, options=options, sign_key=sign_key)
@@ -149,8 +152,8 @@ def split_jobs(
     if sign_key is not None:
         sign_key = sign_key.described()  # once here, not in every worker: openssl x509
     return run_jobs(jobs, functools.partial(split_one, output=output, options=options, sign_key=sign_key),
-                    workers=workers,
-                    progress=progress, on_pool_error=lambda job, exc: _error(job, exc, 0.0))
+                    workers=workers, progress=progress, on_pool_error=lambda job, exc: _error(job, exc, 0.0),
+                    fatal=(SigningError,))
 
 
 R = TypeVar("R")
@@ -163,13 +166,15 @@ def run_jobs(
     workers: int | None,
     progress: Callable[[R], None] | None,
     on_pool_error: Callable[[ModuleJob, Exception], R],
+    fatal: tuple[type[Exception], ...] = (),
 ) -> list[R]:
     """work(job) for every job on every core; results in job order.
 
     *work* must be picklable and catch its own errors; *on_pool_error* turns a
     failure of the pool itself (a worker killed by the OOM killer, say) into that
-    job's result, so the run goes on for the others. *progress* is called in this
-    process once per job as it completes.
+    job's result, so the run goes on for the others. An exception of a *fatal*
+    class that *work* raises stops the run: the jobs not started are cancelled and
+    it propagates. *progress* is called in this process once per job as it completes.
     """
     workers = max(1, workers or os.cpu_count() or 1)
     results: dict[int, R] = {}
@@ -193,6 +198,9 @@ def run_jobs(
                 index = futures[future]
                 try:
                     result = future.result()
+                except fatal:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
                 except Exception as exc:
                     result = on_pool_error(jobs[index], exc)
                 done(index, result)
@@ -219,12 +227,20 @@ def split_one(job: ModuleJob, output: Path | None,
               options: SplitOptions = DEFAULT_OPTIONS, sign_key: SigningKey | None = None) -> ModuleResult:
     """Read, split, validate, weigh and write one module; runs in a worker process.
 
-    A module that cannot be signed when *sign_key* is given is an error and gets
-    no entry: an unsigned split in the cache of a signing machine would be refused
-    by an enforcing kernel."""
+    A module that cannot be signed when *sign_key* is given gets no entry (an
+    unsigned split in the cache of a signing machine would be refused by an
+    enforcing kernel) and its SigningError propagates: the key failing is not this
+    module's problem but the run's (split_jobs stops)."""
     start = time.perf_counter()
     try:
         return _split_one(job, output, start, options, sign_key)
+    except SigningError:
+        if output is not None:
+            try:
+                _remove_outputs(output, job.relative, None)
+            except OSError:
+                pass  # the signing error matters more than this one
+        raise
     except Exception as exc:
         if output is not None:
             try:

@@ -90,20 +90,31 @@ _initsplit_added() {
 # ${initdir}/lib/modules is where dracut installs them, on a usrmerged image too
 # (there lib is a symlink to usr/lib).
 _initsplit_split_cache() {
-    local _cache="$initsplit_libdir/cache/$kernel" _n _kb _cache_kb _cache_n _line
+    local _cache="$initsplit_libdir/cache/$kernel" _n _kb _cache_kb _cache_n _line _rc
     if [[ -d ${initdir}/lib/modules/$kernel ]] \
         && [[ -n $(find "${initdir}/lib/modules/$kernel/" \( -name '*.ko' -o -name '*.ko.gz' \
             -o -name '*.ko.xz' -o -name '*.ko.zst' \) -print -quit) ]]; then
         # The modules are read in place; the cache goes beside them, so depmod's
         # files (modules.dep, ...) stay exactly as dracut_kernel_post wrote them.
         # Exit 1 only means some module failed validation: that one is loaded plain.
-        # A signing problem (Sign=yes without a key, a configured key missing) is
-        # exit 2, fatal: the image would not be what was configured.
+        # Exit 2 is a signing problem (Sign=yes without a key, a configured key
+        # missing, not root-only or not the certificate's, openssl failing) or
+        # another error that leaves no usable cache. That must not cost the
+        # machine its initramfs (dracut runs from the kernel's postinst and from
+        # update-initramfs): warn and build the image without a pre-split cache.
+        # Not an unsigned one: the configuration asked for signed modules, and an
+        # enforcing kernel would refuse unsigned splits anyway. Without a cache the
+        # daemon loads plain (enforcing kernel) or splits on the fly (boots slower),
+        # as before initsplit had one; the next dracut run, once the key is
+        # fixed, builds it.
+        # The split's own lines carry the "initsplit: " prefix already.
         "$initsplit_bin" split "${initdir}/lib/modules/$kernel" \
-            -o "${initdir}${_cache}" --quiet --sign-configured 2>&1 | while read -r _line; do dwarn "initsplit: $_line"; done
-        if ((PIPESTATUS[0] > 1)); then
-            dfatal "initsplit: splitting the modules in ${initdir}/lib/modules/$kernel failed"
-            exit 1
+            -o "${initdir}${_cache}" --quiet --sign-configured 2>&1 \
+            | while read -r _line; do dwarn "initsplit: ${_line#initsplit: }"; done
+        _rc=${PIPESTATUS[0]}
+        if ((_rc > 1)); then
+            dwarn "initsplit: splitting the modules in ${initdir}/lib/modules/$kernel failed (exit $_rc): the image gets no pre-split cache"
+            rm -rf -- "${initdir}${_cache}"
         fi
     fi
     read -r _n _kb < <(_initsplit_added)
