@@ -244,7 +244,9 @@ def test_signing_failure_mid_run_stops_it(key: signing.SigningKey, modules_dir: 
     (exit 2) rather than turning every remaining module into an error; in-process
     (-j 1) and in worker processes (-j 2, forked: the patched function is theirs too)."""
     tree = tmp_path / "tree"
-    copies = 16
+    # Many copies, so that the bound below holds with seconds of margin on a loaded
+    # machine: 6 calls were measured with two workers, the test allows 24.
+    copies = 48
     for index in range(copies):
         (tree / str(index)).mkdir(parents=True)
         shutil.copyfile(modules_dir / MODULES[0], tree / str(index) / "dummy.ko")
@@ -271,8 +273,8 @@ def test_signing_failure_mid_run_stops_it(key: signing.SigningKey, modules_dir: 
         # -j 1 stops at the first module; with two workers, what was running or
         # already in the call queue (ProcessPoolExecutor keeps workers + 1 calls
         # there, refilled as results come; 6 were measured) still runs, the rest
-        # is cancelled.
-        assert len(calls.read_text()) <= (1 if jobs == "1" else 8) < copies, calls.read_text()
+        # is cancelled: at most half the copies, 12 s of them at 0.5 s a call.
+        assert len(calls.read_text()) <= (1 if jobs == "1" else copies // 2) < copies, calls.read_text()
         assert not [p for p in out.rglob("*.ko")], "a module written unsigned"
     assert real is signing.sign_module
 
