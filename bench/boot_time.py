@@ -27,8 +27,10 @@ from tests.testbed.install import install_initsplit  # noqa: E402
 from tests.testbed.rootfs import debian_rootfs, remove_tree  # noqa: E402
 from tests.testbed.system import boot_system, build_disk  # noqa: E402
 
-STARTUP = re.compile(r"Startup finished in (?P<parts>.*?) = (?P<total>[\d.]+)(?P<unit>m?s)")
-PART = re.compile(r"(?P<value>[\d.]+)(?P<unit>min|ms|s) \((?P<name>\w+)\)")
+# A total over a minute reads "1min 40.273s" (systemd's format_timespan()).
+STARTUP = re.compile(r"Startup finished in (?P<parts>.*?) = (?:(?P<minutes>\d+)min )?"
+                     r"(?P<total>[\d.]+)(?P<unit>m?s)")
+PART = re.compile(r"(?:(?P<minutes>\d+)min )?(?P<value>[\d.]+)(?P<unit>min|ms|s) \((?P<name>\w+)\)")
 
 
 def seconds(value: str, unit: str) -> float:
@@ -39,8 +41,9 @@ def startup(analyze: str) -> dict[str, float]:
     match = STARTUP.search(analyze)
     if match is None:
         raise SystemExit(f"no 'Startup finished' line in systemd-analyze output:\n{analyze}")
-    parts = {m["name"]: seconds(m["value"], m["unit"]) for m in PART.finditer(match["parts"])}
-    parts["total"] = seconds(match["total"], match["unit"])
+    parts = {m["name"]: seconds(m["value"], m["unit"]) + 60 * int(m["minutes"] or 0)
+             for m in PART.finditer(match["parts"])}
+    parts["total"] = seconds(match["total"], match["unit"]) + 60 * int(match["minutes"] or 0)
     return parts
 
 

@@ -63,8 +63,11 @@ unload_init dummy; unload_core dummy
 echo "== fs"
 load2 loop
 load2 fat; load2 vfat; load2 nls_cp437; load2 nls_ascii; load2 minix
+# I's traced exit stubs, while each I is loaded (test_init_stubs_are_traced...).
+grep '__init]$' /sys/kernel/tracing/available_filter_functions | sed 's/^/ftrace: /'
 for m in loop fat vfat nls_cp437 nls_ascii minix; do unload_init $m; done
 modlist
+echo "ftrace after unload: $(grep -c '__init]$' /sys/kernel/tracing/available_filter_functions)"
 # busybox has no mkfs.vfat/mkfs.minix: the host made the filesystems (dosfstools, util-linux).
 cp /img/fat.img /img/minix.img /tmp/
 losetup /dev/loop0 /tmp/fat.img && echo "ok losetup loop0"
@@ -240,6 +243,27 @@ def test_loop_fat_vfat_minix(debian_boot: BootResult) -> None:
     for line in ("ok losetup loop0", "ok losetup loop1", "fat read: hello fat",
                  "minix read: hello minix"):
         assert line in out, out
+
+
+def test_init_stubs_are_traced_until_the_init_modules_unload(debian_boot: BootResult) -> None:
+    """Each I's exit stub has an ftrace record (split/codegen.py exit_stub()):
+    after I's init layout was freed, the kernel still lists one record of each
+    I, so ftrace_free_mem() (kernel/trace/ftrace.c) found I's ftrace page
+    non-empty and did not wait in synchronize_rcu() to free it; once the init
+    modules are deleted, ftrace_release_mod() has dropped every record. A record
+    ftrace_make_nop() refused would be a WARN (test_debian_boot_clean).
+
+    Debian 12's kernel has no IBT: FTRACE_MCOUNT_MAX_OFFSET is 0
+    (arch/x86/include/asm/ftrace.h), so test_for_valid_rec() disables a record
+    4 bytes into its function, after the stub's endbr64, as it does for weak
+    functions, and t_show() names it __ftrace_invalid_address___4. It stays in
+    the page all the same (Debian 13's, with IBT, lists initsplit_exit)."""
+    out = section(debian_boot, "fs")
+    listed = sorted(re.findall(r"^ftrace: __ftrace_invalid_address___4 \[(\S+)\]$", out, re.M))
+    assert listed == sorted(f"{m}__init" for m in ("loop", "fat", "vfat", "nls_cp437",
+                                                    "nls_ascii", "minix")), out
+    assert len(re.findall(r"^ftrace: ", out, re.M)) == len(listed), out
+    assert "ftrace after unload: 0" in out, out
 
 
 def test_core_module_exports_nothing_before_init(debian_boot: BootResult) -> None:

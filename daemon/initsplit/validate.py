@@ -78,6 +78,8 @@ from .split.splitter import (
     KSYMTAB,
     KSYMTAB_GPL,
     KSYMTAB_STRINGS,
+    FENTRY,
+    MCOUNT_LOC,
     NAMESPACE,
     RETURN_THUNK,
     RO_AFTER_INIT,
@@ -154,6 +156,7 @@ class _Routine:
 
     orc: list[tuple[int, bytes]]  # (offset, packed struct orc_entry)
     return_sites: list[int]  # offsets of the jmp __x86_return_thunk
+    fentry_sites: list[int]  # offsets of the call __fentry__ (each has an __mcount_loc record)
 
 
 class ValidationError(Exception):
@@ -578,6 +581,7 @@ class _Validator:
     # ---------------------------------------------------------------- tables
     def _check_tables(self) -> int:
         moved = 0
+        init_mcount = 0
         for table in self.kernel.records:
             src = self.orig.section(table.section)
             if src is None:
@@ -586,8 +590,27 @@ class _Validator:
                 if table.section in self.by_name[I]:
                     self._check_synthesized_records(table, self._records(I, table.section, table), 0)
                 continue
-            moved += self._check_table(table, src)
+            count = self._check_table(table, src)
+            if table.section == MCOUNT_LOC:
+                init_mcount = count
+            moved += count
+        self._check_stub_traced(init_mcount)
         return moved
+
+    def _check_stub_traced(self, init_mcount: int) -> None:
+        """The stub is traced exactly when I has ftrace records of init code.
+
+        Those records are all I has otherwise, in ftrace pages of I's own
+        (ftrace_process_locs(), kernel/trace/ftrace.c); when do_init_module()
+        frees I's init layout, ftrace_free_mem() removes them and waits in
+        synchronize_rcu() for each page that became empty. The stub's record,
+        in I's core text, keeps the page from emptying (split/codegen.py)."""
+        traced = any(r.fentry_sites for r in self.routines.values())
+        if init_mcount and not traced:
+            _fail(f"I's {MCOUNT_LOC} records all describe init code and its exit stub has no "
+                  f"{FENTRY} call: ftrace_free_mem() would empty I's ftrace page")
+        if traced and not init_mcount:
+            _fail(f"I's exit stub calls {FENTRY}, but I has no {MCOUNT_LOC} records of init code")
 
     def _records(self, side: str, name: str, table: RecordTable) -> list[_Record]:
         index = self.by_name[side].get(name)
@@ -672,6 +695,12 @@ class _Validator:
             for index, routine in routines.items():
                 for offset in routine.return_sites:
                     expected.append((zero, ((0, 2, ("loc", I, index, offset)),), b""))
+        elif table.section == MCOUNT_LOC:
+            # The address of each call __fentry__ (R_X86_64_64), as the compiler's
+            # records (objtool --mcount or recordmcount) have it.
+            for index, routine in routines.items():
+                for offset in routine.fentry_sites:
+                    expected.append((zero, ((0, R_X86_64_64, ("loc", I, index, offset)),), b""))
         if list(extra) != expected:
             _fail(f"I's {table.section} holds records that describe neither init code nor ours")
         index = self.by_name[I].get(table.section)
@@ -702,10 +731,32 @@ class _Validator:
         wrapper = self._analyse(w_index, "init wrapper")
         self._check_wrapper(wrapper)
         stub = self._analyse(s_index, "exit stub")
-        if [i.op for i in stub.insns if i.offset in stub.sp_at] != ["endbr64", stub.paths[0].exit.op]:
-            _fail("I's exit stub does more than return")
+        fentry = self._check_stub(stub)
         orc_type = self.kernel.orc_type_call
-        return {w_index: self._derived(wrapper, orc_type), s_index: self._derived(stub, orc_type)}
+        return {w_index: self._derived(wrapper, orc_type),
+                s_index: self._derived(stub, orc_type, fentry)}
+
+    @staticmethod
+    def _check_stub(stub: x86.Analysis) -> list[int]:
+        """The stub is endbr64 and the return, or endbr64, `call __fentry__` and
+        the return: the offsets of its __fentry__ calls (none or that one).
+
+        The call must reach __fentry__ itself (MCOUNT_ADDR): at load,
+        ftrace_init_nop() -> ftrace_make_nop() (arch/x86/kernel/ftrace.c) compares
+        the five bytes at the record with `e8 <rel32 to __fentry__>`
+        (ftrace_verify_code()) before it writes the NOP, and anything else is
+        ftrace_bug(): a WARN, and ftrace disabled for the whole kernel."""
+        path = stub.paths[0]
+        assert path.exit is not None
+        ops = [i.op for i in stub.insns if i.offset in stub.sp_at]
+        if ops == ["endbr64", path.exit.op]:
+            return []
+        if ops != ["endbr64", "call", path.exit.op]:
+            _fail("I's exit stub does more than return")
+        call = path.calls()[0]
+        if call.ref != ("sym", FENTRY, 0):
+            _fail(f"I's exit stub calls {call.ref}, not {FENTRY} (ftrace_make_nop() would refuse it)")
+        return [call.at]
 
     def _analyse(self, index: int, what: str) -> x86.Analysis:
         """Decode I's routine in section *index*, attach its relocations to the
@@ -876,7 +927,7 @@ class _Validator:
             _fail(f"{where}: the publish stores {stores[1:]} are not {self._publish()}")
 
     @staticmethod
-    def _derived(analysis: x86.Analysis, orc_type: int) -> _Routine:
+    def _derived(analysis: x86.Analysis, orc_type: int, fentry_sites: Sequence[int] = ()) -> _Routine:
         """The ORC entries and return sites of a routine, from its decoded stack
         effects: an entry wherever the stack depth on entry to an instruction
         changes in address order (the int3 after a ret keeps the depth before
@@ -892,7 +943,7 @@ class _Validator:
         orc.append((end, pack_orc_entry(0, ORC_REG_UNDEFINED, ORC_TYPE_TERMINATOR)))
         sites = sorted({p.exit.offset for p in analysis.paths
                         if p.exit is not None and p.exit.op == "jmp"})
-        return _Routine(orc, sites)
+        return _Routine(orc, sites, list(fentry_sites))
 
     # --------------------------------------------------------- struct module
     def _versions(self, obj: ElfObject) -> list[tuple[int, str]]:

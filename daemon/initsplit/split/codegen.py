@@ -25,7 +25,25 @@ sites objtool would have produced for them:
       counts into C's struct module num_syms / num_gpl_syms.
   It returns the (possibly biased) result.
 * the exit stub, I's ->exit: returns at once. delete_module() refuses to unload
-  a module that has ->init but no ->exit.
+  a module that has ->init but no ->exit. When I has __mcount_loc records (all
+  of them describe init code), the stub also begins, after its endbr64, with
+  the `call __fentry__` the compiler puts at every traced function's entry
+  (-mfentry), and I gets an __mcount_loc record for it (fentry_sites). Why: the
+  kernel keeps I's records in ftrace pages of I's own (ftrace_process_locs(),
+  kernel/trace/ftrace.c, 6.1 and 6.12); when do_init_module() frees I's init
+  layout, ftrace_free_mem() removes the init records and, for each page that
+  became empty, waits in synchronize_rcu() before freeing it (about 18 ms
+  under TCG, on every I load). A plain module's page also holds its core
+  records and never empties; the stub's record, in I's core text, keeps I's
+  page non-empty too. At load ftrace_init_nop() -> ftrace_make_nop()
+  (arch/x86/kernel/ftrace.c) turns the call into a 5-byte NOP after checking
+  (ftrace_verify_code()) that the bytes there are exactly `e8 <rel32 to
+  __fentry__>`: a record anywhere else is a WARN and ftrace disabled. The
+  record's cost moves to I's unload, in the batch: ftrace_release_mod() then
+  frees the page behind a synchronize_rcu() of its own. On a kernel without
+  IBT (Debian 12's 6.1) FTRACE_MCOUNT_MAX_OFFSET is 0, so test_for_valid_rec()
+  disables the record, 4 bytes into the stub, as it does weak functions': it
+  is never traced, and stays in the page all the same.
 """
 
 from __future__ import annotations
@@ -44,8 +62,8 @@ ENDBR64 = bytes.fromhex("f30f1efa")  # a NOP on CPUs without IBT, the landing pa
 class CodeReloc:
     offset: int
     type: int
-    # A role the splitter resolves: "init", "return_thunk", "arm_value", or
-    # "core_module" (C's struct module; the addend carries the field offset).
+    # A role the splitter resolves: "init", "return_thunk", "fentry", "arm_value",
+    # or "core_module" (C's struct module; the addend carries the field offset).
     target: str
     addend: int
 
@@ -92,6 +110,8 @@ class Routine:
     relocs: list[CodeReloc] = field(default_factory=list)
     orc: list[OrcEntry] = field(default_factory=list)
     return_sites: list[int] = field(default_factory=list)
+    # Offsets of `call __fentry__` sites, each needing an __mcount_loc record.
+    fentry_sites: list[int] = field(default_factory=list)
 
 
 def _return(code: bytearray, relocs: list[CodeReloc], sites: list[int], *, rethunk: bool) -> None:
@@ -206,11 +226,20 @@ def _patch_jump(code: bytearray, at: int, target: int) -> None:
     code[at + 1] = distance
 
 
-def exit_stub(*, rethunk: bool, orc_type: int) -> Routine:
+def exit_stub(*, rethunk: bool, orc_type: int, traced: bool = False) -> Routine:
+    """I's ->exit: endbr64, with *traced* `call __fentry__`, then the return.
+
+    The call leaves the stack as it was (it returns), so one ORC entry covers
+    the stub, as objtool writes it for a traced leaf function."""
     code = bytearray(ENDBR64)
     relocs: list[CodeReloc] = []
     sites: list[int] = []
+    fentry: list[int] = []
     orc = [OrcEntry(0, 8, ORC_REG_SP, orc_type)]
+    if traced:
+        fentry.append(len(code))
+        relocs.append(CodeReloc(len(code) + 1, R_X86_64_PLT32, "fentry", -4))
+        code += b"\xe8" + bytes(4)  # call __fentry__
     _return(code, relocs, sites, rethunk=rethunk)
     orc.append(_terminator(len(code)))
-    return Routine(bytes(code), relocs, orc, sites)
+    return Routine(bytes(code), relocs, orc, sites, fentry)

@@ -115,6 +115,9 @@ HIDDEN = {KSYMTAB: "__initsplit_ksymtab", KCRCTAB: "__initsplit_kcrctab",
 EXPORT_TABLES = ((KSYMTAB, KCRCTAB), (KSYMTAB_GPL, KCRCTAB_GPL))
 PERCPU = ".data..percpu"
 RETURN_THUNK = "__x86_return_thunk"
+# The -mfentry call at a traced function's entry; arch/x86 MCOUNT_ADDR.
+FENTRY = "__fentry__"
+MCOUNT_LOC = "__mcount_loc"
 # Sections the kernel reads from the file but never keeps (rewrite_section_headers).
 NOT_LOADED = (".modinfo", "__versions")
 # Sections of C that _emit_exports builds rather than copies.
@@ -1156,7 +1159,11 @@ def _emit_routines(builder: ObjectBuilder, original: _Original, symbols: _InitSy
     wrapper = codegen.init_wrapper(slot_addend=slot, rethunk=rethunk, orc_type=orc_type,
                                    publish=_publish(original, placement.anchors),
                                    checks=placement.checks)
-    stub = codegen.exit_stub(rethunk=rethunk, orc_type=orc_type)
+    # A traced stub only when I has ftrace records: they all describe init code,
+    # and the stub's keeps I's ftrace page from emptying (codegen.py).
+    mcount = original.tables.get(MCOUNT_LOC)
+    traced = mcount is not None and bool(mcount.init)
+    stub = codegen.exit_stub(rethunk=rethunk, orc_type=orc_type, traced=traced)
     wrapper_sec = builder.add_section(WRAPPER_SECTION, type=SHT_PROGBITS,
                                       flags=SHF_ALLOC | SHF_EXECINSTR, data=wrapper.code,
                                       addralign=16)
@@ -1170,6 +1177,7 @@ def _emit_routines(builder: ObjectBuilder, original: _Original, symbols: _InitSy
     roles: dict[str, tuple[int, int]] = {
         "init": symbols.target(fields.init_sym_index),
         "return_thunk": (symbols.undefined_symbol(RETURN_THUNK), 0) if rethunk else (0, 0),
+        "fentry": (symbols.undefined_symbol(FENTRY), 0) if traced else (0, 0),
         "core_module": (this_module_anchor, 0),
         "arm_value": (symbols.target(fields.exit_sym_index)
                       if arm_exit else (this_module_anchor, 0)),
@@ -1192,9 +1200,12 @@ def _emit_init_tables(builder: ObjectBuilder, original: _Original, symbols: _Ini
     orc = tuple((wrapper_sec, e) for e in wrapper.orc) + tuple((stub_sec, e) for e in stub.orc)
     sites = tuple((wrapper_sec, o) for o in wrapper.return_sites) + \
         tuple((stub_sec, o) for o in stub.return_sites)
+    fentry = tuple((stub_sec, o) for o in stub.fentry_sites)
     for split in original.tables.values():
         extra_orc = orc if split.section.name == ".orc_unwind_ip" else ()
         extra_sites = sites if split.section.name == ".return_sites" else ()
+        if split.section.name == MCOUNT_LOC:
+            extra_sites = fentry
         if not split.init and not extra_orc and not extra_sites:
             continue
         _emit_init_table(builder, original, symbols, split, extra_orc, extra_sites)
@@ -1233,9 +1244,11 @@ def _emit_init_table(builder: ObjectBuilder, original: _Original, symbols: _Init
         relocs.append(((count + n) * size, R_X86_64_PC32, builder.section_symbol(target_sec),
                        entry.offset))
         parallel += entry.pack()
+    # .return_sites holds s32 offsets (PC32), __mcount_loc absolute addresses.
+    site_type = R_X86_64_64 if section.name == MCOUNT_LOC else R_X86_64_PC32
     for n, (target_sec, off) in enumerate(extra_sites):
         data += bytes(size)
-        relocs.append(((count + n) * size, R_X86_64_PC32, builder.section_symbol(target_sec), off))
+        relocs.append(((count + n) * size, site_type, builder.section_symbol(target_sec), off))
     out = builder.add_section(section.name, type=section.type, flags=section.flags,
                               data=bytes(data), addralign=section.addralign,
                               entsize=section.entsize)
