@@ -223,10 +223,10 @@ def test_split_invalid_module_writes_nothing(small_tree: Path, tmp_path: Path,
     """
     real = decide_module.validate_split
 
-    def reject_dummy(original: bytes, core: bytes, init: bytes, *rules):
+    def reject_dummy(original: bytes, core: bytes, init: bytes, *rules, **parsed):
         if b"name=dummy\0" in original:
             raise ValidationError("rejected for the test")
-        return real(original, core, init, *rules)
+        return real(original, core, init, *rules, **parsed)
 
     monkeypatch.setattr(decide_module, "validate_split", reject_dummy)
     out = tmp_path / "out"
@@ -315,7 +315,7 @@ def test_check_decisions(small_tree: Path, capsys: pytest.CaptureFixture[str]) -
 def test_check_validation_failure(small_tree: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     """No real module fails validation, so the validator is made to reject this one."""
-    def reject(original: bytes, core: bytes, init: bytes, *rules):
+    def reject(original: bytes, core: bytes, init: bytes, *rules, **parsed):
         raise ValidationError("rejected for the test")
 
     monkeypatch.setattr(decide_module, "validate_split", reject)

@@ -180,10 +180,20 @@ class ValidationReport:
 
 
 def validate_split(original: bytes, core: bytes, init: bytes,
-                   rules: LayoutRules = LayoutRules()) -> ValidationReport:
-    """Prove the pair (core, init) equivalent to *original* on a kernel of *rules*."""
+                   rules: LayoutRules = LayoutRules(), *,
+                   parsed: tuple[ElfObject | None, ElfObject | None, ElfObject | None] = (None, None, None)
+                   ) -> ValidationReport:
+    """Prove the pair (core, init) equivalent to *original* on a kernel of *rules*.
+
+    *parsed* may give, for any of the three, what read_elf() made of exactly those
+    bytes (decide() has each already: the original it split, C as the splitter
+    placed it, I as the policy weighs it). read_elf() is deterministic and its
+    objects are not changed after reading, so the proof is the same; it saves
+    parsing each module a second time, the largest cost of a split (PERFORMANCE.md).
+    """
     try:
-        objects = read_elf(original), read_elf(core), read_elf(init)
+        objects = tuple(read_elf(data) if obj is None else obj
+                        for data, obj in zip((original, core, init), parsed))
     except MalformedElf as exc:
         raise ValidationError(f"unreadable object: {exc}") from exc
     try:

@@ -63,6 +63,9 @@ class Decision:
     report: ValidationReport | None = None
     # The original as read for the split (for layout figures without reading it again).
     original: ElfObject | None = None
+    # I as read for the validator and the slab figure (split.init, which the BTF
+    # discard leaves as it is), so that layout_figures() need not read it again.
+    init_object: ElfObject | None = None
     # Core layout pages, as the layout model computes them: the original loaded
     # plain, and C (0 when no split was weighed).
     plain_core_pages: int = 0
@@ -183,8 +186,14 @@ def _decide_load(data: bytes, original: ElfObject, options: SplitOptions) -> Dec
     except SplitRefused as exc:
         return Decision("refused", reason=exc.reason, detail=exc.detail)
     # Nothing is loaded that the validator has not checked against the original.
+    # I is read once, for the validator and the slab figure below.
     try:
-        report = validate_split(data, split.core, split.init, options.rules)
+        init = read_elf(split.init)
+    except MalformedElf as exc:
+        return Decision("invalid", reason=f"unreadable object: {exc}", split=split)
+    try:
+        report = validate_split(data, split.core, split.init, options.rules,
+                                parsed=(original, split.core_object, init))
     except ValidationError as exc:
         return Decision("invalid", reason=str(exc) or type(exc).__name__, split=split)
     if report.reached != split.reached or report.reached_from != split.reached_from:
@@ -195,7 +204,6 @@ def _decide_load(data: bytes, original: ElfObject, options: SplitOptions) -> Dec
     rules = options.rules
     plain_pages = module_layout(original, rules).core.pages
     core_pages = (split.core_layout or layout_of(split.core, rules)).core.pages
-    init = read_elf(split.init)
     init_layout = module_layout(init, rules)
     slab = twostage_slab_bytes(original, split.core_object or read_elf(split.core), init,
                                split.init_name, kallsyms=rules.kallsyms,
@@ -204,7 +212,7 @@ def _decide_load(data: bytes, original: ElfObject, options: SplitOptions) -> Dec
                               slab_bytes=slab)
     reason, detail = refusal if refusal else ("", "")
     return Decision("plain" if refusal else "split", reason=reason, detail=detail, split=split,
-                    report=report, original=original, plain_core_pages=plain_pages,
+                    report=report, original=original, init_object=init, plain_core_pages=plain_pages,
                     split_core_pages=core_pages, twostage_slab_bytes=slab)
 
 
@@ -243,5 +251,6 @@ def layout_figures(decision: Decision, rules: LayoutRules = LayoutRules()) -> di
     if original is None or split is None:
         raise ValueError("layout figures need the parsed original and its split")
     return {"plain_core_bytes": module_layout(original, rules).core.size,
-            "init_layout_pages": layout_of(split.init, rules).init.pages,
+            "init_layout_pages": (layout_of(split.init, rules) if decision.init_object is None
+                                  else module_layout(decision.init_object, rules)).init.pages,
             "twostage_slab_bytes": decision.twostage_slab_bytes}
