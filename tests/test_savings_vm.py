@@ -1,24 +1,33 @@
-"""`initsplit analyze`'s predictions against what the Debian 6.1 kernel reports, in QEMU (TCG).
+"""`initsplit analyze`'s predictions against what the kernel reports, in QEMU (TCG), on
+Debian 12's Linux 6.1 and Debian 13's Linux 6.12 (every test runs once per release).
 
-Two fresh boots load the same real modules (with their dependencies):
+Two fresh boots per kernel load the same real modules (with their dependencies):
 
 * plain: every original with insmod, as modprobe would;
 * two-stage: each module's core C, then its init module I; once all are loaded,
   every init module is deleted by one rmmod, as initsplitd does when boot goes quiet.
 
 Each boot reads /proc/modules, /sys/module/*/coresize, VmallocUsed and the module
-allocations in /proc/vmallocinfo, and a kprobe on module_alloc() records the size
-of every core and init allocation as the loader asks for it. The test asserts that:
+allocations in /proc/vmallocinfo, and a kprobe on the module allocator records the
+size of every allocation as the loader asks for it. 6.1 allocates a module twice,
+core then init (kernel/module/main.c move_module() -> module_alloc()); 6.12 once
+per non-empty struct module_memory type, in enum mod_mem_type order (move_module()
+-> module_memory_alloc() -> mm/execmem.c execmem_alloc(type, size), size already
+PAGE_ALIGN()ed), so the expected allocations are the model's memories
+(layout.linux612.core_memory_sizes() and the init ones). The test asserts that:
 
 (i)   analyze's core layout equals /proc/modules and /sys/module/NAME/coresize, for
-      the plain modules, for C and for I (to the byte), and its init layout equals the
-      size module_alloc() was asked for;
+      the plain modules, for C and for I (to the byte), and its allocations, core and
+      init, equal the sizes the allocator was asked for;
 (ii)  the predicted saving against today's kernel (plain core pages minus C's core
       pages) equals the measured difference, module by module;
 (iii) what the batch delete frees for each init module is exactly what
       /proc/vmallocinfo loses: I's core layout, page-rounded (plus its guard page of
       address space), and VmallocUsed drops by those pages (to within the vmap
-      stacks of the shell's short-lived processes).
+      stacks of the shell's short-lived processes). On 6.12 an init module's core is
+      up to four areas (its core memories); /proc/modules gives only mem[MOD_TEXT]'s
+      base (procfs.c m_show()), so there the areas that leave must be that base's
+      area plus areas of the model's other memory sizes, as a multiset, and no more.
 
 Run with -s to see the figures.
 """
@@ -35,11 +44,12 @@ import pytest
 from initsplit.analyze import ModuleAnalysis, analyze_module
 from initsplit.elf import read_elf
 from initsplit.layout.twostage_slab import listed_sections
-from initsplit.layout import LayoutRules, ModuleLayout, rules_for_tree
+from initsplit.layout import LayoutRules, ModuleLayout, linux612, rules_for_tree
+from initsplit.layout.rules import MODULE_MEMORY_SINCE, kernel_version
+from initsplit.modfile import read_module
 from initsplit.split import split_module
 from initsplit.split.policy import SplitOptions
-from tests.testbed import BootResult, DebianKernel, boot, dmesg_problems
-from tests.testbed.fixtures import kernel  # noqa: F401  (pytest fixture)
+from tests.testbed import BootResult, DebianKernel, boot, debian_kernel, dmesg_problems
 
 pytestmark = pytest.mark.vm
 
@@ -55,28 +65,39 @@ TARGETS = (
     "l2tp_netlink", "vfat",
 )
 TRACING = "/sys/kernel/tracing"
+RELEASES = ("12", "13")  # Debian 12 (Linux 6.1), Debian 13 (Linux 6.12)
+# The kprobe on the allocator, per release: 6.1's module_alloc(size) (arch/x86/kernel/
+# module.c), 6.12's execmem_alloc(type, size) (mm/execmem.c; module_alloc() is gone since
+# v6.10). Both take the size the loader asks for, in the first and second argument.
+ALLOCATOR = {"12": "module_alloc size=%di:u64", "13": "execmem_alloc size=%si:u64"}
 EVERY_SPLIT = SplitOptions(two_stage="always", writable_ro_after_init=True)
 
 GUEST_LIB = rf"""
 # Real addresses in /proc/vmallocinfo and /proc/modules (root has CAP_SYSLOG).
 echo 1 > /proc/sys/kernel/kptr_restrict
-# Every module_alloc() call with its size: the core allocation, then the init one.
-echo 'p:isplit_alloc module_alloc size=%di:u64' > {TRACING}/kprobe_events || echo "FAILED kprobe"
+# Every allocation the loader makes, with its size (ALLOCATOR).
+echo 'p:isplit_alloc @ALLOCATOR@' > {TRACING}/kprobe_events || echo "FAILED kprobe"
 echo 1 > {TRACING}/events/kprobes/isplit_alloc/enable
 echo 1 > {TRACING}/tracing_on
 mark() {{ echo "$*" > {TRACING}/trace_marker; }}
 load() {{ mark "load $1"; insmod /m/$1.ko || echo "FAILED insmod $1"; }}
-module_areas() {{ grep -E ' (load_module|move_module|module_alloc)\+' /proc/vmallocinfo; }}
+# 6.1's areas are module_alloc()'s callers'; 6.12's execmem_alloc()'s (mm/execmem.c
+# __execmem_alloc() passes __builtin_return_address(0) as the area's caller).
+module_areas() {{ grep -E ' (load_module|move_module|module_alloc|execmem_alloc)\+' /proc/vmallocinfo; }}
+area_pages() {{ sed 's/.*pages=\([0-9]*\).*/\1/' | awk '{{ s += $1 }} END {{ print s + 0 }}'; }}
+module_pages() {{ awk '{{ s += $2 }} END {{ print s / {PAGE} }}' /proc/modules; }}
 settle() {{
     # do_free_init() frees init layouts from a workqueue after an RCU grace period:
-    # wait until each module has its core allocation and nothing else.
+    # wait until the module areas hold exactly the pages /proc/modules counts (the
+    # core layouts, on 6.12 the core memories: do_init_module() zeroes the init
+    # types' sizes before it queues their freeing).
     i=0
     while [ $i -lt 100 ]; do
-        a=$(module_areas | grep -c .); m=$(grep -c . /proc/modules)
+        a=$(module_areas | area_pages); m=$(module_pages)
         [ "$a" = "$m" ] && return 0
         sleep 0.1; i=$((i+1))
     done
-    echo "FAILED to settle: $a module areas for $m modules"
+    echo "FAILED to settle: $a pages in module areas for $m pages of modules"
 }}
 snapshot() {{
     settle
@@ -95,19 +116,19 @@ snapshot() {{
     # agree and both miss a line: the stack of the process that exited just before
     # each read is freed late (delayed_put_task_struct() -> vfree_atomic(), a
     # workqueue), at the same point of each read. So read until two reads agree and
-    # hold as many areas as settle() saw modules, pausing between tries; a count that
+    # hold as many pages as settle() saw, pausing between tries; a count that
     # stays wrong is printed as read and fails the test.
-    m=$(grep -c . /proc/modules)
+    m=$(module_pages)
     module_areas > /tmp/areas.1
     i=0
     while [ $i -lt 50 ]; do
         module_areas > /tmp/areas.2
-        if cmp -s /tmp/areas.1 /tmp/areas.2 && [ "$(grep -c . /tmp/areas.2)" = "$m" ]; then
+        if cmp -s /tmp/areas.1 /tmp/areas.2 && [ "$(area_pages < /tmp/areas.2)" = "$m" ]; then
             break
         fi
         mv /tmp/areas.2 /tmp/areas.1; i=$((i+1)); sleep 0.1
     done
-    [ $i -lt 50 ] || echo "FAILED to read /proc/vmallocinfo twice alike with $m areas"
+    [ $i -lt 50 ] || echo "FAILED to read /proc/vmallocinfo twice alike with $m pages"
     sed 's/^/vmalloc /' /tmp/areas.1
     # What the two-stage slab model counts (layout/twostage_slab.py): the sections
     # each module lists in sysfs.
@@ -177,8 +198,31 @@ def module_allocs(trace: str) -> dict[str, list[int]]:
     return allocs
 
 
+def memories(layout: ModuleLayout, rules: LayoutRules, *, init: bool) -> list[int]:
+    """The allocations of a module of *layout*, in the order the loader makes them:
+    6.1's core then init layout (one module_alloc() each; a 0-byte init is none),
+    6.12's non-empty memories in enum mod_mem_type order (kernel/module/main.c
+    move_module()), the init ones too when *init*."""
+    version = kernel_version(rules.kernel)
+    if version is None or version < MODULE_MEMORY_SINCE:
+        sizes = [layout.core.size] + ([layout.init.size] if init else [])
+    else:
+        core = linux612.core_memory_sizes(layout)
+        sizes = [core[t] for t in sorted(core)]
+        if init:
+            sizes += [layout.init.group("text"), layout.init.group("data") + layout.init.group("kallsyms"),
+                      layout.init.group("rodata")]
+    return [size for size in sizes if size]
+
+
+@pytest.fixture(scope="module", params=RELEASES, ids=lambda r: f"debian{r}")
+def kernel(request: pytest.FixtureRequest) -> DebianKernel:
+    """Debian 12's kernel (6.1), then Debian 13's (6.12): each test runs on both."""
+    return debian_kernel(release=request.param)
+
+
 @pytest.fixture(scope="module")
-def prepared(kernel: DebianKernel) -> Prepared:  # noqa: F811
+def prepared(kernel: DebianKernel) -> Prepared:
     rules = rules_for_tree(kernel.modules_dir)
     assert rules.config, "the Debian kernel's config must be found next to its modules"
     paths: list[Path] = []
@@ -198,12 +242,14 @@ def prepared(kernel: DebianKernel) -> Prepared:  # noqa: F811
         prep.order.append(name)
         prep.analyses[name] = analysis
         prep.plain[name] = analysis.plain
-        prep.files[f"/m/plain/{name}.ko"] = ko
+        # Decompressed: 6.12's modules are .ko.xz, which busybox's insmod passes as is.
+        data = read_module(ko)
+        prep.files[f"/m/plain/{name}.ko"] = data
         if not analysis.split:
             prep.not_split[name] = f"{analysis.outcome} {analysis.reason}".strip()
-            prep.files[f"/m/split/{name}.ko"] = ko
+            prep.files[f"/m/split/{name}.ko"] = data
             continue
-        split = split_module(ko.read_bytes())  # the same bytes the analysis laid out
+        split = split_module(data, rules)  # the same bytes the analysis laid out
         prep.core[name] = analysis.core
         prep.init[name] = analysis.init
         prep.init_names[name] = analysis.init_name
@@ -213,8 +259,9 @@ def prepared(kernel: DebianKernel) -> Prepared:  # noqa: F811
     return prep
 
 
-def run(kernel: DebianKernel, prep: Prepared, kind: str) -> BootResult:  # noqa: F811
-    lines = [GUEST_LIB.replace("/m/$1.ko", f"/m/{kind}/$1.ko")]
+def run(kernel: DebianKernel, prep: Prepared, kind: str) -> BootResult:
+    lib = GUEST_LIB.replace("/m/$1.ko", f"/m/{kind}/$1.ko")
+    lines = [lib.replace("@ALLOCATOR@", ALLOCATOR[kernel.release.version])]
     for name in prep.order:
         lines.append(f"load {name}")
         if kind == "split" and name in prep.init_names:
@@ -233,12 +280,12 @@ def run(kernel: DebianKernel, prep: Prepared, kind: str) -> BootResult:  # noqa:
 
 
 @pytest.fixture(scope="module")
-def plain_boot(kernel: DebianKernel, prepared: Prepared) -> BootResult:  # noqa: F811
+def plain_boot(kernel: DebianKernel, prepared: Prepared) -> BootResult:
     return run(kernel, prepared, "plain")
 
 
 @pytest.fixture(scope="module")
-def split_boot(kernel: DebianKernel, prepared: Prepared) -> BootResult:  # noqa: F811
+def split_boot(kernel: DebianKernel, prepared: Prepared) -> BootResult:
     return run(kernel, prepared, "split")
 
 
@@ -269,8 +316,7 @@ def test_plain_layouts_match_the_kernel(prepared: Prepared, plain_boot: BootResu
     for name in prepared.order:
         layout = prepared.plain[name]
         seen = (snap.modules[name][0], snap.coresize[name], allocs.get(name))
-        want = (layout.core.size, layout.core.size,
-                [layout.core.size] + ([layout.init.size] if layout.init.size else []))
+        want = (layout.core.size, layout.core.size, memories(layout, prepared.rules, init=True))
         if seen != want:
             mismatches.append(f"{name}: kernel {seen}, analyze {want}")
     assert not mismatches, "\n".join(mismatches)
@@ -294,10 +340,10 @@ def test_split_layouts_match_the_kernel(prepared: Prepared, split_boot: BootResu
         checks = {
             f"{name} /proc/modules": (after.modules[name][0], core.core.size),
             f"{name} coresize": (after.coresize[name], core.core.size),
-            f"{name} module_alloc": (allocs[name], [core.core.size, core.init.size]),
+            f"{name} allocations": (allocs[name], memories(core, prepared.rules, init=True)),
             f"{init_name} /proc/modules": (loaded.modules[init_name][0], init.core.size),
             f"{init_name} coresize": (loaded.coresize[init_name], init.core.size),
-            f"{init_name} module_alloc": (allocs[init_name], [init.core.size, init.init.size]),
+            f"{init_name} allocations": (allocs[init_name], memories(init, prepared.rules, init=True)),
         }
         mismatches += [f"{what}: kernel {k}, analyze {a}" for what, (k, a) in checks.items() if k != a]
     assert not mismatches, "\n".join(mismatches)
@@ -365,25 +411,36 @@ def test_batch_delete_frees_what_vmallocinfo_loses(prepared: Prepared, split_boo
     """(iii) each init module's core allocation leaves /proc/vmallocinfo, page for page."""
     loaded = parse_snapshot(split_boot.script_output, "loaded")
     after = parse_snapshot(split_boot.script_output, "after")
-    # One allocation per module once the init layouts are freed (the snapshot waits).
-    assert len(loaded.vmalloc) == len(loaded.modules) and len(after.vmalloc) == len(after.modules)
+    rules = prepared.rules
+    # One area per core memory of each module once the init layouts are freed (the
+    # snapshot waits): 6.1's core layout, 6.12's non-empty core memories.
+    assert len(loaded.vmalloc) == sum(len(memories(kept_layout(prepared, name), rules, init=False))
+                                      for name in loaded.modules)
+    assert len(after.vmalloc) == sum(len(memories(kept_layout(prepared, name), rules, init=False))
+                                     for name in after.modules)
     gone = {addr: area for addr, area in loaded.vmalloc.items() if addr not in after.vmalloc}
-    expected = {}
+    expected = {}  # base -> area, where /proc/modules gives the base (6.1's core, 6.12's text)
+    others: list[tuple[int, int]] = []  # 6.12: I's other core memories, by size only
     for name, init_name in prepared.init_names.items():
         size, base = loaded.modules[init_name]
-        pages = -(-prepared.init[name].core.size // PAGE)
         assert size == prepared.init[name].core.size, init_name
-        # module_alloc() -> __vmalloc_node_range(): the pages plus one guard page.
-        expected[base] = ((pages + 1) * PAGE, pages)
+        # module_alloc() / execmem_alloc() -> __vmalloc_node_range(): the pages plus
+        # one guard page (no VM_NO_GUARD in either).
+        areas = [((mem // PAGE + 1) * PAGE, mem // PAGE)
+                 for mem in memories(prepared.init[name], rules, init=False)]
+        if base:  # 0 when 6.12's I has no MOD_TEXT: all its areas are known by size only
+            expected[base], areas = areas[0], areas[1:]
+        others += areas
     extra = {hex(a): gone[a] for a in gone.keys() - expected.keys()}
     missing = {hex(a): expected[a] for a in expected.keys() - gone.keys()}
     differ = {hex(a): (gone[a], expected[a]) for a in gone.keys() & expected.keys()
               if gone[a] != expected[a]}
-    assert not extra and not missing and not differ, (extra, missing, differ)
+    assert sorted(extra.values()) == sorted(others) and not missing and not differ, \
+        (extra, others, missing, differ)
     # Every core module's allocation is still there.
     for name in prepared.order:
         assert after.modules[name][1] in after.vmalloc, name
-    freed_pages = sum(pages for _, pages in expected.values())
+    freed_pages = sum(pages for _, pages in [*expected.values(), *others])
     dropped_kb = loaded.meminfo["VmallocUsed"] - after.meminfo["VmallocUsed"]
     # VmallocUsed counts every vmalloc page in the system, and the shell's forks
     # come and go around the rmmod (each exiting task may vfree its 16 KiB vmap
@@ -395,6 +452,14 @@ def test_batch_delete_frees_what_vmallocinfo_loses(prepared: Prepared, split_boo
           f"{sum(size for size, _ in after.modules.values()):,} after; /proc/vmallocinfo lost "
           f"{len(gone)} areas, {freed_pages} pages (+{len(gone)} guard pages of address space); "
           f"VmallocUsed {loaded.meminfo['VmallocUsed']} -> {after.meminfo['VmallocUsed']} kB")
+
+
+def kept_layout(prepared: Prepared, name: str) -> ModuleLayout:
+    """The layout of the module /proc/modules calls *name*: an original, a C or an I."""
+    for module, init_name in prepared.init_names.items():
+        if init_name == name:
+            return prepared.init[module]
+    return prepared.core.get(name) or prepared.plain[name]
 
 
 def _print_figures(prepared: Prepared, rows, plain: Snapshot, after: Snapshot,
