@@ -431,3 +431,42 @@ def test_split_sign_configured(key: signing.SigningKey, modules_dir: Path, tmp_p
     assert cli.main(["split", str(tree), "-o", str(tmp_path / "x"), "--sign", "--sign-configured"]) \
         == cli.EXIT_USAGE
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_a_symlinked_key_is_pinned_before_the_check(modules_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """--sign-key naming a symlink in a directory others can write: the check judges
+    the file the link points to, and every signature of the run is made with that
+    file (SigningKey.pinned()), even when the link is re-pointed after the check,
+    as whoever can write that directory could do. Unpinned, openssl would open the
+    re-pointed link and sign with the other key (a key/certificate mismatch here)."""
+    made = signing.create_key(tmp_path / "keys")
+    other = signing.create_key(tmp_path / "other")
+    links = tmp_path / "links"
+    links.mkdir()
+    links.chmod(0o777)  # root's, not sticky: others could re-point the links
+    (links / "mok.key").symlink_to(made.key)
+    (links / "mok.pub").symlink_to(made.cert)
+    tree = tmp_path / "tree"
+    (tree / "net").mkdir(parents=True)
+    shutil.copyfile(modules_dir / MODULES[0], tree / "net" / "dummy.ko")
+    real = signing.sign_module
+
+    def repointing(data: bytes, signer: signing.SigningKey) -> bytes:
+        link = links / "mok.key"
+        if link.resolve() != other.key:
+            link.unlink()
+            link.symlink_to(other.key)
+        return real(data, signer)
+
+    monkeypatch.setattr("initsplit.tree.sign_module", repointing)
+    out = tmp_path / "out"
+    assert cli.main(["split", "--two-stage", "always", str(tree), "-o", str(out), "-q", "-j", "1",
+                     "--sign-key", str(links / "mok.key"), "--sign-cert", str(links / "mok.pub")]) == 0
+    assert (links / "mok.key").resolve() == other.key  # the link was re-pointed mid-run
+    written = sorted(out.rglob("*.ko"))
+    assert {p.name for p in written} == {"dummy.ko", "dummy__init.ko"}, written
+    for path in written:
+        signed = path.read_bytes()
+        unsigned = signed[:len(signed) - signature_length(signed)]
+        assert signed == sign_file(made, unsigned, tmp_path), path

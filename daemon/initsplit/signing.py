@@ -90,6 +90,22 @@ class SigningKey:
                 raise SigningError(f"{path}: not readable (signing needs root)")
         check_private(self.key)
 
+    def pinned(self) -> SigningKey:
+        """This key with both paths resolved now, symlinks followed once.
+
+        check_private() judges the file and the directories the key really lies
+        in; openssl, run once per module afterwards, must open that same file and
+        not the name given, or whoever could re-point a symlink on the way (in a
+        directory others can write) would choose the key after the check.
+        """
+        try:
+            return dataclasses.replace(self, key=self.key.resolve(strict=True),
+                                       cert=self.cert.resolve(strict=True))
+        except FileNotFoundError as exc:
+            raise SigningError(f"{exc.filename}: no such file") from None  # as check() says it
+        except OSError as exc:
+            raise SigningError(f"{exc.filename}: {exc.strerror}") from None
+
     def check_signs(self) -> None:
         """check(), then a trial signature of a few bytes verified against the certificate.
 
