@@ -392,3 +392,35 @@ def test_progress_line_on_a_terminal(small_tree: Path, tmp_path: Path) -> None:
     assert b"\n" not in seen  # one line, redrawn with \r, never scrolled
     assert b"10/10 modules" in seen, seen
     assert seen.endswith(b"\r\x1b[K"), seen
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_split_stops_when_the_output_cannot_be_written(small_tree: Path, tmp_path: Path, jobs: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """An output that cannot be written (here a file where the entries' directory
+    goes; a full disk alike) is the run's problem, not each module's: the split
+    stops with exit 2 and one message (tree.OutputError), where it went on and
+    exited 1, which the kernel hook takes as a good cache to install."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "kernel").write_text("in the way\n")
+    assert cli.main(["split", str(small_tree), "-o", str(out), "-q", "-j", jobs]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("cannot write the entry of kernel/") == 1, err
+    assert "error:" not in err, err  # no module reported as one of its own errors
+    assert sorted(p.name for p in out.iterdir()) == ["kernel"], sorted(out.iterdir())
+
+
+def _worker_dies(job: tree.ModuleJob, *args: object, **kwargs: object) -> tree.ModuleResult:
+    os._exit(9)  # as the OOM killer would end it: no exception, no result
+
+
+def test_split_stops_when_a_worker_process_dies(small_tree: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A worker that dies breaks the process pool (BrokenProcessPool): the split stops
+    with exit 2, where every module left became an error and the split exited 1."""
+    monkeypatch.setattr(tree, "split_one", _worker_dies)
+    assert cli.main(["split", str(small_tree), "-o", str(tmp_path / "out"), "-q", "-j", "2"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "a worker process died" in err and err.count("initsplit:") == 1, err

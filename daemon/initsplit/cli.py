@@ -15,6 +15,7 @@ The logic lives in initsplit.tree; this module only parses arguments and prints.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures.process
 import contextlib
 import os
 import sys
@@ -49,7 +50,9 @@ exit codes:
      signing key cannot sign (missing, readable or replaceable by others than
      root, not the certificate's, a certificate that is not X.509, openssl
      failing): checked before the first module, and a signing failure during
-     the run stops it; the output is then incomplete and must not be used
+     the run stops it; so does an output that cannot be written (a full disk)
+     or a worker process that dies: the output is then incomplete and must not
+     be used
 """
 
 
@@ -243,6 +246,7 @@ def _sign_key(args: argparse.Namespace) -> SigningKey | None:
         return None
     assert key is not None
     try:
+        key = key.pinned()
         key.check_signs()
     except SigningError as exc:
         raise TreeError(str(exc)) from None
@@ -257,6 +261,7 @@ def _configured_key() -> SigningKey | None:
     try:
         key = configured_key(sign=config.sign, key=config.sign_key, cert=config.sign_cert)
         if key is not None:
+            key = key.pinned()
             key.check_signs()
     except SigningError as exc:
         raise TreeError(f"[Signing]: {exc}") from None
@@ -285,6 +290,10 @@ def _split(args: argparse.Namespace) -> int:
         print(f"initsplit: signing failed, split stopped, {args.output or 'the output'} is "
               f"incomplete: {exc}", file=sys.stderr)
         return EXIT_SIGNING
+    except concurrent.futures.process.BrokenProcessPool as exc:
+        print(f"initsplit: a worker process died (killed, out of memory?), split stopped, "
+              f"{args.output or 'the output'} is incomplete: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
     problems = [result for result in results if not result.ok]
     for result in problems:

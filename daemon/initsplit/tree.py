@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import functools
 import os
 import tempfile
@@ -71,6 +72,15 @@ class ModuleResult:
 
 class TreeError(Exception):
     """The inputs cannot be processed at all (missing path, clashing outputs...)."""
+
+
+class OutputError(TreeError):
+    """The output cannot be written (a full disk, an I/O error, a path in the way).
+
+    Not one module's problem but the run's, like a SigningError: every module
+    after it would fail the same way, and a cache missing their entries must not
+    replace a complete one (the kernel hook keeps the old cache on exit 2). So
+    split_one() raises it and split_jobs() stops the run."""
 
 
 def find_modules(paths: Iterable[Path], *, exclude: Path | None = None) -> list[ModuleJob]:
@@ -153,7 +163,9 @@ def split_jobs(
         sign_key = sign_key.described()  # once here, not in every worker: openssl x509
     return run_jobs(jobs, functools.partial(split_one, output=output, options=options, sign_key=sign_key),
                     workers=workers, progress=progress, on_pool_error=lambda job, exc: _error(job, exc, 0.0),
-                    fatal=(SigningError,))
+                    # A dead worker (the OOM killer, say) breaks the pool: every job
+                    # left would fail with it, so that too stops the run.
+                    fatal=(SigningError, OutputError, concurrent.futures.process.BrokenProcessPool))
 
 
 R = TypeVar("R")
@@ -234,12 +246,12 @@ def split_one(job: ModuleJob, output: Path | None,
     start = time.perf_counter()
     try:
         return _split_one(job, output, start, options, sign_key)
-    except SigningError:
+    except (SigningError, OutputError):
         if output is not None:
             try:
                 _remove_outputs(output, job.relative, None)
             except OSError:
-                pass  # the signing error matters more than this one
+                pass  # the run's error matters more than this one
         raise
     except Exception as exc:
         if output is not None:
@@ -273,31 +285,34 @@ def _split_one(job: ModuleJob, output: Path | None, start: float,
 
     # C and I as they are written: signed when a key is given (ModuleResult.core_size).
     core, init = (b"", b"") if split is None else (split.core, split.init)
-    if output is not None:
-        # Every entry gets a manifest (initsplit/cache.py), also for modules that are
-        # not split, so the daemon knows the decision without splitting again.
-        if split is not None:
-            init_relative = job.relative.with_name(split.init_name + MODULE_SUFFIX)
-            if init_relative == job.relative:
-                raise TreeError(f"init module {split.init_name} would replace the core")
-            core, init = signed(split.core), signed(split.init)
-            write_entry(output, job.relative, source=data, decision="split", name=split.name,
-                        init_name=split.init_name, core=core, init=init,
-                        options=options.tag, discarded=",".join(decision.discarded),
-                        btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
-                        reached=split.reached, reached_from=split.reached_from, signer=signer,
-                        **layout_figures(decision, options.rules))
-        else:
-            # A previous run may have split this module; a stale core left behind
-            # would be loaded instead of the original.
-            _remove_outputs(output, job.relative, None)
-            if decision.outcome in ("nothing", "refused", "plain"):
-                write_entry(output, job.relative, source=data, decision=decision.outcome,
-                            reason=manifest_reason(decision), options=options.tag,
-                            discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
-                            kallsyms_bytes=decision.kallsyms_bytes,
-                            rewritten=None if decision.rewritten is None else signed(decision.rewritten),
-                            signer=signer if decision.rewritten is not None else "")
+    try:
+        if output is not None:
+            # Every entry gets a manifest (initsplit/cache.py), also for modules that are
+            # not split, so the daemon knows the decision without splitting again.
+            if split is not None:
+                init_relative = job.relative.with_name(split.init_name + MODULE_SUFFIX)
+                if init_relative == job.relative:
+                    raise TreeError(f"init module {split.init_name} would replace the core")
+                core, init = signed(split.core), signed(split.init)
+                write_entry(output, job.relative, source=data, decision="split", name=split.name,
+                            init_name=split.init_name, core=core, init=init,
+                            options=options.tag, discarded=",".join(decision.discarded),
+                            btf_bytes=decision.btf_bytes, kallsyms_bytes=decision.kallsyms_bytes,
+                            reached=split.reached, reached_from=split.reached_from, signer=signer,
+                            **layout_figures(decision, options.rules))
+            else:
+                # A previous run may have split this module; a stale core left behind
+                # would be loaded instead of the original.
+                _remove_outputs(output, job.relative, None)
+                if decision.outcome in ("nothing", "refused", "plain"):
+                    write_entry(output, job.relative, source=data, decision=decision.outcome,
+                                reason=manifest_reason(decision), options=options.tag,
+                                discarded=",".join(decision.discarded), btf_bytes=decision.btf_bytes,
+                                kallsyms_bytes=decision.kallsyms_bytes,
+                                rewritten=None if decision.rewritten is None else signed(decision.rewritten),
+                                signer=signer if decision.rewritten is not None else "")
+    except OSError as exc:
+        raise OutputError(f"cannot write the entry of {job.relative} in {output}: {exc}") from exc
     return ModuleResult(
         path=job.relative,
         source=job.source,
