@@ -402,7 +402,10 @@ _BOOTS: dict[str, BootResult] = {}
 def matrix(kernel: DebianKernel, vmshare: Path) -> BootResult:  # noqa: F811
     release = kernel.release.version
     if release not in _BOOTS:
-        _BOOTS[release] = boot_with_devices(kernel, prepare_share(vmshare, kernel), guest_script(release),
+        # A share of its own per release: the module-scoped vmshare serves both boots.
+        share = vmshare / f"debian{release}"
+        share.mkdir()
+        _BOOTS[release] = boot_with_devices(kernel, prepare_share(share, kernel), guest_script(release),
                                             timeout=2400)
     return _BOOTS[release]
 
