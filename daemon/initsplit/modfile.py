@@ -18,8 +18,9 @@ which is computed while reading, a chunk at a time: the daemon never holds a who
 module for that. A .ko.xz read whole costs its compressed bytes, the decompressed
 output (2.9 MB for 6.12's kvm.ko) and, while lzma joins its output blocks, that
 again: measured in trixie's root with Python 3.13, five such modules (kvm, drm,
-kvm-intel, ...) read whole on two threads raised the daemon's peak RSS by 7.7 MiB,
-digested as they are read by 2.6 MiB (bench figures in PERFORMANCE.md).
+kvm-intel, ...) read whole on two threads raised the daemon's peak RSS by 7.2-7.4
+MiB, digested as they are read by 2.6-2.8 MiB (bench/daemon_rss_host.py;
+PERFORMANCE.md, "Daemon cost").
 """
 
 from __future__ import annotations
