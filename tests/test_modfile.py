@@ -113,7 +113,7 @@ def test_a_612_module_is_read_decompressed_and_loses_its_btf(dummy_612_xz: Path)
 
 
 def test_the_daemon_splits_a_compressed_module_and_keeps_it_under_ko(
-        trusted_tmp: Path, dummy_61: bytes) -> None:  # noqa: F811
+        trusted_tmp: Path, dummy_61: bytes, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     modules, cache, run = trusted_tmp / "modules", trusted_tmp / "cache", trusted_tmp / "run"
     (modules / DUMMY.parent).mkdir(parents=True)
     packed = modules / DUMMY.with_name("dummy.ko.xz")
@@ -130,6 +130,12 @@ def test_the_daemon_splits_a_compressed_module_and_keeps_it_under_ko(
     assert [job.relative for job in find_modules([modules])] == [DUMMY]
     results = split_tree([modules], cache, workers=1, options=options)
     assert [r.outcome for r in results] == ["split"]
+
+    def whole(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("the module was read whole to check a cache entry")
+
+    # The entry is checked against the module's digest, computed as it is read.
+    monkeypatch.setattr(modfile, "read_module", whole)
     again = SplitProvider(modules_dir=modules, cache_dir=cache, runtime_dir=trusted_tmp / "run2",
                           options=options).get(packed)
     try:
@@ -147,3 +153,87 @@ def test_a_bad_compressed_module_costs_a_plain_load_with_the_reason(trusted_tmp:
     got = SplitProvider(modules_dir=modules, cache_dir=trusted_tmp / "c", runtime_dir=trusted_tmp / "r").get(bad)
     assert isinstance(got, NotSplit) and "cannot read bad.ko.xz" in got.reason and got.rewritten is None
     assert modfile.MODULE_SUFFIX == ".ko"
+
+
+# --- the digest a cache entry is checked against (modfile.module_digest) --------------
+
+def _xz(data: bytes) -> bytes:
+    # As Kbuild compresses modules (scripts/Makefile.modinst): a 1 MiB dictionary, CRC32.
+    return lzma.compress(data, check=lzma.CHECK_CRC32,
+                         filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 20}])
+
+
+def _outcome(fn, *args, **kwargs) -> object:  # noqa: ANN001
+    try:
+        return fn(*args, **kwargs)
+    except CompressedModuleError:
+        return CompressedModuleError
+
+
+def test_module_digest_is_read_modules_in_every_case(tmp_path: Path, dummy_61: bytes) -> None:
+    """module_digest(path) is (SHA-256, size) of read_module(path), and raises where it
+    raises: a module read as it is and decompressed, chunk boundaries and the size
+    limit exactly, trailing data, truncated, corrupt, empty and gzip streams."""
+    import hashlib
+
+    chunk = modfile.DIGEST_CHUNK
+    big = os.urandom(chunk) * 3 + dummy_61 + bytes(5 * chunk + 1)
+    cases = {
+        "plain.ko": dummy_61, "empty.ko": b"", "exact.ko": bytes(2 * chunk),
+        "dummy.ko.xz": _xz(dummy_61), "big.ko.xz": _xz(big), "exact.ko.xz": _xz(bytes(2 * chunk)),
+        "empty.ko.xz": _xz(b""), "trailing.ko.xz": _xz(dummy_61) + b"\0junk",
+        "truncated.ko.xz": _xz(big)[:-40], "cut.ko.xz": _xz(big)[:len(_xz(big)) // 2],
+        "corrupt.ko.xz": _xz(dummy_61)[:200] + b"\xff" * 64 + _xz(dummy_61)[264:],
+        "notxz.ko.xz": b"not xz at all", "nothing.ko.xz": b"",
+        "dummy.ko.gz": gzip.compress(dummy_61), "bad.ko.gz": b"\x1f\x8b junk",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    refused = 0
+    for name in cases:
+        path = tmp_path / name
+        for limit in (modfile.MAX_MODULE_BYTES, len(big), len(big) - 1, 2 * chunk, 2 * chunk - 1, chunk + 7):
+            whole = _outcome(read_module, path, limit=limit)
+            expected = whole if whole is CompressedModuleError else (hashlib.sha256(whole).hexdigest(), len(whole))
+            assert _outcome(modfile.module_digest, path, limit=limit) == expected, (name, limit)
+            refused += expected is CompressedModuleError
+    assert refused > 10  # the refusals were exercised, not only the good streams
+    with pytest.raises(FileNotFoundError):
+        modfile.module_digest(tmp_path / "missing.ko.xz")
+
+
+def test_module_digest_never_holds_the_module(tmp_path: Path) -> None:
+    """What the daemon pays per module checked against the cache: a chunk and the xz
+    dictionary, not the module (read whole, decompressed lzma output is held twice
+    while its blocks are joined). tracemalloc sees the bytes objects and liblzma's
+    buffers (PyMem_RawMalloc)."""
+    import tracemalloc
+
+    data = os.urandom(1 << 20) * 6  # 6 MiB, compresses to ~1 MiB with a 1 MiB dictionary
+    path = tmp_path / "large.ko.xz"
+    path.write_bytes(_xz(data))
+    compressed = path.stat().st_size
+    peaks = {}
+    for what, fn in (("digest", modfile.module_digest), ("whole", read_module)):
+        tracemalloc.start()
+        try:
+            result = fn(path)
+            del result
+            peaks[what] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peaks["whole"] > len(data), peaks  # what the check read before
+    # The dictionary (1 MiB), liblzma's state and a chunk or two in and out; not
+    # even the compressed file (~1 MiB here).
+    assert compressed > 1 << 20
+    assert peaks["digest"] < (1 << 20) + 4 * modfile.DIGEST_CHUNK + (256 << 10), peaks
+
+
+def test_module_digest_read_gives_the_bytes_digested_or_refuses(tmp_path: Path, dummy_61: bytes) -> None:
+    path = tmp_path / "dummy.ko.xz"
+    path.write_bytes(_xz(dummy_61))
+    digest = modfile.ModuleDigest(path)
+    assert (digest.size, digest.read()) == (len(dummy_61), dummy_61)
+    path.write_bytes(_xz(dummy_61[:-1] + b"X"))  # replaced after the check
+    with pytest.raises(modfile.ModuleChangedError):
+        digest.read()

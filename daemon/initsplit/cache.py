@@ -23,6 +23,7 @@ from typing import Literal
 
 from .fsio import (OpenFile, Untrusted, atomic_write, make_dirs, open_checked, ownership_problem,
                    read_fd, sha256_fd)
+from .modfile import CompressedModuleError, ModuleChangedError, ModuleDigest
 from .modsig import SIGNATURE_TRAILER
 from .modsig import signature_problem as file_signature_problem
 from .split.policy import DEFAULT_OPTIONS
@@ -184,10 +185,12 @@ class CacheHit:
 _MANIFEST_LIMIT = 1 << 16
 
 
-def read_entry(root: Path, relpath: Path, *, source: bytes,
+def read_entry(root: Path, relpath: Path, *, source: bytes | ModuleDigest,
                options: str | None = None) -> CacheHit | BadEntry | None:
     """The entry for *relpath* if it exists, is complete, and was made from *source*
     (and, given *options*, under those options: split.decide.SplitOptions.tag).
+    *source* is the module's bytes or their digest (modfile.ModuleDigest, which the
+    daemon passes: it never holds a whole module to check an entry).
 
     None: there is no entry (no manifest), or it was made under other options,
     which the caller decides afresh. BadEntry: there is one, but it must not be used. Every file is opened once (fsio.open_checked) and checked, hashed and
@@ -324,14 +327,23 @@ def parse_manifest(raw: bytes) -> Manifest:
     return manifest
 
 
-def _manifest_problem(manifest: Manifest, source: bytes) -> str | None:
+def _manifest_problem(manifest: Manifest, source: bytes | ModuleDigest) -> str | None:
     if manifest.format not in READ_FORMATS:
         return f"has format {manifest.format}, not {FORMAT}"
     if manifest.format < 8 and (manifest.signer or manifest.reached_from):
         return f"has format {manifest.format}, which records no signer and no reached_from"
-    if manifest.source_size != len(source) or manifest.source_sha256 != digest(source):
+    if isinstance(source, ModuleDigest):
+        size, sha256 = source.size, source.sha256
+    else:
+        size, sha256 = len(source), digest(source)
+    if manifest.source_size != size or manifest.source_sha256 != sha256:
         return "is stale: it was made from another version of the module"
     if manifest.format == 7:
+        if isinstance(source, ModuleDigest):
+            try:
+                source = source.read()
+            except (OSError, CompressedModuleError, ModuleChangedError) as exc:
+                return f"cannot be checked: {exc}"
         problem = _format_7_problem(source)
         if problem:
             return problem

@@ -12,10 +12,20 @@ format in /sys/module/compression), as kmod does; otherwise decompressed here.
 Decompression reads untrusted files: a stream that does not decompress, or would
 decompress to more than MAX_MODULE_BYTES, raises CompressedModuleError (the
 caller then loads the original as it is, or reports the module failed).
+
+Checking a cache entry needs only the module's SHA-256 and size (module_digest()),
+which is computed while reading, a chunk at a time: the daemon never holds a whole
+module for that. A .ko.xz read whole costs its compressed bytes, the decompressed
+output (2.9 MB for 6.12's kvm.ko) and, while lzma joins its output blocks, that
+again: measured in trixie's root with Python 3.13, five such modules (kvm, drm,
+kvm-intel, ...) read whole on two threads raised the daemon's peak RSS by 7.2-7.4
+MiB, digested as they are read by 2.6-2.8 MiB (bench/daemon_rss_host.py;
+PERFORMANCE.md, "Daemon cost").
 """
 
 from __future__ import annotations
 
+import hashlib
 import lzma
 import zlib
 from pathlib import Path
@@ -144,6 +154,78 @@ def kernel_decompresses(kind: str, *, sysfs: Path = SYS_MODULE_COMPRESSION) -> b
         return sysfs.read_text().strip() == kind
     except OSError:
         return False
+
+
+# What module_digest() reads and decompresses at a time.
+DIGEST_CHUNK = 1 << 16
+
+
+def module_digest(path: Path, *, limit: int = MAX_MODULE_BYTES) -> tuple[str, int]:
+    """SHA-256 (hex) and size of the bytes read_module(path) returns, without holding
+    them: an uncompressed module is hashed as it is read, an xz one as it is
+    decompressed, DIGEST_CHUNK bytes in and out at a time (gzip and zstd, which no
+    Debian kernel uses, are read whole as read_module() reads them). The same
+    errors in the same cases as read_module(): OSError when the file cannot be
+    read, CompressedModuleError when it does not decompress, is truncated or
+    decompresses to more than *limit* bytes (data after the end of the xz stream is
+    ignored, as decompress() ignores it)."""
+    kind = compression_of(path)
+    if kind not in (None, "xz"):
+        data = read_module(path, limit=limit)
+        return hashlib.sha256(data).hexdigest(), len(data)
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        if kind is None:
+            while chunk := f.read(DIGEST_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+            return h.hexdigest(), size
+        decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+        try:
+            while not decompressor.eof:
+                if decompressor.needs_input:
+                    chunk = f.read(DIGEST_CHUNK)
+                    if not chunk:
+                        break  # truncated
+                else:
+                    chunk = b""  # more output from the input it holds
+                # limit + 1 bytes at most in all, as decompress() asks for.
+                out = decompressor.decompress(chunk, min(DIGEST_CHUNK, limit + 1 - size))
+                h.update(out)
+                size += len(out)
+                if size > limit:
+                    raise CompressedModuleError(f"decompresses to more than {limit} bytes")
+        except (lzma.LZMAError, EOFError) as exc:
+            raise CompressedModuleError(f"{kind} data does not decompress: {exc}") from None
+    # What follows the end of the stream is not read, as decompress() ignores it.
+    if not decompressor.eof:
+        raise CompressedModuleError(f"{kind} stream is truncated")
+    return h.hexdigest(), size
+
+
+class ModuleChangedError(Exception):
+    """A module file whose bytes are no longer the ones ModuleDigest hashed."""
+
+
+class ModuleDigest:
+    """The SHA-256 and size of the module file at *path* (module_digest()), all a
+    pre-split cache entry is checked against; read() gives the bytes themselves to
+    the rare caller that needs them (a split made now, a format 7 entry's check)."""
+
+    __slots__ = ("path", "sha256", "size", "limit")
+
+    def __init__(self, path: Path, *, limit: int = MAX_MODULE_BYTES) -> None:
+        self.path, self.limit = path, limit
+        self.sha256, self.size = module_digest(path, limit=limit)
+
+    def read(self) -> bytes:
+        """read_module(path) again, if it still gives the bytes digested: else
+        ModuleChangedError (OSError, CompressedModuleError as read_module())."""
+        data = read_module(self.path, limit=self.limit)
+        if len(data) != self.size or hashlib.sha256(data).hexdigest() != self.sha256:
+            raise ModuleChangedError(f"{self.path.name} changed while it was read")
+        return data
 
 
 def read_module(path: Path, *, limit: int = MAX_MODULE_BYTES) -> bytes:

@@ -37,7 +37,8 @@ from ..cache import (MANIFEST_SUFFIX, BadEntry, CacheHit, Manifest, parse_manife
                      parse_reached_from, read_entry, signature_problem, write_entry)
 from ..fsio import OpenFile, Untrusted, directory_problem, is_leftover_temp, open_checked, read_fd, sealed_memfd
 from ..loader.twostage import SplitPair
-from ..modfile import CompressedModuleError, is_module_file, module_file_name, read_module, uncompressed_path
+from ..modfile import (CompressedModuleError, ModuleChangedError, ModuleDigest, is_module_file, module_file_name,
+                       uncompressed_path)
 from ..split.names import init_module_name
 from ..split.policy import DEFAULT_OPTIONS, SplitOptions
 
@@ -175,8 +176,10 @@ class SplitProvider:
             return NotSplit(f"{real.name} is not a module file")
         try:
             # A compressed original is split decompressed, and its entries are
-            # kept under NAME.ko (initsplit/modfile.py).
-            source = read_module(real)
+            # kept under NAME.ko (initsplit/modfile.py). Its digest, computed as it
+            # is read: a cache entry is checked against that, and only a split made
+            # now reads the module whole (modfile.ModuleDigest).
+            source = ModuleDigest(real)
         except OSError as exc:
             return NotSplit(f"cannot read {real}: {exc.strerror}")
         except CompressedModuleError as exc:
@@ -241,11 +244,14 @@ class SplitProvider:
                          f"{ENABLE_SIGNING}")
         return NotSplit(f"signatures enforced: {problem}")
 
-    def _rewritten(self, reason: str, relpath: Path, source: bytes, manifest: Manifest) -> NotSplit:
+    def _rewritten(self, reason: str, relpath: Path, digest: ModuleDigest, manifest: Manifest) -> NotSplit:
         """The original without the manifest's discarded classes, made now (no pyelftools)."""
         from ..elf import MalformedElf
         from ..split.discarding import without_classes
 
+        source = _read_source(digest)
+        if isinstance(source, NotSplit):
+            return source
         try:
             rewritten = without_classes(source, [c for c in manifest.discarded.split(",") if c])
         except MalformedElf:
@@ -284,12 +290,15 @@ class SplitProvider:
             return f"it overlaps the kernel's module tree {self.modules_dir}"
         return None
 
-    def _split_now(self, relpath: Path, source: bytes) -> SplitPair | NotSplit:
+    def _split_now(self, relpath: Path, digest: ModuleDigest) -> SplitPair | NotSplit:
         # Imported here: pyelftools costs most of a second in a slow VM, and with a
         # pre-split cache the daemon never needs it.
         from ..elf import MalformedElf
         from ..split.decide import decide, layout_figures, manifest_reason
 
+        source = _read_source(digest)
+        if isinstance(source, NotSplit):
+            return source
         options = self.options
         try:
             decision = decide(source, options)
@@ -352,3 +361,14 @@ def _pair(hit: CacheHit) -> SplitPair:
                      reached=parse_reached(manifest.reached),
                      reached_from=parse_reached_from(manifest.reached_from),
                      twostage_slab_bytes=manifest.twostage_slab_bytes)
+
+
+def _read_source(digest: ModuleDigest) -> bytes | NotSplit:
+    """The module's bytes, for a split or rewrite made now: those whose digest the
+    cache lookup checked, or NotSplit (the original is loaded as it is)."""
+    try:
+        return digest.read()
+    except OSError as exc:
+        return NotSplit(f"cannot read {digest.path}: {exc.strerror}")
+    except (CompressedModuleError, ModuleChangedError) as exc:
+        return NotSplit(f"cannot read {digest.path.name}: {exc}")
