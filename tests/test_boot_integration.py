@@ -10,8 +10,8 @@ in QEMU (TCG) twice:
   the pre-split cache, initsplitd-settle holds the root mount until they are in, the
   daemon gives the init modules back and is stopped before switch-root; initsplitd on
   the real root serves the rest of boot from the pre-split cache the package's kernel
-  hook built at installation (nothing split on the fly, peak RSS below a 32 MB guard;
-  issue 12's goal is 30 MB) and
+  hook built at installation (nothing split on the fly, peak RSS below issue 12's
+  goal of 30 MB) and
   exits once boot has been quiet;
 * with `initsplit=off`: the same daemons load every module plain.
 
@@ -424,7 +424,7 @@ def test_real_root_daemon_exits_after_quiet(booted: SystemBoot) -> None:
                     "ExecMainStatus": "0"}, booted.sections["wait_daemon"].output
     # It loaded the real root's own drivers (those the initramfs did not have).
     assert daemon_entries(booted, ROOT_UNIT, MESSAGE_ID_LOADED_TWO_STAGE), booted.report()
-    # From the kernel hook's cache: nothing split on the fly, below the 32 MB guard (issue 12's goal: 30 MB).
+    # From the kernel hook's cache: nothing split on the fly, below issue 12's goal of 30 MB.
     problems = split_on_the_fly_problems(entries)
     assert not problems, problems
     peak = peak_rss_bytes(entries)
