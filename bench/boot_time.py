@@ -62,6 +62,8 @@ def main() -> int:
     parser.add_argument("--no-real-root-cache", action="store_true",
                         help="the demo's image: no pre-split cache on the real root")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     kernel = debian_kernel(release=args.release)
     rootfs = debian_rootfs(kernel)

@@ -91,11 +91,19 @@ def uncompressed_path(path: Path) -> Path:
     return path.with_name(path.name[:-len(suffix)])
 
 
+# What liblzma may allocate for one xz stream (its dictionary and state). Kbuild
+# compresses modules with a 1 MiB dictionary (scripts/Makefile.modinst, cmd_xz:
+# --lzma2=dict=1MiB); a stream whose header asks for more than this is refused
+# (LZMAError) where it would otherwise have liblzma allocate what the header
+# declares, up to 4 GiB: MemoryError on a small machine, which no caller expects.
+XZ_MEMLIMIT = 64 << 20
+
+
 def decompress(data: bytes, kind: str, *, limit: int = MAX_MODULE_BYTES) -> bytes:
     """*data* decompressed from *kind*; CompressedModuleError if it cannot be."""
     try:
         if kind == "xz":
-            decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+            decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
         elif kind == "gzip":
             decompressor = zlib.decompressobj(wbits=31)
         elif kind == "zstd":
@@ -181,7 +189,7 @@ def module_digest(path: Path, *, limit: int = MAX_MODULE_BYTES) -> tuple[str, in
                 h.update(chunk)
                 size += len(chunk)
             return h.hexdigest(), size
-        decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+        decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
         try:
             while not decompressor.eof:
                 if decompressor.needs_input:
