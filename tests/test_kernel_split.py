@@ -1,9 +1,17 @@
-"""Split modules against the real Debian 6.1 kernel in QEMU (TCG).
+"""Split modules against the real Debian kernels in QEMU (TCG): 6.1 and 6.12.
 
 For each module: load the core module C, load the init module I (which runs the
 original init), exercise the module, delete I, remove C, and check dmesg. All
-Debian modules share one boot and the out-of-tree test modules another; each test
-function then reads its own section of the script output.
+Debian modules of one release share one boot (debian_boot, parametrised by
+release: Debian 12's 6.1, Debian 13's 6.12 with its .ko.xz modules split by the
+tree's own layout rules) and the out-of-tree test modules another (6.1 only:
+they are built against Debian 12's headers); each test function then reads its
+own section of the script output.
+
+The releases differ in two modules: 6.12 has no test_user_copy (it became the
+KUnit suite usercopy_kunit in 6.10), so its boot runs test_static_keys, another
+self-test whose init fails when a check fails (lib/test_static_keys.c,
+test_static_key_init()); and 6.12's 9pnet needs netfs.
 """
 
 from __future__ import annotations
@@ -14,9 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from initsplit.layout.rules import LayoutRules, rules_for_tree
+from initsplit.modfile import read_module
 from initsplit.split import NothingToSplit, split_module
 from initsplit.validate import validate_split
-from tests.testbed import BootResult, DebianKernel, boot, decode_taint, dmesg_problems
+from tests.testbed import BootResult, DebianKernel, boot, debian_kernel, decode_taint, dmesg_problems
 from tests.testbed import script_section as section
 from tests.testbed.fixtures import kernel, kmods  # noqa: F401  (pytest fixtures)
 
@@ -26,8 +36,14 @@ pytestmark = pytest.mark.vm
 DEBIAN_MODULES = (
     "dummy", "loop", "fat", "vfat", "nls_cp437", "nls_ascii", "minix",
     "crc16", "crc32c_generic", "mbcache", "jbd2", "ext4",
-    "watchdog", "softdog", "raid6_pq", "test_user_copy", "9pnet",
+    "watchdog", "softdog", "raid6_pq",
 )
+# Per release (the module docstring says why): a self-test module whose init fails
+# when a check fails, and what 9pnet needs, each in load order.
+SELFTEST = {"12": ("test_user_copy",), "13": ("test_static_key_base", "test_static_keys")}
+NINEP_DEPS = {"12": (), "13": ("netfs",)}
+# How ftrace names I's exit stub (test_init_stubs_are_traced_until_the_init_modules_unload).
+STUB_NAME = {"12": "__ftrace_invalid_address___4", "13": "initsplit_exit"}
 
 # Guest helpers: load2 loads C then I; unload2 deletes I then C. Every step prints
 # a line the host parses, so a failure names the step.
@@ -114,12 +130,13 @@ echo "== raid6_pq"
 load2 raid6_pq
 unload_init raid6_pq; unload_core raid6_pq
 
-echo "== test_user_copy"
-load2 test_user_copy
-unload_init test_user_copy; unload_core test_user_copy
+echo "== selftest"
+for m in $(cat /m/selftest); do load2 $m; done
+for m in $(cat /m/selftest); do unload_init $m; done
+for m in $(cat /m/selftest.reverse); do unload_core $m; done
 
 echo "== 9pnet"
-FMT=/sys/kernel/tracing/events/9p/9p_protocol_dump/format
+for m in $(cat /m/9pdeps); do load2 $m; unload_init $m; done
 insmod /m/plain/9pnet.ko && echo "plain 9pnet loaded"
 # Event IDs are handed out afresh on every registration; everything else must match.
 cat /sys/kernel/tracing/events/9p/*/format | grep -v '^ID:' > /tmp/fmt.plain
@@ -131,6 +148,7 @@ cmp /tmp/fmt.plain /tmp/fmt.split && echo "ok 9p formats identical"
 echo "format lines: $(wc -l < /tmp/fmt.plain)"
 # With the eval maps applied the kernel prints the enum values as numbers.
 grep -c '{ 6, "P9_TLERROR" }' /tmp/fmt.split | sed 's/^/split numeric P9_TLERROR: /'
+for m in $(cat /m/9pdeps); do unload_core $m; done
 echo "== end"
 modlist
 """
@@ -165,15 +183,16 @@ def make_filesystem(tmp: Path, name: str, mkfs: list[str]) -> Path:
 NOTHING_TO_SPLIT = {"crc16"}
 
 
-def split_into(files: dict[str, Path | bytes], ko: Path) -> None:
-    original = ko.read_bytes()
+def split_into(files: dict[str, Path | bytes], ko: Path, rules: LayoutRules = LayoutRules()) -> None:
+    original = read_module(ko)
+    name = ko.name.split(".ko")[0]
     try:
-        result = split_module(original)
+        result = split_module(original, rules)
     except NothingToSplit:
-        assert ko.name.removesuffix(".ko") in NOTHING_TO_SPLIT, ko
-        files[f"/m/{ko.name}"] = original
+        assert name in NOTHING_TO_SPLIT, ko
+        files[f"/m/{name}.ko"] = original
         return
-    validate_split(original, result.core, result.init)
+    validate_split(original, result.core, result.init, rules)
     files[f"/m/{result.name}.ko"] = result.core
     files[f"/m/{result.init_name}.ko"] = result.init
 
@@ -184,20 +203,32 @@ def assert_clean(result: BootResult, *, allow: tuple[str, ...] = (), taint: str 
     assert not problems, "\n".join(problems) + "\n" + result.report()
 
 
+@pytest.fixture(scope="module", params=["12", "13"], ids=["debian12", "debian13"])
+def release(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def debian_boot(kernel: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> BootResult:  # noqa: F811
-    tmp = tmp_path_factory.mktemp("fs")
+def debian_boot(release: str, tmp_path_factory: pytest.TempPathFactory) -> BootResult:
+    kernel = debian_kernel(release=release)
+    # 6.1's splits as before (the built-in rules); 6.12's by its tree's own config.
+    rules = rules_for_tree(kernel.modules_dir) if release == "13" else LayoutRules()
+    tmp = tmp_path_factory.mktemp(f"fs{release}")
     files: dict[str, Path | bytes] = {
         "/img/fat.img": make_filesystem(tmp, "fat", ["mkfs.vfat"]),
         "/img/minix.img": make_filesystem(tmp, "minix", ["mkfs.minix"]),
         # No metadata_csum: it would make ext4 request crc32c through modprobe.
         "/img/ext4.img": make_filesystem(tmp, "ext4", ["mkfs.ext4", "-q", "-O", "^metadata_csum"]),
     }
-    for name in DEBIAN_MODULES:
-        split_into(files, kernel.module(name))
+    for name in (*DEBIAN_MODULES, *SELFTEST[release], *NINEP_DEPS[release], "9pnet"):
+        split_into(files, kernel.module(name), rules)
     for name in ("9pnet", "ext4", "softdog"):
-        files[f"/m/plain/{name}.ko"] = kernel.module(name)
-    return boot(kernel, script=DEBIAN_SCRIPT, files=files, timeout=300)
+        files[f"/m/plain/{name}.ko"] = read_module(kernel.module(name))
+    files["/m/selftest"] = " ".join(SELFTEST[release]).encode()
+    files["/m/selftest.reverse"] = " ".join(reversed(SELFTEST[release])).encode()
+    files["/m/9pdeps"] = " ".join(NINEP_DEPS[release]).encode()
+    return boot(kernel, script=DEBIAN_SCRIPT, files=files, timeout=600,
+                memory_mb=1024 if release == "13" else 512)
 
 
 # What the kernel says when a module that needs C's exports is loaded before I's
@@ -245,7 +276,7 @@ def test_loop_fat_vfat_minix(debian_boot: BootResult) -> None:
         assert line in out, out
 
 
-def test_init_stubs_are_traced_until_the_init_modules_unload(debian_boot: BootResult) -> None:
+def test_init_stubs_are_traced_until_the_init_modules_unload(debian_boot: BootResult, release: str) -> None:
     """Each I's exit stub has an ftrace record (split/codegen.py exit_stub()):
     after I's init layout was freed, the kernel still lists one record of each
     I, so ftrace_free_mem() (kernel/trace/ftrace.c) found I's ftrace page
@@ -259,7 +290,8 @@ def test_init_stubs_are_traced_until_the_init_modules_unload(debian_boot: BootRe
     functions, and t_show() names it __ftrace_invalid_address___4. It stays in
     the page all the same (Debian 13's, with IBT, lists initsplit_exit)."""
     out = section(debian_boot, "fs")
-    listed = sorted(re.findall(r"^ftrace: __ftrace_invalid_address___4 \[(\S+)\]$", out, re.M))
+    stub = re.escape(STUB_NAME[release])
+    listed = sorted(re.findall(rf"^ftrace: {stub} \[(\S+)\]$", out, re.M))
     assert listed == sorted(f"{m}__init" for m in ("loop", "fat", "vfat", "nls_cp437",
                                                     "nls_ascii", "minix")), out
     assert len(re.findall(r"^ftrace: ", out, re.M)) == len(listed), out
@@ -304,17 +336,23 @@ def test_raid6_pq(debian_boot: BootResult) -> None:
     assert re.search(r"raid6: using .*recovery algorithm", debian_boot.dmesg), debian_boot.dmesg[-3000:]
 
 
-def test_test_user_copy(debian_boot: BootResult) -> None:
-    out = section(debian_boot, "test_user_copy")
-    assert "init test_user_copy rc=0" in out and "rm core test_user_copy ok" in out, out
-    assert "test_user_copy: tests passed" in debian_boot.dmesg
+def test_self_test_module_passes(debian_boot: BootResult, release: str) -> None:
+    """The self-test's init ran its checks in I and returned 0 (it fails the load
+    when a check fails); C and I then unload."""
+    out = section(debian_boot, "selftest")
+    for m in SELFTEST[release]:
+        assert f"init {m} rc=0" in out and f"rm init {m} ok" in out and f"rm core {m} ok" in out, out
+    if release == "12":
+        assert "test_user_copy: tests passed" in debian_boot.dmesg
 
 
-def test_9pnet_trace_format_matches_plain_load(debian_boot: BootResult) -> None:
+def test_9pnet_trace_format_matches_plain_load(debian_boot: BootResult, release: str) -> None:
     out = section(debian_boot, "9pnet")
     assert "plain 9pnet loaded" in out and "init 9pnet rc=0" in out, out
     assert "ok 9p formats identical" in out, out
     assert "rm core 9pnet ok" in out, out
+    for m in NINEP_DEPS[release]:
+        assert f"init {m} rc=0" in out and f"rm core {m} ok" in out, out
     lines = int(re.search(r"format lines: (\d+)", out).group(1))
     assert lines > 20, out
     assert re.search(r"split numeric P9_TLERROR: [1-9]", out), out
