@@ -99,11 +99,16 @@ def uncompressed_path(path: Path) -> Path:
 XZ_MEMLIMIT = 64 << 20
 
 
+def _xz_decompressor() -> lzma.LZMADecompressor:
+    """The decompressor of one module's xz stream, for decompress() and module_digest()."""
+    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+
+
 def decompress(data: bytes, kind: str, *, limit: int = MAX_MODULE_BYTES) -> bytes:
     """*data* decompressed from *kind*; CompressedModuleError if it cannot be."""
     try:
         if kind == "xz":
-            decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+            decompressor = _xz_decompressor()
         elif kind == "gzip":
             decompressor = zlib.decompressobj(wbits=31)
         elif kind == "zstd":
@@ -189,7 +194,7 @@ def module_digest(path: Path, *, limit: int = MAX_MODULE_BYTES) -> tuple[str, in
                 h.update(chunk)
                 size += len(chunk)
             return h.hexdigest(), size
-        decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+        decompressor = _xz_decompressor()
         try:
             while not decompressor.eof:
                 if decompressor.needs_input:

@@ -180,10 +180,8 @@ class SplitProvider:
             # is read: a cache entry is checked against that, and only a split made
             # now reads the module whole (modfile.ModuleDigest).
             source = ModuleDigest(real)
-        except OSError as exc:
-            return NotSplit(f"cannot read {real}: {exc.strerror}")
-        except CompressedModuleError as exc:
-            return NotSplit(f"cannot read {real.name}: {exc}")
+        except (OSError, CompressedModuleError) as exc:
+            return _cannot_read(real, exc)
         relpath = uncompressed_path(relpath)
         # Kbuild names a module after its file, "-" read as "_" (KBUILD_MODNAME).
         module_name = module_file_name(real.name)
@@ -368,7 +366,13 @@ def _read_source(digest: ModuleDigest) -> bytes | NotSplit:
     cache lookup checked, or NotSplit (the original is loaded as it is)."""
     try:
         return digest.read()
-    except OSError as exc:
-        return NotSplit(f"cannot read {digest.path}: {exc.strerror}")
-    except (CompressedModuleError, ModuleChangedError) as exc:
-        return NotSplit(f"cannot read {digest.path.name}: {exc}")
+    except (OSError, CompressedModuleError, ModuleChangedError) as exc:
+        return _cannot_read(digest.path, exc)
+
+
+def _cannot_read(path: Path, exc: Exception) -> NotSplit:
+    """Why the module file at *path* is loaded as it is: it cannot be read (OSError,
+    named by its path), does not decompress or changed while it was read (by name)."""
+    if isinstance(exc, OSError):
+        return NotSplit(f"cannot read {path}: {exc.strerror}")
+    return NotSplit(f"cannot read {path.name}: {exc}")
